@@ -1,0 +1,259 @@
+"""Frozen configuration: model presets, KV-cache policy settings, engine settings.
+
+This module is a leaf: it imports nothing from the rest of the project, so every
+layer (model, kv, engine, server) can share these types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# (n_layer, n_head, dim) of the official LlamaGen GPT presets (arXiv 2406.06525, table 1).
+GPT_PRESETS: dict[str, tuple[int, int, int]] = {
+    "GPT-B": (12, 12, 768),
+    "GPT-L": (24, 16, 1024),
+    "GPT-XL": (36, 20, 1280),
+    "GPT-XXL": (48, 24, 1536),
+    "GPT-3B": (24, 32, 3200),
+}
+
+POLICIES = ("dense", "adsa", "window")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the offending field."""
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """LlamaGen `ModelArgs`, inference fields only, with LlamaGen's field names."""
+
+    dim: int = 1280
+    n_layer: int = 36
+    n_head: int = 20
+    n_kv_head: int | None = None  # None: same as n_head (all official presets)
+    multiple_of: int = 256  # FFN hidden width is rounded up to this
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    num_classes: int = 1000
+    caption_dim: int = 2048
+    class_dropout_prob: float = 0.1  # > 0 means the checkpoint has a "no class" row for CFG
+    model_type: str = "c2i"  # "c2i" (class label) or "t2i" (caption features)
+    vocab_size: int = 16384
+    cls_token_num: int = 1  # condition tokens before the image tokens (t2i: 120)
+    block_size: int = 256  # image tokens, a square: (image_size / downsample) ** 2
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ("c2i", "t2i"):
+            raise ConfigError(f"model_type must be 'c2i' or 't2i', got {self.model_type!r}")
+        if self.dim % self.n_head:
+            raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads}")
+        if math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ConfigError(f"block_size {self.block_size} is not a square number of tokens")
+        if self.head_dim % 4:
+            raise ConfigError(f"head_dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
+        if self.model_type == "c2i" and self.cls_token_num != 1:
+            raise ConfigError("class-conditional models use exactly one condition token (cls_token_num=1)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.block_size)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens that ever enter the KV cache: condition tokens + all image tokens but the last."""
+        return self.cls_token_num + self.block_size - 1
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.class_dropout_prob > 0
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """K and V of one token over all layers and heads."""
+        return 2 * self.n_layer * self.kv_heads * self.head_dim * dtype_bytes
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Build from LlamaGen-style JSON. Training-only LlamaGen fields are accepted and ignored."""
+        training_only = {
+            "token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate",
+            "initializer_range", "max_batch_size", "max_seq_len",
+        }
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - training_only
+        if unknown:
+            raise ConfigError(f"unknown GPT config field(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def gpt_preset(
+    name: str,
+    image_size: int = 384,
+    downsample: int = 16,
+    model_type: str = "c2i",
+    **overrides,
+) -> GPTConfig:
+    """An official preset at an image size, e.g. gpt_preset("GPT-XL", 384)."""
+    if name not in GPT_PRESETS:
+        raise ConfigError(f"unknown GPT preset {name!r}; choose one of {', '.join(GPT_PRESETS)}")
+    if image_size % downsample:
+        raise ConfigError(f"image size {image_size} is not a multiple of the VQ downsampling {downsample}")
+    n_layer, n_head, dim = GPT_PRESETS[name]
+    kw: dict = dict(
+        n_layer=n_layer, n_head=n_head, dim=dim, model_type=model_type,
+        block_size=(image_size // downsample) ** 2,
+        cls_token_num=120 if model_type == "t2i" else 1,
+    )
+    kw.update(overrides)
+    return GPTConfig(**kw)
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """LlamaGen VQ tokenizer `ModelArgs` (plus the base width `ch`, 128 in official checkpoints)."""
+
+    codebook_size: int = 16384
+    codebook_embed_dim: int = 8
+    codebook_l2_norm: bool = True
+    encoder_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    decoder_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    z_channels: int = 256
+    ch: int = 128
+    num_res_blocks: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encoder_ch_mult", tuple(self.encoder_ch_mult))
+        object.__setattr__(self, "decoder_ch_mult", tuple(self.decoder_ch_mult))
+        for name in ("ch", "z_channels"):
+            if getattr(self, name) % 32:
+                raise ConfigError(f"VQ {name}={getattr(self, name)} must be a multiple of 32 (GroupNorm groups)")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.decoder_ch_mult) - 1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VQConfig:
+        training_only = {"codebook_show_usage", "commit_loss_beta", "entropy_loss_ratio", "dropout_p"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - training_only
+        if unknown:
+            raise ConfigError(f"unknown VQ config field(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["encoder_ch_mult"] = list(self.encoder_ch_mult)
+        d["decoder_ch_mult"] = list(self.decoder_ch_mult)
+        return d
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What a sequence keeps in its KV cache. Budget and policy may differ per request.
+
+    Defaults (chosen with the fidelity harness, see docs/FIDELITY.md):
+    prefix = condition tokens + `prefix_image_tokens`, local = one image row + `local_extra`.
+    """
+
+    policy: str = "adsa"
+    # Slots per sequence per layer per head. int: tokens; float in (0, 1]: fraction of the
+    # sequence length; None: the whole sequence (no eviction ever happens).
+    budget: int | float | None = 0.5
+    prefix: int | None = None  # None: cls_token_num + prefix_image_tokens
+    local: int | None = None  # None: grid_size + local_extra
+    prefix_image_tokens: int = 0
+    local_extra: int = 1
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown KV policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        b = self.budget
+        if isinstance(b, bool):
+            raise ConfigError("kv budget must be a token count or a fraction, not a boolean")
+        if isinstance(b, float) and not (0.0 < b <= 1.0):
+            raise ConfigError(f"kv budget fraction {b} is outside (0, 1]")
+        if isinstance(b, int) and b <= 0:
+            raise ConfigError(f"kv budget {b} tokens must be positive")
+
+    def resolve(self, gpt: GPTConfig) -> ResolvedCache:
+        """Concrete slot counts for one model; raises ConfigError for impossible combinations."""
+        seq_len = gpt.seq_len
+        prefix = self.prefix if self.prefix is not None else gpt.cls_token_num + self.prefix_image_tokens
+        local = self.local if self.local is not None else gpt.grid_size + self.local_extra
+        if self.policy == "dense" or self.budget is None:
+            budget = seq_len
+        elif isinstance(self.budget, float):
+            budget = max(1, int(round(self.budget * seq_len)))
+        else:
+            budget = int(self.budget)
+        budget = min(budget, seq_len)
+        if self.policy == "dense":
+            return ResolvedCache("dense", seq_len, prefix, local, seq_len)
+        if prefix < gpt.cls_token_num:
+            raise ConfigError(f"kv prefix {prefix} must cover the {gpt.cls_token_num} condition tokens")
+        if local < 1:
+            raise ConfigError(f"kv local window {local} must be at least 1")
+        if budget < seq_len and budget <= prefix + local:
+            raise ConfigError(
+                f"kv budget {budget} tokens must be larger than prefix {prefix} + local window {local}"
+            )
+        return ResolvedCache(self.policy, budget, prefix, local, seq_len)
+
+
+@dataclass(frozen=True)
+class ResolvedCache:
+    """A CacheConfig made concrete for one model."""
+
+    policy: str
+    budget: int  # slots per (sequence, layer, head)
+    prefix: int  # positions p < prefix are never evicted
+    local: int  # positions p > t - local are never evicted (t = position being decoded)
+    seq_len: int  # tokens the sequence will ever hold without eviction
+
+    @property
+    def evicts(self) -> bool:
+        return self.budget < self.seq_len
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine-wide settings (the server maps ADSA_* settings onto these)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"  # "bfloat16", "float16" or "float32"
+    max_batch_size: int = 64  # images in flight (each CFG image is two sequences)
+    kv_pool_tokens: int | None = None  # pool capacity in token slots; None: from kv_pool_memory_fraction
+    kv_pool_memory_fraction: float = 0.5  # of free device memory, when kv_pool_tokens is None
+    page_size: int = 16  # slots per page
+    max_queue: int = 256  # waiting requests beyond this are refused (HTTP 429)
+    spill_limit_bytes: int = 64 << 20  # pinned CPU bytes per request for evicted K/V
+    cuda_graphs: bool = True  # capture the decode step per batch bucket (GPU only)
+    default_cache: CacheConfig = field(default_factory=CacheConfig)

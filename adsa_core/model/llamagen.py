@@ -1,0 +1,207 @@
+"""LlamaGen GPT (class- and text-conditional), with LlamaGen's parameter names.
+
+One model file (nanoGPT style). Attention over past tokens is delegated to a `KVCache`
+object, so the same weights run under the reference's static cache, the engine's
+sparse pooled cache, or no cache at all (teacher forcing).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import GPTConfig
+from .rope import apply_rotary_emb, precompute_freqs_cis_2d
+
+
+class KVCache(Protocol):
+    """Stores the new tokens' K/V for one layer and attends over everything kept so far."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (B, H, T, D); k, v: (B, Hkv, T, D) of the new tokens. Returns (B, H, T, D)."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> one condition token. Row `num_classes` is the "no class" label for CFG."""
+
+    def __init__(self, num_classes: int, dim: int, has_null_class: bool):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(has_null_class), dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels).unsqueeze(1)  # (B, 1, dim)
+
+
+class CaptionMLP(nn.Module):
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """T5 caption features -> condition tokens. `uncond_embedding` is the CFG "no caption"."""
+
+    def __init__(self, caption_dim: int, dim: int, token_num: int):
+        super().__init__()
+        self.cap_proj = CaptionMLP(caption_dim, dim, dim)
+        self.register_buffer("uncond_embedding", torch.zeros(token_num, caption_dim))
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.cap_proj(caption)  # (B, T_cond, dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = cfg.ffn_hidden_dim
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.dim = cfg.dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs_cis: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        kv_size = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv_size, kv_size], dim=-1)
+        q = apply_rotary_emb(q.view(B, T, self.n_head, self.head_dim), freqs_cis)  # (B, T, H, D)
+        k = apply_rotary_emb(k.view(B, T, self.n_kv_head, self.head_dim), freqs_cis)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, D)
+        if cache is not None:
+            y = cache.attend(self.layer, q, k, v)
+        else:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.dim))  # (B, T, dim)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attention = Attention(cfg, layer)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, freqs_cis, cache, mask):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, cache, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        if cfg.model_type == "c2i":
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.has_null_class)
+        else:
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.cls_token_num)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Not persistent: official files may or may not carry it; it is recomputed either way.
+        self.register_buffer(
+            "freqs_cis",
+            precompute_freqs_cis_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num),
+            persistent=False,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """c2i: labels (B,) -> (B, 1, dim); t2i: caption features (B, 120, caption_dim) -> (B, 120, dim)."""
+        if self.config.model_type == "c2i":
+            return self.cls_embedding(cond)
+        return self.cls_embedding(cond.to(self.dtype))[:, : self.config.cls_token_num]
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The CFG unconditional input matching `cond` (the "no class" label, or the null caption)."""
+        if self.config.model_type == "c2i":
+            if not self.config.has_null_class:
+                raise ValueError("this checkpoint has no 'no class' embedding row; CFG is unavailable")
+            return torch.full_like(cond, self.config.num_classes)
+        return self.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond)
+
+    def forward_embeddings(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """h: (B, T, dim) input embeddings at `positions` ((T,) or (B, T)). Returns fp32 logits (B, T, V)."""
+        freqs_cis = self.freqs_cis[positions]  # (T|B,T, D/2, 2)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, cache, mask)
+        return self.output(self.norm(h)).float()
+
+    def forward(
+        self, idx: torch.Tensor, cond: torch.Tensor, emb_masks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced logits over condition + image tokens, no cache.
+
+        idx: (B, T) image tokens; cond: labels or caption features. Returns (B, T_cond + T, V);
+        row T_cond - 1 predicts image token 0.
+        """
+        h = torch.cat([self.embed_condition(cond), self.tok_embeddings(idx)], dim=1)
+        L = h.shape[1]
+        mask = None
+        if emb_masks is not None:
+            mask = prompt_attention_mask(emb_masks, L)[:, None]  # (B, 1, L, L)
+        return self.forward_embeddings(h, torch.arange(L, device=h.device), None, mask)
+
+
+def prompt_attention_mask(emb_masks: torch.Tensor, length: int) -> torch.Tensor:
+    """LlamaGen's text mask, (B, L, L) bool: causal, padded caption columns hidden, diagonal kept."""
+    B, T = emb_masks.shape
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=emb_masks.device))
+    mask = causal.unsqueeze(0).repeat(B, 1, 1)
+    mask[:, :, :T] &= emb_masks.bool().unsqueeze(1)
+    mask |= torch.eye(length, dtype=torch.bool, device=emb_masks.device)
+    return mask

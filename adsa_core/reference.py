@@ -1,0 +1,93 @@
+"""The plain dense sampler: LlamaGen's `generate()` with a static KV cache.
+
+This is the oracle every faster path is checked against: batch, CFG (conditional and
+unconditional halves of one batch), cfg interval, temperature / top-k / top-p, greedy,
+and LlamaGen's text mask. Deliberately simple; the engine is where speed lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .model.llamagen import Transformer, prompt_attention_mask
+from .sampling import SamplingParams, cfg_combine, sample_tokens
+
+
+class StaticKVCache:
+    """gpt-fast style: (B, Hkv, S, D) per layer, written at `input_pos`, read with a (B, S, S) mask."""
+
+    def __init__(self, model: Transformer, batch: int, max_len: int, mask: torch.Tensor):
+        cfg = model.config
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layer)]
+        self.mask = mask  # (B, S, S) bool
+        self.rep = cfg.n_head // cfg.kv_heads
+        self.input_pos = torch.arange(1, device=model.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pos = self.input_pos
+        self.k[layer][:, :, pos] = k
+        self.v[layer][:, :, pos] = v
+        keys, values = self.k[layer], self.v[layer]
+        if self.rep > 1:
+            keys, values = keys.repeat_interleave(self.rep, 1), values.repeat_interleave(self.rep, 1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask[:, None, pos])
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    cond: torch.Tensor,
+    params: SamplingParams,
+    seeds: torch.Tensor | None = None,
+    emb_masks: torch.Tensor | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Image tokens (B, block_size) int64 for condition `cond` (labels (B,) or captions (B, 120, C)).
+
+    seeds: (B,) per-image seeds (default 0..B-1); emb_masks: (B, 120) caption mask (t2i).
+    """
+    cfg = model.config
+    B, device = cond.shape[0], model.device
+    cond = cond.to(device)
+    T_cond, n_tokens = cfg.cls_token_num, cfg.block_size
+    seeds = (torch.arange(B) if seeds is None else seeds).to(device)
+    use_cfg = params.uses_cfg
+    cond_all = torch.cat([cond, model.null_condition(cond)]) if use_cfg else cond
+    rows = cond_all.shape[0]
+
+    max_len = T_cond + n_tokens
+    if emb_masks is not None:
+        m = emb_masks.to(device)
+        mask = prompt_attention_mask(torch.cat([m, m]) if use_cfg else m, max_len)  # (rows, S, S)
+    else:
+        mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device)).expand(rows, -1, -1)
+    cache = StaticKVCache(model, rows, max_len, mask)
+
+    def settings(n: int):
+        return (torch.full((n,), params.temperature, device=device),
+                torch.full((n,), params.top_k, device=device, dtype=torch.long),
+                torch.full((n,), params.top_p, device=device),
+                torch.full((n,), params.greedy, device=device, dtype=torch.bool))
+
+    temperature, top_k, top_p, greedy = settings(B)
+    out = torch.empty(B, n_tokens, dtype=torch.long, device=device)
+    h = model.embed_condition(cond_all)  # (rows, T_cond, dim)
+    cache.input_pos = torch.arange(T_cond, device=device)
+    for i in range(n_tokens):
+        logits = model.forward_embeddings(h, cache.input_pos, cache)[:, -1]  # (rows, V)
+        if use_cfg:
+            c, u = logits[:B], logits[B:]
+            logits = cfg_combine(c, u, params.cfg_scale) if params.cfg_active(i) else c
+        token = sample_tokens(logits, seeds, torch.full((B,), i, device=device), temperature, top_k, top_p, greedy)
+        out[:, i] = token
+        if on_token is not None:
+            on_token(i)
+        if i + 1 < n_tokens:
+            h = model.tok_embeddings(torch.cat([token, token]) if use_cfg else token).unsqueeze(1)
+            cache.input_pos = torch.tensor([T_cond + i], device=device)
+    return out

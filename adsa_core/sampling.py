@@ -1,0 +1,104 @@
+"""Token sampling shared by the reference sampler and the engine.
+
+Filtering reproduces LlamaGen's `sample()` (temperature, then top-k keeping ties, then
+top-p on what is left), vectorised so every row of a batch can carry its own settings.
+Randomness is a counter-based hash of (seed, token index): a request's image depends on
+its own seed only, never on its batch neighbours or on a shared generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (LlamaGen's names and defaults for its sample scripts)."""
+
+    cfg_scale: float = 4.0  # > 1 runs a conditional and an unconditional sequence
+    cfg_interval: int = -1  # -1: CFG for every token; else only image tokens 0 .. cfg_interval + 1
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    greedy: bool = False  # arg-max instead of sampling
+
+    def __post_init__(self) -> None:
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.cfg_interval < -1:
+            raise ValueError(f"cfg_interval must be -1 or >= 0, got {self.cfg_interval}")
+        if self.temperature <= 0 and not self.greedy:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    def cfg_active(self, token_index: int) -> bool:
+        """LlamaGen applies CFG to image token j iff cfg_interval == -1 or j <= cfg_interval + 1."""
+        return self.uses_cfg and (self.cfg_interval < 0 or token_index <= self.cfg_interval + 1)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply) on int64 tensors; products stay below 2**63."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x6A09E667) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_from(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A uniform in [0, 1) for each (seed, position) pair; identical on every device. Shapes (B,)."""
+    seeds, positions = seeds.long(), positions.long()
+    h = _mix32(seeds)
+    h = _mix32(h ^ (seeds >> 32) ^ 0x5BD1E995)
+    h = _mix32(h ^ (positions * 0x2545F491))
+    return (h >> 8).float() * (1.0 / (1 << 24))
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """LlamaGen's guidance: uncond + (cond - uncond) * scale, in fp32."""
+    if torch.is_tensor(scale):
+        scale = scale.view(-1, 1)
+    return uncond + (cond - uncond) * scale
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    greedy: torch.Tensor,
+) -> torch.Tensor:
+    """logits (B, V) fp32; per-row settings (B,). Returns tokens (B,) int64. No host sync."""
+    B, V = logits.shape
+    scaled = logits / temperature.clamp_min(1e-5).view(B, 1)
+    vals, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (B, V)
+    # top-k: drop everything below the k-th largest value (ties with it are kept, as LlamaGen)
+    k = top_k.clamp(0, V).view(B, 1)
+    kth = vals.gather(1, (k - 1).clamp_min(0))
+    drop = (vals < kth) & (k > 0)
+    vals = vals.masked_fill(drop, float("-inf"))
+    # top-p over what top-k left: drop tokens once the mass before them exceeds p; keep the first
+    cum = torch.softmax(vals, dim=-1).cumsum(dim=-1)
+    over = cum > top_p.view(B, 1)
+    over = torch.cat([torch.zeros_like(over[:, :1]), over[:, :-1]], dim=1)
+    vals = vals.masked_fill(over & (top_p.view(B, 1) < 1.0), float("-inf"))
+    # inverse-CDF draw over the sorted distribution (the arg-max is sorted position 0)
+    cdf = torch.softmax(vals, dim=-1).cumsum(dim=-1)
+    u = uniform_from(seeds, positions).to(cdf.device).view(B, 1) * cdf[:, -1:]
+    j = torch.searchsorted(cdf, u).clamp_max(V - 1)
+    j = torch.where(greedy.view(B, 1), torch.zeros_like(j), j)
+    return order.gather(1, j).view(B)
