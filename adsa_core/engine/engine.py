@@ -1,0 +1,507 @@
+"""The synchronous engine: schedule -> one decode step for every running sequence -> sample -> retire.
+
+Single-threaded by design (the AsyncEngine runs it on its own thread). Requests of any
+condition, sampling settings, policy and budget share one batch; a CFG request is two
+rows (conditional, unconditional) that share one sample per step.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ConfigError, EngineConfig, ResolvedCache
+from ..kv.policy import POLICY_MODE
+from ..kv.pool import PageAllocator, PoolGeometry, pages_for
+from ..loading import LoadedModels
+from ..sampling import cfg_combine, sample_tokens
+from .request import (
+    DeadlineExceeded,
+    EngineError,
+    Event,
+    Finished,
+    GenerationRequest,
+    InvalidRequest,
+    PartialImage,
+    Progress,
+    QueueFull,
+    RequestCancelled,
+    RequestFailed,
+    RequestStats,
+)
+from .runner import ModelRunner
+from .scheduler import Schedulable, Scheduler
+
+Sink = Callable[[Event | EngineError], None]
+
+
+@dataclass
+class EngineStats:
+    running: int = 0  # requests with KV in the pool
+    waiting: int = 0  # queued (including swapped out)
+    kv_capacity_tokens: int = 0  # token slots in the pool (per layer and head)
+    kv_used_tokens: int = 0  # slots allocated to running sequences
+    kv_pool_bytes: int = 0
+    evictions_total: int = 0
+    spilled_bytes_total: int = 0
+    swapped_out_total: int = 0
+    images_total: int = 0
+    tokens_total: int = 0
+    requests_total_by_status: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Request(Schedulable):
+    req: GenerationRequest = None  # type: ignore[assignment]
+    sink: Sink = None  # type: ignore[assignment]
+    cache: ResolvedCache = None  # type: ignore[assignment]
+    request_id: str = ""
+    slot: int = -1  # row of the per-request token buffers
+    n_sampled: int = 0  # image tokens sampled so far
+    n_stored: list[int] = field(default_factory=list)  # host mirror of each sequence's valid slots
+    started: float = 0.0
+    stats: RequestStats = field(default_factory=RequestStats)
+    cancelled: bool = False
+    swap_data: list | None = None
+    spill: list[dict] = field(default_factory=list)  # per sequence: pinned K/V/pos of evicted slots
+    logprobs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def cfg_pair(self) -> bool:
+        return len(self.allocs) == 2
+
+
+class Engine:
+    def __init__(self, models: LoadedModels, config: EngineConfig):
+        self.models = models
+        self.config = config
+        self.gpt = models.gpt
+        self.cfg = models.gpt_config
+        self.device = models.device
+        self.max_rows = 2 * config.max_batch_size
+        geo = self._pool_geometry()
+        max_pages = pages_for(self.cfg.seq_len, config.page_size)
+        self.runner = ModelRunner(self.gpt, geo, self.max_rows, max_pages, config.cuda_graphs)
+        self.scheduler = Scheduler(PageAllocator(geo.num_pages), self.max_rows, config.page_size, config.max_queue)
+        self.default_cache = config.default_cache.resolve(self.cfg)
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._free_slots = list(range(config.max_batch_size - 1, -1, -1))
+        B, N = config.max_batch_size, self.cfg.block_size
+        self.codes = torch.zeros(B, N, dtype=torch.long, device=self.device)
+        self.forced = torch.zeros(B, N, dtype=torch.long, device=self.device)
+        self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens, kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
+        self.image_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq")
+        self.step_listeners: list[Callable[[float, int], None]] = []
+        self.fault_hook: Callable[[str], None] | None = None  # tests inject per-request failures here
+        self._spill_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        self._batch_key: tuple | None = None
+        self._batch: dict[str, torch.Tensor] = {}
+
+    def _pool_geometry(self) -> PoolGeometry:
+        c = self.config
+        dtype = self.gpt.dtype
+        if c.kv_pool_tokens is not None:
+            return PoolGeometry.for_model(self.cfg, c.page_size, 1 + pages_for(c.kv_pool_tokens, c.page_size), dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return PoolGeometry.fit_bytes(self.cfg, c.page_size, dtype, int(free * c.kv_pool_memory_fraction))
+        # CPU: enough for every row to hold a whole dense sequence
+        per_row = pages_for(self.cfg.seq_len, c.page_size)
+        return PoolGeometry.for_model(self.cfg, c.page_size, 1 + self.max_rows * per_row, dtype)
+
+    # --- submission (engine thread) ---------------------------------------------------------------
+    def validate(self, req: GenerationRequest) -> ResolvedCache:
+        cfg = self.cfg
+        if cfg.model_type == "c2i":
+            if not isinstance(req.condition, int) or isinstance(req.condition, bool):
+                raise InvalidRequest("this is a class-conditional model: give an integer class label")
+            if not 0 <= req.condition < cfg.num_classes:
+                raise InvalidRequest(f"class label {req.condition} is outside 0..{cfg.num_classes - 1}")
+        else:
+            c = req.condition
+            if not torch.is_tensor(c) or tuple(c.shape) != (cfg.cls_token_num, cfg.caption_dim):
+                raise InvalidRequest(f"text model: caption features must be ({cfg.cls_token_num}, {cfg.caption_dim})")
+            if req.emb_mask is not None and tuple(req.emb_mask.shape) != (cfg.cls_token_num,):
+                raise InvalidRequest(f"caption mask must have shape ({cfg.cls_token_num},)")
+        if req.sampling.uses_cfg and cfg.model_type == "c2i" and not cfg.has_null_class:
+            raise InvalidRequest("this checkpoint has no 'no class' embedding: use cfg_scale <= 1")
+        if not 0 <= req.seed < 2**63:
+            raise InvalidRequest("seed must be in [0, 2**63)")
+        if req.forced_tokens is not None and tuple(req.forced_tokens.shape) != (cfg.block_size,):
+            raise InvalidRequest(f"forced tokens must have shape ({cfg.block_size},)")
+        try:
+            cache = req.cache.resolve(cfg) if req.cache is not None else self.default_cache
+        except ConfigError as e:
+            raise InvalidRequest(str(e)) from None
+        return cache
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> str:
+        """Queue a request; raises InvalidRequest or QueueFull (nothing is changed then)."""
+        cache = self.validate(req)
+        n_seqs = 2 if req.sampling.uses_cfg else 1
+        rid = req.request_id or f"req-{next(self._ids)}"
+        item = _Request(priority=req.priority, n_seqs=n_seqs, budget=cache.budget, req=req, sink=sink,
+                        cache=cache, request_id=rid)
+        item.stats.kv_budget_tokens = cache.budget
+        if not self.scheduler.fits_ever(item):
+            raise InvalidRequest(f"kv budget {cache.budget} x {n_seqs} sequences does not fit the KV pool")
+        if not self.scheduler.enqueue(item):
+            raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting (limit {self.config.max_queue})")
+        self.requests[rid] = item
+        return rid
+
+    def cancel(self, request_id: str) -> None:
+        item = self.requests.get(request_id)
+        if item is not None:
+            item.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step -----------------------------------------------------------------------------------
+    def step(self) -> None:
+        self._reap()
+        self._schedule()
+        running = [r for r in self.scheduler.running if isinstance(r, _Request)]
+        if running:
+            self._decode(running)
+
+    def _finish(self, item: _Request, outcome: Event | EngineError | None, status: str) -> None:
+        """Release everything a request holds and deliver its last event (if any)."""
+        if item.allocs:
+            for a in self.scheduler.release(item):
+                self.runner.clear_row(a.row)
+        else:
+            self.scheduler.remove_waiting(item)
+        if item.slot >= 0:
+            self._free_slots.append(item.slot)
+            item.slot = -1
+        self.requests.pop(item.request_id, None)
+        self._batch_key = None
+        by = self.stats_.requests_total_by_status
+        by[status] = by.get(status, 0) + 1
+        if outcome is not None:
+            item.sink(outcome)
+
+    def _fail(self, item: _Request, err: EngineError, status: str) -> None:
+        self._finish(item, err, status)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for item in list(self.requests.values()):
+            if item.cancelled:
+                self._fail(item, RequestCancelled("cancelled"), "cancelled")
+            elif item.req.deadline is not None and now > item.req.deadline:
+                self._fail(item, DeadlineExceeded("deadline exceeded"), "deadline")
+
+    def _schedule(self) -> None:
+        admitted, swap_out = self.scheduler.schedule()
+        for item in swap_out:
+            self._swap_out(item)
+        if swap_out:
+            more, _ = self.scheduler.schedule()
+            admitted += more
+        self._compact_rows()
+        new = []
+        for item in admitted:
+            if item.swap_data is not None:
+                self._swap_in(item)
+            else:
+                new.append(item)
+        if new:
+            self._prefill(new)
+
+    def _compact_rows(self) -> None:
+        """Keep running rows at 0..n-1 so the decode step covers a dense prefix of rows."""
+        allocs = sorted((a for r in self.scheduler.running for a in r.allocs), key=lambda a: a.row)
+        n = len(allocs)
+        holes = sorted(r for r in self.scheduler.free_rows if r < n)
+        movers = [a for a in allocs if a.row >= n]
+        for hole, a in zip(holes, movers):
+            self.runner.move_row(a.row, hole)
+            self.scheduler.free_rows.remove(hole)
+            self.scheduler.free_rows.append(a.row)
+            a.row = hole
+            self._batch_key = None
+        self.scheduler.free_rows.sort(reverse=True)
+
+    def _setup_rows(self, item: _Request) -> None:
+        c = item.cache
+        mode = POLICY_MODE[c.policy] if c.evicts else 0
+        for a in item.allocs:
+            self.runner.assign_row(a.row, a.pages, c.budget, c.prefix, c.local, mode)
+        item.slot = self._free_slots.pop()
+        if item.req.forced_tokens is not None:
+            self.forced[item.slot] = item.req.forced_tokens.to(self.device)
+        item.started = time.monotonic()
+        item.stats.queue_s = item.started - item.req.arrival
+        self._alloc_spill(item)
+
+    def _prefill(self, items: list[_Request]) -> None:
+        gpt, cfg = self.gpt, self.cfg
+        rows, conds, masks = [], [], []
+        for item in items:
+            self._setup_rows(item)
+            c = item.req.condition
+            cond = torch.tensor(c, device=self.device) if isinstance(c, int) else c.to(self.device)
+            mask = (item.req.emb_mask if item.req.emb_mask is not None else torch.ones(cfg.cls_token_num)).bool()
+            rows.append(item.allocs[0].row)
+            conds.append(cond)
+            masks.append(mask)
+            if item.cfg_pair:  # the unconditional branch uses the prompt's mask too, as LlamaGen
+                rows.append(item.allocs[1].row)
+                conds.append(gpt.null_condition(cond.unsqueeze(0))[0])
+                masks.append(mask)
+        try:
+            with torch.no_grad():
+                emb = gpt.embed_condition(torch.stack(conds))  # (n, T_cond, dim)
+                valid = torch.stack(masks).to(self.device)
+                logits = self.runner.prefill(rows, emb, valid)  # (n, V)
+        except Exception as e:  # noqa: BLE001 - a bad prefill fails these requests, not the engine
+            for item in items:
+                self._fail(item, RequestFailed(f"prefill failed: {e}"), "error")
+            return
+        counts = valid.sum(1).tolist()
+        i = 0
+        for item in items:
+            item.n_stored = counts[i: i + len(item.allocs)]
+            i += len(item.allocs)
+        self._batch_key = None
+        cond_idx, uncond_idx = self._pair_indices(items, row_of=lambda a, k: k)
+        self._sample_and_advance(items, logits, cond_idx, uncond_idx)
+
+    def _pair_indices(self, items, row_of) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, uncond, k = [], [], 0
+        for item in items:
+            cond.append(row_of(item.allocs[0], k))
+            uncond.append(row_of(item.allocs[-1], k + len(item.allocs) - 1))
+            k += len(item.allocs)
+        dev = self.device
+        return torch.tensor(cond, device=dev), torch.tensor(uncond, device=dev)
+
+    def _batch_tensors(self, items: list[_Request]) -> dict[str, torch.Tensor]:
+        """Per-request sampling settings as device tensors, rebuilt only when the batch changes."""
+        key = tuple((it.request_id, tuple(a.row for a in it.allocs)) for it in items)
+        if key == self._batch_key:
+            return self._batch
+        dev = self.device
+        s = [it.req.sampling for it in items]
+        cond, uncond = self._pair_indices(items, row_of=lambda a, k: a.row)
+        self._batch = dict(
+            cond=cond, uncond=uncond,
+            seeds=torch.tensor([it.req.seed for it in items], device=dev),
+            slots=torch.tensor([it.slot for it in items], device=dev),
+            temperature=torch.tensor([x.temperature for x in s], device=dev),
+            top_k=torch.tensor([x.top_k for x in s], device=dev),
+            top_p=torch.tensor([x.top_p for x in s], device=dev),
+            greedy=torch.tensor([x.greedy for x in s], device=dev),
+            forced=torch.tensor([it.req.forced_tokens is not None for it in items], device=dev),
+            rows=torch.tensor([a.row for it in items for a in it.allocs], device=dev),
+            owner=torch.tensor([k for k, it in enumerate(items) for _ in it.allocs], device=dev),
+        )
+        self._batch_key = key
+        return self._batch
+
+    def _sample_and_advance(self, items: list[_Request], logits: torch.Tensor, cond_idx, uncond_idx) -> None:
+        """Sample token j for each request from its rows' logits, feed it to its rows."""
+        bt = self._batch_tensors(items)
+        j = torch.tensor([it.n_sampled for it in items], device=self.device)
+        scale = torch.tensor(
+            [it.req.sampling.cfg_scale if it.req.sampling.cfg_active(it.n_sampled) else 1.0 for it in items],
+            device=self.device,
+        )
+        cond_l, uncond_l = logits[cond_idx], logits[uncond_idx]
+        guided = torch.where((scale != 1.0).view(-1, 1), cfg_combine(cond_l, uncond_l, scale), cond_l)
+        tok = sample_tokens(guided, bt["seeds"], j, bt["temperature"], bt["top_k"], bt["top_p"], bt["greedy"])
+        slots = bt["slots"]
+        tok = torch.where(bt["forced"], self.forced[slots, j], tok)
+        self.codes[slots, j] = tok
+        for k, it in enumerate(items):
+            if it.req.want_logits:
+                it.logprobs.append(torch.log_softmax(guided[k], dim=-1))
+        # feed: both rows of a request get the same token, at position T_cond + j
+        rows = self.runner.rows
+        rows.tokens[bt["rows"]] = tok[bt["owner"]]
+        rows.positions[bt["rows"]] = j[bt["owner"]] + self.cfg.cls_token_num
+        for it in items:
+            it.n_sampled += 1
+        self._after_tokens(items)
+
+    def _decode(self, running: list[_Request]) -> None:
+        n_rows = sum(len(it.allocs) for it in running)
+        t0 = time.perf_counter()
+        logits = self.runner.decode(n_rows)
+        for it in running:  # host mirror of the slots each sequence holds, and eviction stats
+            for s, a in enumerate(it.allocs):
+                if it.n_stored[s] >= it.cache.budget:
+                    it.stats.evictions += self.cfg.n_layer * self.cfg.kv_heads
+                    self.stats_.evictions_total += self.cfg.n_layer * self.cfg.kv_heads
+                    self._spill(it, s, a.row)
+                else:
+                    it.n_stored[s] += 1
+                it.stats.peak_kv_tokens = max(it.stats.peak_kv_tokens, it.n_stored[s])
+        bt = self._batch_tensors(running)
+        self._sample_and_advance(running, logits, bt["cond"], bt["uncond"])
+        dt = time.perf_counter() - t0
+        for fn in self.step_listeners:
+            fn(dt, n_rows)
+
+    def _after_tokens(self, items: list[_Request]) -> None:
+        grid, total = self.cfg.grid_size, self.cfg.block_size
+        self.stats_.tokens_total += len(items)
+        for it in items:
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(it.request_id)
+                n = it.n_sampled
+                if n == total:
+                    self._complete(it)
+                    continue
+                if n % grid == 0:
+                    it.sink(Progress(n, total))
+                    rows_done = n // grid
+                    k = it.req.preview_every_rows
+                    if k and rows_done % k == 0:
+                        self._preview(it, rows_done)
+                sp = it.req.sampling
+                if it.cfg_pair and sp.cfg_interval >= 0 and not sp.cfg_active(n):
+                    # guidance is over for this request: the unconditional branch is dead weight
+                    self.runner.clear_row(it.allocs[1].row)
+                    self.scheduler.release(it, 1)
+                    it.n_stored = it.n_stored[:1]
+                    self._batch_key = None
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                self._fail(it, RequestFailed(f"request failed: {e}"), "error")
+
+    # --- results ---------------------------------------------------------------------------------
+    def _complete(self, it: _Request) -> None:
+        it.stats.run_s = time.monotonic() - it.started
+        codes = self.codes[it.slot].cpu()
+        logprobs = torch.stack(it.logprobs).cpu() if it.logprobs else None
+        stats = it.stats
+        self.stats_.images_total += 1
+        self._finish(it, None, "ok")
+        sink = it.sink
+        vq = self.models.vq
+
+        def decode_and_deliver() -> None:
+            try:
+                png = encode_png(vq.decode_code(codes[None].to(vq.post_quant_conv.weight.device))[0]) if vq else None
+                sink(Finished(codes, png, stats, logprobs))
+            except Exception as e:  # noqa: BLE001
+                sink(RequestFailed(f"image decode failed: {e}"))
+
+        self.image_pool.submit(torch.no_grad()(decode_and_deliver))
+
+    def _preview(self, it: _Request, rows_done: int) -> None:
+        grid, vq = self.cfg.grid_size, self.models.vq
+        if vq is None:
+            return
+        codes = self.codes[it.slot].cpu().clone()
+        codes[rows_done * grid:] = 0
+        sink, n = it.sink, it.n_sampled
+        px = rows_done * (self.models.image_size // grid)
+
+        def decode() -> None:
+            with torch.no_grad():
+                img = vq.decode_code(codes[None].to(vq.post_quant_conv.weight.device))[0, :, :px]
+            sink(PartialImage(n, rows_done, encode_png(img)))
+
+        self.image_pool.submit(decode)
+
+    # --- spill and swap ----------------------------------------------------------------------------
+    def _alloc_spill(self, item: _Request) -> None:
+        c = item.cache
+        geo = self.runner.geo
+        per_step = geo.n_layer * geo.kv_heads * (2 * geo.head_dim * torch.tensor([], dtype=geo.dtype).element_size() + 4)
+        steps = min(max(0, self.cfg.seq_len - c.budget), self.config.spill_limit_bytes // per_step) if c.evicts else 0
+        pin = self.device.type == "cuda"
+        item.spill = []
+        for _ in item.allocs:
+            L, H, D = geo.n_layer, geo.kv_heads, geo.head_dim
+            shape = (steps, L, H, D)
+            item.spill.append(dict(
+                k=torch.empty(shape, dtype=geo.dtype, pin_memory=pin),
+                v=torch.empty(shape, dtype=geo.dtype, pin_memory=pin),
+                pos=torch.empty((steps, L, H), dtype=torch.int32, pin_memory=pin),
+                n=0, step_bytes=per_step,
+            ))
+
+    def _spill(self, it: _Request, s: int, row: int) -> None:
+        area = it.spill[s] if s < len(it.spill) else None
+        if area is None or area["n"] >= area["k"].shape[0]:
+            return
+        rows, i = self.runner.rows, area["n"]
+        stream = self._spill_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                area["k"][i].copy_(rows.spill_k[:, row], non_blocking=True)
+                area["v"][i].copy_(rows.spill_v[:, row], non_blocking=True)
+                area["pos"][i].copy_(rows.spill_pos[:, row], non_blocking=True)
+            torch.cuda.current_stream().wait_stream(stream)  # staging is reused next step
+        else:
+            area["k"][i].copy_(rows.spill_k[:, row])
+            area["v"][i].copy_(rows.spill_v[:, row])
+            area["pos"][i].copy_(rows.spill_pos[:, row])
+        area["n"] += 1
+        it.stats.spilled_bytes += area["step_bytes"]
+        self.stats_.spilled_bytes_total += area["step_bytes"]
+
+    def _swap_out(self, item: _Request) -> None:
+        saved = []
+        for a in item.allocs:
+            saved.append((self.runner.pool.read_pages(a.pages), self.runner.save_row(a.row)))
+        item.swap_data = [(_to_cpu(p), [t.cpu() for t in r]) for p, r in saved]
+        n_seqs = len(item.allocs)
+        for a in self.scheduler.release(item):
+            self.runner.clear_row(a.row)
+        item.n_seqs = n_seqs
+        item.stats.swapped_out += 1
+        self.stats_.swapped_out_total += 1
+        self.scheduler.enqueue(item, requeue=True)
+        self._batch_key = None
+
+    def _swap_in(self, item: _Request) -> None:
+        for a, (pages, row_state) in zip(item.allocs, item.swap_data):
+            self.runner.pool.write_pages(a.pages, pages)
+            self.runner.restore_row(a.row, row_state)
+            bt = self.runner.rows.block_table[a.row]
+            bt.zero_()
+            bt[: len(a.pages)] = torch.tensor(a.pages, dtype=torch.int32, device=self.device)
+        item.swap_data = None
+        self._batch_key = None
+
+    # --- info ----------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.stats_
+        s.running = len(self.scheduler.running)
+        s.waiting = self.scheduler.num_waiting
+        used_pages = self.scheduler.allocator.num_usable - self.scheduler.allocator.num_free
+        s.kv_used_tokens = used_pages * self.config.page_size
+        return EngineStats(**{**s.__dict__, "requests_total_by_status": dict(s.requests_total_by_status)})
+
+    def close(self) -> None:
+        self.image_pool.shutdown(wait=True)
+
+
+def _to_cpu(groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    return [[t.to("cpu", non_blocking=False) for t in g] for g in groups]
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """(3, H, W) float in [-1, 1] -> PNG bytes (LlamaGen's uint8 mapping)."""
+    from PIL import Image
+
+    arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr.permute(1, 2, 0).cpu().numpy()).save(buf, format="PNG")
+    return buf.getvalue()

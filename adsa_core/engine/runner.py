@@ -1,0 +1,238 @@
+"""The model runner: owns the physical KV pool and the per-row tensors, moves bytes.
+
+Rows are batch slots 0..max_rows-1; a sequence (one CFG branch of one image) occupies
+one row while it runs. The engine keeps running rows compact at 0..n-1, so a decode
+step over the first `bucket` rows has a static shape and can be captured in a CUDA graph.
+Padding rows point at the scratch page 0 and are ignored.
+
+Per decode step and layer (`PoolDecodeCache.attend`):
+  1. choose the write slot: the next free slot, or the victim the previous pass picked;
+  2. copy the victim's K/V to the spill staging buffer, remove it from S, write the new
+     token's K/V/position/1/|V| and add it to S;
+  3. attend over the valid slots and pick the next victim in the same pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kv.attention import pool_attention
+from ..kv.pool import KVPool, PoolGeometry
+from ..model.llamagen import Transformer, prompt_attention_mask
+
+
+class RowState:
+    """Static per-row buffers (size max_rows); index [:B] for a batch of B rows."""
+
+    def __init__(self, geo: PoolGeometry, max_rows: int, max_pages: int, vocab: int, device: torch.device):
+        L, R, Hkv, D = geo.n_layer, max_rows, geo.kv_heads, geo.head_dim
+        i32 = dict(dtype=torch.int32, device=device)
+        self.block_table = torch.zeros(R, max_pages, **i32)  # page ids; 0 = scratch
+        self.n_stored = torch.zeros(R, **i32)  # valid slots before this step's token is written
+        self.budget = torch.ones(R, **i32)  # slots the row may hold
+        self.prefix = torch.zeros(R, **i32)  # positions < prefix are never evicted
+        self.local = torch.ones(R, **i32)  # positions > t - local are never evicted
+        self.mode = torch.zeros(R, **i32)  # policy.MODE_*
+        self.tokens = torch.zeros(R, dtype=torch.long, device=device)  # token fed this step
+        self.positions = torch.zeros(R, dtype=torch.long, device=device)  # its position
+        self.vsum = torch.zeros(L, R, Hkv, D, dtype=torch.float32, device=device)  # S per layer/head
+        self.victim = torch.full((L, R, Hkv), -1, **i32)  # slot to overwrite next, per layer/head
+        self.evicted = torch.zeros(R, dtype=torch.bool, device=device)  # this step overwrote a slot
+        self.logits = torch.zeros(R, vocab, dtype=torch.float32, device=device)
+        # spill staging: what this step overwrote, (L, R, Hkv, D) and positions (L, R, Hkv)
+        self.spill_k = torch.zeros(L, R, Hkv, D, dtype=geo.dtype, device=device)
+        self.spill_v = torch.zeros_like(self.spill_k)
+        self.spill_pos = torch.zeros(L, R, Hkv, **i32)
+
+    def per_row(self) -> list[tuple[torch.Tensor, int]]:
+        """(tensor, row dim) for everything that moves with a row."""
+        return [(self.block_table, 0), (self.n_stored, 0), (self.budget, 0), (self.prefix, 0),
+                (self.local, 0), (self.mode, 0), (self.tokens, 0), (self.positions, 0),
+                (self.vsum, 1), (self.victim, 1)]
+
+
+class PoolDecodeCache:
+    """KVCache for one decode step of rows [:B] (one new token per row)."""
+
+    def __init__(self, pool: KVPool, rows: RowState, B: int, scale: float):
+        self.pool, self.rows, self.B, self.scale = pool, rows, B, scale
+        r = rows
+        n = r.n_stored[:B]
+        self.full = n >= r.budget[:B]  # (B,) the row overwrites a victim this step
+        self.n_slots = torch.minimum(n + 1, r.budget[:B])
+        self.evict_lo = r.prefix[:B]
+        self.evict_hi = (r.positions[:B] + 1 - r.local[:B]).to(torch.int32)  # next step's candidates
+        # the next step needs a victim only if the row is full after this write
+        self.mode = torch.where(self.n_slots >= r.budget[:B], r.mode[:B], torch.zeros_like(r.mode[:B]))
+        Hkv = pool.geo.kv_heads
+        self.heads = torch.arange(Hkv, device=n.device).expand(B, Hkv)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        r, B, P = self.rows, self.B, self.pool.geo.page_size
+        kc, vc = self.pool.k[layer], self.pool.v[layer]
+        pc, ic = self.pool.pos[layer], self.pool.inv_norm[layer]
+        n = r.n_stored[:B, None].expand_as(self.heads)  # (B, Hkv)
+        slot = torch.where(self.full[:, None], r.victim[layer, :B].clamp_min(0), n)  # (B, Hkv)
+        page = r.block_table[:B].gather(1, (slot // P).long()).long()  # (B, Hkv)
+        off = (slot % P).long()
+        h = self.heads
+        # spill: stage what is about to be overwritten (only meaningful where full)
+        old_v = vc[page, h, off]  # (B, Hkv, D)
+        r.spill_k[layer, :B] = kc[page, h, off]
+        r.spill_v[layer, :B] = old_v
+        r.spill_pos[layer, :B] = pc[page, h, off]
+        vsum = r.vsum[layer, :B]  # (B, Hkv, D) view
+        old_unit = old_v.float() * ic[page, h, off].unsqueeze(-1)
+        vsum -= old_unit * self.full.view(B, 1, 1)
+        k1, v1 = k[:, :, 0], v[:, :, 0]  # (B, Hkv, D)
+        inv = 1.0 / v1.float().norm(dim=-1).clamp_min(1e-6)  # (B, Hkv)
+        vsum += v1.float() * inv.unsqueeze(-1)
+        kc[page, h, off] = k1
+        vc[page, h, off] = v1
+        pc[page, h, off] = r.positions[:B, None].to(torch.int32).expand_as(slot)
+        ic[page, h, off] = inv
+        out, victim = pool_attention(
+            q[:, :, 0], kc, vc, pc, ic, vsum, r.block_table[:B], self.n_slots,
+            self.evict_lo, self.evict_hi, self.mode, self.scale,
+        )
+        r.victim[layer, :B] = victim
+        return out.unsqueeze(2)  # (B, H, 1, D)
+
+
+class PoolPrefillCache:
+    """KVCache for the condition tokens of newly admitted rows: full attention among them,
+    then only the valid (unpadded) tokens are stored, in slots 0..count-1."""
+
+    def __init__(self, pool: KVPool, rows: RowState, row_ids: list[int], valid: torch.Tensor):
+        self.pool, self.rows = pool, rows
+        n, T = valid.shape
+        dev = valid.device
+        self.mask = prompt_attention_mask(valid, T)[:, None] if not bool(valid.all()) else None
+        P = pool.geo.page_size
+        seq_idx, tok_idx = valid.nonzero(as_tuple=True)  # flat list of stored tokens
+        counts = valid.sum(1)
+        slot = torch.arange(len(seq_idx), device=dev) - (counts.cumsum(0) - counts)[seq_idx]
+        row_t = torch.tensor(row_ids, device=dev)
+        self.seq_idx, self.tok_idx = seq_idx, tok_idx
+        self.row_of = row_t[seq_idx]
+        self.page = rows.block_table[self.row_of, slot // P].long()
+        self.off = slot % P
+        self.row_t, self.counts = row_t, counts.to(torch.int32)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rep = q.shape[1] // k.shape[1]
+        kr, vr = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k, v)
+        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=self.mask, is_causal=self.mask is None)
+        ks = k[self.seq_idx, :, self.tok_idx]  # (N, Hkv, D) stored tokens
+        vs = v[self.seq_idx, :, self.tok_idx]
+        inv = 1.0 / vs.float().norm(dim=-1).clamp_min(1e-6)  # (N, Hkv)
+        p, o = self.page[:, None], self.off[:, None]
+        h = torch.arange(k.shape[1], device=k.device)[None, :]
+        self.pool.k[layer][p, h, o] = ks
+        self.pool.v[layer][p, h, o] = vs
+        self.pool.pos[layer][p, h, o] = self.tok_idx[:, None].to(torch.int32).expand_as(inv)
+        self.pool.inv_norm[layer][p, h, o] = inv
+        vsum = torch.zeros(len(self.row_t), *vs.shape[1:], device=vs.device)
+        vsum.index_add_(0, self.seq_idx, vs.float() * inv.unsqueeze(-1))
+        self.rows.vsum[layer, self.row_t] = vsum
+        self.rows.victim[layer, self.row_t] = -1
+        return out
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, geo: PoolGeometry, max_rows: int, max_pages_per_row: int,
+                 cuda_graphs: bool = False):
+        self.model = model
+        self.cfg = model.config
+        self.device = model.device
+        self.geo = geo
+        self.max_rows = max_rows
+        self.pool = KVPool(geo, self.device)
+        self.rows = RowState(geo, max_rows, max_pages_per_row, self.cfg.vocab_size, self.device)
+        self.scale = self.cfg.head_dim ** -0.5
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < max_rows] + [max_rows]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def bucket_for(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    # --- row bookkeeping -------------------------------------------------------------------------
+    def assign_row(self, row: int, pages: list[int], budget: int, prefix: int, local: int, mode: int) -> None:
+        r = self.rows
+        r.block_table[row].zero_()
+        r.block_table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32, device=self.device)
+        r.n_stored[row], r.budget[row], r.prefix[row], r.local[row], r.mode[row] = 0, budget, prefix, local, mode
+        r.vsum[:, row].zero_()
+        r.victim[:, row] = -1
+
+    def clear_row(self, row: int) -> None:
+        """Point a row at the scratch page so a padded decode step writes nothing that matters."""
+        r = self.rows
+        r.block_table[row].zero_()
+        r.n_stored[row], r.budget[row], r.mode[row] = 0, 1, 0
+
+    def move_row(self, src: int, dst: int) -> None:
+        for t, dim in self.rows.per_row():
+            t.select(dim, dst).copy_(t.select(dim, src))
+        self.clear_row(src)
+
+    def save_row(self, row: int) -> list[torch.Tensor]:
+        return [t.select(dim, row).clone() for t, dim in self.rows.per_row()]
+
+    def restore_row(self, row: int, saved: list[torch.Tensor]) -> None:
+        for (t, dim), s in zip(self.rows.per_row(), saved):
+            t.select(dim, row).copy_(s)
+
+    # --- compute ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, row_ids: list[int], cond_emb: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Condition tokens (n, T, dim) of new rows -> logits (n, V) predicting image token 0."""
+        T = cond_emb.shape[1]
+        cache = PoolPrefillCache(self.pool, self.rows, row_ids, valid)
+        logits = self.model.forward_embeddings(cond_emb, torch.arange(T, device=self.device), cache)
+        rows = torch.tensor(row_ids, device=self.device)
+        self.rows.n_stored[rows] = cache.counts
+        return logits[:, -1]
+
+    def _decode(self, B: int) -> None:
+        r = self.rows
+        h = self.model.tok_embeddings(r.tokens[:B]).unsqueeze(1)  # (B, 1, dim)
+        cache = PoolDecodeCache(self.pool, r, B, self.scale)
+        r.logits[:B] = self.model.forward_embeddings(h, r.positions[:B, None], cache)[:, 0]
+        r.evicted[:B] = cache.full
+        r.n_stored[:B] = cache.n_slots
+
+    @torch.no_grad()
+    def decode(self, n_rows: int) -> torch.Tensor:
+        """One token for rows [:n_rows] (tokens/positions already set). Returns logits (bucket, V)."""
+        B = self.bucket_for(n_rows)  # rows n_rows..B-1 were cleared when released: scratch only
+        if not self.use_graphs:
+            self._decode(B)
+        else:
+            g = self.graphs.get(B)
+            if g is None:
+                g = self._capture(B)
+            g.replay()
+        return self.rows.logits[:B]
+
+    def _capture(self, B: int) -> torch.cuda.CUDAGraph:
+        # Warm up on a side stream (compiles Triton, allocates workspaces), then capture.
+        # Captured on scratch state so the real rows are untouched.
+        saved = [t.clone() for t, _ in self.rows.per_row()]
+        for row in range(B):
+            self.clear_row(row)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._decode(B)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._decode(B)
+        for (t, _), s_ in zip(self.rows.per_row(), saved):
+            t.copy_(s_)
+        self.graphs[B] = g
+        return g
