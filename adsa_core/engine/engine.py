@@ -140,6 +140,9 @@ class Engine:
             cache = req.cache.resolve(cfg) if req.cache is not None else self.default_cache
         except ConfigError as e:
             raise InvalidRequest(str(e)) from None
+        n_seqs = 2 if req.sampling.uses_cfg else 1
+        if not self.scheduler.fits_ever(Schedulable(req.priority, n_seqs, cache.budget)):
+            raise InvalidRequest(f"kv budget {cache.budget} x {n_seqs} sequences does not fit the KV pool")
         return cache
 
     def submit(self, req: GenerationRequest, sink: Sink) -> str:
@@ -150,8 +153,6 @@ class Engine:
         item = _Request(priority=req.priority, n_seqs=n_seqs, budget=cache.budget, req=req, sink=sink,
                         cache=cache, request_id=rid)
         item.stats.kv_budget_tokens = cache.budget
-        if not self.scheduler.fits_ever(item):
-            raise InvalidRequest(f"kv budget {cache.budget} x {n_seqs} sequences does not fit the KV pool")
         if not self.scheduler.enqueue(item):
             raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting (limit {self.config.max_queue})")
         self.requests[rid] = item

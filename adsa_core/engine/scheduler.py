@@ -39,6 +39,7 @@ class Scheduler:
         self.allocator = allocator
         self.page_size = page_size
         self.max_queue = max_queue
+        self.max_rows = max_rows
         self.free_rows = list(range(max_rows - 1, -1, -1))
         self._waiting: list[tuple[int, int, Schedulable]] = []  # heap of (-priority, order, item)
         self._counter = itertools.count()
@@ -53,9 +54,8 @@ class Scheduler:
         return item.n_seqs * pages_for(item.budget, self.page_size)
 
     def fits_ever(self, item: Schedulable) -> bool:
-        return self.pages_needed(item) <= self.allocator.num_usable and item.n_seqs <= len(self.free_rows) + sum(
-            len(r.allocs) for r in self.running
-        )
+        """Whether the item could run in an otherwise empty engine (constant facts only)."""
+        return self.pages_needed(item) <= self.allocator.num_usable and item.n_seqs <= self.max_rows
 
     def enqueue(self, item: Schedulable, *, requeue: bool = False) -> bool:
         """False when the queue is full (new work only; swapped-out work always re-enters)."""
