@@ -1,0 +1,5 @@
+"""One router per resource."""
+
+from . import generate, health, metrics, models
+
+routers = [generate.router, models.router, health.router, metrics.router]

@@ -1,0 +1,104 @@
+"""What one app instance owns: settings, metrics, the engine and its life cycle.
+
+Loading a real checkpoint takes minutes, so it runs in a background task: /healthz answers at
+once, /readyz and /v1/* say 503 until the engine is warm. The engine runs in its own thread
+(AsyncEngine), so the event loop stays free for health checks, metrics and streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from adsa_core.engine.request import EngineDraining
+
+from .errors import ApiError, NotReady
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("adsa.server")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, engine: Any | None = None):
+        self.settings = settings
+        self.engine = engine  # AsyncEngine once loaded (or the one handed to create_app)
+        self.metrics = Metrics(self.engine_stats)
+        self.draining = False
+        self.load_error: str | None = None
+        self.on_fatal: Callable[[str], None] = lambda msg: None  # set by __main__: exit when loading fails
+        self._latency_ewma_s = 1.0  # per-image latency estimate for Retry-After
+        self._load_task: asyncio.Task | None = None
+        self._stopped = False  # engine shut down (drain() ran); stop() must not do it twice
+
+    # --- life cycle
+
+    async def start(self) -> None:
+        if self.engine is not None:
+            await self._start_engine(self.engine)
+        else:
+            self._load_task = asyncio.create_task(self._load(), name="adsa-load")
+
+    async def _load(self) -> None:
+        try:
+            from adsa_core.engine.async_engine import AsyncEngine
+            from adsa_core.loading import load_models
+
+            cache = self.settings.cache_config()  # fail fast on a bad default policy/budget
+            models = await asyncio.to_thread(load_models, self.settings.model_spec())
+            config = self.settings.engine_config(str(models.device), str(models.dtype).removeprefix("torch."))
+            assert config.default_cache == cache
+            engine = AsyncEngine(models, config)
+            await self._start_engine(engine)
+            self.engine = engine
+            log.info("model %s loaded on %s (%s)", models.name, models.device, config.dtype)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("loading the model failed")
+            self.on_fatal(self.load_error)
+
+    async def _start_engine(self, engine: Any) -> None:
+        engine.add_step_listener(self.metrics.on_engine_step)
+        await engine.start()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Refuse new work (readyz 503), let in-flight requests finish, stop the engine."""
+        self.draining = True
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.engine is not None and not self._stopped:
+            self._stopped = True
+            await self.engine.shutdown(drain=True, timeout=timeout)
+
+    async def stop(self) -> None:
+        await self.drain(self.settings.drain_timeout_s)
+
+    # --- state for routes
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and bool(self.engine.ready) and not self.draining
+
+    def require_engine(self) -> Any:
+        """The engine, if it takes work now; else the 503 that explains why not."""
+        if self.draining or (self.engine is not None and self.engine.draining):
+            raise EngineDraining("the server is shutting down")
+        if self.load_error is not None:
+            raise ApiError(503, "load_failed", f"the model failed to load: {self.load_error}")
+        if self.engine is None or not self.engine.ready:
+            raise NotReady()
+        return self.engine
+
+    def engine_stats(self) -> Any | None:
+        return self.engine.stats() if self.engine is not None else None
+
+    def observe_latency(self, seconds: float) -> None:
+        self._latency_ewma_s += 0.2 * (seconds - self._latency_ewma_s)
+
+    def retry_after_s(self) -> float:
+        """A client refused with 429 should come back after about one image latency (1 .. 60 s)."""
+        return min(60.0, max(1.0, self._latency_ewma_s))

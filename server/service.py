@@ -1,0 +1,320 @@
+"""Generation requests: from an HTTP body to engine requests, and from engine events to responses.
+
+This is the only place that knows both sides (API schemas, engine types); routes stay thin.
+A request for n images becomes n GenerationRequests with seeds seed .. seed+n-1, all submitted
+before the HTTP response starts (so queue-full and invalid-input errors get real statuses).
+Whatever ends a job early (client disconnect, an error in one image, shutdown) cancels every
+unfinished image, so its KV pages are freed at the next engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import math
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from adsa_core.config import CacheConfig
+from adsa_core.engine.request import (
+    EngineError,
+    Finished,
+    GenerationRequest,
+    InvalidRequest,
+    PartialImage,
+    Progress,
+    RequestCancelled,
+    RequestFailed,
+)
+from adsa_core.sampling import SamplingParams
+
+from .errors import ApiError, to_api_error
+from .runtime import Runtime
+from .schemas import MAX_IMAGES, GenerateRequest, GenerateResponse, ImageData, ModelCard, ModelLimits
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+_KEEPALIVE_S = 15.0  # SSE comment while nothing happens, so proxies keep the stream open
+_DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class Job:
+    """One HTTP generate call: n submitted images."""
+
+    request_id: str
+    seed: int
+    stream: bool
+    requests: list[GenerationRequest]
+    handles: list[Any]  # RequestHandle
+    created: int = field(default_factory=lambda: int(time.time()))
+    finished: set[int] = field(default_factory=set)  # indexes whose Finished arrived
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Seed": str(self.seed), "X-Request-Id": self.request_id}
+
+    def cancel_unfinished(self) -> None:
+        for i, h in enumerate(self.handles):
+            if i not in self.finished:
+                h.cancel()
+
+
+class GenerationService:
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+
+    # --- request -> engine
+
+    async def submit(self, body: GenerateRequest) -> Job:
+        """Validate against the loaded model and submit all n images (or none)."""
+        engine = self.rt.require_engine()
+        info = engine.info
+        if body.model is not None and body.model != info.name:
+            raise ApiError(
+                404, "model_not_found", f"model {body.model!r} is not served here; this is {info.name!r}"
+            )
+        conditions = await self._conditions(engine, info, body)
+        sampling = self._sampling(info, body)
+        cache = self._cache(info, body)
+        settings = self.rt.settings
+        timeout = min(body.timeout_s or settings.request_timeout_s, settings.request_timeout_s)
+        preview = 0
+        if body.stream:
+            preview = (
+                settings.preview_every_rows if body.preview_every_rows is None else body.preview_every_rows
+            )
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        job = Job(uuid.uuid4().hex, seed, body.stream, [], [])
+        deadline = time.monotonic() + timeout
+        for i, (cond, mask) in enumerate(conditions):
+            job.requests.append(
+                GenerationRequest(
+                    condition=cond,
+                    emb_mask=mask,
+                    seed=seed + i,
+                    sampling=sampling,
+                    cache=cache,
+                    deadline=deadline,
+                    preview_every_rows=preview,
+                    request_id=f"{job.request_id}-{i}",
+                )
+            )
+        try:
+            for r in job.requests:
+                job.handles.append(engine.submit(r))
+        except BaseException:
+            job.cancel_unfinished()  # all or nothing: a half-queued job would only waste KV
+            raise
+        return job
+
+    async def _conditions(self, engine: Any, info: Any, body: GenerateRequest) -> list[tuple[Any, Any]]:
+        n = body.image_count
+        if info.model_type == "t2i":
+            if body.prompt is None:
+                raise InvalidRequest("this is a text-to-image model: give a prompt, not class labels")
+            # T5 on the accelerator takes a while: off the event loop
+            feats, masks = await asyncio.to_thread(engine.encode_prompts, [body.prompt])
+            return [(feats[0], masks[0])] * n
+        if body.prompt is not None:
+            raise InvalidRequest(
+                "this is a class-conditional model: give class_label or class_labels, not a prompt"
+            )
+        labels = body.class_labels if body.class_labels is not None else [body.class_label] * n
+        for label in labels:
+            if info.num_classes is not None and not 0 <= label < info.num_classes:
+                raise InvalidRequest(f"class label {label} is out of range 0..{info.num_classes - 1}")
+        return [(label, None) for label in labels]
+
+    def _sampling(self, info: Any, body: GenerateRequest) -> SamplingParams:
+        given = {k: getattr(body, k) for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")}
+        merged = {k: v for k, v in (info.sampling_defaults or {}).items() if k in _SAMPLING_FIELDS}
+        merged.update({k: v for k, v in given.items() if v is not None})
+        try:
+            return SamplingParams(**merged)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+
+    def _cache(self, info: Any, body: GenerateRequest) -> CacheConfig | None:
+        if body.policy is None and body.kv_budget is None:
+            return None  # the engine's default policy and budget
+        if body.policy is not None and body.policy not in info.policies:
+            raise InvalidRequest(f"unknown policy {body.policy!r}; choose one of {', '.join(info.policies)}")
+        default = self.rt.settings.cache_config()
+        changes: dict[str, Any] = {}
+        if body.policy is not None:
+            changes["policy"] = body.policy
+        if body.kv_budget is not None:
+            changes["budget"] = body.kv_budget
+        return dataclasses.replace(default, **changes)  # ConfigError -> 422
+
+    # --- engine -> response
+
+    def _on_finished(self, job: Job, i: int, ev: Finished) -> ImageData:
+        job.finished.add(i)
+        latency = time.monotonic() - job.requests[i].arrival
+        m = self.rt.metrics
+        m.request_latency.observe(latency)
+        m.queue_time.observe(ev.stats.queue_s)
+        self.rt.observe_latency(latency)
+        s = ev.stats
+        return ImageData(
+            index=i,
+            seed=job.requests[i].seed,
+            b64_json=base64.b64encode(ev.png).decode() if ev.png is not None else None,
+            tokens=ev.codes.tolist() if ev.png is None else None,
+            kv_stats=dict(
+                kv_budget_tokens=s.kv_budget_tokens,
+                peak_kv_tokens=s.peak_kv_tokens,
+                evictions=s.evictions,
+                spilled_bytes=s.spilled_bytes,
+                swapped_out=s.swapped_out,
+            ),
+            timings=dict(queue_s=s.queue_s, run_s=s.run_s),
+        )
+
+    async def collect(
+        self, job: Job, is_disconnected: Callable[[], Awaitable[bool]]
+    ) -> tuple[GenerateResponse, list[bytes | None]]:
+        """Wait for all images; a client disconnect cancels them. Returns the response and raw PNGs."""
+        results: list[Finished | None] = [None] * len(job.handles)
+
+        async def one(i: int) -> None:
+            async for ev in job.handles[i].events():
+                if isinstance(ev, Finished):
+                    results[i] = ev
+                    return
+            raise RequestFailed("the engine ended the request without a result")
+
+        tasks = [asyncio.create_task(one(i)) for i in range(len(job.handles))]
+        try:
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=_DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION
+                )
+                for t in done:
+                    if t.exception() is not None:
+                        raise t.exception()
+                if pending and await is_disconnected():
+                    raise RequestCancelled("client disconnected")
+        finally:
+            job.cancel_unfinished()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(
+                *tasks, return_exceptions=True
+            )  # retrieve, so nothing logs "never retrieved"
+        data = [self._on_finished(job, i, ev) for i, ev in enumerate(results) if ev is not None]
+        response = GenerateResponse(created=job.created, seed=job.seed, data=data)
+        return response, [ev.png if ev is not None else None for ev in results]
+
+    async def stream(self, job: Job) -> AsyncIterator[str]:
+        """Server-sent events of all n images, interleaved as they happen; then done (or error)."""
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for ev in job.handles[i].events():
+                    await queue.put((i, ev))
+            except Exception as e:  # delivered in order, after the events before it
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(job.handles))]
+        sent_rows: dict[int, int] = {}  # index -> tokens_done of the last progress event sent
+        first_preview: set[int] = set()
+        data: list[ImageData] = []
+        start = time.monotonic()
+        try:
+            while len(data) < len(job.handles):
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), _KEEPALIVE_S)
+                except asyncio.TimeoutError:  # not the builtin on Python 3.10
+                    yield ": keep-alive\n\n"
+                    continue
+                if isinstance(ev, BaseException):
+                    err = to_api_error(ev, self.rt.retry_after_s())
+                    yield sse("error", {"error": err.message, "type": err.kind, "index": i})
+                    return
+                if isinstance(ev, Progress):
+                    # one event per completed token row is plenty (engines may report every token)
+                    row = max(1, math.isqrt(ev.tokens_total))
+                    if ev.tokens_done - sent_rows.get(i, 0) >= row or ev.tokens_done >= ev.tokens_total:
+                        sent_rows[i] = ev.tokens_done
+                        yield sse(
+                            "progress", {"index": i, "tokens_done": ev.tokens_done, "total": ev.tokens_total}
+                        )
+                elif isinstance(ev, PartialImage):
+                    if i not in first_preview:
+                        first_preview.add(i)
+                        self.rt.metrics.first_preview.observe(time.monotonic() - job.requests[i].arrival)
+                    yield sse(
+                        "partial_image",
+                        {
+                            "index": i,
+                            "rows_done": ev.rows_done,
+                            "tokens_done": ev.tokens_done,
+                            "b64_json": base64.b64encode(ev.png).decode(),
+                        },
+                    )
+                elif isinstance(ev, Finished):
+                    img = self._on_finished(job, i, ev)
+                    data.append(img)
+                    yield sse("image", img.model_dump(mode="json"))
+            yield sse(
+                "done",
+                {
+                    "created": job.created,
+                    "seed": job.seed,
+                    "stats": {
+                        "images": len(data),
+                        "latency_s": round(time.monotonic() - start, 4),
+                        "evictions": sum(d.kv_stats.evictions for d in data),
+                        "spilled_bytes": sum(d.kv_stats.spilled_bytes for d in data),
+                        "peak_kv_tokens": max((d.kv_stats.peak_kv_tokens for d in data), default=0),
+                    },
+                },
+            )
+        finally:
+            job.cancel_unfinished()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- models
+
+    def model_card(self) -> ModelCard:
+        engine = self.rt.require_engine()
+        info, s = engine.info, self.rt.settings
+        return ModelCard(
+            id=info.name,
+            model_type=info.model_type,
+            image_size=info.image_size,
+            num_classes=info.num_classes,
+            classes=info.classes,
+            policies=list(info.policies),
+            default_policy=info.default_policy,
+            default_budget=info.default_budget,
+            seq_len=getattr(info, "seq_len", None),
+            sampling_defaults=dict(info.sampling_defaults or {}),
+            limits=ModelLimits(
+                max_images_per_request=MAX_IMAGES,
+                max_batch_size=info.max_batch_size,
+                max_queue=s.max_queue,
+                max_body_bytes=s.max_body_bytes,
+                request_timeout_s=s.request_timeout_s,
+                preview_every_rows=s.preview_every_rows,
+            ),
+        )
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+__all__ = ["EngineError", "GenerationService", "Job", "sse"]

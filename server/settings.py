@@ -1,0 +1,142 @@
+"""Every server setting, read in one place: environment variables with the `ADSA_` prefix.
+
+`server.__main__` generates one CLI flag per field from this class (so flags and variables
+cannot drift), and `Settings.model_spec()` / `Settings.engine_config()` are the only mapping
+from settings onto `adsa_core` types. Engine defaults come from `EngineConfig` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from adsa_core.config import CacheConfig, EngineConfig
+
+_ENGINE = EngineConfig()  # defaults shown in --help and used when a setting is left alone
+_CACHE = CacheConfig()
+
+
+def _split_commas(v: object) -> object:
+    """'a, b,,c' -> ['a', 'b', 'c'] (env vars and flags are plain strings; JSON lists also work)."""
+    if isinstance(v, str):
+        return [part.strip() for part in v.split(",") if part.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADSA_", extra="forbid", validate_default=True)
+
+    # --- listener
+    host: str = Field("0.0.0.0", description="Address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+
+    # --- model (all unset: the embedded emoji demo model)
+    gpt_model: str | None = Field(
+        None, description="GPT preset, e.g. GPT-XL (random weights without --gpt-ckpt)"
+    )
+    gpt_config: str | None = Field(None, description="LlamaGen-style GPT JSON config (file or inline JSON)")
+    gpt_ckpt: str | None = Field(None, description="GPT checkpoint (official LlamaGen format)")
+    vq_ckpt: str | None = Field(None, description="VQ tokenizer checkpoint (images need it)")
+    vq_config: str | None = Field(None, description="VQ JSON config (file or inline JSON)")
+    image_size: int | None = Field(None, ge=16, description="Image size in pixels (preset models)")
+    num_classes: int | None = Field(None, ge=1, description="Classes of a class-conditional preset")
+    text_encoder: str | None = Field(None, description="Local FLAN-T5 directory (text-to-image models)")
+    model_seed: int = Field(0, ge=0, description="Seed for random weights when no checkpoint is given")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on cuda, float32 on cpu"
+    )
+
+    # --- KV cache and engine
+    kv_policy: str = Field(_CACHE.policy, description="Default KV policy (dense, adsa, window, ...)")
+    kv_budget: int | float | None = Field(
+        _CACHE.budget, description="Default KV budget: int tokens or float fraction in (0, 1]; unset: all"
+    )
+    kv_prefix: int | None = Field(
+        None, ge=1, description="Never-evicted prefix tokens (unset: policy default)"
+    )
+    kv_local: int | None = Field(None, ge=1, description="Never-evicted local window (unset: policy default)")
+    max_batch_size: int = Field(_ENGINE.max_batch_size, ge=1, description="Images decoded together")
+    kv_pool_tokens: int | None = Field(
+        None, ge=1, description="KV pool size in token slots (unset: by memory)"
+    )
+    kv_pool_memory_fraction: float = Field(
+        _ENGINE.kv_pool_memory_fraction, gt=0, le=1, description="Share of free device memory for the KV pool"
+    )
+    max_queue: int = Field(_ENGINE.max_queue, ge=1, description="Waiting images beyond this get HTTP 429")
+    cuda_graphs: bool = Field(_ENGINE.cuda_graphs, description="Capture the decode step in CUDA graphs")
+
+    # --- requests
+    request_timeout_s: float = Field(300.0, gt=0, description="Deadline of a generate request (HTTP 504)")
+    preview_every_rows: int = Field(
+        4, ge=0, description="Default partial-preview interval of streamed requests, in token rows (0: off)"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get HTTP 413")
+    drain_timeout_s: float = Field(60.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
+
+    # --- access and logging
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated bearer keys for /v1/*; empty: no auth"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated allowed CORS origins; empty: CORS off"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level"
+    )
+
+    _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
+
+    @field_validator("kv_budget", mode="before")
+    @classmethod
+    def _budget(cls, v: object) -> object:
+        # "256" is a token count, "0.25" a fraction; "" / "none" / "full" means no eviction.
+        if isinstance(v, str):
+            s = v.strip().lower()
+            if s in ("", "none", "full"):
+                return None
+            return float(s) if any(c in s for c in ".e") else int(s)
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    def model_spec(self):  # -> adsa_core.loading.ModelSpec (imported lazily: loading pulls in torch models)
+        from adsa_core.loading import ModelSpec
+
+        return ModelSpec(
+            gpt_model=self.gpt_model,
+            gpt_config=self.gpt_config,
+            gpt_ckpt=self.gpt_ckpt,
+            vq_ckpt=self.vq_ckpt,
+            vq_config=self.vq_config,
+            image_size=self.image_size,
+            num_classes=self.num_classes,
+            text_encoder=self.text_encoder,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.model_seed,
+        )
+
+    def cache_config(self) -> CacheConfig:
+        """Raises adsa_core.config.ConfigError for an impossible policy/budget."""
+        return CacheConfig(
+            policy=self.kv_policy, budget=self.kv_budget, prefix=self.kv_prefix, local=self.kv_local
+        )
+
+    def engine_config(self, device: str, dtype: str) -> EngineConfig:
+        """device/dtype are the resolved ones of the loaded models (settings may say "auto")."""
+        return EngineConfig(
+            device=device,
+            dtype=dtype,
+            max_batch_size=self.max_batch_size,
+            kv_pool_tokens=self.kv_pool_tokens,
+            kv_pool_memory_fraction=self.kv_pool_memory_fraction,
+            max_queue=self.max_queue,
+            cuda_graphs=self.cuda_graphs,
+            default_cache=self.cache_config(),
+        )
