@@ -96,7 +96,8 @@ class Engine:
         B, N = config.max_batch_size, self.cfg.block_size
         self.codes = torch.zeros(B, N, dtype=torch.long, device=self.device)
         self.forced = torch.zeros(B, N, dtype=torch.long, device=self.device)
-        self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens, kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
+        self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens,
+                                  kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
         self.image_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq")
         self.step_listeners: list[Callable[[float, int], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-request failures here
@@ -171,6 +172,7 @@ class Engine:
     def step(self) -> None:
         self._reap()
         self._schedule()
+        self._compact_rows()  # a request that failed during prefill may have left a hole
         running = [r for r in self.scheduler.running if isinstance(r, _Request)]
         if running:
             self._decode(running)
@@ -239,6 +241,7 @@ class Engine:
         mode = POLICY_MODE[c.policy] if c.evicts else 0
         for a in item.allocs:
             self.runner.assign_row(a.row, a.pages, c.budget, c.prefix, c.local, mode)
+        item.stats.kv_bytes = sum(len(a.pages) for a in item.allocs) * self.runner.geo.bytes_per_page
         item.slot = self._free_slots.pop()
         if item.req.forced_tokens is not None:
             self.forced[item.slot] = item.req.forced_tokens.to(self.device)
@@ -422,7 +425,8 @@ class Engine:
     def _alloc_spill(self, item: _Request) -> None:
         c = item.cache
         geo = self.runner.geo
-        per_step = geo.n_layer * geo.kv_heads * (2 * geo.head_dim * torch.tensor([], dtype=geo.dtype).element_size() + 4)
+        elem = torch.tensor([], dtype=geo.dtype).element_size()
+        per_step = geo.n_layer * geo.kv_heads * (2 * geo.head_dim * elem + 4)  # K, V and position of one step
         steps = min(max(0, self.cfg.seq_len - c.budget), self.config.spill_limit_bytes // per_step) if c.evicts else 0
         pin = self.device.type == "cuda"
         item.spill = []

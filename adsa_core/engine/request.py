@@ -96,6 +96,7 @@ class RequestStats:
     evictions: int = 0  # slot overwrites summed over sequences, layers and heads
     spilled_bytes: int = 0  # K/V bytes copied to pinned CPU memory
     swapped_out: int = 0  # times this request was swapped out to CPU
+    kv_bytes: int = 0  # pool bytes reserved for this request (all its sequences)
 
 
 @dataclass

@@ -100,6 +100,10 @@ class _Level(nn.Module):
         return resample(h) if resample is not None else h
 
 
+def mid_blocks(channels: int) -> nn.ModuleList:
+    return nn.ModuleList([ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)])
+
+
 class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int):
         super().__init__()
@@ -115,7 +119,7 @@ class Encoder(nn.Module):
                        "downsample")
             )
         block_in = ch * ch_mult[-1]
-        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in), AttnBlock(block_in), ResnetBlock(block_in, block_in)])
+        self.mid = mid_blocks(block_in)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
 
@@ -134,7 +138,7 @@ class Decoder(nn.Module):
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in), AttnBlock(block_in), ResnetBlock(block_in, block_in)])
+        self.mid = mid_blocks(block_in)
         self.conv_blocks = nn.ModuleList()
         for i in reversed(range(n)):
             block_out = ch * ch_mult[i]

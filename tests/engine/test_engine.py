@@ -1,0 +1,334 @@
+"""Engine behaviour on CPU: exactness against the reference sampler, ADSA bookkeeping
+checked against naive recomputation, and the serving guarantees (isolation, cancellation,
+swap, queue limits, deadlines, batch invariance)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adsa_core.config import CacheConfig, EngineConfig, GPTConfig
+from adsa_core.engine import (
+    DeadlineExceeded,
+    Engine,
+    EngineError,
+    Finished,
+    GenerationRequest,
+    InvalidRequest,
+    QueueFull,
+    RequestCancelled,
+    RequestFailed,
+)
+from adsa_core.kv.attention import gather_slots
+from adsa_core.loading import LoadedModels
+from adsa_core.model import load_gpt
+from adsa_core.reference import generate
+from adsa_core.sampling import SamplingParams
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "testdata" / "llamagen"
+
+
+def tiny_models(cfg: GPTConfig | None = None, ckpt: Path | None = None, seed: int = 0) -> LoadedModels:
+    if cfg is None:
+        manifest = json.loads((DATA / "MANIFEST.json").read_text())
+        cfg = GPTConfig.from_dict(manifest["c2i_gpt.pt"]["config"])
+        ckpt = DATA / "c2i_gpt.pt"
+    torch.manual_seed(seed)
+    gpt = load_gpt(cfg, ckpt)
+    return LoadedModels("tiny", gpt, None, cfg, None, cfg.grid_size * 16, torch.device("cpu"), torch.float32)
+
+
+# an "unseen" model: other shapes than the shared vectors (GQA, 6x6 grid, head_dim 16)
+UNSEEN = GPTConfig(dim=96, n_layer=3, n_head=6, n_kv_head=3, vocab_size=50, block_size=36, num_classes=7)
+
+
+def run_all(engine: Engine, reqs: list[GenerationRequest]) -> dict[str, list]:
+    events: dict[str, list] = {}
+    for r in reqs:
+        engine.submit(r, lambda ev, rid=r.request_id: events.setdefault(rid, []).append(ev))
+    while engine.has_work:
+        engine.step()
+    engine.close()  # waits for image decoding, so every Finished has been delivered
+    return events
+
+
+def codes_of(events: dict[str, list], rid: str) -> torch.Tensor:
+    last = events[rid][-1]
+    assert isinstance(last, Finished), last
+    return last.codes
+
+
+def make_engine(models, policy="dense", budget=None, **kw) -> Engine:
+    cache = CacheConfig(policy=policy, budget=budget, local=kw.pop("local", None), prefix=kw.pop("prefix", None))
+    return Engine(models, EngineConfig(max_batch_size=kw.pop("max_batch_size", 8), page_size=kw.pop("page_size", 4),
+                                       default_cache=cache, **kw))
+
+
+@pytest.mark.parametrize("scale,key", [(4.0, "greedy_cfg4"), (1.0, "greedy_cfg1")])
+@pytest.mark.parametrize("policy", ["dense", "adsa", "window"])
+def test_full_budget_reproduces_shared_greedy_vectors(scale, key, policy):
+    io = torch.load(DATA / "c2i_io.pt")
+    eng = make_engine(tiny_models(), policy, None if policy == "dense" else 1.0)
+    reqs = [GenerationRequest(condition=int(c), seed=i, sampling=SamplingParams(cfg_scale=scale, greedy=True),
+                              request_id=str(i)) for i, c in enumerate(io["labels"])]
+    ev = run_all(eng, reqs)
+    got = torch.stack([codes_of(ev, str(i)) for i in range(len(reqs))])
+    assert torch.equal(got, io[key].long())
+    assert all(codes_of(ev, r.request_id) is not None and ev[r.request_id][-1].stats.evictions == 0 for r in reqs)
+
+
+def test_text_model_reproduces_shared_vector():
+    manifest = json.loads((DATA / "MANIFEST.json").read_text())
+    cfg = GPTConfig.from_dict(manifest["t2i_gpt.pt"]["config"])
+    io = torch.load(DATA / "t2i_io.pt")
+    eng = make_engine(tiny_models(cfg, DATA / "t2i_gpt.pt"))
+    reqs = [GenerationRequest(condition=io["caption"][i], emb_mask=io["emb_masks"][i], seed=i, request_id=str(i),
+                              sampling=SamplingParams(cfg_scale=7.5, greedy=True)) for i in range(2)]
+    ev = run_all(eng, reqs)
+    assert torch.equal(torch.stack([codes_of(ev, "0"), codes_of(ev, "1")]), io["greedy_cfg7_5"].long())
+
+
+@pytest.mark.parametrize("policy,budget", [("dense", None), ("adsa", 1.0)])
+def test_unseen_model_sampled_matches_reference(policy, budget):
+    models = tiny_models(UNSEEN)
+    params = SamplingParams(cfg_scale=3.0, cfg_interval=20, temperature=0.9, top_k=20, top_p=0.95)
+    labels = torch.tensor([0, 3, 6, 2])
+    seeds = torch.tensor([11, 12, 13, 14])
+    ref = generate(models.gpt, labels, params, seeds=seeds)
+    eng = make_engine(models, policy, budget)
+    reqs = [GenerationRequest(condition=int(c), seed=int(s), sampling=params, request_id=str(i))
+            for i, (c, s) in enumerate(zip(labels, seeds))]
+    ev = run_all(eng, reqs)
+    assert torch.equal(torch.stack([codes_of(ev, str(i)) for i in range(4)]), ref)
+
+
+def test_half_budget_bounds_peak_and_pool_bytes():
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=4.0, greedy=True)
+    dense = run_all(make_engine(models), [GenerationRequest(condition=1, seed=0, sampling=sp, request_id="d")])
+    half = run_all(make_engine(models, "adsa", 0.5, local=7),
+                   [GenerationRequest(condition=1, seed=0, sampling=sp, request_id="h")])
+    d, h = dense["d"][-1].stats, half["h"][-1].stats
+    assert h.kv_budget_tokens == round(0.5 * UNSEEN.seq_len)
+    assert h.peak_kv_tokens <= h.kv_budget_tokens and d.peak_kv_tokens == UNSEEN.seq_len
+    assert 0.4 <= h.kv_bytes / d.kv_bytes <= 0.6
+    assert h.evictions > 0 and h.spilled_bytes > 0
+
+
+def naive_mean_cosine(v: torch.Tensor) -> torch.Tensor:
+    """v: (N, D) -> r_i = mean_{j != i} cos(v_i, v_j), computed pairwise, O(N^2)."""
+    u = F.normalize(v.double(), dim=-1)
+    sim = u @ u.T
+    return (sim.sum(1) - sim.diagonal()) / (len(v) - 1)
+
+
+@pytest.mark.parametrize("policy", ["adsa", "window"])
+def test_victims_spill_and_protected_regions_step_by_step(policy):
+    models = tiny_models(UNSEEN, seed=1)
+    prefix, local = 3, 7
+    eng = make_engine(models, policy, 16, prefix=prefix, local=local, spill_limit_bytes=1 << 30)
+    run = eng.runner
+    rows, pool = run.rows, run.pool
+    events: dict = {}
+    for i in range(3):
+        eng.submit(GenerationRequest(condition=i, seed=i, request_id=str(i),
+                                     sampling=SamplingParams(cfg_scale=2.0, temperature=1.0)),
+                   lambda ev, i=i: events.setdefault(i, []).append(ev))
+    checked_victims = checked_spills = 0
+    while eng.has_work:
+        n_rows = sum(len(it.allocs) for it in eng.scheduler.running)
+        before_k = [k.clone() for k in pool.k]
+        before_v = [v.clone() for v in pool.v]
+        full = (rows.n_stored[:n_rows] >= rows.budget[:n_rows]).clone()
+        victims = rows.victim[:, :n_rows].clone()
+        pos_now = rows.positions[:n_rows].clone()
+        tables = rows.block_table[:n_rows].clone()  # a finishing row is cleared by the step
+        eng.step()
+        if not n_rows:
+            continue
+        for r in range(n_rows):
+            if not full[r]:
+                continue
+            for layer in range(UNSEEN.n_layer):
+                for h in range(UNSEEN.kv_heads):
+                    slot = int(victims[layer, r, h])
+                    page = int(tables[r, slot // 4])
+                    off = slot % 4
+                    # spilled K/V are byte-for-byte what was overwritten
+                    assert torch.equal(rows.spill_k[layer, r, h], before_k[layer][page, h, off])
+                    assert torch.equal(rows.spill_v[layer, r, h], before_v[layer][page, h, off])
+                    p = int(rows.spill_pos[layer, r, h])
+                    t = int(pos_now[r])
+                    assert prefix <= p <= t - local, "a prefix or local token was evicted"
+                    checked_spills += 1
+        # the victim chosen for the next step equals a naive recomputation on the current cache
+        for r in range(n_rows):
+            n = int(rows.n_stored[r])
+            if n < int(rows.budget[r]):
+                continue
+            t_next = int(rows.positions[r])  # already advanced to the next token's position
+            for layer in range(UNSEEN.n_layer):
+                v = gather_slots(pool.v[layer], rows.block_table[r: r + 1])[0, :, :n].float()  # (Hkv, n, D)
+                pos = gather_slots(pool.pos[layer], rows.block_table[r: r + 1])[0, :, :n]
+                for h in range(UNSEEN.kv_heads):
+                    cand = (pos[h] >= prefix) & (pos[h] <= t_next - local)
+                    key = naive_mean_cosine(v[h]) if policy == "adsa" else -pos[h].double()
+                    key[~cand] = float("-inf")
+                    got = int(rows.victim[layer, r, h])
+                    if got < 0:
+                        assert not cand.any()
+                        continue
+                    assert cand[got]
+                    assert key[got] >= key.max() - 1e-6
+                    checked_victims += 1
+    eng.close()
+    assert checked_victims > 50 and checked_spills > 50
+    assert all(isinstance(events[i][-1], Finished) for i in range(3))
+    # spill areas hold what the staging buffer held (counted in bytes)
+    assert all(events[i][-1].stats.spilled_bytes > 0 for i in range(3))
+
+
+def test_batch_invariance_same_seed_alone_or_in_batch():
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=4.0, temperature=1.0, top_k=30)
+    alone = run_all(make_engine(models, "adsa", 0.6, local=7),
+                    [GenerationRequest(condition=2, seed=99, sampling=sp, request_id="x")])
+    crowd = [GenerationRequest(condition=i % 7, seed=1000 + i, sampling=sp, request_id=f"n{i}") for i in range(7)]
+    batched = run_all(make_engine(models, "adsa", 0.6, local=7),
+                      crowd[:3] + [GenerationRequest(condition=2, seed=99, sampling=sp, request_id="x")] + crowd[3:])
+    assert torch.equal(codes_of(alone, "x"), codes_of(batched, "x"))
+
+
+def test_mixed_policies_and_budgets_share_a_batch():
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=4.0, greedy=True)
+    solo = {}
+    specs = [("dense", None), ("adsa", 0.5), ("window", 0.5), ("adsa", 0.75)]
+    reqs = []
+    for i, (pol, bud) in enumerate(specs):
+        cache = CacheConfig(policy=pol, budget=bud, local=7)
+        solo[i] = codes_of(run_all(make_engine(models), [GenerationRequest(
+            condition=i, seed=i, sampling=sp, cache=cache, request_id="s")]), "s")
+        reqs.append(GenerationRequest(condition=i, seed=i, sampling=sp, cache=cache, request_id=str(i)))
+    ev = run_all(make_engine(models), reqs)
+    for i in range(len(specs)):
+        assert torch.equal(codes_of(ev, str(i)), solo[i])
+
+
+def test_cancellation_frees_pages():
+    models = tiny_models(UNSEEN)
+    eng = make_engine(models, "adsa", 0.5, local=7)
+    free0 = eng.scheduler.allocator.num_free
+    events = []
+    eng.submit(GenerationRequest(condition=1, seed=0, request_id="c"), events.append)
+    for _ in range(3):
+        eng.step()
+    assert eng.scheduler.allocator.num_free < free0
+    eng.cancel("c")
+    eng.step()
+    assert eng.scheduler.allocator.num_free == free0 and not eng.has_work
+    assert isinstance(events[-1], RequestCancelled)
+
+
+def test_swap_out_and_in_gives_the_same_output():
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=4.0, temperature=1.0)
+    # room for exactly one CFG request at full budget: higher priority must swap the other out
+    eng = make_engine(models, "dense", None, kv_pool_tokens=2 * UNSEEN.seq_len)
+    low = GenerationRequest(condition=1, seed=5, sampling=sp, priority=0, request_id="low")
+    high = GenerationRequest(condition=2, seed=6, sampling=sp, priority=1, request_id="high")
+    events: dict = {}
+    eng.submit(low, lambda ev: events.setdefault("low", []).append(ev))
+    for _ in range(10):
+        eng.step()
+    eng.submit(high, lambda ev: events.setdefault("high", []).append(ev))
+    while eng.has_work:
+        eng.step()
+    eng.close()
+    assert events["low"][-1].stats.swapped_out == 1
+    for rid, req in (("low", low), ("high", high)):
+        ref = generate(models.gpt, torch.tensor([req.condition]), sp, seeds=torch.tensor([req.seed]))[0]
+        assert torch.equal(codes_of(events, rid), ref)
+
+
+def test_full_queue_refuses_and_changes_nothing():
+    eng = make_engine(tiny_models(UNSEEN), max_queue=2)
+    for i in range(2):
+        eng.submit(GenerationRequest(condition=i, seed=i, request_id=str(i)), lambda ev: None)
+    with pytest.raises(QueueFull):
+        eng.submit(GenerationRequest(condition=3, seed=3, request_id="3"), lambda ev: None)
+    assert sorted(eng.requests) == ["0", "1"] and eng.scheduler.num_waiting == 2
+
+
+@pytest.mark.parametrize("bad", [
+    dict(condition=7), dict(condition=-1), dict(condition=True),
+    dict(condition=1, cache=CacheConfig(policy="adsa", budget=5, local=7)),
+    dict(condition=1, forced_tokens=torch.zeros(3, dtype=torch.long)),
+])
+def test_invalid_requests_are_refused(bad):
+    eng = make_engine(tiny_models(UNSEEN), max_batch_size=2, kv_pool_tokens=4 * UNSEEN.seq_len)
+    with pytest.raises(InvalidRequest):
+        eng.submit(GenerationRequest(seed=0, **bad), lambda ev: None)
+    assert not eng.requests
+
+
+def test_a_request_larger_than_the_pool_is_refused():
+    eng = make_engine(tiny_models(UNSEEN), kv_pool_tokens=UNSEEN.seq_len)  # one sequence, CFG needs two
+    with pytest.raises(InvalidRequest, match="does not fit"):
+        eng.submit(GenerationRequest(condition=1, seed=0, sampling=SamplingParams(cfg_scale=4.0)), lambda ev: None)
+    eng.submit(GenerationRequest(condition=1, seed=0, sampling=SamplingParams(cfg_scale=1.0)), lambda ev: None)
+
+
+def test_a_failing_request_fails_alone():
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=4.0, greedy=True)
+    eng = make_engine(models)
+
+    def fault(rid: str) -> None:
+        if rid == "bad":
+            raise RuntimeError("injected decode fault")
+
+    eng.fault_hook = fault
+    ev = run_all(eng, [GenerationRequest(condition=i, seed=i, sampling=sp, request_id=rid)
+                       for i, rid in enumerate(["a", "bad", "b"])])
+    assert isinstance(ev["bad"][-1], RequestFailed) and "injected" in str(ev["bad"][-1])
+    for i, rid in ((0, "a"), (2, "b")):
+        ref = generate(models.gpt, torch.tensor([i]), sp, seeds=torch.tensor([i]))[0]
+        assert torch.equal(codes_of(ev, rid), ref)
+    assert eng.scheduler.allocator.num_free == eng.scheduler.allocator.num_usable
+
+
+def test_deadline_exceeded():
+    eng = make_engine(tiny_models(UNSEEN))
+    events = []
+    eng.submit(GenerationRequest(condition=1, seed=0, deadline=time.monotonic() - 1, request_id="late"),
+               events.append)
+    eng.step()
+    assert isinstance(events[-1], DeadlineExceeded) and isinstance(events[-1], EngineError)
+    assert not eng.has_work
+
+
+def test_cfg_interval_drops_the_unconditional_row_without_changing_output():
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=4.0, cfg_interval=5, greedy=True)
+    eng = make_engine(models)
+    ev = run_all(eng, [GenerationRequest(condition=3, seed=0, sampling=sp, request_id="i")])
+    ref = generate(models.gpt, torch.tensor([3]), sp, seeds=torch.tensor([0]))[0]
+    assert torch.equal(codes_of(ev, "i"), ref)
+
+
+def test_teacher_forcing_returns_log_probs_of_forced_tokens():
+    models = tiny_models(UNSEEN)
+    forced = torch.randint(0, UNSEEN.vocab_size, (UNSEEN.block_size,))
+    eng = make_engine(models)
+    ev = run_all(eng, [GenerationRequest(condition=3, seed=0, sampling=SamplingParams(cfg_scale=1.0),
+                                         forced_tokens=forced, want_logits=True, request_id="f")])
+    fin = ev["f"][-1]
+    assert torch.equal(fin.codes, forced)
+    full = models.gpt(forced[None, :-1], torch.tensor([3]))[0]  # teacher-forced reference logits
+    assert torch.allclose(fin.logprobs, torch.log_softmax(full, -1), atol=1e-4)
