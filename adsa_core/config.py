@@ -254,6 +254,7 @@ class EngineConfig:
     kv_pool_memory_fraction: float = 0.5  # of free device memory, when kv_pool_tokens is None
     page_size: int = 16  # slots per page
     max_queue: int = 256  # waiting requests beyond this are refused (HTTP 429)
-    spill_limit_bytes: int = 64 << 20  # pinned CPU bytes per request for evicted K/V
+    spill_limit_bytes: int = 16 << 20  # pinned CPU bytes per sequence for its evicted K/V
+    spill_arena_bytes: int = 2 << 30  # pinned CPU memory for all spilled K/V (a ring, reclaimed per request)
     cuda_graphs: bool = True  # capture the decode step per batch bucket (GPU only)
     default_cache: CacheConfig = field(default_factory=CacheConfig)

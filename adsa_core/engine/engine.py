@@ -19,6 +19,7 @@ import torch
 from ..config import ConfigError, EngineConfig, ResolvedCache
 from ..kv.policy import POLICY_MODE
 from ..kv.pool import PageAllocator, PoolGeometry, pages_for
+from ..kv.spill import SpillArena, SpillRecord
 from ..loading import LoadedModels
 from ..sampling import cfg_combine, sample_tokens
 from .request import (
@@ -69,7 +70,7 @@ class _Request(Schedulable):
     stats: RequestStats = field(default_factory=RequestStats)
     cancelled: bool = False
     swap_data: list | None = None
-    spill: list[dict] = field(default_factory=list)  # per sequence: pinned K/V/pos of evicted slots
+    spill: list[SpillRecord] = field(default_factory=list)  # per sequence: its evicted K/V in the arena
     logprobs: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -101,7 +102,9 @@ class Engine:
         self.image_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq")
         self.step_listeners: list[Callable[[float, int], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-request failures here
-        self._spill_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        self.spill = SpillArena(config.spill_arena_bytes, geo.n_layer, geo.kv_heads, geo.head_dim, geo.dtype,
+                                self.device)
+        self.spill_steps_per_seq = config.spill_limit_bytes // self.spill.step_bytes
         self._batch_key: tuple | None = None
         self._batch: dict[str, torch.Tensor] = {}
 
@@ -187,6 +190,9 @@ class Engine:
         if item.slot >= 0:
             self._free_slots.append(item.slot)
             item.slot = -1
+        item.stats.spilled_bytes = sum(rec.bytes for rec in item.spill)
+        for rec in item.spill:
+            self.spill.release(rec)
         self.requests.pop(item.request_id, None)
         self._batch_key = None
         by = self.stats_.requests_total_by_status
@@ -247,7 +253,7 @@ class Engine:
             self.forced[item.slot] = item.req.forced_tokens.to(self.device)
         item.started = time.monotonic()
         item.stats.queue_s = item.started - item.req.arrival
-        self._alloc_spill(item)
+        item.spill = [SpillRecord() for _ in item.allocs]
 
     def _prefill(self, items: list[_Request]) -> None:
         gpt, cfg = self.gpt, self.cfg
@@ -343,15 +349,20 @@ class Engine:
         n_rows = sum(len(it.allocs) for it in running)
         t0 = time.perf_counter()
         logits = self.runner.decode(n_rows)
+        per_step = self.cfg.n_layer * self.cfg.kv_heads  # slots one full sequence overwrites per step
+        spilling = []
         for it in running:  # host mirror of the slots each sequence holds, and eviction stats
             for s, a in enumerate(it.allocs):
                 if it.n_stored[s] >= it.cache.budget:
-                    it.stats.evictions += self.cfg.n_layer * self.cfg.kv_heads
-                    self.stats_.evictions_total += self.cfg.n_layer * self.cfg.kv_heads
-                    self._spill(it, s, a.row)
+                    it.stats.evictions += per_step
+                    self.stats_.evictions_total += per_step
+                    if len(it.spill[s].entries) < self.spill_steps_per_seq:
+                        spilling.append((a.row, it.spill[s]))
                 else:
                     it.n_stored[s] += 1
                 it.stats.peak_kv_tokens = max(it.stats.peak_kv_tokens, it.n_stored[s])
+        if spilling:
+            self._spill_step(spilling)
         bt = self._batch_tensors(running)
         self._sample_and_advance(running, logits, bt["cond"], bt["uncond"])
         dt = time.perf_counter() - t0
@@ -422,44 +433,14 @@ class Engine:
         self.image_pool.submit(decode)
 
     # --- spill and swap ----------------------------------------------------------------------------
-    def _alloc_spill(self, item: _Request) -> None:
-        c = item.cache
-        geo = self.runner.geo
-        elem = torch.tensor([], dtype=geo.dtype).element_size()
-        per_step = geo.n_layer * geo.kv_heads * (2 * geo.head_dim * elem + 4)  # K, V and position of one step
-        steps = min(max(0, self.cfg.seq_len - c.budget), self.config.spill_limit_bytes // per_step) if c.evicts else 0
-        pin = self.device.type == "cuda"
-        item.spill = []
-        for _ in item.allocs:
-            L, H, D = geo.n_layer, geo.kv_heads, geo.head_dim
-            shape = (steps, L, H, D)
-            item.spill.append(dict(
-                k=torch.empty(shape, dtype=geo.dtype, pin_memory=pin),
-                v=torch.empty(shape, dtype=geo.dtype, pin_memory=pin),
-                pos=torch.empty((steps, L, H), dtype=torch.int32, pin_memory=pin),
-                n=0, step_bytes=per_step,
-            ))
-
-    def _spill(self, it: _Request, s: int, row: int) -> None:
-        area = it.spill[s] if s < len(it.spill) else None
-        if area is None or area["n"] >= area["k"].shape[0]:
-            return
-        rows, i = self.runner.rows, area["n"]
-        stream = self._spill_stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                area["k"][i].copy_(rows.spill_k[:, row], non_blocking=True)
-                area["v"][i].copy_(rows.spill_v[:, row], non_blocking=True)
-                area["pos"][i].copy_(rows.spill_pos[:, row], non_blocking=True)
-            torch.cuda.current_stream().wait_stream(stream)  # staging is reused next step
-        else:
-            area["k"][i].copy_(rows.spill_k[:, row])
-            area["v"][i].copy_(rows.spill_v[:, row])
-            area["pos"][i].copy_(rows.spill_pos[:, row])
-        area["n"] += 1
-        it.stats.spilled_bytes += area["step_bytes"]
-        self.stats_.spilled_bytes_total += area["step_bytes"]
+    def _spill_step(self, spilling: list[tuple[int, SpillRecord]]) -> None:
+        """One gather + one async copy for every sequence that overwrote slots this step."""
+        rows = self.runner.rows
+        idx = torch.tensor([r for r, _ in spilling], device=self.device)
+        recs = [rec for _, rec in spilling]
+        before = [rec.bytes for rec in recs]
+        self.spill.store(rows.spill_k[:, idx], rows.spill_v[:, idx], rows.spill_pos[:, idx], recs)
+        self.stats_.spilled_bytes_total += sum(rec.bytes - b for rec, b in zip(recs, before))
 
     def _swap_out(self, item: _Request) -> None:
         saved = []

@@ -148,6 +148,7 @@ def test_victims_spill_and_protected_regions_step_by_step(policy):
         victims = rows.victim[:, :n_rows].clone()
         pos_now = rows.positions[:n_rows].clone()
         tables = rows.block_table[:n_rows].clone()  # a finishing row is cleared by the step
+        records = {a.row: it.spill[i] for it in eng.scheduler.running for i, a in enumerate(it.allocs)}
         eng.step()
         if not n_rows:
             continue
@@ -165,7 +166,12 @@ def test_victims_spill_and_protected_regions_step_by_step(policy):
                     p = int(rows.spill_pos[layer, r, h])
                     t = int(pos_now[r])
                     assert prefix <= p <= t - local, "a prefix or local token was evicted"
-                    checked_spills += 1
+                    if records[r].entries:  # and the arena holds exactly that (released once finished)
+                        k_s, v_s, pos_s = eng.spill.read(records[r])
+                        assert torch.equal(k_s[-1, layer, h], before_k[layer][page, h, off])
+                        assert torch.equal(v_s[-1, layer, h], before_v[layer][page, h, off])
+                        assert int(pos_s[-1, layer, h]) == p
+                        checked_spills += 1
         # the victim chosen for the next step equals a naive recomputation on the current cache
         for r in range(n_rows):
             n = int(rows.n_stored[r])

@@ -1,0 +1,114 @@
+"""Pinned CPU memory for evicted K/V: one contiguous block per decode step.
+
+Each step, the K, V and position of every slot that step overwrote (for the sequences
+still under their spill limit) are gathered on the device into one contiguous tensor
+and copied to the arena with a single asynchronous copy on a side stream, so spilling
+costs one launch per step and never waits for the host. Blocks live in a ring and are
+reclaimed once every sequence that owns rows in them has ended; when the ring is full
+the step is not spilled (counted as dropped), never stalling decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SpillBlock:
+    start: int  # element offset in the arena
+    rows: int  # sequences stored in this block
+    refs: int  # sequences that have not ended yet
+    event: torch.cuda.Event | None = None
+
+
+@dataclass
+class SpillRecord:
+    """Where one sequence's spilled steps live: (block, row within the block) per step."""
+
+    entries: list[tuple[SpillBlock, int]] = field(default_factory=list)
+    bytes: int = 0
+
+
+class SpillArena:
+    def __init__(self, capacity_bytes: int, n_layer: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.device = device
+        self.L, self.H, self.D = n_layer, kv_heads, head_dim
+        self.dtype = dtype
+        elem = torch.tensor([], dtype=dtype).element_size()
+        # per spilled (sequence, step): K and V (L, H, D) plus int32 positions (L, H) stored as raw bytes
+        self.kv_elems = 2 * n_layer * kv_heads * head_dim
+        self.step_bytes = self.kv_elems * elem + n_layer * kv_heads * 4
+        self.capacity = max(0, capacity_bytes // self.step_bytes)  # in (sequence, step) units
+        pin = device.type == "cuda" and self.capacity > 0
+        self.kv = torch.empty(self.capacity, self.kv_elems, dtype=dtype, pin_memory=pin)
+        self.pos = torch.empty(self.capacity, n_layer * kv_heads, dtype=torch.int32, pin_memory=pin)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.blocks: list[SpillBlock] = []  # ring order, oldest first
+        self.head = 0  # next free unit
+        self.dropped_steps = 0
+
+    def _reclaim(self) -> None:
+        while self.blocks and self.blocks[0].refs == 0:
+            self.blocks.pop(0)
+
+    def _allocate(self, rows: int) -> int | None:
+        """Start of `rows` contiguous free units, or None when the ring is full."""
+        self._reclaim()
+        tail = self.blocks[0].start if self.blocks else None
+        if tail is None:
+            self.head = 0
+            return 0 if rows <= self.capacity else None
+        if self.head >= tail:  # free space is [head, capacity) and [0, tail)
+            if self.head + rows <= self.capacity:
+                return self.head
+            return 0 if rows <= tail else None
+        return self.head if self.head + rows <= tail else None
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, owners: list[SpillRecord]) -> bool:
+        """k, v: (L, n, H, D) and pos: (L, n, H) on the device, row i belonging to owners[i]."""
+        n = len(owners)
+        start = self._allocate(n) if n else None
+        if start is None:
+            self.dropped_steps += bool(n)
+            return False
+        kv = torch.cat([k.permute(1, 0, 2, 3).reshape(n, -1), v.permute(1, 0, 2, 3).reshape(n, -1)], dim=1)
+        p = pos.permute(1, 0, 2).reshape(n, -1)  # (n, L*H)
+        block = SpillBlock(start, n, n)
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                self.kv[start: start + n].copy_(kv, non_blocking=True)
+                self.pos[start: start + n].copy_(p, non_blocking=True)
+                block.event = torch.cuda.Event()
+                block.event.record(self.stream)
+            kv.record_stream(self.stream)
+            p.record_stream(self.stream)
+        else:
+            self.kv[start: start + n].copy_(kv)
+            self.pos[start: start + n].copy_(p)
+        self.blocks.append(block)
+        self.head = start + n
+        for i, rec in enumerate(owners):
+            rec.entries.append((block, i))
+            rec.bytes += self.step_bytes
+        return True
+
+    def release(self, rec: SpillRecord) -> None:
+        for block, _ in rec.entries:
+            block.refs -= 1
+        rec.entries.clear()
+
+    def read(self, rec: SpillRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sequence's spilled (K, V, positions): (steps, L, H, D) x2 and (steps, L, H)."""
+        if not rec.entries:
+            e = torch.empty(0, self.L, self.H, self.D, dtype=self.dtype)
+            return e, e.clone(), torch.empty(0, self.L, self.H, dtype=torch.int32)
+        for block, _ in rec.entries:
+            if block.event is not None:
+                block.event.synchronize()
+        idx = torch.tensor([b.start + i for b, i in rec.entries])
+        kv = self.kv[idx].view(len(idx), 2, self.L, self.H, self.D)
+        return kv[:, 0], kv[:, 1], self.pos[idx].view(len(idx), self.L, self.H)
