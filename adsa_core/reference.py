@@ -19,14 +19,16 @@ from .sampling import SamplingParams, cfg_combine, sample_tokens
 class StaticKVCache:
     """gpt-fast style: (B, Hkv, S, D) per layer, written at `input_pos`, read with a (B, S, S) mask."""
 
-    def __init__(self, model: Transformer, batch: int, max_len: int, mask: torch.Tensor):
+    def __init__(self, model: Transformer, batch: int, max_len: int):
         cfg = model.config
         shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layer)]
-        self.mask = mask  # (B, S, S) bool
+        self.mask = torch.zeros(batch, max_len, max_len, dtype=torch.bool, device=model.device)  # (B, S, S)
         self.rep = cfg.n_head // cfg.kv_heads
         self.input_pos = torch.arange(1, device=model.device)
+        for t in [*self.k, *self.v, self.mask]:  # fixed addresses let torch.compile capture a CUDA graph
+            torch._dynamo.mark_static_address(t)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pos = self.input_pos
@@ -46,10 +48,13 @@ def generate(
     seeds: torch.Tensor | None = None,
     emb_masks: torch.Tensor | None = None,
     on_token: Callable[[int], None] | None = None,
+    compile_step: bool = False,
 ) -> torch.Tensor:
     """Image tokens (B, block_size) int64 for condition `cond` (labels (B,) or captions (B, 120, C)).
 
     seeds: (B,) per-image seeds (default 0..B-1); emb_masks: (B, 120) caption mask (t2i).
+    compile_step: compile the one-token decode step with torch.compile "reduce-overhead" (CUDA
+    graphs), as the public sampler does; the benchmark's baseline.
     """
     cfg = model.config
     B, device = cond.shape[0], model.device
@@ -66,7 +71,9 @@ def generate(
         mask = prompt_attention_mask(torch.cat([m, m]) if use_cfg else m, max_len)  # (rows, S, S)
     else:
         mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device)).expand(rows, -1, -1)
-    cache = StaticKVCache(model, rows, max_len, mask)
+    cache = _static_cache(model, rows, max_len) if compile_step else StaticKVCache(model, rows, max_len)
+    cache.mask.copy_(mask)
+    step = _compiled_step if compile_step else _decode_step
 
     def settings(n: int):
         return (torch.full((n,), params.temperature, device=device),
@@ -77,9 +84,9 @@ def generate(
     temperature, top_k, top_p, greedy = settings(B)
     out = torch.empty(B, n_tokens, dtype=torch.long, device=device)
     h = model.embed_condition(cond_all)  # (rows, T_cond, dim)
-    cache.input_pos = torch.arange(T_cond, device=device)
+    input_pos = torch.arange(T_cond, device=device)
     for i in range(n_tokens):
-        logits = model.forward_embeddings(h, cache.input_pos, cache)[:, -1]  # (rows, V)
+        logits = (_decode_step if i == 0 else step)(model, cache, h, input_pos)  # (rows, V)
         if use_cfg:
             c, u = logits[:B], logits[B:]
             logits = cfg_combine(c, u, params.cfg_scale) if params.cfg_active(i) else c
@@ -89,5 +96,22 @@ def generate(
             on_token(i)
         if i + 1 < n_tokens:
             h = model.tok_embeddings(torch.cat([token, token]) if use_cfg else token).unsqueeze(1)
-            cache.input_pos = torch.tensor([T_cond + i], device=device)
+            input_pos = torch.tensor([T_cond + i], device=device)
     return out
+
+
+def _decode_step(model: Transformer, cache: StaticKVCache, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    cache.input_pos = input_pos
+    return model.forward_embeddings(h, input_pos, cache)[:, -1]
+
+
+_compiled_step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+_static_caches: dict[tuple, StaticKVCache] = {}
+
+
+def _static_cache(model: Transformer, rows: int, max_len: int) -> StaticKVCache:
+    """One cache per shape, reused across calls so the compiled step is not recompiled."""
+    key = (id(model), rows, max_len, model.dtype, model.device)
+    if key not in _static_caches:
+        _static_caches[key] = StaticKVCache(model, rows, max_len)
+    return _static_caches[key]

@@ -1,0 +1,238 @@
+"""adsa-bench: throughput and memory of the engine against the compiled reference sampler.
+
+In one process, per (preset, image size, batch): the project's reference sampler with its
+decode step compiled (the baseline; it reproduces the public LlamaGen sampler), the engine
+with `dense`, and the engine with sparse policies at budget fractions. Random weights, CFG
+on, VQ-16 decode included in images/s (as in the public anchor numbers). Writes JSON and a
+markdown table.
+
+    adsa-bench --presets GPT-XL --image-sizes 384 --batches 64,128 --out bench/
+    adsa-bench --smoke --device cpu --out /tmp/bench     # tiny, seconds, same JSON fields
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import CacheConfig, EngineConfig, GPTConfig, VQConfig, gpt_preset
+from .engine import Engine, Finished, GenerationRequest
+from .kv.pool import pages_for
+from .loading import LoadedModels, resolve_device, resolve_dtype
+from .model.checkpoint import load_gpt, load_vq
+from .reference import generate
+from .sampling import SamplingParams
+
+@dataclass
+class Row:
+    model: str
+    size: int
+    policy: str  # "reference" (compiled baseline), "dense", "adsa", "window"
+    budget: float | None  # fraction of the sequence; None = whole
+    batch: int
+    img_per_s: float
+    tok_per_s: float
+    peak_memory_bytes: int
+    kv_bytes: int  # KV cache bytes reserved for the run
+    step_ms: float  # mean time per generated token position
+    seconds: float
+    card: str
+    ratio_to_baseline: float | None = None
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def card_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def bench_reference(models: LoadedModels, batch: int, sampling: SamplingParams, compiled: bool,
+                    vq_chunk: int | None = None) -> Row:
+    """LlamaGen-style: all tokens for the batch with a static dense cache, then one VQ decode of the batch."""
+    dev, cfg = models.device, models.gpt_config
+    labels = torch.arange(batch, device=dev) % cfg.num_classes
+    seeds = torch.arange(batch, device=dev)
+    kw = dict(seeds=seeds, compile_step=compiled)
+    generate(models.gpt, labels[: min(batch, 2)], sampling, seeds=seeds[:2], compile_step=compiled)  # warm/compile
+    if compiled:
+        generate(models.gpt, labels, sampling, **kw)  # compile for this batch shape outside the timing
+    _sync(dev)
+    _reset_peak(dev)
+    t0 = time.perf_counter()
+    codes = generate(models.gpt, labels, sampling, **kw)
+    _sync(dev)
+    t_gen = time.perf_counter() - t0
+    with torch.no_grad():
+        images = models.vq.decode_code(codes)  # the whole batch at once, as the public sampler does
+        images.clamp(-1, 1)
+    _sync(dev)
+    total = time.perf_counter() - t0
+    kv = 2 * batch * (cfg.cls_token_num + cfg.block_size) * cfg.kv_bytes_per_token(models.gpt.dtype.itemsize)
+    return Row(models.name, models.image_size, "reference", None, batch, batch / total,
+               batch * cfg.block_size / total, _peak(dev), kv, 1000 * t_gen / cfg.block_size, total,
+               card_name(dev), note="compiled" if compiled else "eager")
+
+
+def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, policy: str,
+                 budget: float | None, graphs: bool, spill_limit: int) -> Row:
+    dev, cfg = models.device, models.gpt_config
+    cache = CacheConfig(policy=policy, budget=budget)
+    resolved = cache.resolve(cfg)
+    page = 16
+    rows = 2 * batch if sampling.uses_cfg else batch
+    pool_tokens = rows * pages_for(resolved.budget, page) * page  # exactly what the batch needs
+    ec = EngineConfig(device=str(dev), max_batch_size=batch, kv_pool_tokens=pool_tokens, page_size=page,
+                      max_queue=4 * batch, spill_limit_bytes=spill_limit, cuda_graphs=graphs,
+                      default_cache=cache)
+    _sync(dev)
+    _reset_peak(dev)
+    engine = Engine(models, ec)
+    done: list[Finished] = []
+
+    def wave(n: int, tag: str) -> float:
+        t0 = time.perf_counter()
+        for i in range(n):
+            engine.submit(GenerationRequest(condition=i % cfg.num_classes, seed=i, sampling=sampling,
+                                            request_id=f"{tag}{i}"),
+                          lambda ev: done.append(ev) if isinstance(ev, Finished) else None)
+        while engine.has_work:
+            engine.step()
+        while len(done) < n:  # images are decoded on the engine's image thread
+            time.sleep(0.001)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    wave(batch, "warm")  # captures the CUDA graphs for every bucket this batch passes through
+    done.clear()
+    total = wave(batch, "run")
+    kv = sum(f.stats.kv_bytes for f in done)
+    engine.close()
+    row = Row(models.name, models.image_size, policy, budget, batch, batch / total, batch * cfg.block_size / total,
+              _peak(dev), kv, 1000 * total / cfg.block_size, total, card_name(dev))
+    del engine
+    return row
+
+
+def random_models(cfg: GPTConfig, vq_cfg: VQConfig, name: str, image_size: int, device: torch.device,
+                  dtype: torch.dtype) -> LoadedModels:
+    torch.manual_seed(0)
+    gpt = load_gpt(cfg, None, device, dtype)
+    vq = load_vq(vq_cfg, None, device, dtype)
+    return LoadedModels(name, gpt, vq, cfg, vq_cfg, image_size, device, dtype)
+
+
+def markdown(rows: list[Row]) -> str:
+    head = "| model | size | policy | budget | batch | img/s | tok/s | peak GiB | KV GiB | ms/token | x baseline |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        b = "-" if r.budget is None else f"{r.budget:.3g}"
+        ratio = "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}"
+        lines.append(f"| {r.model} | {r.size} | {r.policy}{' (' + r.note + ')' if r.note else ''} | {b} | {r.batch} "
+                     f"| {r.img_per_s:.2f} | {r.tok_per_s:.0f} | {r.peak_memory_bytes / 2**30:.2f} "
+                     f"| {r.kv_bytes / 2**30:.2f} | {r.step_ms:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="adsa-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="GPT-XL", help="comma list of GPT presets")
+    p.add_argument("--image-sizes", default="384")
+    p.add_argument("--batches", default="64,128")
+    p.add_argument("--policies", default="adsa,window", help="sparse policies to run besides dense")
+    p.add_argument("--budgets", default="0.5,0.25,0.1667", help="budget fractions for the sparse policies")
+    p.add_argument("--sparse-batches", default=None, help="batches for sparse policies (default: --batches)")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--top-k", type=int, default=2000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-reference", action="store_true", help="skip the compiled reference baseline")
+    p.add_argument("--eager-reference", action="store_true", help="baseline without torch.compile")
+    p.add_argument("--no-graphs", action="store_true", help="engine without CUDA graphs")
+    p.add_argument("--spill-limit-mb", type=float, default=16.0, help="per-sequence spill limit")
+    p.add_argument("--smoke", action="store_true", help="tiny model, seconds, for CI")
+    p.add_argument("--out", default="bench-out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    sampling = SamplingParams(cfg_scale=a.cfg_scale, top_k=a.top_k)
+    budgets = [float(b) for b in a.budgets.split(",") if b]
+    policies = [p for p in a.policies.split(",") if p]
+    batches = [int(b) for b in a.batches.split(",")]
+    sparse_batches = [int(b) for b in a.sparse_batches.split(",")] if a.sparse_batches else batches
+    if a.smoke:
+        setups = [("smoke", 32, GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10),
+                   VQConfig(codebook_size=64, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2), z_channels=32,
+                            ch=32))]
+        batches, sparse_batches, budgets = [2], [2], [0.5]
+    else:
+        setups = [(name, size, gpt_preset(name, size), VQConfig()) for name in a.presets.split(",")
+                  for size in (int(s) for s in a.image_sizes.split(","))]
+    rows: list[Row] = []
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spill = int(a.spill_limit_mb * 2**20)
+    for name, size, cfg, vq_cfg in setups:
+        models = random_models(cfg, vq_cfg, name, size, device, dtype)
+        for batch in sorted(set(batches) | set(sparse_batches)):
+            runs = []
+            if not a.no_reference and batch in batches:
+                runs.append(lambda b=batch: bench_reference(models, b, sampling, not a.eager_reference and
+                                                            device.type == "cuda"))
+            if batch in batches:
+                runs.append(lambda b=batch: bench_engine(models, b, sampling, "dense", None, not a.no_graphs, spill))
+            if batch in sparse_batches:
+                for pol in policies:
+                    for bud in budgets:
+                        runs.append(lambda b=batch, p=pol, f=bud: bench_engine(models, b, sampling, p, f,
+                                                                               not a.no_graphs, spill))
+            base = None
+            for run in runs:
+                try:
+                    row = run()
+                except torch.cuda.OutOfMemoryError as e:
+                    print(f"OOM: {e}", file=sys.stderr)
+                    torch.cuda.empty_cache()
+                    continue
+                if row.policy == "reference":
+                    base = row
+                row.ratio_to_baseline = row.img_per_s / base.img_per_s if base else None
+                rows.append(row)
+                print(f"{row.model} {row.size} {row.policy:9s} budget={row.budget} batch={row.batch}: "
+                      f"{row.img_per_s:.2f} img/s, peak {row.peak_memory_bytes / 2**30:.2f} GiB, "
+                      f"kv {row.kv_bytes / 2**30:.2f} GiB, {row.step_ms:.2f} ms/token", file=sys.stderr, flush=True)
+                (out / "bench.json").write_text(json.dumps(
+                    {"card": card_name(device), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                     "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+                (out / "bench.md").write_text(markdown(rows) + "\n")
+        del models
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
