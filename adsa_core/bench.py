@@ -30,6 +30,7 @@ from .model.checkpoint import load_gpt, load_vq
 from .reference import generate
 from .sampling import SamplingParams
 
+
 @dataclass
 class Row:
     model: str
@@ -128,10 +129,8 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
     total = wave(batch, "run")
     kv = sum(f.stats.kv_bytes for f in done)
     engine.close()
-    row = Row(models.name, models.image_size, policy, budget, batch, batch / total, batch * cfg.block_size / total,
-              _peak(dev), kv, 1000 * total / cfg.block_size, total, card_name(dev))
-    del engine
-    return row
+    return Row(models.name, models.image_size, policy, budget, batch, batch / total, batch * cfg.block_size / total,
+               _peak(dev), kv, 1000 * total / cfg.block_size, total, card_name(dev))
 
 
 def random_models(cfg: GPTConfig, vq_cfg: VQConfig, name: str, image_size: int, device: torch.device,
@@ -199,21 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, size, cfg, vq_cfg in setups:
         models = random_models(cfg, vq_cfg, name, size, device, dtype)
         for batch in sorted(set(batches) | set(sparse_batches)):
-            runs = []
+            runs: list[tuple[str, float | None]] = []  # (policy, budget); "reference" is the baseline
             if not a.no_reference and batch in batches:
-                runs.append(lambda b=batch: bench_reference(models, b, sampling, not a.eager_reference and
-                                                            device.type == "cuda"))
+                runs.append(("reference", None))
             if batch in batches:
-                runs.append(lambda b=batch: bench_engine(models, b, sampling, "dense", None, not a.no_graphs, spill))
+                runs.append(("dense", None))
             if batch in sparse_batches:
-                for pol in policies:
-                    for bud in budgets:
-                        runs.append(lambda b=batch, p=pol, f=bud: bench_engine(models, b, sampling, p, f,
-                                                                               not a.no_graphs, spill))
+                runs += [(pol, bud) for pol in policies for bud in budgets]
             base = None
-            for run in runs:
+            for policy, budget in runs:
                 try:
-                    row = run()
+                    if policy == "reference":
+                        row = bench_reference(models, batch, sampling, not a.eager_reference and device.type == "cuda")
+                    else:
+                        row = bench_engine(models, batch, sampling, policy, budget, not a.no_graphs, spill)
                 except torch.cuda.OutOfMemoryError as e:
                     print(f"OOM: {e}", file=sys.stderr)
                     torch.cuda.empty_cache()
@@ -229,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
                     {"card": card_name(device), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                      "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
                 (out / "bench.md").write_text(markdown(rows) + "\n")
-        del models
     print(markdown(rows))
     return 0
 
