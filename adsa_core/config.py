@@ -257,4 +257,5 @@ class EngineConfig:
     spill_limit_bytes: int = 16 << 20  # pinned CPU bytes per sequence for its evicted K/V
     spill_arena_bytes: int = 2 << 30  # pinned CPU memory for all spilled K/V (a ring, reclaimed per request)
     cuda_graphs: bool = True  # capture the decode step per batch bucket (GPU only)
+    decode_images: bool = True  # VQ-decode finished requests to PNG (offline tools decode themselves)
     default_cache: CacheConfig = field(default_factory=CacheConfig)

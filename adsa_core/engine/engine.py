@@ -306,6 +306,10 @@ class Engine:
         s = [it.req.sampling for it in items]
         cond, uncond = self._pair_indices(items, row_of=lambda a, k: a.row)
         self._batch = dict(
+            j=torch.tensor([it.n_sampled for it in items], device=dev),  # advanced in place each step
+            cfg_scale=torch.tensor([x.cfg_scale for x in s], device=dev),
+            cfg_interval=torch.tensor([x.cfg_interval for x in s], device=dev),
+            want_logits=[k for k, it in enumerate(items) if it.req.want_logits],
             cond=cond, uncond=uncond,
             seeds=torch.tensor([it.req.seed for it in items], device=dev),
             slots=torch.tensor([it.slot for it in items], device=dev),
@@ -321,26 +325,24 @@ class Engine:
         return self._batch
 
     def _sample_and_advance(self, items: list[_Request], logits: torch.Tensor, cond_idx, uncond_idx) -> None:
-        """Sample token j for each request from its rows' logits, feed it to its rows."""
+        """Sample token j for each request from its rows' logits and feed it to its rows.
+        Everything per step stays on the device: no host synchronisation, no host-to-device copy."""
         bt = self._batch_tensors(items)
-        j = torch.tensor([it.n_sampled for it in items], device=self.device)
-        scale = torch.tensor(
-            [it.req.sampling.cfg_scale if it.req.sampling.cfg_active(it.n_sampled) else 1.0 for it in items],
-            device=self.device,
-        )
+        j = bt["j"]
+        active = (bt["cfg_scale"] > 1.0) & ((bt["cfg_interval"] < 0) | (j <= bt["cfg_interval"] + 1))
         cond_l, uncond_l = logits[cond_idx], logits[uncond_idx]
-        guided = torch.where((scale != 1.0).view(-1, 1), cfg_combine(cond_l, uncond_l, scale), cond_l)
+        guided = torch.where(active.view(-1, 1), cfg_combine(cond_l, uncond_l, bt["cfg_scale"]), cond_l)
         tok = sample_tokens(guided, bt["seeds"], j, bt["temperature"], bt["top_k"], bt["top_p"], bt["greedy"])
         slots = bt["slots"]
         tok = torch.where(bt["forced"], self.forced[slots, j], tok)
         self.codes[slots, j] = tok
-        for k, it in enumerate(items):
-            if it.req.want_logits:
-                it.logprobs.append(torch.log_softmax(guided[k], dim=-1))
+        for k in bt["want_logits"]:
+            items[k].logprobs.append(torch.log_softmax(guided[k], dim=-1))
         # feed: both rows of a request get the same token, at position T_cond + j
         rows = self.runner.rows
         rows.tokens[bt["rows"]] = tok[bt["owner"]]
         rows.positions[bt["rows"]] = j[bt["owner"]] + self.cfg.cls_token_num
+        j += 1
         for it in items:
             it.n_sampled += 1
         self._after_tokens(items)
@@ -405,7 +407,7 @@ class Engine:
         self.stats_.images_total += 1
         self._finish(it, None, "ok")
         sink = it.sink
-        vq = self.models.vq
+        vq = self.models.vq if self.config.decode_images else None
 
         def decode_and_deliver() -> None:
             try:
@@ -418,7 +420,7 @@ class Engine:
 
     def _preview(self, it: _Request, rows_done: int) -> None:
         grid, vq = self.cfg.grid_size, self.models.vq
-        if vq is None:
+        if vq is None or not self.config.decode_images:
             return
         codes = self.codes[it.slot].cpu().clone()
         codes[rows_done * grid:] = 0
