@@ -74,12 +74,7 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if (
-            sig == signal.SIGTERM
-            and self._drain_task is None
-            and not self.should_exit
-            and self._loop is not None
-        ):
+        if sig == signal.SIGTERM and self._drain_task is None and not self.should_exit and self._loop is not None:
             # not recorded in _captured_signals: uvicorn would re-raise it after shutdown (exit -15, not 0)
             self._loop.call_soon_threadsafe(self._start_drain)
             return
@@ -106,9 +101,7 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(
         app,

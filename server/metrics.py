@@ -56,9 +56,7 @@ class EngineCollector(Collector):
         )
         yield c("adsa_images_generated", "Images finished", s.images_total if s else 0)
         yield c("adsa_tokens_generated", "Image tokens decoded", s.tokens_total if s else 0)
-        requests = CounterMetricFamily(
-            "adsa_requests", "Engine requests (one per image) by outcome", labels=["status"]
-        )
+        requests = CounterMetricFamily("adsa_requests", "Engine requests (one per image) by outcome", labels=["status"])
         for status, n in sorted((s.requests_total_by_status if s else {}).items()):
             requests.add_metric([str(status)], float(n))
         yield requests
@@ -74,15 +72,9 @@ class EngineCollector(Collector):
                 peak = torch.cuda.max_memory_allocated()
         except Exception:  # a scrape must never fail because of a device query
             pass
-        yield GaugeMetricFamily(
-            "adsa_gpu_memory_allocated_bytes", "torch allocated device memory", value=alloc
-        )
-        yield GaugeMetricFamily(
-            "adsa_gpu_memory_reserved_bytes", "torch reserved device memory", value=reserved
-        )
-        yield GaugeMetricFamily(
-            "adsa_gpu_memory_peak_bytes", "torch peak allocated device memory", value=peak
-        )
+        yield GaugeMetricFamily("adsa_gpu_memory_allocated_bytes", "torch allocated device memory", value=alloc)
+        yield GaugeMetricFamily("adsa_gpu_memory_reserved_bytes", "torch reserved device memory", value=reserved)
+        yield GaugeMetricFamily("adsa_gpu_memory_peak_bytes", "torch peak allocated device memory", value=peak)
         if self._nvml is not None:
             try:
                 import pynvml
@@ -91,9 +83,7 @@ class EngineCollector(Collector):
                 yield GaugeMetricFamily(
                     "adsa_gpu_memory_used_bytes", "Device memory used (NVML, all processes)", value=info.used
                 )
-                yield GaugeMetricFamily(
-                    "adsa_gpu_memory_total_bytes", "Device memory (NVML)", value=info.total
-                )
+                yield GaugeMetricFamily("adsa_gpu_memory_total_bytes", "Device memory (NVML)", value=info.total)
             except Exception:
                 pass
 

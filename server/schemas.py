@@ -46,12 +46,8 @@ class GenerateRequest(BaseModel):
         },
     )
 
-    model: str | None = Field(
-        None, max_length=200, description="Served model id; optional (one model per server)"
-    )
-    class_label: ClassLabel | None = Field(
-        None, description="Class-conditional models: one label for all n images"
-    )
+    model: str | None = Field(None, max_length=200, description="Served model id; optional (one model per server)")
+    class_label: ClassLabel | None = Field(None, description="Class-conditional models: one label for all n images")
     class_labels: list[ClassLabel] | None = Field(
         None, min_length=1, max_length=MAX_IMAGES, description="One image per label (n = len(class_labels))"
     )
@@ -60,16 +56,12 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Image i uses seed + i; default random. Same seed, same bytes"
     )
-    cfg_scale: float | None = Field(
-        None, ge=0, le=100, description="Classifier-free guidance; <= 1 turns it off"
-    )
+    cfg_scale: float | None = Field(None, ge=0, le=100, description="Classifier-free guidance; <= 1 turns it off")
     cfg_interval: int | None = Field(None, ge=-1, le=1_000_000, description="-1: CFG on every token")
     temperature: float | None = Field(None, gt=0, le=100)
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="0: off")
     top_p: float | None = Field(None, gt=0, le=1, description="1: off")
-    policy: str | None = Field(
-        None, max_length=32, description="KV policy, see GET /v1/models (dense, adsa, ...)"
-    )
+    policy: str | None = Field(None, max_length=32, description="KV policy, see GET /v1/models (dense, adsa, ...)")
     kv_budget: Annotated[int, Field(ge=1, le=1_000_000)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="KV slots per sequence: int tokens or float fraction of the sequence"
     )

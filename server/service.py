@@ -76,9 +76,7 @@ class GenerationService:
         engine = self.rt.require_engine()
         info = engine.info
         if body.model is not None and body.model != info.name:
-            raise ApiError(
-                404, "model_not_found", f"model {body.model!r} is not served here; this is {info.name!r}"
-            )
+            raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; this is {info.name!r}")
         conditions = await self._conditions(engine, info, body)
         sampling = self._sampling(info, body)
         cache = self._cache(info, body)
@@ -86,9 +84,7 @@ class GenerationService:
         timeout = min(body.timeout_s or settings.request_timeout_s, settings.request_timeout_s)
         preview = 0
         if body.stream:
-            preview = (
-                settings.preview_every_rows if body.preview_every_rows is None else body.preview_every_rows
-            )
+            preview = settings.preview_every_rows if body.preview_every_rows is None else body.preview_every_rows
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         job = Job(uuid.uuid4().hex, seed, body.stream, [], [])
         deadline = time.monotonic() + timeout
@@ -122,9 +118,7 @@ class GenerationService:
             feats, masks = await asyncio.to_thread(engine.encode_prompts, [body.prompt])
             return [(feats[0], masks[0])] * n
         if body.prompt is not None:
-            raise InvalidRequest(
-                "this is a class-conditional model: give class_label or class_labels, not a prompt"
-            )
+            raise InvalidRequest("this is a class-conditional model: give class_label or class_labels, not a prompt")
         labels = body.class_labels if body.class_labels is not None else [body.class_label] * n
         for label in labels:
             if info.num_classes is not None and not 0 <= label < info.num_classes:
@@ -207,9 +201,7 @@ class GenerationService:
             job.cancel_unfinished()
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(
-                *tasks, return_exceptions=True
-            )  # retrieve, so nothing logs "never retrieved"
+            await asyncio.gather(*tasks, return_exceptions=True)  # retrieve, so nothing logs "never retrieved"
         data = [self._on_finished(job, i, ev) for i, ev in enumerate(results) if ev is not None]
         response = GenerateResponse(created=job.created, seed=job.seed, data=data)
         return response, [ev.png if ev is not None else None for ev in results]
@@ -246,9 +238,7 @@ class GenerationService:
                     row = max(1, math.isqrt(ev.tokens_total))
                     if ev.tokens_done - sent_rows.get(i, 0) >= row or ev.tokens_done >= ev.tokens_total:
                         sent_rows[i] = ev.tokens_done
-                        yield sse(
-                            "progress", {"index": i, "tokens_done": ev.tokens_done, "total": ev.tokens_total}
-                        )
+                        yield sse("progress", {"index": i, "tokens_done": ev.tokens_done, "total": ev.tokens_total})
                 elif isinstance(ev, PartialImage):
                     if i not in first_preview:
                         first_preview.add(i)

@@ -33,9 +33,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
 
     # --- model (all unset: the embedded emoji demo model)
-    gpt_model: str | None = Field(
-        None, description="GPT preset, e.g. GPT-XL (random weights without --gpt-ckpt)"
-    )
+    gpt_model: str | None = Field(None, description="GPT preset, e.g. GPT-XL (random weights without --gpt-ckpt)")
     gpt_config: str | None = Field(None, description="LlamaGen-style GPT JSON config (file or inline JSON)")
     gpt_ckpt: str | None = Field(None, description="GPT checkpoint (official LlamaGen format)")
     vq_ckpt: str | None = Field(None, description="VQ tokenizer checkpoint (images need it)")
@@ -54,14 +52,10 @@ class Settings(BaseSettings):
     kv_budget: int | float | None = Field(
         _CACHE.budget, description="Default KV budget: int tokens or float fraction in (0, 1]; unset: all"
     )
-    kv_prefix: int | None = Field(
-        None, ge=1, description="Never-evicted prefix tokens (unset: policy default)"
-    )
+    kv_prefix: int | None = Field(None, ge=1, description="Never-evicted prefix tokens (unset: policy default)")
     kv_local: int | None = Field(None, ge=1, description="Never-evicted local window (unset: policy default)")
     max_batch_size: int = Field(_ENGINE.max_batch_size, ge=1, description="Images decoded together")
-    kv_pool_tokens: int | None = Field(
-        None, ge=1, description="KV pool size in token slots (unset: by memory)"
-    )
+    kv_pool_tokens: int | None = Field(None, ge=1, description="KV pool size in token slots (unset: by memory)")
     kv_pool_memory_fraction: float = Field(
         _ENGINE.kv_pool_memory_fraction, gt=0, le=1, description="Share of free device memory for the KV pool"
     )
@@ -83,9 +77,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated allowed CORS origins; empty: CORS off"
     )
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="Log level"
-    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level")
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
 
@@ -124,9 +116,7 @@ class Settings(BaseSettings):
 
     def cache_config(self) -> CacheConfig:
         """Raises adsa_core.config.ConfigError for an impossible policy/budget."""
-        return CacheConfig(
-            policy=self.kv_policy, budget=self.kv_budget, prefix=self.kv_prefix, local=self.kv_local
-        )
+        return CacheConfig(policy=self.kv_policy, budget=self.kv_budget, prefix=self.kv_prefix, local=self.kv_local)
 
     def engine_config(self, device: str, dtype: str) -> EngineConfig:
         """device/dtype are the resolved ones of the loaded models (settings may say "auto")."""

@@ -14,10 +14,12 @@ import io
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import torch
 from PIL import Image
 
@@ -34,6 +36,7 @@ from adsa_core.engine.request import (
     RequestFailed,
     RequestStats,
 )
+from server import Settings, create_app
 
 
 def png_for(label: int, seed: int, rows: int, grid: int) -> bytes:
@@ -203,9 +206,7 @@ class FakeEngine:
                 k = s.req.preview_every_rows
                 if k and s.done % (k * self.grid) == 0 and s.done < self.tokens:
                     rows = s.done // self.grid
-                    s.queue.put_nowait(
-                        PartialImage(s.done, rows, png_for(label, s.req.seed, rows, self.grid))
-                    )
+                    s.queue.put_nowait(PartialImage(s.done, rows, png_for(label, s.req.seed, rows, self.grid)))
                 if s.done == self.tokens:
                     self.running.remove(s)
                     if label in self.fail_labels:
@@ -225,3 +226,16 @@ class FakeEngine:
                         "finished",
                         Finished(codes, png_for(label, s.req.seed, self.grid, self.grid), stats),
                     )
+
+
+@asynccontextmanager
+async def fake_client(
+    settings: Settings | None = None, headers: dict | None = None, **engine_kw
+) -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine]]:
+    """The app with a FakeEngine, lifespan running, and an httpx client over ASGI."""
+    engine = FakeEngine(**engine_kw)
+    app = create_app(settings or Settings(_env_file=None), engine=engine)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers) as client:
+            yield client, engine

@@ -1,0 +1,330 @@
+"""The HTTP layer in-process (httpx ASGITransport + FakeEngine): routing, validation, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import pytest
+from server_fake_engine import FakeEngine, fake_client
+
+from server import Settings, create_app
+from server.errors import to_api_error
+
+pytestmark = pytest.mark.anyio
+
+S = lambda **kw: Settings(_env_file=None, **kw)  # noqa: E731
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if "event" in lines:
+            events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def assert_error(r, status: int, kind: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "type"}, body
+    assert body["type"] == kind, body
+    assert body["error"]
+
+
+async def test_health_ready_models_openapi():
+    async with fake_client() as (c, _):
+        assert (await c.get("/healthz")).json() == {"status": "ok"}
+        assert (await c.get("/readyz")).json() == {"status": "ready"}
+        models = (await c.get("/v1/models")).json()
+        card = models["data"][0]
+        assert card["id"] == "fake-demo" and card["model_type"] == "c2i" and card["num_classes"] == 10
+        assert card["classes"][3] == {"id": 3, "name": "class3", "emoji": "*"}
+        assert "adsa" in card["policies"] and card["limits"]["max_images_per_request"] == 16
+        assert (await c.get("/v1/models/fake-demo")).json()["id"] == "fake-demo"
+        assert_error(await c.get("/v1/models/other"), 404, "model_not_found")
+        spec = (await c.get("/openapi.json")).json()
+        assert {"/v1/generate", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+        assert (await c.get("/docs")).status_code == 200
+
+
+async def test_generate_json_png_and_alias():
+    async with fake_client() as (c, _):
+        r = await c.post("/v1/generate", json={"class_label": 3, "n": 2, "seed": 40})
+        assert r.status_code == 200 and r.headers["x-seed"] == "40"
+        body = r.json()
+        assert body["seed"] == 40 and [d["seed"] for d in body["data"]] == [40, 41]
+        assert base64.b64decode(body["data"][0]["b64_json"]).startswith(b"\x89PNG")
+        assert body["data"][0]["kv_stats"]["evictions"] == 3
+        r = await c.post("/generate", json={"class_labels": [1, 2, 3]})
+        assert r.status_code == 200 and len(r.json()["data"]) == 3
+        seed = int(r.headers["x-seed"])
+        assert r.json()["seed"] == seed  # random seed is reported
+        r = await c.post("/v1/generate", json={"class_label": 1, "response_format": "png"})
+        assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+        r = await c.post("/v1/generate", json={"class_label": 1}, headers={"Accept": "image/png"})
+        assert r.headers["content-type"] == "image/png"
+        # n > 1 with Accept: image/png falls back to JSON; JSON listed first wins
+        r = await c.post("/v1/generate", json={"class_label": 1, "n": 2}, headers={"Accept": "image/png"})
+        assert r.headers["content-type"] == "application/json"
+        r = await c.post("/v1/generate", json={"class_label": 1}, headers={"Accept": "application/json, image/png"})
+        assert r.headers["content-type"] == "application/json"
+
+
+async def test_same_seed_same_bytes():
+    async with fake_client() as (c, _):
+        a = (await c.post("/v1/generate", json={"class_label": 2, "n": 2, "seed": 9})).json()
+        b = (await c.post("/v1/generate", json={"class_label": 2, "n": 1, "seed": 10})).json()
+        assert a["data"][1]["b64_json"] == b["data"][0]["b64_json"]
+
+
+async def test_stream_events():
+    async with fake_client() as (c, _):
+        r = await c.post(
+            "/v1/generate", json={"class_label": 1, "n": 2, "seed": 3, "stream": True, "preview_every_rows": 1}
+        )
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(r.text)
+        kinds = [k for k, _ in events]
+        assert kinds.count("image") == 2 and kinds[-1] == "done" and "partial_image" in kinds
+        assert "progress" in kinds
+        prog = next(d for k, d in events if k == "progress")
+        assert set(prog) == {"index", "tokens_done", "total"}
+        part = next(d for k, d in events if k == "partial_image")
+        assert base64.b64decode(part["b64_json"]).startswith(b"\x89PNG") and part["rows_done"] >= 1
+        images = sorted((d for k, d in events if k == "image"), key=lambda d: d["index"])
+        assert [d["seed"] for d in images] == [3, 4]
+        assert events[-1][1]["stats"]["images"] == 2
+
+
+async def test_stream_without_previews_by_default_setting():
+    async with fake_client(S(preview_every_rows=0)) as (c, _):
+        r = await c.post("/v1/generate", json={"class_label": 1, "stream": True})
+        assert "partial_image" not in [k for k, _ in parse_sse(r.text)]
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({}, "exactly one of"),
+        ({"class_label": 1, "prompt": "x"}, "exactly one of"),
+        ({"class_label": -1}, "class_label"),
+        ({"class_label": 10}, "out of range"),  # model-dependent: checked against ModelInfo
+        ({"class_labels": []}, "class_labels"),
+        ({"class_labels": [1, 2], "n": 3}, "n=3"),
+        ({"class_label": 1, "n": 0}, "n:"),
+        ({"class_label": 1, "n": 17}, "n:"),
+        ({"class_label": 1, "n": "2"}, "valid integer"),
+        ({"class_label": "1"}, "class_label"),
+        ({"class_label": True}, "class_label"),
+        ({"class_label": 1.5}, "class_label"),
+        ({"class_label": 1, "seed": -1}, "seed"),
+        ({"class_label": 1, "temperature": 0}, "temperature"),
+        ({"class_label": 1, "top_p": 0}, "top_p"),
+        ({"class_label": 1, "top_k": -1}, "top_k"),
+        ({"class_label": 1, "cfg_scale": -1}, "cfg_scale"),
+        ({"class_label": 1, "cfg_interval": -2}, "cfg_interval"),
+        ({"class_label": 1, "kv_budget": 1.5}, "kv_budget"),
+        ({"class_label": 1, "kv_budget": 0}, "kv_budget"),
+        ({"class_label": 1, "kv_budget": 7}, "kv budget"),  # the engine's own InvalidRequest
+        ({"class_label": 1, "policy": "nope"}, "unknown policy"),
+        ({"class_label": 1, "response_format": "url"}, "response_format"),
+        ({"class_label": 1, "n": 2, "response_format": "png"}, "one image"),
+        ({"class_label": 1, "stream": True, "response_format": "png"}, "not streamable"),
+        ({"class_label": 1, "bogus": 1}, "bogus"),
+        ({"prompt": "a red fox"}, "class-conditional"),
+        ({"class_label": 1, "preview_every_rows": -1}, "preview_every_rows"),
+        ({"class_label": 1, "timeout_s": 0}, "timeout_s"),
+        ([1, 2], "body"),
+    ],
+)
+async def test_invalid_requests_are_422(body, fragment):
+    async with fake_client() as (c, _):
+        r = await c.post("/v1/generate", json=body)
+        assert_error(r, 422, "invalid_request")
+        assert fragment in r.json()["error"], r.json()
+
+
+async def test_malformed_json_wrong_method_unknown_route_oversized():
+    async with fake_client(S(max_body_bytes=2048)) as (c, _):
+        r = await c.post("/v1/generate", content=b'{"class_label": ', headers={"Content-Type": "application/json"})
+        assert_error(r, 422, "invalid_json")
+        assert_error(await c.get("/v1/generate"), 405, "method_not_allowed")
+        assert_error(await c.get("/v2/nothing"), 404, "not_found")
+        big = json.dumps({"class_label": 1, "prompt": "x" * 5000})
+        assert_error(
+            await c.post("/v1/generate", content=big, headers={"Content-Type": "application/json"}),
+            413,
+            "payload_too_large",
+        )
+
+        async def chunks():  # no Content-Length: the streamed size is counted
+            for _ in range(5):
+                yield b" " * 1000
+
+        r = await c.post("/v1/generate", content=chunks(), headers={"Content-Type": "application/json"})
+        assert_error(r, 413, "payload_too_large")
+
+
+async def test_api_keys():
+    async with fake_client(S(api_keys="k1, k2")) as (c, _):
+        assert_error(await c.post("/v1/generate", json={"class_label": 1}), 401, "unauthorized")
+        r = await c.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert_error(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert_error(await c.post("/generate", json={"class_label": 1}), 401, "unauthorized")
+        assert (await c.get("/v1/models", headers={"Authorization": "Bearer k2"})).status_code == 200
+        ok = await c.post("/v1/generate", json={"class_label": 1}, headers={"Authorization": "Bearer k1"})
+        assert ok.status_code == 200
+        for path in ("/healthz", "/readyz", "/metrics"):  # probes and scrapes stay open
+            assert (await c.get(path)).status_code == 200
+
+
+async def test_queue_full_is_429_with_retry_after_and_nothing_left_queued():
+    async with fake_client(max_queue=3, step_s=0.05) as (c, engine):
+        r = await c.post("/v1/generate", json={"class_label": 1, "n": 5})
+        assert_error(r, 429, "queue_full")
+        assert int(r.headers["retry-after"]) >= 1
+        await asyncio.sleep(0.2)
+        assert engine.by_status.get("cancelled") == 3  # the admitted part of the job was withdrawn
+        assert not engine.waiting and not engine.running
+
+
+async def test_deadline_is_504():
+    async with fake_client(S(request_timeout_s=0.05), step_s=0.02) as (c, _):
+        assert_error(await c.post("/v1/generate", json={"class_label": 1}), 504, "deadline_exceeded")
+    async with fake_client(step_s=0.02) as (c, _):  # a request's own timeout_s
+        assert_error(await c.post("/v1/generate", json={"class_label": 1, "timeout_s": 0.05}), 504, "deadline_exceeded")
+
+
+async def test_engine_failure_is_500_and_sse_error_event():
+    async with fake_client(fail_labels=(7,)) as (c, _):
+        assert_error(await c.post("/v1/generate", json={"class_label": 7}), 500, "internal_error")
+        r = await c.post("/v1/generate", json={"class_labels": [1, 7], "stream": True})
+        events = parse_sse(r.text)
+        assert events[-1][0] == "error" and events[-1][1]["type"] == "internal_error"
+
+
+async def test_not_ready_and_draining_are_503():
+    engine = FakeEngine()
+    app = create_app(S(), engine=engine)
+    import httpx
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        # lifespan not started: the engine is not ready
+        assert_error(await c.get("/readyz"), 503, "not_ready")
+        assert_error(await c.post("/v1/generate", json={"class_label": 1}), 503, "not_ready")
+        assert (await c.get("/healthz")).status_code == 200
+        async with app.router.lifespan_context(app):
+            assert (await c.get("/readyz")).status_code == 200
+            await app.state.runtime.drain(timeout=1)
+            r = await c.get("/readyz")
+            assert_error(r, 503, "draining")
+            assert "retry-after" in r.headers
+            assert_error(await c.post("/v1/generate", json={"class_label": 1}), 503, "draining")
+
+
+async def test_load_failure_reported():
+    # a bad default policy fails loading: healthz and readyz say so (the CLI then exits 1)
+    app = create_app(S(kv_policy="nope"))
+    import httpx
+
+    async with app.router.lifespan_context(app):
+        for _ in range(200):
+            if app.state.runtime.load_error:
+                break
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert_error(await c.get("/healthz"), 503, "load_failed")
+            assert_error(await c.get("/readyz"), 503, "load_failed")
+
+
+async def test_text_model_prompts():
+    async with fake_client(model_type="t2i") as (c, _):
+        r = await c.post("/v1/generate", json={"prompt": "a red fox", "n": 2, "seed": 1})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        assert_error(await c.post("/v1/generate", json={"class_label": 1}), 422, "invalid_request")
+
+
+async def test_client_disconnect_cancels_images():
+    """Drive the ASGI app by hand: the client hangs up while its 4 images are being generated."""
+    engine = FakeEngine(step_s=0.02, tokens=64)
+    app = create_app(S(), engine=engine)
+    body = json.dumps({"class_label": 1, "n": 4}).encode()
+    sent: list[dict] = []
+    calls, hang_up_at = 0, 0.0
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        if asyncio.get_running_loop().time() < hang_up_at:
+            await asyncio.sleep(3600)  # like uvicorn: nothing to receive until the client goes away
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/generate",
+        "raw_path": b"/v1/generate",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    async with app.router.lifespan_context(app):
+        hang_up_at = asyncio.get_running_loop().time() + 0.1
+        await asyncio.wait_for(app(scope, receive, send), 5)
+        await asyncio.sleep(0.1)
+        assert engine.by_status == {"cancelled": 4}
+        assert not engine.running and not engine.waiting
+        metrics = app.state.runtime.metrics.render().decode()
+        assert 'adsa_requests_total{status="cancelled"} 4.0' in metrics
+
+
+async def test_metrics_exposition():
+    async with fake_client() as (c, _):
+        await c.post("/v1/generate", json={"class_labels": [1, 2, 3], "stream": True, "preview_every_rows": 1})
+        await c.get("/nope")
+        text = (await c.get("/metrics")).text
+        assert 'adsa_http_requests_total{route="/v1/generate",status="200"} 1.0' in text
+        assert 'adsa_http_requests_total{route="unmatched",status="404"} 1.0' in text
+        assert "adsa_time_to_first_preview_seconds_count 3.0" in text
+        assert "adsa_batch_size_count" in text and "adsa_decode_step_seconds_count" in text
+        assert "_created" not in text
+
+
+def test_error_mapping_table():
+    from adsa_core.engine.request import (
+        DeadlineExceeded,
+        EngineDraining,
+        InvalidRequest,
+        QueueFull,
+        RequestCancelled,
+        RequestFailed,
+    )
+
+    cases = [
+        (InvalidRequest("x"), 422),
+        (QueueFull("x"), 429),
+        (EngineDraining("x"), 503),
+        (DeadlineExceeded("x"), 504),
+        (RequestFailed("x"), 500),
+        (RequestCancelled("x"), 499),
+        (RuntimeError("boom"), 500),
+    ]
+    for exc, status in cases:
+        err = to_api_error(exc, retry_after_s=2.5)
+        assert err.status == status
+    assert to_api_error(QueueFull("x"), 2.5).headers["Retry-After"] == "3"
+    assert to_api_error(RuntimeError("secret detail")).message == "internal server error"

@@ -1,0 +1,227 @@
+"""The real daemon over real HTTP (uvicorn subprocess, real AsyncEngine, tiny model on the CPU)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from server_live import API_KEY, LiveServer
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+# every metric name DESIGN.md section 7 promises (sample names as exposed)
+DESIGN_METRICS = [
+    "adsa_requests_total",
+    "adsa_images_generated_total",
+    "adsa_tokens_generated_total",
+    "adsa_num_requests_running",
+    "adsa_num_requests_waiting",
+    "adsa_kv_cache_usage_ratio",
+    "adsa_kv_cache_capacity_tokens",
+    "adsa_kv_evictions_total",
+    "adsa_kv_spilled_bytes_total",
+    "adsa_gpu_memory_allocated_bytes",
+    "adsa_gpu_memory_reserved_bytes",
+    "adsa_gpu_memory_peak_bytes",
+    "adsa_request_latency_seconds",
+    "adsa_queue_time_seconds",
+    "adsa_time_to_first_preview_seconds",
+    "adsa_decode_step_seconds",
+    "adsa_batch_size",
+    "adsa_http_requests_total",
+    "adsa_http_request_duration_seconds",
+]
+
+
+def wait_for(cond, timeout: float = 30.0, every: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every)
+
+
+def gauge(server: LiveServer, name: str, **labels) -> float:
+    return server.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def idle(server: LiveServer) -> bool:
+    m = server.metrics()
+    return all(
+        m.get((k, ()), 0) == 0
+        for k in ("adsa_num_requests_running", "adsa_num_requests_waiting", "adsa_kv_cache_used_tokens")
+    )
+
+
+def test_probes_models_docs(live_server):
+    with live_server.client() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/readyz").json() == {"status": "ready"}
+        card = c.get("/v1/models", headers=AUTH).json()["data"][0]
+        assert card["model_type"] == "c2i" and card["num_classes"] == 10 and card["image_size"] == 32
+        assert card["default_policy"] == "adsa" and card["seq_len"] == 64
+        assert c.get("/docs").status_code == 200
+        assert "/v1/generate" in c.get("/openapi.json").json()["paths"]
+
+
+def test_api_keys(live_server):
+    with live_server.client() as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
+            r = c.post("/v1/generate", json={"class_label": 1}, headers=headers)
+            assert r.status_code == 401 and r.json()["type"] == "unauthorized"
+        assert c.get("/v1/models", headers={"Authorization": "Bearer other-key"}).status_code == 200
+        assert c.get("/metrics").status_code == 200  # scrapes need no key
+
+
+def test_same_seed_same_bytes_and_png(live_server):
+    with live_server.client(headers=AUTH) as c:
+        a = c.post("/v1/generate", json={"class_label": 4, "n": 2, "seed": 1234})
+        b = c.post("/v1/generate", json={"class_label": 4, "n": 2, "seed": 1234})
+        assert a.status_code == b.status_code == 200 and a.headers["x-seed"] == "1234"
+        ia, ib = a.json()["data"], b.json()["data"]
+        assert [d["b64_json"] for d in ia] == [d["b64_json"] for d in ib]
+        assert ia[0]["b64_json"] != ia[1]["b64_json"]
+        # image i of a request is image 0 of a request with seed + i (independent of batch neighbours)
+        one = c.post("/v1/generate", json={"class_label": 4, "seed": 1235}, headers={"Accept": "image/png"})
+        assert one.headers["content-type"] == "image/png"
+        assert base64.b64decode(ia[1]["b64_json"]) == one.content
+        assert ia[0]["kv_stats"]["kv_budget_tokens"] == 32 and ia[0]["kv_stats"]["evictions"] > 0
+        dense = c.post("/v1/generate", json={"class_label": 4, "seed": 9, "policy": "dense"}).json()
+        assert dense["data"][0]["kv_stats"]["evictions"] == 0
+
+
+def test_concurrent_requests_share_decode_steps(live_server):
+    def big_steps() -> float:  # decode steps that ran more than 2 rows (cfg off: one row per image)
+        m = live_server.metrics()
+        return m[("adsa_batch_size_count", ())] - m[("adsa_batch_size_bucket", (("le", "2.0"),))]
+
+    before = big_steps()
+    with live_server.client(headers=AUTH) as c, ThreadPoolExecutor(6) as pool:
+        body = {"class_label": 2, "cfg_scale": 1.0}
+        results = list(pool.map(lambda s: c.post("/v1/generate", json={**body, "seed": s}), range(6)))
+    assert all(r.status_code == 200 for r in results)
+    assert big_steps() > before
+
+
+def test_stream_with_partial_previews(live_server):
+    with live_server.client(headers=AUTH) as c:
+        r = c.post("/v1/generate", json={"class_label": 5, "seed": 3, "stream": True, "preview_every_rows": 2})
+    assert r.status_code == 200 and r.headers["x-seed"] == "3"
+    events = [
+        (b.split("\n")[0][7:], json.loads(b.split("\n")[1][6:]))
+        for b in r.text.strip().split("\n\n")
+        if b.startswith("event:")
+    ]
+    kinds = [k for k, _ in events]
+    assert kinds.count("partial_image") >= 1 and kinds.count("image") == 1 and kinds[-1] == "done"
+    assert kinds.index("partial_image") < kinds.index("image")
+    preview = next(d for k, d in events if k == "partial_image")
+    assert base64.b64decode(preview["b64_json"]).startswith(b"\x89PNG") and preview["rows_done"] == 2
+    assert any(k == "progress" and d["total"] == 64 for k, d in events)
+
+
+def test_disconnect_cancels_and_frees_kv(live_server):
+    def cancelled() -> float:
+        return gauge(live_server, "adsa_requests_total", status="cancelled")
+
+    wait_for(lambda: idle(live_server))
+    before = cancelled()
+    # plain JSON request: a raw socket we can hang up on mid-generation
+    body = json.dumps({"class_label": 1, "n": 16}).encode()
+    with socket.create_connection(("127.0.0.1", live_server.port)) as s:
+        s.sendall(
+            b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_for(lambda: gauge(live_server, "adsa_num_requests_running") > 0)
+    wait_for(lambda: idle(live_server))
+    assert cancelled() > before
+    # streamed request: the client closes the stream after the first event
+    before = cancelled()
+    body = {"class_label": 1, "n": 16, "stream": True}
+    with live_server.client(headers=AUTH) as c, c.stream("POST", "/v1/generate", json=body) as r:
+        next(r.iter_lines())
+    wait_for(lambda: idle(live_server))
+    assert cancelled() > before
+    assert gauge(live_server, "adsa_kv_cache_usage_ratio") == 0
+
+
+def test_deadline_is_504(live_server):
+    with live_server.client(headers=AUTH) as c:
+        r = c.post("/v1/generate", json={"class_label": 1, "n": 16, "timeout_s": 0.02})
+    assert r.status_code == 504 and r.json()["type"] == "deadline_exceeded"
+    wait_for(lambda: idle(live_server))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "a cat"},  # text prompt on a class model
+        {"class_label": 10},  # out of range for this model
+        {"class_label": 1, "kv_budget": 3},  # budget smaller than prefix + local window: the engine refuses
+        {"class_label": 1, "n": 17},
+        {"class_label": "1"},
+        {"class_label": 1, "policy": "nope"},
+    ],
+)
+def test_invalid_inputs_are_422(live_server, body):
+    with live_server.client(headers=AUTH) as c:
+        r = c.post("/v1/generate", json=body)
+    assert r.status_code == 422 and r.json()["type"] == "invalid_request", r.text
+
+
+def test_malformed_unknown_oversized(live_server):
+    with live_server.client(headers=AUTH) as c:
+        r = c.post("/v1/generate", content=b"{nope", headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["type"] == "invalid_json"
+        assert c.get("/v1/nothing").json() == {"error": "Not Found", "type": "not_found"}
+        r = c.post("/v1/generate", content=b"[" + b"1," * 600_000 + b"1]", headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["type"] == "payload_too_large"
+
+
+def test_metrics_has_every_design_name(live_server):
+    text = httpx.get(live_server.url + "/metrics").text
+    missing = [name for name in DESIGN_METRICS if f"\n{name}" not in text]
+    assert not missing, missing
+    assert gauge(live_server, "adsa_images_generated_total") > 0
+    assert gauge(live_server, "adsa_kv_cache_capacity_tokens") > 0
+
+
+# --- the small server (one image at a time, queue of 4); the drain test ends it, so it runs last
+
+
+def test_queue_full_is_429(small_server):
+    with small_server.client() as c:
+        r = c.post("/v1/generate", json={"class_label": 1, "n": 16})
+    assert r.status_code == 429 and r.json()["type"] == "queue_full"
+    assert int(r.headers["retry-after"]) >= 1
+    wait_for(lambda: idle(small_server))  # the admitted part of the job was withdrawn
+
+
+def test_sigterm_drains_then_exits_0(small_server):
+    result: dict = {}
+
+    def in_flight() -> None:
+        with small_server.client() as c:
+            result["r"] = c.post("/v1/generate", json={"class_label": 2, "n": 4, "seed": 5})
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    wait_for(lambda: gauge(small_server, "adsa_num_requests_running") > 0)
+    small_server.proc.send_signal(signal.SIGTERM)
+    with small_server.client() as c:
+        wait_for(lambda: c.get("/readyz").status_code == 503, timeout=5)
+        assert c.get("/readyz").json()["type"] == "draining"
+        refused = c.post("/v1/generate", json={"class_label": 1})
+        assert refused.status_code == 503 and refused.json()["type"] == "draining"
+    t.join(60)
+    r = result["r"]
+    assert r.status_code == 200 and len(r.json()["data"]) == 4  # in-flight work finished
+    assert small_server.proc.wait(30) == 0, small_server.logs()

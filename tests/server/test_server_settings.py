@@ -1,0 +1,77 @@
+"""Settings: ADSA_* variables, generated CLI flags, mapping onto adsa_core types."""
+
+from __future__ import annotations
+
+import pytest
+
+from adsa_core.config import CacheConfig, ConfigError, EngineConfig
+from server.__main__ import build_parser, load_settings
+from server.settings import Settings
+
+
+def test_defaults_follow_engine_config():
+    s = Settings(_env_file=None)
+    e, c = EngineConfig(), CacheConfig()
+    assert (s.max_batch_size, s.max_queue, s.kv_pool_memory_fraction) == (
+        e.max_batch_size,
+        e.max_queue,
+        e.kv_pool_memory_fraction,
+    )
+    assert (s.kv_policy, s.kv_budget) == (c.policy, c.budget)
+    assert s.api_keys == [] and s.cors_origins == []
+    spec = s.model_spec()
+    assert spec.is_demo and spec.device == "auto"
+
+
+def test_environment(monkeypatch):
+    monkeypatch.setenv("ADSA_PORT", "9001")
+    monkeypatch.setenv("ADSA_API_KEYS", "a, b,,c")
+    monkeypatch.setenv("ADSA_KV_BUDGET", "256")
+    monkeypatch.setenv("ADSA_DEVICE", "cpu")
+    monkeypatch.setenv("ADSA_LOG_LEVEL", "DEBUG")
+    s = Settings(_env_file=None)
+    assert s.port == 9001 and s.api_keys == ["a", "b", "c"] and s.kv_budget == 256
+    assert isinstance(s.kv_budget, int) and s.log_level == "debug"
+    monkeypatch.setenv("ADSA_KV_BUDGET", "0.25")
+    assert Settings(_env_file=None).kv_budget == 0.25
+    monkeypatch.setenv("ADSA_KV_BUDGET", "none")
+    assert Settings(_env_file=None).kv_budget is None
+    monkeypatch.setenv("ADSA_DEVICE", "tpu")
+    with pytest.raises(ValueError):
+        Settings(_env_file=None)
+
+
+def test_every_setting_has_a_flag_and_flags_beat_env(monkeypatch):
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert flags == set(Settings.model_fields)
+    monkeypatch.setenv("ADSA_PORT", "9001")
+    monkeypatch.setenv("ADSA_MAX_QUEUE", "7")
+    s = load_settings(["--port", "9002", "--kv-budget", "0.5", "--api-keys", "x,y", "--no-cuda-graphs"])
+    assert s.port == 9002 and s.max_queue == 7 and s.kv_budget == 0.5 and s.api_keys == ["x", "y"]
+    assert s.cuda_graphs is False
+
+
+def test_bad_flag_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_settings(["--port", "eighty"])
+    assert e.value.code == 2
+    assert "port" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_settings(["--dtype", "int8"])  # argparse choices from the Literal
+
+
+def test_engine_config_mapping():
+    s = Settings(
+        _env_file=None,
+        kv_policy="window",
+        kv_budget=128,
+        kv_local=20,
+        max_batch_size=4,
+        kv_pool_tokens=4096,
+        cuda_graphs=False,
+    )
+    e = s.engine_config("cpu", "float32")
+    assert e.default_cache == CacheConfig(policy="window", budget=128, local=20)
+    assert (e.device, e.dtype, e.max_batch_size, e.kv_pool_tokens, e.cuda_graphs) == ("cpu", "float32", 4, 4096, False)
+    with pytest.raises(ConfigError):
+        Settings(_env_file=None, kv_policy="nope").cache_config()
