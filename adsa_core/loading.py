@@ -60,7 +60,10 @@ class LoadedModels:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but no CUDA device is available")
     return dev
@@ -95,9 +98,14 @@ def load_models(spec: ModelSpec) -> LoadedModels:
     if spec.is_demo:
         return _load_demo(spec, device, dtype)
 
-    vq_cfg = VQConfig.from_dict(read_json_arg(spec.vq_config, "--vq-config")) if spec.vq_config else VQConfig()
+    vq_cfg = VQConfig()
+    if spec.vq_config:
+        vq_cfg = VQConfig.from_dict(read_json_arg(spec.vq_config, "--vq-config"))
     if spec.gpt_config:
-        gpt_cfg = GPTConfig.from_dict(read_json_arg(spec.gpt_config, "--gpt-config"))
+        gpt_json = read_json_arg(spec.gpt_config, "--gpt-config")
+        if spec.num_classes:
+            gpt_json = {**gpt_json, "num_classes": spec.num_classes}
+        gpt_cfg = GPTConfig.from_dict(gpt_json)
         image_size = spec.image_size or gpt_cfg.grid_size * vq_cfg.downsample
         if image_size != gpt_cfg.grid_size * vq_cfg.downsample:
             raise ConfigError(
@@ -120,7 +128,9 @@ def load_models(spec: ModelSpec) -> LoadedModels:
     if spec.text_encoder:
         from .model.text import CaptionEncoder
 
-        text_encoder = CaptionEncoder(spec.text_encoder, device=device, max_length=gpt_cfg.cls_token_num)
+        # Same precision as the GPT, like LlamaGen's sample_t2i.py (T5 in bf16 on GPU).
+        text_encoder = CaptionEncoder(spec.text_encoder, device=device, max_length=gpt_cfg.cls_token_num,
+                                      dtype=dtype)
     name = Path(spec.gpt_ckpt).stem if spec.gpt_ckpt else (spec.gpt_model or "GPT-custom") + "-random"
     return LoadedModels(name, gpt, vq, gpt_cfg, vq_cfg, image_size, device, dtype, text_encoder=text_encoder)
 

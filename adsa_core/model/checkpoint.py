@@ -8,6 +8,9 @@ dtype and device, so a 3B checkpoint never needs twice its size in RAM.
 
 from __future__ import annotations
 
+import argparse
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -44,19 +47,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    # Only the zip format (torch.save's default since 1.6) can be memory-mapped; legacy files are read.
+    mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:  # noqa: BLE001 - report any unpickling problem as one clear line
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        # LlamaGen's training scripts also save their argparse Namespace under "args"; it is plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch weights file "
+                              "(or it holds objects other than tensors and plain containers)") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is one clear line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     for key in WRAPPER_KEYS:
         if key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items() if torch.is_tensor(v)}
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v
+          for k, v in obj.items() if torch.is_tensor(v)}
     if not sd:
         raise CheckpointError(f"checkpoint {path} contains no tensors")
     return sd
@@ -66,7 +76,7 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], device: torch.devic
               dtype: torch.dtype, source: str = "checkpoint") -> nn.Module:
     """Copy `sd` into a model built on the meta device; every mismatch is named in the error."""
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    persistent = {k for k in model.state_dict().keys()}
+    persistent = set(model.state_dict())
     missing = sorted(k for k in persistent if k not in sd)
     unexpected = sorted(k for k in sd if k not in expected and not k.endswith(KNOWN_EXTRAS))
     wrong = sorted(
@@ -82,7 +92,8 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], device: torch.devic
         problems.append("wrong shape: " + ", ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
     if problems:
         raise CheckpointError(f"{source} does not match the model config: " + "; ".join(problems))
-    tensors = {k: sd[k].to(device=device, dtype=dtype if sd[k].is_floating_point() else None) for k in persistent}
+    tensors = {k: sd[k].to(device=device, dtype=dtype if sd[k].is_floating_point() else None)
+               for k in persistent}
     model.load_state_dict(tensors, assign=True)
     return model
 
@@ -100,7 +111,8 @@ def load_gpt(cfg: GPTConfig, path: str | Path | None, device: str | torch.device
         model = Transformer(cfg)
     load_into(model, sd, device, dtype, f"GPT checkpoint {path}")
     # The RoPE table is not in the file; build it for real (it was created on meta).
-    model.freqs_cis = precompute_freqs_cis_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num).to(device)
+    freqs = precompute_freqs_cis_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+    model.freqs_cis = freqs.to(device)
     return model.eval()
 
 
@@ -117,11 +129,9 @@ def load_vq(cfg: VQConfig, path: str | Path | None, device: str | torch.device =
 
 
 def init_gpt_weights(model: Transformer, std: float = 0.02) -> None:
-    """Random weights like LlamaGen's init (normal(0, 0.02)), for benchmarks and tests without a checkpoint."""
+    """Random weights like LlamaGen's init (normal(0, 0.02)), for benchmarks and checkpoint-free tests."""
     for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-        elif isinstance(m, nn.Embedding):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=std)
     if hasattr(model.cls_embedding, "uncond_embedding"):
         nn.init.normal_(model.cls_embedding.uncond_embedding, std=model.config.caption_dim ** -0.5)
