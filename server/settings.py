@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # --- KV cache and engine
     kv_policy: str = Field(_CACHE.policy, description="Default KV policy (dense, adsa, window, ...)")
     kv_budget: int | float | None = Field(
-        _CACHE.budget, description="Default KV budget: int tokens or float fraction in (0, 1]; unset: all"
+        _CACHE.budget, description="Default KV budget: int tokens, float fraction in (0, 1], or none (no eviction)"
     )
     kv_prefix: int | None = Field(None, ge=1, description="Never-evicted prefix tokens (unset: policy default)")
     kv_local: int | None = Field(None, ge=1, description="Never-evicted local window (unset: policy default)")
