@@ -1,0 +1,204 @@
+"""Fused Triton kernel: decode attention over the paged KV pool + next ADSA victim, one pass.
+
+One program per (kv head, row). It walks the row's valid slots in blocks of BLOCK_N,
+gathering each slot's page through the block table, and for every block:
+  - online softmax over the G = H // Hkv query heads of this kv head (K/V read once for all G),
+  - redundancy v̂_i·S = inv_norm_i * (V_i·S) of the same V block, folded into a running
+    (best key, lowest slot) pair for the eviction candidates.
+Every K/V byte of a valid slot is read exactly once; nothing past n_slots is touched. The
+grid depends only on (B, Hkv) and there is no host sync, so the launch can be captured in a
+CUDA graph. Contract and oracle: adsa_core.kv.attention.pool_attention_torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# jit code reads only constexpr globals; 2 = window (any other nonzero mode ranks by -pos)
+MODE_NONE = tl.constexpr(0)
+MODE_ADSA = tl.constexpr(1)
+
+
+@triton.jit
+def _pool_attention_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, vsum_ptr, bt_ptr, n_ptr, lo_ptr, hi_ptr, mode_ptr,
+    out_ptr, victim_ptr,
+    qk_scale,  # softmax scale * log2(e): the kernel works in exp2
+    stride_qb, stride_qh, stride_sb, stride_sh, stride_bt, stride_ob, stride_oh, stride_xb,
+    HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # The pool tensors are contiguous (P, HKV, PAGE, D) / (P, HKV, PAGE): compile-time strides
+    # let the compiler prove each slot row's alignment and issue wide loads (also for D = 100).
+    hk = tl.program_id(0)
+    b = tl.program_id(1)
+    n = tl.load(n_ptr + b)
+    lo = tl.load(lo_ptr + b)
+    hi = tl.load(hi_ptr + b)
+    mode = tl.load(mode_ptr + b)
+
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D  # D = 100 is padded to 128
+    svec = tl.load(vsum_ptr + b * stride_sb + hk * stride_sh + offs_d, mask=d_ok, other=0.0)
+    q_row = q_ptr + b * stride_qb + hk * G * stride_qh
+    if G == 1:  # MHA: one query row is too small for a matrix unit, so scores are multiply-adds
+        q = tl.load(q_row + offs_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale  # (D_PAD,)
+        # Softmax state per lane (lane j sees slots j, j + BLOCK_N, ...), merged once after the
+        # loop: a per-block max/sum over slots would cross warps, a barrier every block.
+        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    else:  # GQA: the G query heads of this kv head share each K/V block through small dots
+        offs_g = tl.arange(0, G_PAD)
+        g_ok = offs_g < G
+        q = tl.load(
+            q_row + offs_g[:, None] * stride_qh + offs_d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(k_ptr.dtype.element_ty)  # (G_PAD, D_PAD)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    best = tl.full([BLOCK_N], float("-inf"), tl.float32)  # victim search per lane as well
+    best_slot = tl.full([BLOCK_N], -1, tl.int32)
+
+    bt_row = bt_ptr + b * stride_bt
+    kv_head = hk * PAGE * D
+    page_next = tl.load(bt_row).to(tl.int64)  # page ids are int64: pools can pass 2**31 elements
+    for start in range(0, n, BLOCK_N):
+        slot = start + tl.arange(0, BLOCK_N)
+        s_ok = slot < n
+        if BLOCK_N <= PAGE:  # the block lies in one page: one uniform id, fetched a block ahead so
+            page = page_next  # that this block's K/V loads do not wait on a block-table load
+            ahead = start + BLOCK_N
+            page_next = tl.load(bt_row + ahead // PAGE, mask=ahead < n, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_row + slot // PAGE, mask=s_ok, other=0).to(tl.int64)
+        meta = page * (HKV * PAGE) + hk * PAGE + slot % PAGE  # (BLOCK_N,) index into pos / inv_norm
+        kv = (page * (HKV * PAGE * D) + kv_head + (slot % PAGE) * D)[:, None] + offs_d[None, :]
+        kv_ok = s_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv, mask=kv_ok, other=0.0)  # (BLOCK_N, D_PAD)
+        v = tl.load(v_ptr + kv, mask=kv_ok, other=0.0)  # (BLOCK_N, D_PAD)
+        pos = tl.load(pos_ptr + meta, mask=s_ok, other=0)
+        inv = tl.load(inv_ptr + meta, mask=s_ok, other=0.0)
+        vf = v.to(tl.float32)
+
+        # --- attention: online softmax over the block
+        if G == 1:
+            qk = tl.sum(q[None, :] * k.to(tl.float32), axis=1)  # (BLOCK_N,): a reduction within a warp
+            qk = tl.where(s_ok, qk, float("-inf"))
+            m_new = tl.maximum(m_i, qk)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no slot yet: no inf - inf
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(qk - m_ref)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * vf  # (BLOCK_N, D_PAD)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (G_PAD, BLOCK_N)
+            qk = tl.where(s_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+        # --- next victim: largest v̂·S (adsa) or smallest position (window) among candidates
+        red = inv * tl.sum(vf * svec[None, :], axis=1)  # (BLOCK_N,)
+        key = tl.where(mode == MODE_ADSA, red, -pos.to(tl.float32))
+        cand = s_ok & (pos >= lo) & (pos <= hi) & (mode != MODE_NONE)
+        key = tl.where(cand, key, float("-inf"))
+        take = key > best  # strict: a lane keeps its earlier (lower) slot on ties
+        best = tl.where(take, key, best)
+        best_slot = tl.where(take, slot, best_slot)
+
+    # lanes -> row: the largest key, and among lanes holding it the lowest slot
+    top = tl.max(best, axis=0)
+    victim = tl.min(tl.where(best == top, best_slot, 2147483647), axis=0)
+    tl.store(victim_ptr + b * stride_xb + hk, tl.where(top == float("-inf"), -1, victim))
+    o_row = out_ptr + b * stride_ob + hk * G * stride_oh
+    if G == 1:
+        m = tl.max(m_i, axis=0)
+        w = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m))  # (BLOCK_N,) lane weights
+        out = tl.sum(acc * w[:, None], axis=0) / tl.maximum(
+            tl.sum(l_i * w, axis=0), 1e-30
+        )  # n = 0: 0, not NaN
+        tl.store(o_row + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]
+        o_ptrs = o_row + offs_g[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+def default_config(G: int, D: int, page: int) -> dict:
+    """Launch parameters, from tools/bench_pool_attention.py on an H200 (docs/PERFORMANCE.md).
+
+    Small programs win: one warp per 16 slots keeps every reduction inside a warp, many programs
+    per SM hide the memory latency, and with BLOCK_N <= page each block reads a single page.
+    """
+    if G == 1:
+        return {"block_n": min(16, page), "num_warps": 1 if D <= 64 else 2, "num_stages": 2}
+    return {"block_n": min(16, page), "num_warps": 2, "num_stages": 2}  # GQA: no LlamaGen model uses it
+
+
+def pool_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
+    inv_norm: torch.Tensor,
+    vsum: torch.Tensor,
+    block_table: torch.Tensor,
+    n_slots: torch.Tensor,
+    evict_lo: torch.Tensor,
+    evict_hi: torch.Tensor,
+    mode: torch.Tensor,
+    scale: float,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as pool_attention_torch. Keyword overrides are for tuning only."""
+    B, H, D = q.shape
+    P, Hkv, page, Dk = k_cache.shape
+    if Dk != D or H % Hkv or v_cache.shape != k_cache.shape:
+        shapes = f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
+        raise ValueError(f"shapes disagree: {shapes}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("pos_cache", pos_cache),
+                    ("inv_norm", inv_norm)):  # fmt: skip
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the kernel compiles its strides in)")
+    if pos_cache.shape != k_cache.shape[:3] or inv_norm.shape != k_cache.shape[:3]:
+        raise ValueError("pos_cache and inv_norm must be (P, Hkv, page)")
+    if q.stride(-1) != 1 or vsum.stride(-1) != 1:
+        raise ValueError("q and vsum must be contiguous in their last dim")
+    # int32 index tensors per the pool layout; others are converted (a no-op when already int32)
+    block_table, n_slots, evict_lo, evict_hi, mode = (
+        t.to(torch.int32).contiguous() for t in (block_table, n_slots, evict_lo, evict_hi, mode)
+    )
+    if block_table.shape[1] == 0:
+        raise ValueError("block_table needs at least one column")
+    G = H // Hkv
+    cfg = default_config(G, D, page)
+    block_n = block_n or cfg["block_n"]
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    victim = torch.empty((B, Hkv), dtype=torch.int32, device=q.device)
+    if B == 0:
+        return out, victim
+    _pool_attention_kernel[(Hkv, B)](
+        q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n_slots, evict_lo, evict_hi, mode,
+        out, victim,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), vsum.stride(0), vsum.stride(1), block_table.stride(0),
+        out.stride(0), out.stride(1), victim.stride(0),
+        HKV=Hkv, PAGE=page, D=D, D_PAD=max(16, triton.next_power_of_2(D)),
+        G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+    )  # fmt: skip
+    return out, victim

@@ -1,0 +1,193 @@
+"""CPU tests of the pool-attention oracle against naive dense references.
+
+`make_case` and the naive references are reused by test_pool_attention_gpu.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adsa_core.kv.attention import pool_attention, pool_attention_torch
+
+
+def make_case(B, H, Hkv, D, page=16, max_slots=96, dtype=torch.float32, device="cpu", seed=0, n_slots=None):
+    """Random pool with scattered pages, random n_slots, unique positions per (row, head), random
+    eviction ranges and modes. Values share a common direction so redundancies are spread out."""
+    g = torch.Generator().manual_seed(seed)
+    max_pages = -(-max_slots // page)
+    P = B * max_pages + 5  # a few pages nobody owns
+    block_table = torch.randperm(P, generator=g)[: B * max_pages].view(B, max_pages).int()
+    if n_slots is None:
+        n_slots = torch.randint(1, max_slots + 1, (B,), generator=g)
+    n_slots = torch.as_tensor(n_slots).int()
+    for b in range(B):  # unused entries hold garbage; nothing may read them
+        block_table[b, -(-int(n_slots[b]) // page) :] = -1
+    common = torch.randn(D, generator=g)
+    k = torch.randn(P, Hkv, page, D, generator=g)
+    v = torch.randn(P, Hkv, page, D, generator=g) + 0.7 * common
+    v = v * torch.rand(P, Hkv, page, 1, generator=g).add(0.2)  # varied norms: cosine must ignore them
+    k, v = k.to(dtype), v.to(dtype)
+    T = 2 * P * page  # positions come from a longer sequence: evicted tokens leave gaps
+    # unique per head, and >= 1 so that tests can plant the smallest position 0
+    pos = torch.stack([torch.randperm(T, generator=g)[: P * page] + 1 for _ in range(Hkv)], 1)
+    pos = pos.view(P, page, Hkv).transpose(1, 2).contiguous().int()  # (P * page, Hkv) -> (P, Hkv, page)
+    inv_norm = 1.0 / v.float().norm(dim=-1).clamp_min(1e-6)
+    lo = torch.randint(0, T // 2, (B,), generator=g)
+    hi = lo + torch.randint(0, T // 2, (B,), generator=g)
+    mode = torch.randint(0, 3, (B,), generator=g)
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    case = dict(q=q, k_cache=k, v_cache=v, pos_cache=pos, inv_norm=inv_norm, vsum=None,
+                block_table=block_table, n_slots=n_slots, evict_lo=lo.int(), evict_hi=hi.int(),
+                mode=mode.int(), scale=1.0 / math.sqrt(D))  # fmt: skip
+    case["vsum"] = torch.stack(
+        [torch.stack([(vv.float() * inv[:, None]).sum(0) for _, vv, _, inv in dense_rows(case, b)])
+         for b in range(B)]
+    )  # fmt: skip  # (B, Hkv, D)
+    return {name: t.to(device) if torch.is_tensor(t) else t for name, t in case.items()}
+
+
+def dense_rows(case, b):
+    """Row b materialised by slot, one (K, V, pos, inv_norm) per kv head, valid slots only."""
+    page = case["k_cache"].shape[2]
+    n = int(case["n_slots"][b])
+    s = torch.arange(n, device=case["k_cache"].device)
+    pages, off = case["block_table"][b].long()[s // page], s % page
+    return [
+        tuple(case[name][pages, h, off] for name in ("k_cache", "v_cache", "pos_cache", "inv_norm"))
+        for h in range(case["k_cache"].shape[1])
+    ]
+
+
+def naive_attention(case):
+    """Plain softmax attention per row and query head, float64."""
+    B, H, D = case["q"].shape
+    G = H // case["k_cache"].shape[1]
+    out = torch.zeros(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        rows = dense_rows(case, b)
+        for h in range(H):
+            k, v = rows[h // G][0].double().cpu(), rows[h // G][1].double().cpu()
+            w = torch.softmax(k @ case["q"][b, h].double().cpu() * case["scale"], dim=0)
+            out[b, h] = w @ v
+    return out
+
+
+def naive_redundancy(v):
+    """r_i = mean cosine similarity of value i to the other values, from the pairwise matrix."""
+    n = v.shape[0]
+    if n == 1:
+        return torch.zeros(1, dtype=torch.float64)
+    u = v.double().cpu()
+    u = u / u.norm(dim=-1, keepdim=True)
+    cos = u @ u.T  # (n, n)
+    return (cos.sum(1) - cos.diagonal()) / (n - 1)
+
+
+def check_victims(case, victim, rel_tie=1e-5):
+    """Every (row, head) victim against a naive recomputation; near-ties (< rel_tie) accept either."""
+    B, Hkv = victim.shape
+    for b in range(B):
+        m, lo, hi = (int(case[name][b]) for name in ("mode", "evict_lo", "evict_hi"))
+        for h, (_, v, pos, _) in enumerate(dense_rows(case, b)):
+            pos = pos.long().cpu()
+            cand = torch.nonzero((pos >= lo) & (pos <= hi)).flatten()
+            got = int(victim[b, h])
+            if m == 0 or cand.numel() == 0:
+                assert got == -1, (b, h, m)
+                continue
+            assert got in cand.tolist(), (b, h, got)
+            if m == 2:
+                want = cand[pos[cand].argmin()]
+                assert got == int(want), (b, h, got, int(want))
+                continue
+            r = naive_redundancy(v)
+            want = int(cand[r[cand].argmax()])
+            if got != want:  # only a near-tie may pick differently
+                gap = float(r[want] - r[got])
+                assert gap <= rel_tie * max(1.0, float(r[want].abs())), (b, h, got, want, gap)
+
+
+def rel_err(out, ref):
+    return float((out.double().cpu() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(8, 8, 64), (8, 2, 64), (4, 4, 100), (6, 2, 100)])
+@pytest.mark.parametrize("page", [16, 32])
+def test_oracle_matches_dense_reference(H, Hkv, D, page):
+    case = make_case(B=5, H=H, Hkv=Hkv, D=D, page=page, max_slots=150, seed=H * D + page)
+    out, victim = pool_attention_torch(**case)
+    assert out.shape == (5, H, D) and out.dtype == torch.float32
+    assert victim.shape == (5, Hkv) and victim.dtype == torch.int32
+    assert rel_err(out, naive_attention(case)) < 1e-5
+
+
+def test_oracle_low_precision_output_dtype():
+    case = make_case(B=3, H=4, Hkv=4, D=64, dtype=torch.bfloat16, seed=7)
+    out, _ = pool_attention_torch(**case)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, naive_attention(case)) < 1e-2
+
+
+@pytest.mark.parametrize("Hkv,D", [(4, 64), (2, 100)])
+def test_adsa_victim_is_most_redundant_candidate(Hkv, D):
+    case = make_case(B=12, H=2 * Hkv, Hkv=Hkv, D=D, max_slots=200, seed=D)
+    case["mode"].fill_(1)
+    _, victim = pool_attention_torch(**case)
+    assert (victim >= 0).any()
+    check_victims(case, victim)
+
+
+def test_mixed_modes_and_window_picks_smallest_position():
+    case = make_case(B=16, H=4, Hkv=4, D=64, seed=3)
+    assert set(case["mode"].tolist()) == {0, 1, 2}
+    _, victim = pool_attention_torch(**case)
+    check_victims(case, victim)
+
+
+def test_no_candidate_gives_minus_one():
+    case = make_case(B=4, H=4, Hkv=2, D=64, seed=5)
+    case["mode"] = torch.tensor([0, 1, 2, 1], dtype=torch.int32)
+    case["evict_lo"] = torch.tensor([0, 10_000, 10_000, 5], dtype=torch.int32)  # no position that large
+    case["evict_hi"] = torch.tensor([10_000, 20_000, 20_000, 4], dtype=torch.int32)  # lo > hi: empty
+    _, victim = pool_attention_torch(**case)
+    assert (victim == -1).all()
+
+
+def plant_ties(case, b, slots):
+    """Give row b's `slots` (in every head) one identical, most-redundant value and the smallest
+    position, so both modes see an exact tie among them. Recomputes that row's vsum."""
+    page = case["k_cache"].shape[2]
+    bt = case["block_table"][b].long()
+    for h in range(case["k_cache"].shape[1]):
+        _, v, _, _ = dense_rows(case, b)[h]
+        top = v.float().mean(0)  # the mean direction is the most redundant one
+        for s in slots:
+            at = (bt[s // page], h, s % page)
+            case["v_cache"][at] = (3 * top / top.norm()).to(v.dtype)
+            case["pos_cache"][at] = 0  # make_case positions are >= 1
+            case["inv_norm"][at] = 1.0 / case["v_cache"][at].float().norm()
+        _, v, _, inv = dense_rows(case, b)[h]
+        case["vsum"][b, h] = (v.float() * inv[:, None]).sum(0)
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_ties_go_to_lowest_slot(mode):
+    case = make_case(B=3, H=2, Hkv=2, D=64, max_slots=160, n_slots=[160, 160, 160], seed=11)
+    case["evict_lo"].fill_(0)
+    case["evict_hi"].fill_(10_000)
+    case["mode"].fill_(mode)
+    ties = [[130, 9, 77], [5, 7], [140, 70]]  # across and within slot blocks, not in slot order
+    for b, slots in enumerate(ties):
+        plant_ties(case, b, slots)
+    _, victim = pool_attention_torch(**case)
+    assert victim.tolist() == [[min(s)] * 2 for s in ties]
+
+
+def test_dispatch_on_cpu_is_the_oracle():
+    case = make_case(B=3, H=4, Hkv=2, D=64, seed=13)
+    out, victim = pool_attention(**case)
+    ref_out, ref_victim = pool_attention_torch(**case)
+    assert torch.equal(out, ref_out) and torch.equal(victim, ref_victim)
