@@ -105,6 +105,9 @@ class Engine:
         self.spill = SpillArena(config.spill_arena_bytes, geo.n_layer, geo.kv_heads, geo.head_dim, geo.dtype,
                                 self.device)
         self.spill_steps_per_seq = config.spill_limit_bytes // self.spill.step_bytes
+        self._pin_next = 0
+        if self.device.type == "cuda":
+            self._pinned = [(torch.empty(self.max_rows, dtype=torch.long, pin_memory=True), None) for _ in range(4)]
         self._batch_key: tuple | None = None
         self._batch: dict[str, torch.Tensor] = {}
 
@@ -438,11 +441,28 @@ class Engine:
     def _spill_step(self, spilling: list[tuple[int, SpillRecord]]) -> None:
         """One gather + one async copy for every sequence that overwrote slots this step."""
         rows = self.runner.rows
-        idx = torch.tensor([r for r, _ in spilling], device=self.device)
+        idx = self._index_to_device([r for r, _ in spilling])
         recs = [rec for _, rec in spilling]
         before = [rec.bytes for rec in recs]
         self.spill.store(rows.spill_k[:, idx], rows.spill_v[:, idx], rows.spill_pos[:, idx], recs)
         self.stats_.spilled_bytes_total += sum(rec.bytes - b for rec, b in zip(recs, before))
+
+    def _index_to_device(self, values: list[int]) -> torch.Tensor:
+        """A small index tensor on the device without a host sync: a pageable copy would wait for
+        the GPU, so it goes through a ring of pinned buffers, each reused only after its copy ran."""
+        if self.device.type != "cuda":
+            return torch.tensor(values)
+        k = self._pin_next = (self._pin_next + 1) % len(self._pinned)
+        buf, ev = self._pinned[k]
+        if ev is not None:
+            ev.synchronize()  # only waits if the GPU is a whole ring behind
+        n = len(values)
+        buf[:n] = torch.tensor(values, dtype=torch.long)
+        out = buf[:n].to(self.device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._pinned[k] = (buf, ev)
+        return out
 
     def _swap_out(self, item: _Request) -> None:
         saved = []
