@@ -49,7 +49,6 @@ class Job:
 
     request_id: str
     seed: int
-    stream: bool
     requests: list[GenerationRequest]
     handles: list[Any]  # RequestHandle
     created: int = field(default_factory=lambda: int(time.time()))
@@ -86,7 +85,7 @@ class GenerationService:
         if body.stream:
             preview = settings.preview_every_rows if body.preview_every_rows is None else body.preview_every_rows
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        job = Job(uuid.uuid4().hex, seed, body.stream, [], [])
+        job = Job(uuid.uuid4().hex, seed, [], [])
         deadline = time.monotonic() + timeout
         for i, (cond, mask) in enumerate(conditions):
             job.requests.append(

@@ -7,12 +7,15 @@ from settings onto `adsa_core` types. Engine defaults come from `EngineConfig` i
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adsa_core.config import CacheConfig, EngineConfig
+
+if TYPE_CHECKING:
+    from adsa_core.loading import ModelSpec
 
 _ENGINE = EngineConfig()  # defaults shown in --help and used when a setting is left alone
 _CACHE = CacheConfig()
@@ -97,8 +100,8 @@ class Settings(BaseSettings):
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
 
-    def model_spec(self):  # -> adsa_core.loading.ModelSpec (imported lazily: loading pulls in torch models)
-        from adsa_core.loading import ModelSpec
+    def model_spec(self) -> ModelSpec:
+        from adsa_core.loading import ModelSpec  # lazily: loading imports the torch model code
 
         return ModelSpec(
             gpt_model=self.gpt_model,

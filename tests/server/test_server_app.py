@@ -328,3 +328,14 @@ def test_error_mapping_table():
         assert err.status == status
     assert to_api_error(QueueFull("x"), 2.5).headers["Retry-After"] == "3"
     assert to_api_error(RuntimeError("secret detail")).message == "internal server error"
+
+
+async def test_cors_when_configured():
+    async with fake_client(S(cors_origins="https://ui.example")) as (c, _):
+        r = await c.options(
+            "/v1/generate", headers={"Origin": "https://ui.example", "Access-Control-Request-Method": "POST"}
+        )
+        assert r.headers["access-control-allow-origin"] == "https://ui.example"
+    async with fake_client() as (c, _):  # off by default
+        r = await c.get("/healthz", headers={"Origin": "https://ui.example"})
+        assert "access-control-allow-origin" not in r.headers
