@@ -72,7 +72,7 @@ def _pool_attention_kernel(
     for start in range(0, n, BLOCK_N):
         slot = start + tl.arange(0, BLOCK_N)
         s_ok = slot < n
-        if BLOCK_N <= PAGE:  # the block lies in one page: one uniform id, fetched a block ahead so
+        if PAGE % BLOCK_N == 0:  # the block lies in one page: one uniform id, fetched a block ahead so
             page = page_next  # that this block's K/V loads do not wait on a block-table load
             ahead = start + BLOCK_N
             page_next = tl.load(bt_row + ahead // PAGE, mask=ahead < n, other=0).to(tl.int64)
@@ -138,11 +138,11 @@ def default_config(G: int, D: int, page: int) -> dict:
     """Launch parameters, from tools/bench_pool_attention.py on an H200 (docs/PERFORMANCE.md).
 
     Small programs win: one warp per 16 slots keeps every reduction inside a warp, many programs
-    per SM hide the memory latency, and with BLOCK_N <= page each block reads a single page.
+    per SM hide the memory latency, and with page % 16 == 0 each block reads a single page.
     """
     if G == 1:
-        return {"block_n": min(16, page), "num_warps": 1 if D <= 64 else 2, "num_stages": 2}
-    return {"block_n": min(16, page), "num_warps": 2, "num_stages": 2}  # GQA: no LlamaGen model uses it
+        return {"block_n": 16, "num_warps": 1 if D <= 64 else 2, "num_stages": 2}
+    return {"block_n": 32, "num_warps": 4, "num_stages": 2}  # GQA: untuned, no LlamaGen model uses it
 
 
 def pool_attention_triton(
