@@ -7,11 +7,9 @@ rows (conditional, unconditional) that share one sample per step.
 
 from __future__ import annotations
 
-import io
 import itertools
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -22,14 +20,13 @@ from ..kv.pool import PageAllocator, PoolGeometry, pages_for
 from ..kv.spill import SpillArena, SpillRecord
 from ..loading import LoadedModels
 from ..sampling import cfg_combine, sample_tokens
+from .imaging import DoneImage, ImageStage
 from .request import (
     DeadlineExceeded,
     EngineError,
     Event,
-    Finished,
     GenerationRequest,
     InvalidRequest,
-    PartialImage,
     Progress,
     QueueFull,
     RequestCancelled,
@@ -99,7 +96,9 @@ class Engine:
         self.forced = torch.zeros(B, N, dtype=torch.long, device=self.device)
         self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens,
                                   kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
-        self.image_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq")
+        self.images = ImageStage(models.vq if config.decode_images else None, self.device, config.vq_decode_batch,
+                                 config.encode_png)
+        self._done: list[DoneImage] = []  # finished this step, handed to the image stage together
         self.step_listeners: list[Callable[[float, int], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-request failures here
         self.spill = SpillArena(config.spill_arena_bytes, geo.n_layer, geo.kv_heads, geo.head_dim, geo.dtype,
@@ -182,6 +181,8 @@ class Engine:
         running = [r for r in self.scheduler.running if isinstance(r, _Request)]
         if running:
             self._decode(running)
+        self.images.finish(self._done)
+        self._done = []
 
     def _finish(self, item: _Request, outcome: Event | EngineError | None, status: str) -> None:
         """Release everything a request holds and deliver its last event (if any)."""
@@ -404,38 +405,17 @@ class Engine:
     # --- results ---------------------------------------------------------------------------------
     def _complete(self, it: _Request) -> None:
         it.stats.run_s = time.monotonic() - it.started
-        codes = self.codes[it.slot].cpu()
         logprobs = torch.stack(it.logprobs).cpu() if it.logprobs else None
-        stats = it.stats
+        # a device-side copy: the slot may be reused before the image stage reads it
+        self._done.append(DoneImage(it.sink, self.codes[it.slot].clone(), it.stats, logprobs))
         self.stats_.images_total += 1
         self._finish(it, None, "ok")
-        sink = it.sink
-        vq = self.models.vq if self.config.decode_images else None
-
-        def decode_and_deliver() -> None:
-            try:
-                png = encode_png(vq.decode_code(codes[None].to(vq.post_quant_conv.weight.device))[0]) if vq else None
-                sink(Finished(codes, png, stats, logprobs))
-            except Exception as e:  # noqa: BLE001
-                sink(RequestFailed(f"image decode failed: {e}"))
-
-        self.image_pool.submit(torch.no_grad()(decode_and_deliver))
 
     def _preview(self, it: _Request, rows_done: int) -> None:
-        grid, vq = self.cfg.grid_size, self.models.vq
-        if vq is None or not self.config.decode_images:
-            return
-        codes = self.codes[it.slot].cpu().clone()
+        grid = self.cfg.grid_size
+        codes = self.codes[it.slot].clone()
         codes[rows_done * grid:] = 0
-        sink, n = it.sink, it.n_sampled
-        px = rows_done * (self.models.image_size // grid)
-
-        def decode() -> None:
-            with torch.no_grad():
-                img = vq.decode_code(codes[None].to(vq.post_quant_conv.weight.device))[0, :, :px]
-            sink(PartialImage(n, rows_done, encode_png(img)))
-
-        self.image_pool.submit(decode)
+        self.images.preview(it.sink, codes, it.n_sampled, rows_done, rows_done * (self.models.image_size // grid))
 
     # --- spill and swap ----------------------------------------------------------------------------
     def _spill_step(self, spilling: list[tuple[int, SpillRecord]]) -> None:
@@ -498,18 +478,8 @@ class Engine:
         return EngineStats(**{**s.__dict__, "requests_total_by_status": dict(s.requests_total_by_status)})
 
     def close(self) -> None:
-        self.image_pool.shutdown(wait=True)
+        self.images.close()
 
 
 def _to_cpu(groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
     return [[t.to("cpu", non_blocking=False) for t in g] for g in groups]
-
-
-def encode_png(image: torch.Tensor) -> bytes:
-    """(3, H, W) float in [-1, 1] -> PNG bytes (LlamaGen's uint8 mapping)."""
-    from PIL import Image
-
-    arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr.permute(1, 2, 0).cpu().numpy()).save(buf, format="PNG")
-    return buf.getvalue()

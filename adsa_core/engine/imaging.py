@@ -1,0 +1,105 @@
+"""Image stage: VQ decode and PNG encoding off the decode loop.
+
+Finished requests of one engine step are decoded together, in chunks of `chunk` images so
+the decoder's activations never spike memory, on their own CUDA stream and thread, so
+decoding overlaps the next token steps. PNG encoding (zlib releases the GIL) runs on a
+small thread pool. The token buffer is read through a device-side copy ordered after the
+step that produced it, so the engine never waits for the GPU here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ..images import png_bytes, to_pil, to_uint8
+from ..model.vq import VQModel
+from .request import Finished, PartialImage, RequestFailed, RequestStats
+
+log = logging.getLogger(__name__)
+Sink = Callable[[object], None]
+
+
+@dataclass
+class DoneImage:
+    sink: Sink
+    codes: torch.Tensor  # (block_size,) on the engine's device (a private copy)
+    stats: RequestStats
+    logprobs: torch.Tensor | None
+
+
+def encode_png(pixels: torch.Tensor) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes; fast compression: serving latency beats a few % of bytes."""
+    return png_bytes(to_pil(pixels[None])[0], compress_level=1)
+
+
+class ImageStage:
+    def __init__(self, vq: VQModel | None, device: torch.device, chunk: int, png: bool, png_threads: int = 4):
+        self.vq = vq
+        self.device = device
+        self.chunk = max(1, chunk)
+        self.png = png
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq")
+        self.png_pool = ThreadPoolExecutor(max_workers=png_threads, thread_name_prefix="adsa-png")
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _ready_event(self) -> torch.cuda.Event | None:
+        if self.stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    def finish(self, done: list[DoneImage]) -> None:
+        if done:
+            self.worker.submit(self._finish, done, self._ready_event())
+
+    def preview(self, sink: Sink, codes: torch.Tensor, tokens_done: int, rows_done: int, px: int) -> None:
+        """codes: a private device copy with the unfinished rows zeroed; px: completed pixel rows."""
+        if self.vq is not None:
+            self.worker.submit(self._preview, sink, codes, tokens_done, rows_done, px, self._ready_event())
+
+    def _on_stream(self, ready: torch.cuda.Event | None):
+        """Run on the image stream, after the engine step that produced the tokens."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_event(ready)
+        return torch.cuda.stream(self.stream)
+
+    @torch.no_grad()
+    def _finish(self, done: list[DoneImage], ready: torch.cuda.Event | None) -> None:
+        try:
+            with self._on_stream(ready):
+                codes = torch.stack([d.codes for d in done])  # (n, block_size)
+                pixels = None
+                if self.vq is not None:  # (n, H, W, 3) uint8 on the CPU, `chunk` images at a time
+                    pixels = torch.cat([to_uint8(self.vq.decode_code(c)) for c in codes.split(self.chunk)])
+                codes = codes.cpu()
+            pngs = [None] * len(done)
+            if pixels is not None and self.png:
+                pngs = list(self.png_pool.map(encode_png, pixels))
+        except Exception as e:  # noqa: BLE001 - a decode failure fails these images, not the engine
+            for d in done:
+                d.sink(RequestFailed(f"image decode failed: {e}"))
+            return
+        for i, d in enumerate(done):
+            d.sink(Finished(codes[i], pngs[i], d.stats, d.logprobs))
+
+    @torch.no_grad()
+    def _preview(self, sink: Sink, codes: torch.Tensor, tokens_done: int, rows_done: int, px: int,
+                 ready: torch.cuda.Event | None) -> None:
+        try:
+            with self._on_stream(ready):
+                pixels = to_uint8(self.vq.decode_code(codes[None]))[0, :px]
+            sink(PartialImage(tokens_done, rows_done, encode_png(pixels)))
+        except Exception:  # noqa: BLE001 - a failed preview is skipped; the final image still comes
+            log.exception("preview decode failed")
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)
+        self.png_pool.shutdown(wait=True)
