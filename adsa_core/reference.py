@@ -7,6 +7,7 @@ and LlamaGen's text mask. Deliberately simple; the engine is where speed lives.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -19,7 +20,7 @@ from .sampling import SamplingParams, cfg_combine, sample_tokens
 class StaticKVCache:
     """gpt-fast style: (B, Hkv, S, D) per layer, written at `input_pos`, read with a (B, S, S) mask."""
 
-    def __init__(self, model: Transformer, batch: int, max_len: int):
+    def __init__(self, model: Transformer, batch: int, max_len: int, static: bool = False):
         cfg = model.config
         shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layer)]
@@ -27,8 +28,9 @@ class StaticKVCache:
         self.mask = torch.zeros(batch, max_len, max_len, dtype=torch.bool, device=model.device)  # (B, S, S)
         self.rep = cfg.n_head // cfg.kv_heads
         self.input_pos = torch.arange(1, device=model.device)
-        for t in [*self.k, *self.v, self.mask]:  # fixed addresses let torch.compile capture a CUDA graph
-            torch._dynamo.mark_static_address(t)
+        if static:  # fixed addresses let torch.compile capture a CUDA graph
+            for t in [*self.k, *self.v, self.mask]:
+                torch._dynamo.mark_static_address(t)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pos = self.input_pos
@@ -73,7 +75,7 @@ def generate(
         mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device)).expand(rows, -1, -1)
     cache = _static_cache(model, rows, max_len) if compile_step else StaticKVCache(model, rows, max_len)
     cache.mask.copy_(mask)
-    step = _compiled_step if compile_step else _decode_step
+    step = _compiled_step() if compile_step else _decode_step
 
     def settings(n: int):
         return (torch.full((n,), params.temperature, device=device),
@@ -105,7 +107,12 @@ def _decode_step(model: Transformer, cache: StaticKVCache, h: torch.Tensor, inpu
     return model.forward_embeddings(h, input_pos, cache)[:, -1]
 
 
-_compiled_step = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+@functools.cache
+def _compiled_step() -> Callable:
+    # created on first use: importing torch._dynamo costs seconds at start-up
+    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
 _static_caches: dict[tuple, StaticKVCache] = {}
 
 
@@ -113,5 +120,5 @@ def _static_cache(model: Transformer, rows: int, max_len: int) -> StaticKVCache:
     """One cache per shape, reused across calls so the compiled step is not recompiled."""
     key = (id(model), rows, max_len, model.dtype, model.device)
     if key not in _static_caches:
-        _static_caches[key] = StaticKVCache(model, rows, max_len)
+        _static_caches[key] = StaticKVCache(model, rows, max_len, static=True)
     return _static_caches[key]

@@ -41,6 +41,7 @@ class ModelInfo:
     default_budget: int  # tokens per sequence
     seq_len: int  # tokens a sequence holds without eviction
     max_batch_size: int
+    has_decoder: bool  # False: results carry tokens only (no VQ decoder was loaded)
     sampling_defaults: dict = field(default_factory=dict)
 
 
@@ -101,7 +102,7 @@ class AsyncEngine:
             name=models.name, model_type=cfg.model_type, image_size=models.image_size,
             num_classes=cfg.num_classes if cfg.model_type == "c2i" else 0, classes=models.classes,
             policies=POLICIES, default_policy=default.policy, default_budget=default.budget,
-            seq_len=cfg.seq_len, max_batch_size=config.max_batch_size,
+            seq_len=cfg.seq_len, max_batch_size=config.max_batch_size, has_decoder=models.vq is not None,
             sampling_defaults=dict(models.sampling_defaults),
         )
 
@@ -154,12 +155,13 @@ class AsyncEngine:
                 if loop_deadline is not None and asyncio.get_running_loop().time() > loop_deadline:
                     break
                 await asyncio.sleep(0.05)
+        self._post(("abort_all",))  # whatever did not finish gets a final event, never silence
         self._stop = True
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
         if self.engine is not None:
-            self.engine.close()
+            await asyncio.to_thread(self.engine.close)
 
     # --- engine thread ------------------------------------------------------------------------------
     def _post(self, msg: tuple) -> None:
@@ -175,8 +177,7 @@ class AsyncEngine:
                 try:
                     eng.step()
                 except Exception as e:  # noqa: BLE001 - fail what was running, keep serving
-                    for item in list(eng.requests.values()):
-                        eng._fail(item, RequestFailed(f"engine step failed: {e}"), "error")
+                    eng.fail_all(RequestFailed(f"engine step failed: {e}"), "error")
                 self._stats = eng.stats()
             else:
                 self._stats = eng.stats()
@@ -201,6 +202,8 @@ class AsyncEngine:
                     sink(e)
             elif kind == "cancel":
                 eng.cancel(args[0])
+            elif kind == "abort_all":
+                eng.fail_all(EngineDraining("the server shut down before this request finished"), "aborted")
 
     def _sink_for(self, handle: RequestHandle) -> Callable[[Event | EngineError], None]:
         loop = self._loop

@@ -207,6 +207,11 @@ class Engine:
     def _fail(self, item: _Request, err: EngineError, status: str) -> None:
         self._finish(item, err, status)
 
+    def fail_all(self, err: EngineError, status: str) -> None:
+        """Every request, waiting or running, ends with `err` (engine failure, shutdown)."""
+        for item in list(self.requests.values()):
+            self._fail(item, err, status)
+
     def _reap(self) -> None:
         now = time.monotonic()
         for item in list(self.requests.values()):
