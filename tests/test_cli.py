@@ -23,8 +23,9 @@ from adsa_core.sampling import SamplingParams
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
+def run(argv: list, capsys) -> tuple[int, str, str]:
+    """main() in-process, on the CPU (exact float32 vectors) unless argv names another --device."""
+    rc = main(["--device", "cpu", *(str(a) for a in argv)])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -279,10 +280,10 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, testdata, manifest
 
 def test_module_entry_point_error_has_no_traceback(tmp_path, testdata, manifest):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cfg = json.dumps(manifest["c2i_gpt.pt"]["config"])
+    args = [str(a) for a in model_args(testdata, manifest, "c2i_gpt.pt")]
     proc = subprocess.run(
-        [sys.executable, "-m", "adsa_core.cli", "--gpt-config", cfg, "--gpt-ckpt",
-         str(testdata / "c2i_gpt.pt"), "--class-labels", "1,7,300", "--codes-out", str(tmp_path / "c.json")],
+        [sys.executable, "-m", "adsa_core.cli", *args, "--device", "cpu", "--class-labels", "1,7,300",
+         "--codes-out", str(tmp_path / "c.json")],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
     )
     assert proc.returncode == 2
