@@ -277,8 +277,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Generate images with a LlamaGen model (dense reference sampler).")
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags shared by adsa-generate and adsa-fidelity; `model_spec_from_args` reads them back."""
     m = p.add_argument_group("model (no model flags: the embedded demo model)")
     arch = m.add_mutually_exclusive_group()
     arch.add_argument("--gpt-model", metavar="NAME", help="preset: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B")
@@ -288,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vq-ckpt", metavar="PATH", help="VQ tokenizer checkpoint; needed for images")
     m.add_argument("--vq-config", metavar="JSON", help="VQ config JSON (file or inline); default VQ-16")
     m.add_argument("--num-classes", type=int, metavar="N", help="classes of a c2i model (default 1000)")
+
+
+def model_spec_from_args(a: argparse.Namespace) -> ModelSpec:
+    """The ModelSpec of `add_model_args` flags (plus --text-encoder, --device, --dtype where the parser has them)."""
+    return ModelSpec(
+        gpt_model=a.gpt_model, gpt_config=a.gpt_config, gpt_ckpt=a.gpt_ckpt, vq_ckpt=a.vq_ckpt,
+        vq_config=a.vq_config, image_size=a.image_size, num_classes=a.num_classes,
+        text_encoder=getattr(a, "text_encoder", None), device=getattr(a, "device", "auto"),
+        dtype=getattr(a, "dtype", "auto"),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Generate images with a LlamaGen model (dense reference sampler).")
+    add_model_args(p)
 
     c = p.add_argument_group("conditions")
     cond = c.add_mutually_exclusive_group()
@@ -350,11 +365,7 @@ def _main(argv: list[str] | None) -> int:
     a = build_parser().parse_args(argv)
 
     # Everything below uses these, never `a`.
-    spec = ModelSpec(
-        gpt_model=a.gpt_model, gpt_config=a.gpt_config, gpt_ckpt=a.gpt_ckpt, vq_ckpt=a.vq_ckpt,
-        vq_config=a.vq_config, image_size=a.image_size, num_classes=a.num_classes,
-        text_encoder=a.text_encoder, device=a.device, dtype=a.dtype,
-    )
+    spec = model_spec_from_args(a)
     conditions = Conditions(a.class_labels, a.prompts, a.caption_features)
     outputs = Outputs(a.out, a.codes_out, a.images_out)
     sampling_overrides = {
