@@ -105,7 +105,8 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
     pool_tokens = rows * pages_for(resolved.budget, page) * page  # exactly what the batch needs
     ec = EngineConfig(device=str(dev), max_batch_size=batch, kv_pool_tokens=pool_tokens, page_size=page,
                       max_queue=4 * batch, spill_limit_bytes=spill_limit, cuda_graphs=graphs,
-                      default_cache=cache, encode_png=False)  # the baseline decodes but does not encode PNGs
+                      default_cache=cache, encode_png=False,  # the baseline decodes but does not encode PNGs
+                      vq_decode_batch=16)
     _sync(dev)
     _reset_peak(dev)
     engine = Engine(models, ec)

@@ -259,5 +259,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture the decode step per batch bucket (GPU only)
     decode_images: bool = True  # VQ-decode finished requests (offline tools decode themselves)
     encode_png: bool = True  # and encode them as PNG (the benchmark measures decode only, like the baseline)
-    vq_decode_batch: int = 16  # images per VQ decode call: bounds the decoder's activation memory
+    # images per VQ decode call. 1 keeps every image's bytes independent of the images finishing
+    # beside it (batched convolutions differ in the last bit); larger decodes faster
+    vq_decode_batch: int = 1
     default_cache: CacheConfig = field(default_factory=CacheConfig)
