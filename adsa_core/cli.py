@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import reference
 from .config import CacheConfig, ConfigError, VQConfig
+from .engine.offline import run_offline
 from .images import make_grid, save_pngs, to_uint8
 from .loading import LoadedModels, ModelSpec, load_models, read_json_arg, resolve_device, resolve_dtype
 from .model.checkpoint import load_vq
@@ -93,17 +94,19 @@ def generate_codes(
     batch_size: int,
     progress: Callable[[int], None] | None = None,
 ) -> Generated:
-    """Image tokens for every condition, `batch_size` images at a time. The only caller of a sampler.
+    """Image tokens for every condition, `batch_size` images at a time. The only caller of a sampler:
+    the dense reference (the oracle) for `dense`, the engine's sparse pooled cache otherwise.
 
     conds: labels (N,) or caption features (N, 120, C); seeds: (N,), image i uses seeds[i], so the
     result does not depend on `batch_size`. `progress(n)` is called with n new tokens.
     """
     resolved = cache_config.resolve(models.gpt_config)
-    if resolved.policy != "dense":
-        # TODO(lead): route non-dense policies through the engine's sparse pooled cache.
-        print(f"{PROG}: note: --policy {resolved.policy} is not wired to the sparse engine yet; "
-              "generating with the dense cache", file=sys.stderr)
-        resolved = CacheConfig(policy="dense", budget=None).resolve(models.gpt_config)
+    if resolved.policy != "dense":  # the sparse pooled cache lives in the engine
+        res = run_offline(models, conds, sampling, seeds, cache_config, batch_size, emb_masks=emb_masks,
+                          progress=progress)
+        return Generated(res.codes.cpu(), resolved.policy, resolved.budget,
+                         max(st.peak_kv_tokens for st in res.stats), sum(st.evictions for st in res.stats),
+                         sum(st.spilled_bytes for st in res.stats))
     chunks = []
     for start in range(0, len(seeds), batch_size):
         sl = slice(start, start + batch_size)
@@ -113,7 +116,7 @@ def generate_codes(
         codes = reference.generate(models.gpt, conds[sl], sampling, seeds=seeds[sl], emb_masks=masks,
                                    on_token=on_token)
         chunks.append(codes.cpu())
-    return Generated(torch.cat(chunks), resolved.policy, resolved.budget, resolved.seq_len, 0, 0)
+    return Generated(torch.cat(chunks), "dense", resolved.budget, resolved.seq_len, 0, 0)
 
 
 @torch.no_grad()

@@ -168,15 +168,20 @@ def test_quiet_without_a_tty(tmp_path, capsys, c2i_args):
     assert (rc, out, err) == (0, "", "")
 
 
-def test_sparse_policies_are_accepted_for_now(tmp_path, capsys, c2i_args, c2i_io):
-    rc, _, err = run([*c2i_args, "--class-labels", "1,7,3", "--greedy", "--policy", "adsa",
-                      "--kv-budget", "12", "--kv-prefix", "2", "--kv-local", "5",
-                      "--codes-out", tmp_path / "c.json"], capsys)
-    assert rc == 0
-    assert "not wired to the sparse engine yet" in err
-    codes, stats = read_codes(tmp_path / "c.json")
-    assert torch.equal(codes, c2i_io["greedy_cfg4"].long())  # dense for now, and the stats say so
-    assert stats["policy"] == "dense" and stats["requested_policy"] == "adsa"
+def test_sparse_policies_run_through_the_engine(tmp_path, capsys, c2i_args, c2i_io):
+    common = [*c2i_args, "--class-labels", "1,7,3", "--greedy", "--kv-prefix", "2", "--kv-local", "5"]
+    # a budget holding the whole sequence evicts nothing: exactly the dense vector
+    rc, _, _ = run([*common, "--policy", "adsa", "--kv-budget", "1.0", "--codes-out", tmp_path / "f.json"], capsys)
+    codes, stats = read_codes(tmp_path / "f.json")
+    assert rc == 0 and torch.equal(codes, c2i_io["greedy_cfg4"].long())
+    assert (stats["policy"], stats["evictions"], stats["peak_kv_tokens"]) == ("adsa", 0, 16)
+    for policy in ("adsa", "window"):
+        rc, _, _ = run([*common, "--policy", policy, "--kv-budget", "10", "--codes-out", tmp_path / "c.json"], capsys)
+        codes, stats = read_codes(tmp_path / "c.json")
+        assert rc == 0 and stats["policy"] == stats["requested_policy"] == policy
+        assert stats["kv_budget_tokens"] == 10 and stats["peak_kv_tokens"] == 10
+        assert stats["evictions"] > 0 and stats["spilled_bytes"] > 0
+        assert torch.equal(codes[:, :10], c2i_io["greedy_cfg4"].long()[:, :10])  # identical until the first eviction
 
 
 @pytest.fixture
