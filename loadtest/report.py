@@ -163,7 +163,8 @@ def summary_markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
         if sat is not None
         else "- saturation point: none of the open-loop stages met both criteria",
         "  (highest offered rate with achieved >= 90 % of offered and p99 within the SLO)",
-        f"- totals: {summary['totals']}",
+        "- totals: {requests} requests, {ok} ok, {rejected_429} rejected (429), {errors} errors, "
+        "{images} images".format(**summary["totals"]),
         "",
         "## Per stage (client side)",
         "",
