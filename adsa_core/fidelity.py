@@ -1,0 +1,833 @@
+"""adsa-fidelity: how far a sparse KV cache (adsa, window) moves a LlamaGen model from the dense cache.
+
+    adsa-fidelity --policies dense,adsa,window --budgets 0.5,0.25,0.1667 --classes 0-23 --seeds 4 --out fid/
+    adsa-fidelity --gpt-model GPT-XL --gpt-ckpt c2i_XL_384.pt --vq-ckpt vq_ds16_c2i.pt --classes 207,360 \\
+        --inception pt_inception.pt --reference-images imagenet_ref.npz --out fid_xl/
+
+For every (class, seed) image and every cache setting (policy, budget, prefix n, local m):
+  (a) teacher-forced: the dense sample's tokens are forced through the policy's cache; per token we
+      compare the policy's CFG-guided next-token distribution with dense's: KL(dense || policy),
+      top-1 agreement and the NLL of the forced token;
+  (b) free-running: the same seed sampled under the policy, decoded to pixels: token and pixel
+      agreement with the dense image, recognition accuracy and FID on a classifier's (or a local
+      Inception TorchScript's) features against real images.
+Writes fidelity.json, fidelity.md (one table row per setting) and grid.png into --out.
+Metrics are explained in docs/FIDELITY.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from .cli import (
+    DTYPE_CHOICES,
+    UsageError,
+    _budget,
+    _labels,
+    _one_line,
+    _Parser,
+    _positive,
+    add_model_args,
+    decode_images,
+    model_spec_from_args,
+)
+from .config import POLICIES, CacheConfig, ConfigError, GPTConfig, ResolvedCache
+from .engine.offline import run_offline
+from .images import to_uint8
+from .loading import DEMO_DIR, LoadedModels, ModelSpec, load_models
+from .sampling import SamplingParams
+
+PROG = "adsa-fidelity"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance (no scipy: symmetric PSD square roots through eigh, in float64)
+
+
+def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix (tiny negative eigenvalues -> 0)."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) between two Gaussians.
+
+    tr((S1 S2)^(1/2)) = tr((R S2 R)^(1/2)) with R = S1^(1/2): S1 S2 and R S2 R are similar, and the
+    latter is symmetric PSD, so eigh is enough (scipy's general sqrtm is not needed).
+    """
+    mu1, mu2 = (torch.as_tensor(x, dtype=torch.float64).reshape(-1) for x in (mu1, mu2))
+    s1, s2 = (torch.as_tensor(x, dtype=torch.float64) for x in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
+        raise ValueError(f"Fréchet distance: shapes do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+                         f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
+    r1 = _sqrtm_psd((s1 + s1.T) / 2)
+    m = r1 @ s2 @ r1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    d = (mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean
+    return float(d.clamp_min(0))
+
+
+def feature_stats(features: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and covariance (D, D) in float64 of features (N, D), optionally weighted per row.
+
+    Unweighted this is numpy's `cov` (N - 1 normalisation); weights are reliability weights
+    (normalised; the unbiased correction is 1 - sum w^2), used to weigh every class equally.
+    """
+    x = features.double()
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("feature statistics need at least 2 samples")
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else weights.double() / weights.sum()
+    mu = (w[:, None] * x).sum(0)
+    xc = x - mu
+    sigma = (w[:, None] * xc).T @ xc / (1.0 - w.pow(2).sum())
+    return mu, sigma
+
+
+def class_balance_weights(labels: torch.Tensor) -> torch.Tensor:
+    """1 / (images of its class) per image: every class weighs the same."""
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].double()
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher-forced comparison
+
+
+@torch.no_grad()
+def token_metrics(dense_lp: torch.Tensor, policy_lp: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-step comparison of one image's guided next-token distributions.
+
+    dense_lp, policy_lp: (T, V) log-probs; tokens: (T,) the forced tokens. Returns (T,) tensors:
+    kl = KL(dense || policy), agree = argmax equality, nll / nll_dense = -log p(forced token).
+    """
+    d, p = dense_lp.double(), policy_lp.double()
+    kl = (d.exp() * (d - p)).sum(-1).clamp_min(0)
+    t = tokens.view(-1, 1).to(d.device)
+    return {
+        "kl": kl.float(),
+        "agree": (d.argmax(-1) == p.argmax(-1)).float(),
+        "nll": -p.gather(1, t).view(-1).float(),
+        "nll_dense": -d.gather(1, t).view(-1).float(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Image features: the demo classifier, or a local Inception TorchScript
+
+
+class FeatureExtractor:
+    """features(images (B, 3, H, W) in [-1, 1]) -> (B, D) fp32; logits() only for the classifier."""
+
+    name = "features"
+    has_logits = False
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ClassifierFeatures(FeatureExtractor):
+    """The EmojiClassifier (adsa_core.classifier): penultimate features and class logits."""
+
+    has_logits = True
+
+    def __init__(self, path: str | Path, device: torch.device):
+        from .classifier import load_classifier
+
+        self.model = load_classifier(path, device=device)
+        self.size = self.model.config.image_size
+        self.device = device
+        self.name = f"classifier:{Path(path).name} (penultimate, {self.model.config.feature_dim}-d)"
+
+    def _prep(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, torch.float32).clamp(-1, 1)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.features(self._prep(images)).float().cpu()
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self._prep(images)).float().cpu()
+
+
+class TorchScriptFeatures(FeatureExtractor):
+    """A local TorchScript feature network (e.g. an Inception-v3 FID detector); never downloads.
+
+    Called as `model(x, return_features=True)` when it takes that keyword (NVlabs'
+    inception-2015-12-05.pt), else `model(x)`. x is uint8 (0..255), float in [0, 1] or in [-1, 1]
+    (`input_range`), resized to `size` px first when given. Outputs (B, D) or (B, D, 1, 1).
+    """
+
+    def __init__(self, path: str | Path, device: torch.device, input_range: str = "uint8", size: int | None = None):
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--inception file not found: {path}")
+        try:
+            self.model = torch.jit.load(str(p), map_location=device).eval()
+        except Exception as e:  # noqa: BLE001 - any load problem is one clear line
+            raise ConfigError(f"--inception {path} is not a TorchScript file: {_one_line(e)}") from None
+        self.device, self.input_range, self.size = device, input_range, size
+        self.name = f"torchscript:{p.name}"
+        self._kw: bool | None = None
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, torch.float32).clamp(-1, 1)
+        if self.size and (x.shape[-1] != self.size or x.shape[-2] != self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        if self.input_range == "uint8":
+            x = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8)
+        elif self.input_range == "float01":
+            x = (x + 1) / 2
+        out = None
+        if self._kw is not False:
+            try:
+                out = self.model(x, return_features=True)
+                self._kw = True
+            except (RuntimeError, TypeError):
+                if self._kw:
+                    raise
+                self._kw = False
+        if out is None:
+            out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float().reshape(out.shape[0], -1).cpu()
+
+
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(images[i: i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference statistics for FID
+
+
+@dataclass
+class Reference:
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    source: str  # what it was computed from, for the report
+    n: int  # images (or feature rows) behind it; 0 when only statistics were given
+    class_restricted: bool  # True when it covers exactly the evaluated classes, each weighed equally
+
+
+def _uint8_to_float(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"cannot read reference {path}: {_one_line(e)}") from None
+
+
+def load_reference(path: str | Path, extractor: FeatureExtractor, classes: list[int], batch: int) -> Reference:
+    """Reference statistics from a folder of images or an .npz holding one of:
+    - `mu`/`sigma` (or `mean`/`cov`): precomputed statistics, used as they are;
+    - `features` (N, D) [+ `labels`]: feature rows of real images;
+    - `images` (N, H, W, 3) uint8, or `images_xz` + `shape` (tools/emoji_data.py) [+ `labels`].
+    With labels, only the evaluated classes are kept and every class weighs the same.
+    """
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        if len(files) < 2:
+            raise ConfigError(f"--reference-images {path}: fewer than 2 images in the folder")
+        feats = []
+        for i in range(0, len(files), batch):
+            arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i: i + batch]])
+            feats.append(extractor.features(_uint8_to_float(arr)))
+        mu, sigma = feature_stats(torch.cat(feats))
+        return Reference(mu, sigma, f"{p} ({len(files)} images, all used)", len(files), False)
+    if not p.is_file():
+        raise ConfigError(f"--reference-images not found: {path}")
+    z = _read_npz(p)
+    for m, s in (("mu", "sigma"), ("mean", "cov")):
+        if m in z and s in z:
+            return Reference(torch.from_numpy(z[m]).double().reshape(-1), torch.from_numpy(z[s]).double(),
+                             f"{p} (precomputed statistics, all classes)", int(z.get("n", np.zeros(())).item()),
+                             False)
+    labels = torch.from_numpy(z["labels"].astype(np.int64)) if "labels" in z else None
+    if "features" in z:
+        rows = torch.from_numpy(z["features"].astype(np.float32))
+        return _stats_from_rows(rows, labels, classes, p, "feature rows")
+    if "images" in z:
+        images = z["images"]
+    elif "images_xz" in z and "shape" in z:
+        import lzma
+
+        shape = tuple(int(n) for n in z["shape"])
+        images = np.frombuffer(lzma.decompress(z["images_xz"].tobytes()), dtype=np.uint8).reshape(shape)
+    else:
+        raise ConfigError(f"--reference-images {path}: expected mu/sigma, features or images arrays, "
+                          f"found {', '.join(sorted(z)) or 'none'}")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ConfigError(f"--reference-images {path}: images must be (N, H, W, 3) uint8, got "
+                          f"{images.shape} {images.dtype}")
+    keep = np.arange(images.shape[0])
+    if labels is not None:
+        keep = np.nonzero(np.isin(labels.numpy(), np.asarray(classes)))[0]
+        labels = labels[torch.from_numpy(keep)]
+    feats = torch.cat([extractor.features(_uint8_to_float(images[keep[i: i + batch]]))
+                       for i in range(0, len(keep), batch)]) if len(keep) else torch.zeros(0, 1)
+    return _stats_from_rows(feats, labels, classes, p, "images", restricted=True)
+
+
+def _stats_from_rows(rows: torch.Tensor, labels: torch.Tensor | None, classes: list[int], path: Path, what: str,
+                     restricted: bool = False) -> Reference:
+    if labels is None:
+        mu, sigma = feature_stats(rows)
+        return Reference(mu, sigma, f"{path} ({rows.shape[0]} {what}, no labels: all used)", rows.shape[0], False)
+    if not restricted:
+        mask = torch.isin(labels, torch.tensor(classes))
+        rows, labels = rows[mask], labels[mask]
+    missing = sorted(set(classes) - set(labels.tolist()))
+    if rows.shape[0] < 2:
+        raise ConfigError(f"--reference-images {path}: fewer than 2 reference {what} for the evaluated classes")
+    mu, sigma = feature_stats(rows, class_balance_weights(labels))
+    note = f"; no reference for classes {missing[:10]}{'...' if len(missing) > 10 else ''}" if missing else ""
+    return Reference(mu, sigma, f"{path} ({rows.shape[0]} {what} of the {len(classes) - len(missing)} evaluated "
+                                f"classes, class-balanced{note})", rows.shape[0], True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and the run (no argparse below this line)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One table row: a policy at a budget with its prefix n and local window m."""
+
+    policy: str
+    budget: int | float | None  # as given (tokens or fraction); None for dense
+    prefix: int | None = None  # None: CacheConfig's default
+    local: int | None = None
+
+    @property
+    def cache(self) -> CacheConfig:
+        return CacheConfig(policy=self.policy, budget=self.budget, prefix=self.prefix, local=self.local)
+
+
+def plan_settings(policies: list[str], budgets: list[int | float], gpt: GPTConfig, prefix: int | None = None,
+                  local: int | None = None, sweep_budget: int | float | None = None,
+                  sweep_prefix: list[int] | None = None, sweep_local: list[int] | None = None,
+                  ) -> list[tuple[Setting, ResolvedCache]]:
+    """dense first (it is the reference), then policy x budget, then the (n, m) sweep at `sweep_budget`;
+    settings that resolve to the same cache appear once. Raises ConfigError for impossible ones."""
+    out: list[tuple[Setting, ResolvedCache]] = []
+    seen: set[tuple] = set()
+
+    def add(s: Setting) -> None:
+        r = s.cache.resolve(gpt)
+        # window evicts the oldest non-prefix slot whatever m is (m only has to fit): same cache
+        key = ("dense",) if r.policy == "dense" else (r.policy, r.budget, r.prefix,
+                                                      None if r.policy == "window" and r.evicts else r.local)
+        if key not in seen:
+            seen.add(key)
+            out.append((s, r))
+
+    add(Setting("dense", None))
+    sparse = [p for p in policies if p != "dense"]
+    for policy, budget in product(sparse, budgets):
+        add(Setting(policy, budget, prefix, local))
+    if sweep_prefix or sweep_local:
+        b = sweep_budget if sweep_budget is not None else budgets[len(budgets) // 2]
+        for policy, n, m in product(sparse, sweep_prefix or [prefix], sweep_local or [local]):
+            add(Setting(policy, b, n, m))
+    return out
+
+
+@dataclass
+class ImageSet:
+    """The evaluated images: labels[i] with seeds[i], ordered class-major."""
+
+    labels: torch.Tensor  # (N,) int64
+    seeds: torch.Tensor  # (N,) int64
+
+    @classmethod
+    def make(cls, classes: list[int], n_seeds: int, seed0: int = 0) -> ImageSet:
+        labels = torch.tensor([c for c in classes for _ in range(n_seeds)], dtype=torch.long)
+        seeds = torch.tensor([seed0 + s for _ in classes for s in range(n_seeds)], dtype=torch.long)
+        return cls(labels, seeds)
+
+    def grid_order(self, limit: int) -> list[int]:
+        """Up to `limit` image indices, first seed of every class before second seeds."""
+        order = sorted(range(len(self.labels)), key=lambda i: (int(self.seeds[i]), i))
+        return order[:limit]
+
+
+@dataclass
+class Options:
+    batch_size: int = 16
+    grid_max: int = 16  # images (columns) in grid.png
+    feature_batch: int = 64
+
+
+def _mean(x: list[torch.Tensor]) -> float:
+    return float(torch.cat([t.reshape(-1) for t in x]).double().mean()) if x else float("nan")
+
+
+def _round(x: float | None, nd: int = 5) -> float | None:
+    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
+        return None
+    return round(float(x), nd)
+
+
+def evaluate(
+    models: LoadedModels,
+    settings: list[tuple[Setting, ResolvedCache]],
+    images: ImageSet,
+    sampling: SamplingParams,
+    opts: Options,
+    extractor: FeatureExtractor | None = None,
+    classifier: FeatureExtractor | None = None,
+    reference: Reference | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Rows of metrics, one per setting (dense first), and uint8 grid images per setting label."""
+    gpt = models.gpt_config
+    T, cls_tokens = gpt.block_size, gpt.cls_token_num
+    n = len(images.seeds)
+    grid_idx = images.grid_order(opts.grid_max)
+    go = lambda cache, **kw: run_offline(models, images.labels, sampling, images.seeds, cache, opts.batch_size,
+                                          progress=progress, **kw)
+    assert settings[0][1].policy == "dense"
+
+    t0 = time.perf_counter()
+    dense = go(settings[0][0].cache, want_logits=True)
+    dense_s = time.perf_counter() - t0
+    dense_codes, dense_lp = dense.codes, dense.logprobs
+    assert dense_lp is not None
+    dense_px = dense_feats = None
+    if models.vq is not None:
+        dense_px = _pixels(models, dense_codes, opts.batch_size)
+    dense_kv_bytes = sum(s.kv_bytes for s in dense.stats) / n
+
+    rows: list[dict] = []
+    grids: dict[str, torch.Tensor] = {}
+    for setting, resolved in settings:
+        is_dense = resolved.policy == "dense"
+        # (a) teacher-forced: dense tokens through this cache (dense itself too: a check that it is exact)
+        t0 = time.perf_counter()
+        forced = go(setting.cache, forced=dense_codes, want_logits=True)
+        forced_s = time.perf_counter() - t0
+        assert forced.logprobs is not None
+        per = [token_metrics(dense_lp[i], forced.logprobs[i], dense_codes[i]) for i in range(n)]
+        evicting = torch.arange(T) + cls_tokens > resolved.budget  # steps whose cache holds < all tokens
+        # (b) free-running with the same seeds (dense: the sample itself)
+        if is_dense:
+            free, free_s = dense, dense_s
+        else:
+            t0 = time.perf_counter()
+            free = go(setting.cache)
+            free_s = time.perf_counter() - t0
+        row: dict = {
+            "policy": resolved.policy,
+            "budget": setting.budget,
+            "budget_tokens": resolved.budget,
+            "budget_fraction": round(resolved.budget / resolved.seq_len, 4),
+            "prefix": resolved.prefix,
+            "local": resolved.local,
+            "seq_len": resolved.seq_len,
+            "kl": _mean([m["kl"] for m in per]),
+            "kl_evicting_steps": _mean([m["kl"][evicting] for m in per]) if evicting.any() else 0.0,
+            "top1_agree": _mean([m["agree"] for m in per]),
+            "nll": _mean([m["nll"] for m in per]),
+            "nll_dense": _mean([m["nll_dense"] for m in per]),
+            "token_agree": float((free.codes == dense_codes).double().mean()),
+            "peak_kv_tokens": max(s.peak_kv_tokens for s in free.stats),
+            "kv_bytes": sum(s.kv_bytes for s in free.stats) / n,
+            "evictions_per_image": sum(s.evictions for s in free.stats) / n,
+            "spilled_bytes_per_image": sum(s.spilled_bytes for s in free.stats) / n,
+            "seconds_forced": round(forced_s, 3),
+            "seconds_free": round(free_s, 3),
+        }
+        row["kv_bytes_ratio"] = row["kv_bytes"] / dense_kv_bytes if dense_kv_bytes else None
+        row["first_diverging_token"] = _first_divergence(free.codes, dense_codes)
+        if models.vq is not None:
+            px = dense_px if is_dense else _pixels(models, free.codes, opts.batch_size)
+            assert dense_px is not None and px is not None
+            mse = (px.float() - dense_px.float()).div(255).pow(2).mean(dim=(1, 2, 3))  # (N,)
+            mean_mse = float(mse.double().mean())
+            row["pixel_mse"] = mean_mse
+            row["psnr_db"] = 10 * math.log10(1.0 / mean_mse) if mean_mse > 0 else math.inf
+            grids[_label(setting, resolved)] = px[grid_idx]
+            images_f = px.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # the PNG pixels, back to [-1, 1]
+            if classifier is not None:
+                logits = batched(classifier.logits, images_f, opts.feature_batch)
+                row["recognition_acc"] = float((logits.argmax(-1) == images.labels).double().mean())
+            if extractor is not None and reference is not None:
+                feats = batched(extractor.features, images_f, opts.feature_batch)
+                if feats.shape[1] != reference.mu.numel():
+                    raise ConfigError(f"reference statistics are {reference.mu.numel()}-d but {extractor.name} "
+                                      f"gives {feats.shape[1]}-d features")
+                if is_dense:
+                    dense_feats = feats
+                mu, sigma = feature_stats(feats)
+                row["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+                if dense_feats is not None:
+                    row["fid_to_dense"] = frechet_distance(mu, sigma, *feature_stats(dense_feats))
+        rows.append(row)
+    return rows, grids
+
+
+def _first_divergence(codes: torch.Tensor, dense: torch.Tensor) -> float:
+    """Mean index of the first token that differs from dense (block_size where none does)."""
+    diff = codes != dense
+    T = codes.shape[1]
+    first = torch.where(diff.any(1), diff.float().argmax(1), torch.full((codes.shape[0],), T))
+    return float(first.double().mean())
+
+
+def _pixels(models: LoadedModels, codes: torch.Tensor, batch: int) -> torch.Tensor:
+    """codes (N, T) -> uint8 (N, H, W, 3), exactly the pixels adsa-generate writes as PNG."""
+    assert models.vq is not None
+    return torch.cat([to_uint8(x) for x in decode_images(models.vq, codes, batch)])
+
+
+def _label(s: Setting, r: ResolvedCache) -> str:
+    if r.policy == "dense":
+        return "dense"
+    return f"{r.policy} {r.budget / r.seq_len:.3g} ({r.budget}) n={r.prefix} m={r.local}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def save_grid(grids: dict[str, torch.Tensor], col_labels: list[str], path: Path, pad: int = 2) -> Image.Image:
+    """Rows = settings (label at the left), columns = images (label on top)."""
+    first = next(iter(grids.values()))
+    n, H, W, _ = first.shape
+    scale = 1 if H >= 64 else math.ceil(64 / H)  # tiny test images: upscale so labels fit
+    H, W = H * scale, W * scale
+    font = _font(max(10, min(14, W // 9)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = lambda t: int(probe.textlength(t, font=font))
+    left = 8 + max(text_w(lbl) for lbl in grids)
+    top = 20
+    img = Image.new("RGB", (left + n * (W + pad) + pad, top + len(grids) * (H + pad) + pad), "white")
+    draw = ImageDraw.Draw(img)
+    for c, lbl in enumerate(col_labels[:n]):
+        while lbl and text_w(lbl) > W:
+            lbl = lbl[:-1]
+        draw.text((left + pad + c * (W + pad), 3), lbl, fill="black", font=font)
+    for r, (lbl, px) in enumerate(grids.items()):
+        y = top + pad + r * (H + pad)
+        draw.text((4, y + H // 2 - 7), lbl, fill="black", font=font)
+        for c in range(px.shape[0]):
+            tile = Image.fromarray(px[c].numpy())
+            if scale > 1:
+                tile = tile.resize((W, H), Image.NEAREST)
+            img.paste(tile, (left + pad + c * (W + pad), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return img
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    return format(x, spec)
+
+
+def _fmt_fid(x: float | None) -> str:
+    return _fmt(x, ".2f" if x is not None and x >= 10 else ".3f")
+
+
+def markdown_table(report: dict) -> str:
+    head = ("| policy | budget (fraction / tokens) | n | m | KL(dense‖policy) | top-1 agree | NLL | recognition acc "
+            "| FID | FID to dense | token agree vs dense | PSNR vs dense (dB) | peak KV tokens | KV bytes vs dense |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in report["rows"]:
+        lines.append(" | ".join([
+            f"| {r['policy']}", f"{r['budget_fraction']:.3f} / {r['budget_tokens']}", str(r["prefix"]),
+            str(r["local"]) if r["policy"] != "dense" else "–", _fmt(r["kl"]), _fmt(r["top1_agree"], ".3f"),
+            _fmt(r["nll"], ".3f"), _fmt(r.get("recognition_acc"), ".3f"), _fmt_fid(r.get("fid")),
+            _fmt_fid(r.get("fid_to_dense")),
+            _fmt(r["token_agree"], ".3f"), "∞" if r.get("pixel_mse") == 0 else _fmt(r.get("psnr_db"), ".2f"),
+            str(r["peak_kv_tokens"]),
+            _fmt(r["kv_bytes_ratio"], ".3f"),
+        ]) + " |")
+    meta = report
+    notes = [
+        "",
+        f"Model `{meta['model']}` ({meta['image_size']} px, {meta['block_size']} image tokens, sequence "
+        f"{meta['seq_len']} KV tokens), {meta['n_images']} images: classes {_short(meta['classes'])} x "
+        f"{meta['seeds_per_class']} seeds; sampling {meta['sampling']}.",
+        f"Device: {meta['device']}; dtype {meta['dtype']}; {meta['date']}.",
+        f"FID features: {meta.get('features') or '–'}; reference: {meta.get('reference') or '–'}.",
+        "n = prefix (never-evicted first positions, condition token included), m = local window. "
+        "KL, top-1 agreement and NLL are teacher-forced on the dense samples (mean per token); NLL of dense "
+        f"itself: {_fmt(report['rows'][0]['nll'], '.3f')}. Token agreement, PSNR, recognition and FID are "
+        "free-running with the same seeds.",
+    ]
+    notes += [f"Note: {n}" for n in report.get("notes", [])]
+    return "\n".join(lines + notes) + "\n"
+
+
+def _short(xs: list[int]) -> str:
+    return str(xs) if len(xs) <= 12 else f"[{', '.join(map(str, xs[:10]))}, ... ({len(xs)} classes)]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _policies(text: str) -> list[str]:
+    items = [t for t in text.replace(" ", "").split(",") if t]
+    bad = [t for t in items if t not in POLICIES]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown policy {', '.join(bad) or '(none)'}; choose from "
+                                         f"{', '.join(POLICIES)}")
+    return items
+
+
+def _budgets(text: str) -> list[int | float]:
+    out = []
+    for t in text.replace(" ", "").split(","):
+        if not t:
+            continue
+        if "/" in t:  # "1/6"
+            num, _, den = t.partition("/")
+            try:
+                out.append(float(num) / float(den))
+            except (ValueError, ZeroDivisionError):
+                raise argparse.ArgumentTypeError(f"bad budget {t!r}") from None
+        else:
+            out.append(_budget(t))
+    if not out:
+        raise argparse.ArgumentTypeError("no budgets given")
+    return out
+
+
+def _classes(text: str) -> list[int]:
+    """'0,5,9' or ranges '0-23' (inclusive), mixed."""
+    out: list[int] = []
+    for t in text.replace(" ", "").split(","):
+        if "-" in t[1:]:
+            a, _, b = t.partition("-")
+            try:
+                lo, hi = int(a), int(b)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"bad class range {t!r}") from None
+            if hi < lo:
+                raise argparse.ArgumentTypeError(f"empty class range {t!r}")
+            out.extend(range(lo, hi + 1))
+        elif t:
+            out.extend(_labels(t))
+    if not out:
+        raise argparse.ArgumentTypeError("no classes given")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Fidelity of sparse KV-cache policies against the dense cache "
+                                       "(teacher-forced KL/agreement/NLL; free-running recognition, FID, PSNR).")
+    add_model_args(p)
+    e = p.add_argument_group("what to compare")
+    e.add_argument("--policies", type=_policies, default=["dense", "adsa", "window"],
+                   help="comma-separated, from dense, adsa, window (default all; dense always runs)")
+    e.add_argument("--budgets", type=_budgets, default=[0.5, 0.25, 1 / 6], metavar="B,B,...",
+                   help="KV budgets: fractions (0.25, 1/6) or token counts (64) (default 1/2, 1/4, 1/6)")
+    e.add_argument("--kv-prefix", type=int, metavar="N", help="prefix n for the policy x budget rows "
+                   "(default: the condition tokens)")
+    e.add_argument("--kv-local", type=int, metavar="M", help="local window m (default: one image row + 1)")
+    e.add_argument("--sweep-prefix", type=_labels, metavar="N,N,...", help="extra rows: these prefixes ...")
+    e.add_argument("--sweep-local", type=_labels, metavar="M,M,...", help="... x these local windows ...")
+    e.add_argument("--sweep-budget", type=_budget, metavar="B", help="... at this budget (default: middle of "
+                   "--budgets)")
+    e.add_argument("--classes", type=_classes, metavar="C,C-C",
+                   help="class labels, e.g. 0,5,9 or 0-23 (default: 8 spread over the model's classes)")
+    e.add_argument("--seeds", type=_positive, default=2, metavar="N", help="seeds per class: SEED..SEED+N-1")
+    e.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+
+    s = p.add_argument_group("sampling (defaults: LlamaGen's, or the demo model's)")
+    s.add_argument("--cfg-scale", type=float)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--batch-size", type=_positive, default=16, help="images in flight (default 16)")
+    s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on cuda, fp32 on cpu")
+
+    f = p.add_argument_group("image metrics")
+    f.add_argument("--classifier", metavar="PATH", help="EmojiClassifier checkpoint for recognition accuracy and "
+                   "FID features (default: the demo model's)")
+    f.add_argument("--reference-images", metavar="DIR|NPZ", help="real images for FID: a folder of images, or an "
+                   ".npz with images (+labels), features (+labels) or mu/sigma (default for the demo: its "
+                   "reference_stats.npz when shipped)")
+    f.add_argument("--inception", metavar="PATH", help="local TorchScript feature network (e.g. Inception) for "
+                   "FID instead of the classifier; never downloaded")
+    f.add_argument("--inception-input", choices=("uint8", "float01", "float11"), default="uint8",
+                   help="what the TorchScript takes (default uint8 0..255)")
+    f.add_argument("--inception-size", type=_positive, metavar="PX", help="resize to PX first (default: no resize)")
+    f.add_argument("--no-fid", action="store_true", help="skip FID")
+
+    o = p.add_argument_group("outputs")
+    o.add_argument("--out", required=True, metavar="DIR", help="fidelity.json, fidelity.md, grid.png")
+    o.add_argument("--grid-max", type=_positive, default=16, help="images per row in grid.png (default 16)")
+    o.add_argument("--progress", action="store_true", help="progress bar on stderr even when not a TTY")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (UsageError, ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    a = build_parser().parse_args(argv)
+    spec = model_spec_from_args(a)
+    overrides = {k: v for k, v in dict(cfg_scale=a.cfg_scale, temperature=a.temperature, top_k=a.top_k,
+                                       top_p=a.top_p).items() if v is not None}
+    SamplingParams(**overrides)  # bad values fail before any weights load
+    for path, flag in ((a.reference_images, "--reference-images"), (a.classifier, "--classifier"),
+                       (a.inception, "--inception")):
+        if path and not Path(path).exists():
+            raise UsageError(f"{flag} not found: {path}")
+    return run_fidelity(spec, a, overrides, show_progress=a.progress or sys.stderr.isatty(), argv=argv)
+
+
+def run_fidelity(spec: ModelSpec, a: argparse.Namespace, overrides: dict, show_progress: bool,
+        argv: list[str] | None = None) -> int:
+    models = load_models(spec)
+    gpt = models.gpt_config
+    if gpt.model_type != "c2i":
+        raise ConfigError(f"{models.name} is text-conditional; adsa-fidelity evaluates class-conditional models")
+    classes = a.classes or sorted({round(i * gpt.num_classes / 8) for i in range(min(8, gpt.num_classes))})
+    for c in classes:
+        if not 0 <= c < gpt.num_classes:
+            raise ConfigError(f"class {c} is outside 0..{gpt.num_classes - 1}")
+    settings = plan_settings(a.policies, a.budgets, gpt, a.kv_prefix, a.kv_local, a.sweep_budget,
+                             a.sweep_prefix, a.sweep_local)
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    sampling = SamplingParams(**{**{k: v for k, v in models.sampling_defaults.items() if k in known}, **overrides})
+    notes: list[str] = []
+
+    # Recognition: the classifier given, or the demo's. FID features: Inception if given, else the classifier.
+    clf_path = a.classifier
+    if clf_path is None and spec.is_demo:
+        meta = json.loads((DEMO_DIR / "config.json").read_text())
+        if meta.get("classifier_ckpt") and (DEMO_DIR / meta["classifier_ckpt"]).is_file():
+            clf_path = str(DEMO_DIR / meta["classifier_ckpt"])
+    classifier = ClassifierFeatures(clf_path, models.device) if clf_path else None
+    if classifier is None:
+        notes.append("no classifier (--classifier): recognition accuracy skipped")
+    elif classifier.model.config.num_classes != gpt.num_classes:
+        raise ConfigError(f"the classifier knows {classifier.model.config.num_classes} classes, the model "
+                          f"{gpt.num_classes}")
+    extractor: FeatureExtractor | None = (
+        TorchScriptFeatures(a.inception, models.device, a.inception_input, a.inception_size) if a.inception
+        else classifier)
+    reference = None
+    if models.vq is None:
+        notes.append("no VQ decoder (--vq-ckpt): image metrics skipped")
+    elif a.no_fid:
+        notes.append("FID skipped (--no-fid)")
+    elif extractor is None:
+        notes.append("FID skipped: no feature network (give --classifier or --inception)")
+    else:
+        ref_path = a.reference_images
+        if ref_path is None and spec.is_demo and not a.inception:
+            shipped = DEMO_DIR / "reference_stats.npz"
+            ref_path = str(shipped) if shipped.is_file() else None
+        if ref_path is None:
+            notes.append("FID skipped: no reference (give --reference-images DIR|NPZ"
+                         + ("; the demo assets ship no reference_stats.npz" if spec.is_demo else "") + ")")
+        else:
+            reference = load_reference(ref_path, extractor, classes, 64)
+            if not reference.class_restricted:
+                notes.append("FID reference is not restricted to the evaluated classes: compare FIDs between "
+                             "rows, not with other runs")
+    images = ImageSet.make(classes, a.seeds, a.seed)
+    opts = Options(batch_size=a.batch_size, grid_max=a.grid_max)
+
+    n_runs = 1 + sum(1 if r.policy == "dense" else 2 for _, r in settings)
+    bar = tqdm(total=n_runs * len(images.seeds) * gpt.block_size, unit="tok", file=sys.stderr, desc=PROG,
+               disable=not show_progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    with bar:
+        rows, grids = evaluate(models, settings, images, sampling, opts, extractor, classifier, reference,
+                               bar.update)
+    seconds = time.perf_counter() - t0
+
+    device = str(models.device)
+    if models.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(models.device)})"
+    report = {
+        "command": " ".join([PROG, *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device, "dtype": str(models.dtype).removeprefix("torch."), "torch": torch.__version__,
+        "model": models.name, "image_size": models.image_size, "block_size": gpt.block_size,
+        "seq_len": gpt.seq_len, "grid_size": gpt.grid_size, "classes": classes,
+        "class_names": [models.classes[c]["name"] for c in classes] if models.classes else None,
+        "seeds_per_class": a.seeds, "first_seed": a.seed, "n_images": len(images.seeds),
+        "sampling": dataclasses.asdict(sampling),
+        "features": extractor.name if extractor is not None and reference is not None else None,
+        "reference": reference.source if reference is not None else None,
+        "seconds": round(seconds, 2), "notes": notes,
+        "rows": [{k: (_round(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+    }
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    (out / "fidelity.md").write_text(markdown_table(report))
+    if grids:
+        idx = images.grid_order(opts.grid_max)
+        names = report["class_names"]
+        col = [f"{int(images.labels[i])}{' ' + names[classes.index(int(images.labels[i]))] if names else ''} "
+               f"s{int(images.seeds[i])}" for i in idx]
+        save_grid(grids, col, out / "grid.png")
+    if show_progress:
+        print(f"{PROG}: {len(rows)} settings x {len(images.seeds)} images in {seconds:.1f} s -> {out}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""adsa-fidelity: the Fréchet distance, the per-token metrics, and the harness end to end on a tiny random
+model (GPT dim 64, 2 layers, vocab 64, 16 tokens; the shared small VQ) with a tiny random classifier.
+
+CPU, well under a minute. The demo test runs only when the demo assets are in the tree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adsa_core import fidelity
+from adsa_core.classifier import ClassifierConfig, EmojiClassifier, save_classifier
+from adsa_core.config import ConfigError, GPTConfig
+from adsa_core.loading import DEMO_DIR
+
+TESTDATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "testdata" / "llamagen"
+TINY_GPT = dict(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance and statistics
+
+
+def test_frechet_distance_diagonal_closed_form() -> None:
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    f64 = dict(generator=g, dtype=torch.float64)
+    mu1, mu2 = torch.randn(d, **f64), torch.randn(d, **f64)
+    s1, s2 = torch.rand(d, **f64) + 0.1, torch.rand(d, **f64) * 3
+    expected = (mu1 - mu2).pow(2).sum() + (s1 + s2 - 2 * (s1 * s2).sqrt()).sum()
+    got = fidelity.frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2))
+    assert got == pytest.approx(float(expected), rel=1e-9, abs=1e-9)
+    # A common rotation of both Gaussians changes nothing: exercises the full (non-diagonal) path.
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    rot = lambda s: q @ torch.diag(s) @ q.T
+    got_rot = fidelity.frechet_distance(q @ mu1, rot(s1), q @ mu2, rot(s2))
+    assert got_rot == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_frechet_distance_identity_and_rank_deficient() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 16, generator=g)  # 5 samples in 16-d: a rank-4 covariance
+    mu, sigma = fidelity.feature_stats(x)
+    assert fidelity.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+    y = x + torch.tensor([1.0] + [0.0] * 15)  # shifted by a unit vector: FID = 1
+    assert fidelity.frechet_distance(*fidelity.feature_stats(y), mu, sigma) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError):
+        fidelity.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
+
+
+def test_feature_stats_match_numpy_and_class_balance() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    mu, sigma = fidelity.feature_stats(x)
+    assert torch.allclose(mu, x.mean(0)) and np.allclose(sigma.numpy(), np.cov(x.numpy(), rowvar=False))
+    # Class-balanced: a class with 3 copies of one row weighs the same as a class with that row once.
+    labels = torch.tensor([0, 0, 0, 1])
+    rows = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    mu_b, _ = fidelity.feature_stats(rows, fidelity.class_balance_weights(labels))
+    assert torch.allclose(mu_b, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_token_metrics() -> None:
+    lp = torch.log_softmax(torch.randn(7, 11, generator=torch.Generator().manual_seed(3)), -1)
+    tokens = torch.randint(0, 11, (7,))
+    same = fidelity.token_metrics(lp, lp.clone(), tokens)
+    assert same["kl"].abs().max() == 0 and same["agree"].min() == 1
+    assert torch.allclose(same["nll"], -lp.gather(1, tokens[:, None]).view(-1))
+    other = fidelity.token_metrics(lp, torch.log_softmax(lp.flip(-1), -1), tokens)
+    assert other["kl"].min() > 0
+
+
+def test_plan_settings_dedupes_and_checks() -> None:
+    gpt = GPTConfig(**TINY_GPT)  # seq_len 16, grid 4: default prefix 1, local 5
+    plan = fidelity.plan_settings(["dense", "adsa", "window"], [8, 0.5], gpt, sweep_budget=10,
+                                  sweep_prefix=[1, 2], sweep_local=[5, 6])
+    keys = [(r.policy, r.budget, r.prefix, r.local) for _, r in plan]
+    assert keys[0][0] == "dense" and keys.count(keys[1]) == 1
+    assert ("adsa", 8, 1, 5) in keys and len([k for k in keys if k[:2] == ("adsa", 8)]) == 1  # 8 == 0.5 * 16
+    assert len([k for k in keys if k[:2] == ("adsa", 10)]) == 4
+    assert len([k for k in keys if k[:2] == ("window", 10)]) == 2  # window does not depend on m
+    with pytest.raises(ConfigError):
+        fidelity.plan_settings(["adsa"], [4], gpt)  # 4 <= prefix 1 + local 5
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on a tiny random model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    manifest = TESTDATA / "MANIFEST.json"
+    assert manifest.is_file(), f"shared test vectors not found at {TESTDATA.resolve()}"
+    d = tmp_path_factory.mktemp("fidelity_tiny")
+    vq_cfg = json.loads(manifest.read_text())["vq.pt"]["config"]
+    torch.manual_seed(0)
+    save_classifier(EmojiClassifier(ClassifierConfig(num_classes=10, width=8, image_size=16)).eval(),
+                    d / "clf.pt", torch.float32)
+    rng = np.random.default_rng(0)
+    np.savez(d / "ref.npz", images=rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8),
+             labels=np.arange(30) % 10)
+    model = ["--gpt-config", json.dumps(TINY_GPT), "--vq-ckpt", str(TESTDATA / "vq.pt"),
+             "--vq-config", json.dumps(vq_cfg), "--device", "cpu"]
+    return {"dir": d, "model": model}
+
+
+def _rows(out: Path) -> dict:
+    report = json.loads((out / "fidelity.json").read_text())
+    return report, {(r["policy"], r["budget_tokens"], r["prefix"], r["local"]): r for r in report["rows"]}
+
+
+def test_end_to_end_tiny(tiny, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    rc = fidelity.main([*tiny["model"], "--policies", "dense,adsa,window", "--budgets", "1.0,8",
+                        "--classes", "0-2", "--seeds", "2", "--batch-size", "4",
+                        "--classifier", str(tiny["dir"] / "clf.pt"),
+                        "--reference-images", str(tiny["dir"] / "ref.npz"), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    for name in ("fidelity.json", "fidelity.md", "grid.png"):
+        assert (out / name).is_file(), name
+    report, rows = _rows(out)
+    assert report["n_images"] == 6 and report["classes"] == [0, 1, 2]
+    dense = rows[("dense", 16, 1, 5)]
+    assert dense["kl"] == 0 and dense["top1_agree"] == 1 and dense["token_agree"] == 1
+    assert dense["pixel_mse"] == 0 and dense["fid_to_dense"] == 0 and dense["nll"] == dense["nll_dense"]
+    full = rows[("adsa", 16, 1, 5)]  # a budget of the whole sequence never evicts
+    assert full["kl"] < 1e-6 and full["top1_agree"] == 1 and full["token_agree"] == 1
+    assert full["evictions_per_image"] == 0
+    for policy in ("adsa", "window"):
+        small = rows[(policy, 8, 1, 5)]
+        assert small["kl"] > 1e-5 and small["kl_evicting_steps"] > small["kl"]
+        assert small["peak_kv_tokens"] == 8 and small["evictions_per_image"] > 0
+        assert small["token_agree"] < 1 and small["psnr_db"] is not None
+    for r in rows.values():
+        assert 0 <= r["recognition_acc"] <= 1 and r["fid"] >= 0
+    assert "class-balanced" in report["reference"]
+    md = (out / "fidelity.md").read_text()
+    assert md.startswith("| policy | budget") and md.count("\n| adsa") == 2 and "∞" in md
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 6 * 16 and grid.height > 5 * 16  # 5 rows (dense, adsa x2, window x2), 6 columns
+
+
+def test_torchscript_features_and_image_folder(tiny, tmp_path, capsys) -> None:
+    class Feat(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.float()
+            return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)[:, :, None, None]  # (B, 6, 1, 1)
+
+    ts = tmp_path / "feat.pt"
+    torch.jit.script(Feat()).save(str(ts))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    out = tmp_path / "out"
+    rc = fidelity.main([*tiny["model"], "--policies", "adsa", "--budgets", "8", "--classes", "3", "--seeds", "3",
+                        "--inception", str(ts), "--reference-images", str(ref), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report, rows = _rows(out)
+    assert report["features"] == "torchscript:feat.pt" and "8 images" in report["reference"]
+    assert all(r["fid"] > 0 for r in rows.values())  # random pixels vs decoded images
+    assert "recognition_acc" not in rows[("adsa", 8, 1, 5)]  # no classifier given
+    assert any("recognition accuracy skipped" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "dense,lru"], "unknown policy lru"),
+    (["--budgets", "4"], "must be larger than prefix"),
+    (["--budgets", "8", "--classes", "12"], "class 12 is outside"),
+    (["--seeds", "0"], "positive integer"),
+    (["--reference-images", "/nonexistent.npz"], "--reference-images not found"),
+])
+def test_bad_arguments_exit_2(tiny, tmp_path, capsys, args, message) -> None:
+    rc = fidelity.main([*tiny["model"], "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_missing_out_is_a_usage_error(capsys) -> None:
+    assert fidelity.main(["--policies", "adsa"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo model, when its assets are in the tree
+
+
+@pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(),
+                    reason="demo assets (adsa_core/assets/demo/config.json) are not in the tree yet")
+def test_demo_two_classes_one_seed(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    rc = fidelity.main(["--device", "cpu", "--policies", "adsa", "--budgets", "0.25", "--classes", "0,1",
+                        "--seeds", "1", "--batch-size", "2", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report, rows = _rows(out)
+    dense = next(r for r in report["rows"] if r["policy"] == "dense")
+    sparse = next(r for r in report["rows"] if r["policy"] == "adsa")
+    assert dense["kl"] == 0 and sparse["kl"] > 0 and sparse["budget_tokens"] == round(0.25 * report["seq_len"])
+    assert "recognition_acc" in dense  # the demo ships its classifier
+    assert (out / "grid.png").is_file()
