@@ -110,13 +110,16 @@ def compare_markdown(result: dict[str, Any]) -> str:
         f"- SLO (ms): A {_fmt(result['slo_ms']['a'])}, B {_fmt(result['slo_ms']['b'])}",
         "",
     ]
-    head = "| stage | " + " | ".join(f"{title} A | B | change" for _, title, _ in COMPARED) + " |"
-    lines += [head, "|" + "---|" * (1 + 3 * len(COMPARED))]
+    lines.append("Each cell: A → B (change).")
+    lines.append("")
+    lines.append("| stage | " + " | ".join(title for _, title, _ in COMPARED) + " |")
+    lines.append("|" + "---|" * (1 + len(COMPARED)))
     for row in result["stages"]:
         cells = []
         for key, _, _ in COMPARED:
             c = row[key]
-            cells += [_fmt(c["a"]), _fmt(c["b"]), c["change"]]
+            change = "" if c["change"] == "–" else f" ({c['change']})"
+            cells.append(f"{_fmt(c['a'])} → {_fmt(c['b'])}{change}")
         lines.append(f"| {row['stage']} | " + " | ".join(cells) + " |")
     lines += ["", "Higher is better for req/s, images/s and goodput; lower for latency, 429s and errors.", ""]
     lines += [f"![{p}]({p})" for p in result["plots"]] + [""]

@@ -99,7 +99,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
+        if v != v:  # NaN
+            return "nan"
+        if 1000 <= abs(v) < 1e9:
+            return f"{v:.0f}"
+        return f"{v:.{digits}g}"
     return str(v)
 
 

@@ -426,7 +426,7 @@ class LoadRunner:
         return event == "done"
 
     # ---- stages --------------------------------------------------------------------------------
-    async def _poisson_stage(self, client: httpx.AsyncClient, rate: float) -> tuple[float, float]:
+    async def _poisson_stage(self, client: httpx.AsyncClient, rate: float) -> tuple[float, float, bool]:
         cfg = self.cfg
         offsets = poisson_arrivals(rate, cfg.requests_per_stage, cfg.stage_duration_s, self.rng)
         start_clock = self.clock()
@@ -449,10 +449,11 @@ class LoadRunner:
             tasks.append(asyncio.create_task(self._request(client, rec)))
         # count-bounded: the arrivals ended with the last one; time-bounded: with the stage duration
         truncated_by_time = len(offsets) < cfg.requests_per_stage
-        window = cfg.stage_duration_s if truncated_by_time and not self.hard_stopped else last_send
+        count_bounded = not truncated_by_time or self.hard_stopped
+        window = last_send if count_bounded else cfg.stage_duration_s
         drain = cfg.timeout_s if cfg.drain_timeout_s is None else cfg.drain_timeout_s
         await self._wait_all(tasks, drain)
-        return stage_start, max(window, 1e-9)
+        return stage_start, max(window, 1e-9), count_bounded
 
     async def _concurrency_stage(self, client: httpx.AsyncClient, concurrency: int) -> tuple[float, float]:
         cfg = self.cfg
@@ -554,8 +555,9 @@ class LoadRunner:
         self.current_stage = stage.label
         self._stage_records = []
         before_text = await self.scrape(client)
+        count_bounded = False
         if stage.mode == "poisson":
-            stage_start, window = await self._poisson_stage(client, stage.value)
+            stage_start, window, count_bounded = await self._poisson_stage(client, stage.value)
         else:
             stage_start, window = await self._concurrency_stage(client, int(stage.value))
         after_text = await self.scrape(client)
@@ -570,6 +572,7 @@ class LoadRunner:
             offered_rps=stage.value if stage.mode == "poisson" else None,
             concurrency=int(stage.value) if stage.mode == "concurrency" else None,
             label=stage.label,
+            count_bounded=count_bounded,
         )
         summary["offered_images_per_s"] = (
             stage.value * cfg.workload.mean_images_per_request() if stage.mode == "poisson" else None

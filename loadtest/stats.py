@@ -17,6 +17,8 @@ Definitions (also in docs/OPERATIONS.md):
   saturated one measures its capacity. Falls back to ok / (last end - stage start) when the
   window holds nothing;
 * goodput: the same estimator restricted to requests that succeeded within the SLO;
+* realised offered rate: requests sent / arrival window; (sent - 1) / window when the stage
+  stopped at its request count (the window then ends at the last arrival, see summarize_stage);
 * saturation point: the highest offered rate (of the open-loop stages) whose achieved throughput
   is >= 90 % of the realised offered rate and whose p99 latency is within the SLO.
 """
@@ -91,8 +93,14 @@ def summarize_stage(
     offered_rps: float | None = None,
     concurrency: int | None = None,
     label: str = "",
+    count_bounded: bool = False,
 ) -> dict[str, Any]:
-    """Everything summary.json says about one stage (server-side metric deltas are added by the runner)."""
+    """Everything summary.json says about one stage (server-side metric deltas are added by the runner).
+
+    `count_bounded`: the arrivals stopped at the request count, so the window ends at the last
+    arrival; the realised rate is then (n - 1) / window, the unbiased estimate for Poisson
+    arrivals (n / window overstates it by n / (n - 1)). Otherwise n / window.
+    """
     sent = [r for r in records if r.get("sent_s") is not None]
     ok = [r for r in records if r.get("ok")]
     rejected = [r for r in records if r.get("status") == 429]
@@ -108,7 +116,8 @@ def summarize_stage(
         achieved = steady_state_rate(ok, stage_start_s, arrival_window_s, warmup)
         good = [r for r in ok if r["latency_s"] <= slo_s]
         goodput = steady_state_rate(good, stage_start_s, arrival_window_s, warmup)
-        realized = len(sent) / arrival_window_s if arrival_window_s > 0 else None
+        n_arrivals = len(sent) - 1 if count_bounded and len(sent) > 1 else len(sent)
+        realized = n_arrivals / arrival_window_s if arrival_window_s > 0 else None
     else:  # closed loop: whole stage span
         warmup = 0.0
         achieved = len(ok) / elapsed if elapsed > 0 else 0.0
@@ -124,6 +133,7 @@ def summarize_stage(
         "offered_rps_realized": realized,
         "concurrency": concurrency,
         "arrival_window_s": arrival_window_s,
+        "count_bounded": count_bounded,
         "elapsed_s": elapsed,
         "warmup_s": warmup,
         "requests_scheduled": len(records),

@@ -92,6 +92,24 @@ def test_unsaturated_stage():
     assert s["elapsed_s"] == pytest.approx(10.0)
 
 
+def test_count_bounded_stage_uses_the_unbiased_rate():
+    # Poisson arrivals stopped at the 10th request, sent at t = 10: (10 - 1) / 10 s, not 10 / 10 s
+    records = [rec(t, t + 0.5) for t in range(1, 11)]
+    s = summarize_stage(
+        records,
+        mode="poisson",
+        stage_start_s=0.0,
+        arrival_window_s=10.0,
+        slo_s=2.0,
+        offered_rps=1.0,
+        count_bounded=True,
+    )
+    assert s["offered_rps_realized"] == pytest.approx(0.9)
+    # window [0.5, 10) holds ends 1.5 .. 9.5: 9 / 9.5 s
+    assert s["achieved_rps"] == pytest.approx(9 / 9.5)
+    assert s["throughput_ok"]
+
+
 def test_saturated_stage():
     # 10 requests sent at t = 0..9 to a server finishing one every 2 s: ends 2, 4, ..., 20,
     # latencies 2, 3, ..., 11. p50 = 6.5 -> warmup = min(6.5, 10 / 2) = 5 -> window [5, 10) holds
