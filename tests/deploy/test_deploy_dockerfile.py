@@ -130,8 +130,11 @@ def test_dockerignore_allows_exactly_what_is_copied(repo, parsed):
                 for src in srcs:
                     assert not ignored(src.rstrip("/")), f"{src} is excluded by .dockerignore"
                     assert (repo / src).exists(), src
-    for path in ("models/c2i_XL_384.pt", ".git", "out", "tests", "adsa_core/x.safetensors"):
+    for path in ("models/c2i_XL_384.pt", "c2i_XL_384.pt", ".git", "out", "tests", "deploy/.env"):
         assert ignored(path), path
+    # package data ships: the embedded demo model's weights are .pt files under adsa_core/assets
+    for path in ("adsa_core/assets/demo/gpt.pt", "adsa_core/assets/demo/config.json"):
+        assert not ignored(path), path
 
 
 HADOLINT = shutil.which("hadolint")
