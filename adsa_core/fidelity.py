@@ -640,22 +640,25 @@ def _budgets(text: str) -> list[int | float]:
 
 
 def _classes(text: str) -> list[int]:
-    """'0,5,9' or ranges '0-23' (inclusive), mixed."""
+    """'0,5,9', inclusive ranges '0-23', strided ranges '0-1892:30', mixed."""
     out: list[int] = []
     for t in text.replace(" ", "").split(","):
         if "-" in t[1:]:
-            a, _, b = t.partition("-")
+            rng, _, step = t.partition(":")
+            a, _, b = rng.partition("-")
             try:
-                lo, hi = int(a), int(b)
+                lo, hi, st = int(a), int(b), int(step or 1)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"bad class range {t!r}") from None
-            if hi < lo:
+            if hi < lo or st < 1:
                 raise argparse.ArgumentTypeError(f"empty class range {t!r}")
-            out.extend(range(lo, hi + 1))
+            out.extend(range(lo, hi + 1, st))
         elif t:
             out.extend(_labels(t))
     if not out:
         raise argparse.ArgumentTypeError("no classes given")
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError("a class is listed twice")
     return out
 
 
@@ -675,8 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sweep-local", type=_labels, metavar="M,M,...", help="... x these local windows ...")
     e.add_argument("--sweep-budget", type=_budget, metavar="B", help="... at this budget (default: middle of "
                    "--budgets)")
-    e.add_argument("--classes", type=_classes, metavar="C,C-C",
-                   help="class labels, e.g. 0,5,9 or 0-23 (default: 8 spread over the model's classes)")
+    e.add_argument("--classes", type=_classes, metavar="C,C-C:S",
+                   help="class labels, e.g. 0,5,9 or 0-23 or 0-1892:30 (default: 8 spread over the model's)")
     e.add_argument("--seeds", type=_positive, default=2, metavar="N", help="seeds per class: SEED..SEED+N-1")
     e.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
 

@@ -6,6 +6,7 @@ CPU, well under a minute. The demo test runs only when the demo assets are in th
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -52,6 +53,16 @@ def test_frechet_distance_identity_and_rank_deficient() -> None:
     assert fidelity.frechet_distance(*fidelity.feature_stats(y), mu, sigma) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError):
         fidelity.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
+
+
+def test_frechet_distance_matches_scipy_sqrtm() -> None:
+    linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(50, 8, generator=g, dtype=torch.float64), torch.randn(60, 8, generator=g, dtype=torch.float64)
+    (mu1, s1), (mu2, s2) = fidelity.feature_stats(a * 2 + 1), fidelity.feature_stats(b)
+    covmean = linalg.sqrtm(s1.numpy() @ s2.numpy()).real
+    expected = float((mu1 - mu2).pow(2).sum()) + float(np.trace(s1.numpy() + s2.numpy() - 2 * covmean))
+    assert fidelity.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
 
 
 def test_feature_stats_match_numpy_and_class_balance() -> None:
@@ -181,6 +192,15 @@ def test_bad_arguments_exit_2(tiny, tmp_path, capsys, args, message) -> None:
     rc = fidelity.main([*tiny["model"], "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_class_lists() -> None:
+    assert fidelity._classes("0,5, 9") == [0, 5, 9]
+    assert fidelity._classes("0-3,10-20:5") == [0, 1, 2, 3, 10, 15, 20]
+    for bad in ("3-1", "a-b", "1,1", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            fidelity._classes(bad)
+    assert fidelity._budgets("1/2,0.25,64") == [0.5, 0.25, 64]
 
 
 def test_missing_out_is_a_usage_error(capsys) -> None:
