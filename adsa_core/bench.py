@@ -96,7 +96,7 @@ def bench_reference(models: LoadedModels, batch: int, sampling: SamplingParams, 
 
 
 def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, policy: str,
-                 budget: float | None, graphs: bool, spill_limit: int) -> Row:
+                 budget: float | None, graphs: bool, spill_limit: int, compile_step: bool = False) -> Row:
     dev, cfg = models.device, models.gpt_config
     cache = CacheConfig(policy=policy, budget=budget)
     resolved = cache.resolve(cfg)
@@ -104,7 +104,7 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
     rows = 2 * batch if sampling.uses_cfg else batch
     pool_tokens = rows * pages_for(resolved.budget, page) * page  # exactly what the batch needs
     ec = EngineConfig(device=str(dev), max_batch_size=batch, kv_pool_tokens=pool_tokens, page_size=page,
-                      max_queue=4 * batch, spill_limit_bytes=spill_limit, cuda_graphs=graphs,
+                      max_queue=4 * batch, spill_limit_bytes=spill_limit, cuda_graphs=graphs, compile_step=compile_step,
                       default_cache=cache, encode_png=False,  # the baseline decodes but does not encode PNGs
                       vq_decode_batch=16)
     _sync(dev)
@@ -169,6 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="skip the compiled reference baseline")
     p.add_argument("--eager-reference", action="store_true", help="baseline without torch.compile")
     p.add_argument("--no-graphs", action="store_true", help="engine without CUDA graphs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     p.add_argument("--spill-limit-mb", type=float, default=16.0, help="per-sequence spill limit")
     p.add_argument("--smoke", action="store_true", help="tiny model, seconds, for CI")
     p.add_argument("--out", default="bench-out")
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     if policy == "reference":
                         row = bench_reference(models, batch, sampling, not a.eager_reference and device.type == "cuda")
                     else:
-                        row = bench_engine(models, batch, sampling, policy, budget, not a.no_graphs, spill)
+                        row = bench_engine(models, batch, sampling, policy, budget, not a.no_graphs, spill, a.compile)
                 except torch.cuda.OutOfMemoryError as e:
                     print(f"OOM: {e}", file=sys.stderr)
                     torch.cuda.empty_cache()

@@ -257,6 +257,7 @@ class EngineConfig:
     spill_limit_bytes: int = 16 << 20  # pinned CPU bytes per sequence for its evicted K/V
     spill_arena_bytes: int = 2 << 30  # pinned CPU memory for all spilled K/V (a ring, reclaimed per request)
     cuda_graphs: bool = True  # capture the decode step per batch bucket (GPU only)
+    compile_step: bool = False  # torch.compile the decode step (GPU; minutes of compile per bucket)
     decode_images: bool = True  # VQ-decode finished requests (offline tools decode themselves)
     encode_png: bool = True  # and encode them as PNG (the benchmark measures decode only, like the baseline)
     # images per VQ decode call. 1 keeps every image's bytes independent of the images finishing

@@ -26,11 +26,13 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--compile", action="store_true")
     a = p.parse_args()
     dev = torch.device("cuda")
     cfg = gpt_preset(a.preset, a.image_size)
     models = random_models(cfg, VQConfig(), a.preset, a.image_size, dev, torch.bfloat16)
     eng = Engine(models, EngineConfig(device="cuda", max_batch_size=a.batch, cuda_graphs=not a.no_graphs,
+                                      compile_step=a.compile,
                                       default_cache=CacheConfig(policy=a.policy, budget=a.budget)))
     sp = SamplingParams(cfg_scale=4.0, top_k=2000)
     for i in range(a.batch):

@@ -85,7 +85,8 @@ class Engine:
         self.max_rows = 2 * config.max_batch_size
         geo = self._pool_geometry()
         max_pages = pages_for(self.cfg.seq_len, config.page_size)
-        self.runner = ModelRunner(self.gpt, geo, self.max_rows, max_pages, config.cuda_graphs)
+        self.runner = ModelRunner(self.gpt, geo, self.max_rows, max_pages, config.cuda_graphs,
+                                  config.compile_step and self.device.type == "cuda")
         self.scheduler = Scheduler(PageAllocator(geo.num_pages), self.max_rows, config.page_size, config.max_queue)
         self.default_cache = config.default_cache.resolve(self.cfg)
         self.requests: dict[str, _Request] = {}

@@ -142,7 +142,7 @@ class PoolPrefillCache:
 
 class ModelRunner:
     def __init__(self, model: Transformer, geo: PoolGeometry, max_rows: int, max_pages_per_row: int,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, compile_step: bool = False):
         self.model = model
         self.cfg = model.config
         self.device = model.device
@@ -152,6 +152,8 @@ class ModelRunner:
         self.rows = RowState(geo, max_rows, max_pages_per_row, self.cfg.vocab_size, self.device)
         self.scale = self.cfg.head_dim ** -0.5
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        if compile_step:  # fuse norms, RoPE and residuals: a decode step is otherwise launch-bound
+            model.compile_blocks()
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < max_rows] + [max_rows]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 

@@ -91,27 +91,35 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        freqs_cis: torch.Tensor,
-        cache: KVCache | None,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def project(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x: (B, T, dim) -> q (B, H, T, D), k and v (B, Hkv, T, D), RoPE applied to q and k."""
         B, T, _ = x.shape
         kv_size = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.dim, kv_size, kv_size], dim=-1)
         q = apply_rotary_emb(q.view(B, T, self.n_head, self.head_dim), freqs_cis)  # (B, T, H, D)
         k = apply_rotary_emb(k.view(B, T, self.n_kv_head, self.head_dim), freqs_cis)  # (B, T, Hkv, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, D)
+        return tuple(t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, D)
+
+    def attend(self, q, k, v, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         if cache is not None:
-            y = cache.attend(self.layer, q, k, v)
-        else:
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.dim))  # (B, T, dim)
+            return cache.attend(self.layer, q, k, v)
+        rep = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+def block_pre(block: TransformerBlock, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Everything of a block before attention: norm, QKV projection, RoPE."""
+    return block.attention.project(block.attention_norm(x), freqs_cis)
+
+
+def block_post(block: TransformerBlock, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Everything after attention: output projection, residuals, norm and feed-forward.
+    y: (B, H, T, D) attention output."""
+    B, H, T, D = y.shape
+    h = x + block.attention.wo(y.transpose(1, 2).reshape(B, T, H * D))
+    return h + block.feed_forward(block.ffn_norm(h))
 
 
 class TransformerBlock(nn.Module):
@@ -122,9 +130,14 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
+    # The parts around attention are plain functions so the engine can swap in compiled versions
+    # (`Transformer.compile_blocks`): one compiled graph serves every layer.
+    pre = staticmethod(block_pre)
+    post = staticmethod(block_post)
+
     def forward(self, x, freqs_cis, cache, mask):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, cache, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        q, k, v = self.pre(self, x, freqs_cis)
+        return self.post(self, x, self.attention.attend(q, k, v, cache, mask))
 
 
 class Transformer(nn.Module):
@@ -153,6 +166,14 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
+
+    def compile_blocks(self) -> None:
+        """Fuse each block's elementwise work around attention with torch.compile (GPU decode).
+        Attention itself stays outside: it is the pool's Triton kernel."""
+        pre = torch.compile(block_pre, dynamic=False)
+        post = torch.compile(block_post, dynamic=False)
+        for block in self.layers:
+            block.pre, block.post = pre, post
 
     def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
         """c2i: labels (B,) -> (B, 1, dim); t2i: caption features (B, 120, caption_dim) -> (B, 120, dim)."""
