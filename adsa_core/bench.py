@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import reference
 from .config import CacheConfig, EngineConfig, GPTConfig, VQConfig, gpt_preset
 from .engine import Engine, Finished, GenerationRequest
 from .kv.pool import pages_for
@@ -55,6 +57,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _reset_peak(device: torch.device) -> None:
+    gc.collect()  # engines of earlier rows hold graphs and pools until collected
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -89,6 +92,7 @@ def bench_reference(models: LoadedModels, batch: int, sampling: SamplingParams, 
         images.clamp(-1, 1)
     _sync(dev)
     total = time.perf_counter() - t0
+    reference.release_static_caches()  # its KV must not count towards the next row's peak
     kv = 2 * batch * (cfg.cls_token_num + cfg.block_size) * cfg.kv_bytes_per_token(models.gpt.dtype.itemsize)
     return Row(models.name, models.image_size, "reference", None, batch, batch / total,
                batch * cfg.block_size / total, _peak(dev), kv, 1000 * t_gen / cfg.block_size, total,

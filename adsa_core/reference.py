@@ -116,6 +116,11 @@ def _compiled_step() -> Callable:
 _static_caches: dict[tuple, StaticKVCache] = {}
 
 
+def release_static_caches() -> None:
+    """Free the compiled path's reused caches (the benchmark measures memory between runs)."""
+    _static_caches.clear()
+
+
 def _static_cache(model: Transformer, rows: int, max_len: int) -> StaticKVCache:
     """One cache per shape, reused across calls so the compiled step is not recompiled."""
     key = (id(model), rows, max_len, model.dtype, model.device)
