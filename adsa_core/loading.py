@@ -7,6 +7,7 @@ so the CLI, the server, the benchmark and the fidelity harness all agree.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,20 @@ def read_json_arg(value: str, what: str) -> dict:
     return d
 
 
+def limit_cpu_threads() -> None:
+    """Leave one core to the engine's other threads (scheduler, image stage, HTTP): with every core
+    in torch's pool, they oversubscribe it and a 2-core machine decodes 20x slower. The setting
+    belongs to the calling OS thread, so each thread that computes calls this. An explicit
+    OMP_NUM_THREADS wins."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
+
+
 def load_models(spec: ModelSpec) -> LoadedModels:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
+    if device.type == "cpu":
+        limit_cpu_threads()
     if spec.is_demo:
         return _load_demo(spec, device, dtype)
 

@@ -57,7 +57,10 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> F
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over max_bytes, before anything parses them (declared or streamed length)."""
+    """413 for bodies over max_bytes, before anything parses them (declared or streamed length).
+
+    Also reads a POST body without a JSON content type as JSON: `curl -d '{...}'` sends
+    application/x-www-form-urlencoded, and the API only ever takes JSON bodies."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -84,6 +87,11 @@ class BodyLimitMiddleware:
                 await too_large.response()(scope, receive, send)
                 return
         body, replayed = b"".join(chunks), False
+        headers = dict(scope["headers"])
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if scope["method"] == "POST" and ctype in (b"", b"application/x-www-form-urlencoded"):
+            headers[b"content-type"] = b"application/json"
+            scope = {**scope, "headers": list(headers.items())}
 
         async def replay() -> Message:
             nonlocal replayed

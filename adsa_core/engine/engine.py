@@ -18,7 +18,7 @@ from ..config import ConfigError, EngineConfig, ResolvedCache
 from ..kv.policy import POLICY_MODE
 from ..kv.pool import PageAllocator, PoolGeometry, pages_for
 from ..kv.spill import SpillArena, SpillRecord
-from ..loading import LoadedModels
+from ..loading import LoadedModels, limit_cpu_threads
 from ..sampling import cfg_combine, sample_tokens
 from .imaging import DoneImage, ImageStage
 from .request import (
@@ -79,6 +79,8 @@ class Engine:
     def __init__(self, models: LoadedModels, config: EngineConfig):
         self.models = models
         self.config = config
+        if models.device.type == "cpu":
+            limit_cpu_threads()  # torch's thread count is per OS thread: this is the engine's
         self.gpt = models.gpt
         self.cfg = models.gpt_config
         self.device = models.device

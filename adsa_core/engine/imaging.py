@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..images import png_bytes, to_pil, to_uint8
+from ..loading import limit_cpu_threads
 from ..model.vq import VQModel
 from .request import Finished, PartialImage, RequestFailed, RequestStats
 
@@ -44,7 +45,8 @@ class ImageStage:
         self.device = device
         self.chunk = max(1, chunk)
         self.png = png
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq")
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq",
+                                         initializer=limit_cpu_threads if device.type == "cpu" else None)
         self.png_pool = ThreadPoolExecutor(max_workers=png_threads, thread_name_prefix="adsa-png")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 

@@ -66,6 +66,11 @@ async def test_generate_json_png_and_alias():
         assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
         r = await c.post("/v1/generate", json={"class_label": 1}, headers={"Accept": "image/png"})
         assert r.headers["content-type"] == "image/png"
+        # `curl -d '{...}'` without -H Content-Type sends form-urlencoded: still JSON to us
+        for ctype in ("application/x-www-form-urlencoded", None):
+            headers = {"Accept": "image/png"} | ({"Content-Type": ctype} if ctype else {})
+            r = await c.post("/v1/generate", content=b'{"class_label": 3}', headers=headers)
+            assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
         # n > 1 with Accept: image/png falls back to JSON; JSON listed first wins
         r = await c.post("/v1/generate", json={"class_label": 1, "n": 2}, headers={"Accept": "image/png"})
         assert r.headers["content-type"] == "application/json"
