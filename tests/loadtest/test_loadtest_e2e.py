@@ -94,7 +94,7 @@ def test_run_and_compare(tmp_path, fake_server, capsys):
         "0.1",
     ]
     # the CLI for real, in its own process (progress line on stderr)
-    r = _cli([*common, "--rates", "10,150", "--concurrency", "2", "--out", str(a)])
+    r = _cli([*common, "--rates", "10,1000", "--concurrency", "2", "--out", str(a)])
     assert r.returncode == 0, r.stderr
     assert "[rate=10]" in r.stderr and "[concurrency=2]" in r.stderr  # the progress line
     for name in (*RUN_FILES, "throughput_vs_concurrency.png"):
@@ -109,15 +109,15 @@ def test_run_and_compare(tmp_path, fake_server, capsys):
         == summary["totals"]["requests"]
         == sum(s["requests_scheduled"] for s in summary["stages"])
     )
-    assert [s["label"] for s in summary["stages"]] == ["rate=10", "rate=150", "concurrency=2"]
+    assert [s["label"] for s in summary["stages"]] == ["rate=10", "rate=1000", "concurrency=2"]
     assert summary["model"]["id"] == "fake-demo"
     by = {s["label"]: s for s in summary["stages"]}
     assert all(s["requests_scheduled"] <= 12 for s in summary["stages"])
     assert by["concurrency=2"]["requests_scheduled"] == 12
-    # the fake serves 2 x 20 img/s: 150/s overflows its queue of 4 -> 429s, throughput well below offered
-    assert by["rate=150"]["rejected_429"] > 0
-    assert not by["rate=150"]["throughput_ok"]
-    assert summary["saturation_point_rps"] != 150
+    # the fake serves 2 x 20 img/s: 1000/s (12 arrivals in ~12 ms) overflows its queue of 4 -> 429s
+    assert by["rate=1000"]["rejected_429"] > 0
+    assert not by["rate=1000"]["throughput_ok"]
+    assert summary["saturation_point_rps"] != 1000
     assert by["rate=10"]["ok"] == by["rate=10"]["requests_sent"] > 0 and by["rate=10"]["errors"] == 0
     r429 = [r for r in records if r["status"] == 429]
     assert r429 and all(r["retry_after"] == "1" and r["error"] == "queue_full" for r in r429)
@@ -134,7 +134,7 @@ def test_run_and_compare(tmp_path, fake_server, capsys):
     ts = [json.loads(line) for line in (a / "metrics_timeseries.jsonl").read_text().splitlines()]
     assert len(ts) >= 5 and any(row["adsa_kv_cache_usage_ratio"] for row in ts)
     md = (a / "summary.md").read_text()
-    assert "saturation point" in md and "rate=150" in md and "![kv_usage.png](kv_usage.png)" in md
+    assert "saturation point" in md and "rate=1000" in md and "![kv_usage.png](kv_usage.png)" in md
 
     # run B: streamed, with a policy/budget mix from a workload file
     wl = tmp_path / "wl.json"
@@ -175,7 +175,7 @@ def test_run_and_compare(tmp_path, fake_server, capsys):
     for png in cmp_dir.glob("*.png"):
         _png_ok(png)
     cmp = json.loads((cmp_dir / "compare.json").read_text())
-    assert [row["stage"] for row in cmp["stages"]] == ["rate=10", "rate=150", "concurrency=2"]
+    assert [row["stage"] for row in cmp["stages"]] == ["rate=10", "rate=1000", "concurrency=2"]
     assert cmp["stages"][1]["achieved_rps"]["b"] is None  # only in A
     assert "| rate=10 |" in (cmp_dir / "compare.md").read_text()
 
