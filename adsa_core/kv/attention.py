@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-MODE_NONE, MODE_ADSA, MODE_WINDOW = 0, 1, 2
+from .policy import MODE_ADSA, MODE_NONE
 
 
 def gather_slots(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
