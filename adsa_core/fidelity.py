@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import sys
@@ -47,8 +48,16 @@ from .cli import (
     decode_images,
     model_spec_from_args,
 )
-from .config import POLICIES, CacheConfig, ConfigError, GPTConfig, ResolvedCache
-from .engine.offline import run_offline
+from .config import POLICIES, CacheConfig, ConfigError, EngineConfig, GPTConfig, ResolvedCache
+from .engine.engine import Engine
+from .engine.request import (
+    EngineError,
+    Finished,
+    GenerationRequest,
+    InvalidRequest,
+    Progress,
+    RequestStats,
+)
 from .images import to_uint8
 from .loading import DEMO_DIR, LoadedModels, ModelSpec, load_models
 from .sampling import SamplingParams
@@ -250,12 +259,15 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise ConfigError(f"cannot read reference {path}: {_one_line(e)}") from None
 
 
-def load_reference(path: str | Path, extractor: FeatureExtractor, classes: list[int], batch: int) -> Reference:
+def load_reference(path: str | Path, extractor: FeatureExtractor, classes: list[int], batch: int,
+                   model_classes: list[dict] | None = None) -> Reference:
     """Reference statistics from a folder of images or an .npz holding one of:
     - `mu`/`sigma` (or `mean`/`cov`): precomputed statistics, used as they are;
     - `features` (N, D) [+ `labels`]: feature rows of real images;
     - `images` (N, H, W, 3) uint8, or `images_xz` + `shape` (tools/emoji_data.py) [+ `labels`].
-    With labels, only the evaluated classes are kept and every class weighs the same.
+    With labels, only the evaluated classes are kept and every class weighs the same. An .npz may also
+    hold `classes` (JSON text, [{"id", "name", "emoji"}], as tools/emoji_data.py writes): then its
+    labels must mean the model's classes (checked for the evaluated ones).
     """
     p = Path(path)
     if p.is_dir():
@@ -277,6 +289,8 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, classes: list[
                              f"{p} (precomputed statistics, all classes)", int(z.get("n", np.zeros(())).item()),
                              False)
     labels = torch.from_numpy(z["labels"].astype(np.int64)) if "labels" in z else None
+    if "classes" in z and model_classes is not None:
+        _check_classes(json.loads(str(z["classes"])), model_classes, classes, p)
     if "features" in z:
         rows = torch.from_numpy(z["features"].astype(np.float32))
         return _stats_from_rows(rows, labels, classes, p, "feature rows")
@@ -300,6 +314,15 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, classes: list[
     feats = torch.cat([extractor.features(_uint8_to_float(images[keep[i: i + batch]]))
                        for i in range(0, len(keep), batch)]) if len(keep) else torch.zeros(0, 1)
     return _stats_from_rows(feats, labels, classes, p, "images", restricted=True)
+
+
+def _check_classes(ref: list[dict], model: list[dict], classes: list[int], path: Path) -> None:
+    key = lambda c: (c.get("emoji"), c.get("name"))
+    for c in classes:
+        if c >= len(ref) or key(ref[c]) != key(model[c]):
+            got = ref[c] if c < len(ref) else "nothing"
+            raise ConfigError(f"--reference-images {path}: label {c} is {got}, the model's class {c} is {model[c]} "
+                              "(reference made for another class list)")
 
 
 def _stats_from_rows(rows: torch.Tensor, labels: torch.Tensor | None, classes: list[int], path: Path, what: str,
@@ -390,16 +413,68 @@ class Options:
     batch_size: int = 16
     grid_max: int = 16  # images (columns) in grid.png
     feature_batch: int = 64
+    dense_check: bool = True  # force dense's own tokens through the dense cache too (KL must be 0)
 
 
 def _mean(x: list[torch.Tensor]) -> float:
     return float(torch.cat([t.reshape(-1) for t in x]).double().mean()) if x else float("nan")
 
 
-def _round(x: float | None, nd: int = 5) -> float | None:
-    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
+def _round(x: float | None, digits: int = 6) -> float | None:
+    """`digits` significant digits for the JSON; None for NaN and infinities (JSON has neither)."""
+    if x is None or math.isnan(x) or math.isinf(x):
         return None
-    return round(float(x), nd)
+    return float(f"{x:.{digits}g}")
+
+
+def run_requests(
+    models: LoadedModels,
+    requests: list[GenerationRequest],
+    batch_size: int,
+    on_finished: Callable[[int, Finished], None],
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Run requests (each with its own cache, forcing and logits wish) through one engine, `batch_size`
+    images in flight; `on_finished(i, event)` gets request i's result as soon as it is done.
+
+    Like `run_offline`, but the requests may differ: every setting's teacher-forced and free-running
+    requests share one pass, so a sweep costs two passes over the sequence, not two per setting.
+    """
+    n = len(requests)
+    cfg = EngineConfig(device=str(models.device), max_batch_size=max(1, min(batch_size, n)), max_queue=n + 1,
+                       default_cache=CacheConfig(policy="dense", budget=None),
+                       cuda_graphs=models.device.type == "cuda", decode_images=False)
+    engine = Engine(models, cfg)
+    errors: dict[int, EngineError] = {}
+    last = [0] * n
+
+    def sink_for(i: int):
+        def sink(ev) -> None:
+            if isinstance(ev, EngineError):
+                errors[i] = ev
+            elif isinstance(ev, Finished):
+                if progress is not None:
+                    progress(ev.codes.shape[0] - last[i])
+                on_finished(i, ev)
+            elif isinstance(ev, Progress) and progress is not None:
+                progress(ev.tokens_done - last[i])
+                last[i] = ev.tokens_done
+        return sink
+
+    try:
+        for i, req in enumerate(requests):
+            engine.submit(dataclasses.replace(req, request_id=str(i)), sink_for(i))
+        while engine.has_work and not errors:
+            engine.step()
+    except InvalidRequest as e:
+        raise ConfigError(str(e)) from None
+    finally:
+        engine.close()
+    if errors:
+        i, err = next(iter(sorted(errors.items())))
+        if isinstance(err, InvalidRequest):
+            raise ConfigError(f"request {i}: {err}")
+        raise RuntimeError(f"request {i} failed: {type(err).__name__}: {err}")
 
 
 def evaluate(
@@ -413,43 +488,66 @@ def evaluate(
     reference: Reference | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Rows of metrics, one per setting (dense first), and uint8 grid images per setting label."""
+    """Rows of metrics, one per setting (dense first), and uint8 grid images per setting label.
+
+    Pass 1 samples every image with the dense cache (keeping its log-probs) and, beside it, with every
+    other setting (free-running, same seeds). Pass 2 forces the dense tokens through every setting's
+    cache (dense's too, a check that forcing is exact, unless `opts.dense_check` is off).
+    """
     gpt = models.gpt_config
     T, cls_tokens = gpt.block_size, gpt.cls_token_num
     n = len(images.seeds)
     grid_idx = images.grid_order(opts.grid_max)
-    go = lambda cache, **kw: run_offline(models, images.labels, sampling, images.seeds, cache, opts.batch_size,
-                                          progress=progress, **kw)
     assert settings[0][1].policy == "dense"
+    base = [GenerationRequest(condition=int(images.labels[i]), seed=int(images.seeds[i]), sampling=sampling)
+            for i in range(n)]
+    dense_codes = torch.zeros(n, T, dtype=torch.long)
+    dense_lp: list[torch.Tensor | None] = [None] * n
+    per: list[list[dict[str, torch.Tensor] | None]] = [[None] * n for _ in settings]
+    free_codes = [torch.zeros(n, T, dtype=torch.long) for _ in settings]
+    free_stats: list[list[RequestStats | None]] = [[None] * n for _ in settings]
 
-    t0 = time.perf_counter()
-    dense = go(settings[0][0].cache, want_logits=True)
-    dense_s = time.perf_counter() - t0
-    dense_codes, dense_lp = dense.codes, dense.logprobs
-    assert dense_lp is not None
+    # Pass 1: request j is image j % n of setting j // n (setting 0 = dense, with log-probs).
+    reqs = [dataclasses.replace(r, cache=setting.cache, want_logits=s == 0)
+            for s, (setting, _) in enumerate(settings) for r in base]
+
+    def on_free(j: int, ev: Finished) -> None:
+        s, i = divmod(j, n)
+        free_codes[s][i], free_stats[s][i] = ev.codes.cpu(), ev.stats
+        if s == 0:
+            dense_codes[i], dense_lp[i] = free_codes[0][i], ev.logprobs
+
+    run_requests(models, reqs, opts.batch_size, on_free, progress)
+
+    # Pass 2: the dense tokens through every setting's cache; compared as soon as each finishes, so
+    # only the dense log-probs stay in memory.
+    forced_settings = [s for s in range(len(settings)) if s > 0 or opts.dense_check]
+    reqs = [dataclasses.replace(r, cache=settings[s][0].cache, forced_tokens=dense_codes[i], want_logits=True)
+            for s in forced_settings for i, r in enumerate(base)]
+
+    def on_forced(j: int, ev: Finished) -> None:
+        s, i = forced_settings[j // n], j % n
+        assert ev.logprobs is not None and dense_lp[i] is not None
+        per[s][i] = token_metrics(dense_lp[i], ev.logprobs, dense_codes[i])
+
+    run_requests(models, reqs, opts.batch_size, on_forced, progress)
+    if not opts.dense_check:  # dense against itself, by definition
+        per[0] = [token_metrics(lp, lp, dense_codes[i]) for i, lp in enumerate(dense_lp)]  # type: ignore[arg-type]
+    dense_stats = free_stats[0]
+
     dense_px = dense_feats = None
     if models.vq is not None:
         dense_px = _pixels(models, dense_codes, opts.batch_size)
-    dense_kv_bytes = sum(s.kv_bytes for s in dense.stats) / n
-
+    dense_kv_bytes = sum(st.kv_bytes for st in dense_stats if st is not None) / n
     rows: list[dict] = []
     grids: dict[str, torch.Tensor] = {}
-    for setting, resolved in settings:
+    for s, (setting, resolved) in enumerate(settings):
         is_dense = resolved.policy == "dense"
-        # (a) teacher-forced: dense tokens through this cache (dense itself too: a check that it is exact)
-        t0 = time.perf_counter()
-        forced = go(setting.cache, forced=dense_codes, want_logits=True)
-        forced_s = time.perf_counter() - t0
-        assert forced.logprobs is not None
-        per = [token_metrics(dense_lp[i], forced.logprobs[i], dense_codes[i]) for i in range(n)]
+        metrics = [m for m in per[s] if m is not None]
+        stats = [st for st in free_stats[s] if st is not None]
+        assert len(metrics) == n and len(stats) == n
         evicting = torch.arange(T) + cls_tokens > resolved.budget  # steps whose cache holds < all tokens
-        # (b) free-running with the same seeds (dense: the sample itself)
-        if is_dense:
-            free, free_s = dense, dense_s
-        else:
-            t0 = time.perf_counter()
-            free = go(setting.cache)
-            free_s = time.perf_counter() - t0
+        codes = free_codes[s]
         row: dict = {
             "policy": resolved.policy,
             "budget": setting.budget,
@@ -458,23 +556,21 @@ def evaluate(
             "prefix": resolved.prefix,
             "local": resolved.local,
             "seq_len": resolved.seq_len,
-            "kl": _mean([m["kl"] for m in per]),
-            "kl_evicting_steps": _mean([m["kl"][evicting] for m in per]) if evicting.any() else 0.0,
-            "top1_agree": _mean([m["agree"] for m in per]),
-            "nll": _mean([m["nll"] for m in per]),
-            "nll_dense": _mean([m["nll_dense"] for m in per]),
-            "token_agree": float((free.codes == dense_codes).double().mean()),
-            "peak_kv_tokens": max(s.peak_kv_tokens for s in free.stats),
-            "kv_bytes": sum(s.kv_bytes for s in free.stats) / n,
-            "evictions_per_image": sum(s.evictions for s in free.stats) / n,
-            "spilled_bytes_per_image": sum(s.spilled_bytes for s in free.stats) / n,
-            "seconds_forced": round(forced_s, 3),
-            "seconds_free": round(free_s, 3),
+            "kl": _mean([m["kl"] for m in metrics]),
+            "kl_evicting_steps": _mean([m["kl"][evicting] for m in metrics]) if evicting.any() else 0.0,
+            "top1_agree": _mean([m["agree"] for m in metrics]),
+            "nll": _mean([m["nll"] for m in metrics]),
+            "nll_dense": _mean([m["nll_dense"] for m in metrics]),
+            "token_agree": float((codes == dense_codes).double().mean()),
+            "first_diverging_token": _first_divergence(codes, dense_codes),
+            "peak_kv_tokens": max(st.peak_kv_tokens for st in stats),
+            "kv_bytes": sum(st.kv_bytes for st in stats) / n,
+            "evictions_per_image": sum(st.evictions for st in stats) / n,
+            "spilled_bytes_per_image": sum(st.spilled_bytes for st in stats) / n,
         }
         row["kv_bytes_ratio"] = row["kv_bytes"] / dense_kv_bytes if dense_kv_bytes else None
-        row["first_diverging_token"] = _first_divergence(free.codes, dense_codes)
         if models.vq is not None:
-            px = dense_px if is_dense else _pixels(models, free.codes, opts.batch_size)
+            px = dense_px if is_dense else _pixels(models, codes, opts.batch_size)
             assert dense_px is not None and px is not None
             mse = (px.float() - dense_px.float()).div(255).pow(2).mean(dim=(1, 2, 3))  # (N,)
             mean_mse = float(mse.double().mean())
@@ -580,7 +676,7 @@ def markdown_table(report: dict) -> str:
     for r in report["rows"]:
         lines.append(" | ".join([
             f"| {r['policy']}", f"{r['budget_fraction']:.3f} / {r['budget_tokens']}", str(r["prefix"]),
-            str(r["local"]) if r["policy"] != "dense" else "–", _fmt(r["kl"]), _fmt(r["top1_agree"], ".3f"),
+            str(r["local"]) if r["policy"] == "adsa" else "–", _fmt(r["kl"]), _fmt(r["top1_agree"], ".3f"),
             _fmt(r["nll"], ".3f"), _fmt(r.get("recognition_acc"), ".3f"), _fmt_fid(r.get("fid")),
             _fmt_fid(r.get("fid_to_dense")),
             _fmt(r["token_agree"], ".3f"), "∞" if r.get("pixel_mse") == 0 else _fmt(r.get("psnr_db"), ".2f"),
@@ -590,18 +686,37 @@ def markdown_table(report: dict) -> str:
     meta = report
     notes = [
         "",
-        f"Model `{meta['model']}` ({meta['image_size']} px, {meta['block_size']} image tokens, sequence "
-        f"{meta['seq_len']} KV tokens), {meta['n_images']} images: classes {_short(meta['classes'])} x "
+        f"Model `{meta['model']}` (GPT weights sha256 {meta.get('gpt_ckpt_sha256') or '–'}; {meta['image_size']} px, "
+        f"{meta['block_size']} image tokens, sequence {meta['seq_len']} KV tokens), {meta['n_images']} images: "
+        f"classes {_short(meta['classes'])} x "
         f"{meta['seeds_per_class']} seeds; sampling {meta['sampling']}.",
         f"Device: {meta['device']}; dtype {meta['dtype']}; {meta['date']}.",
         f"FID features: {meta.get('features') or '–'}; reference: {meta.get('reference') or '–'}.",
-        "n = prefix (never-evicted first positions, condition token included), m = local window. "
+        "n = prefix (never-evicted first positions, condition token included), m = local window (window keeps "
+        "the prefix and the most recent budget - n tokens: m does not change it). "
         "KL, top-1 agreement and NLL are teacher-forced on the dense samples (mean per token); NLL of dense "
         f"itself: {_fmt(report['rows'][0]['nll'], '.3f')}. Token agreement, PSNR, recognition and FID are "
         "free-running with the same seeds.",
     ]
     notes += [f"Note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines + notes) + "\n"
+
+
+def _gpt_ckpt_path(spec: ModelSpec) -> Path | None:
+    if spec.is_demo:
+        return DEMO_DIR / json.loads((DEMO_DIR / "config.json").read_text())["gpt_ckpt"]
+    return Path(spec.gpt_ckpt) if spec.gpt_ckpt else None
+
+
+def _sha256(path: Path | None, limit: int = 1 << 30) -> str | None:
+    """First 16 hex digits of the file's SHA-256 (which weights the numbers belong to); None past `limit`."""
+    if path is None or not path.is_file() or path.stat().st_size > limit:
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _short(xs: list[int]) -> str:
@@ -704,6 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the TorchScript takes (default uint8 0..255)")
     f.add_argument("--inception-size", type=_positive, metavar="PX", help="resize to PX first (default: no resize)")
     f.add_argument("--no-fid", action="store_true", help="skip FID")
+    f.add_argument("--no-dense-check", action="store_true", help="do not re-force dense's samples through the "
+                   "dense cache (its row is then 0 / 1 by definition; saves one pass of the images)")
 
     o = p.add_argument_group("outputs")
     o.add_argument("--out", required=True, metavar="DIR", help="fidelity.json, fidelity.md, grid.png")
@@ -783,14 +900,14 @@ def run_fidelity(spec: ModelSpec, a: argparse.Namespace, overrides: dict, show_p
             notes.append("FID skipped: no reference (give --reference-images DIR|NPZ"
                          + ("; the demo assets ship no reference_stats.npz" if spec.is_demo else "") + ")")
         else:
-            reference = load_reference(ref_path, extractor, classes, 64)
+            reference = load_reference(ref_path, extractor, classes, 64, models.classes)
             if not reference.class_restricted:
                 notes.append("FID reference is not restricted to the evaluated classes: compare FIDs between "
                              "rows, not with other runs")
     images = ImageSet.make(classes, a.seeds, a.seed)
-    opts = Options(batch_size=a.batch_size, grid_max=a.grid_max)
+    opts = Options(batch_size=a.batch_size, grid_max=a.grid_max, dense_check=not a.no_dense_check)
 
-    n_runs = 1 + sum(1 if r.policy == "dense" else 2 for _, r in settings)
+    n_runs = 2 * len(settings) - (0 if opts.dense_check else 1)  # requests per image
     bar = tqdm(total=n_runs * len(images.seeds) * gpt.block_size, unit="tok", file=sys.stderr, desc=PROG,
                disable=not show_progress, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -806,7 +923,8 @@ def run_fidelity(spec: ModelSpec, a: argparse.Namespace, overrides: dict, show_p
         "command": " ".join([PROG, *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device, "dtype": str(models.dtype).removeprefix("torch."), "torch": torch.__version__,
-        "model": models.name, "image_size": models.image_size, "block_size": gpt.block_size,
+        "model": models.name, "gpt_ckpt_sha256": _sha256(_gpt_ckpt_path(spec)),
+        "image_size": models.image_size, "block_size": gpt.block_size,
         "seq_len": gpt.seq_len, "grid_size": gpt.grid_size, "classes": classes,
         "class_names": [models.classes[c]["name"] for c in classes] if models.classes else None,
         "seeds_per_class": a.seeds, "first_seed": a.seed, "n_images": len(images.seeds),

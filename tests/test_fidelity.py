@@ -17,8 +17,11 @@ from PIL import Image
 
 from adsa_core import fidelity
 from adsa_core.classifier import ClassifierConfig, EmojiClassifier, save_classifier
-from adsa_core.config import ConfigError, GPTConfig
-from adsa_core.loading import DEMO_DIR
+from adsa_core.cli import model_spec_from_args
+from adsa_core.config import CacheConfig, ConfigError, GPTConfig
+from adsa_core.engine.offline import run_offline
+from adsa_core.loading import DEMO_DIR, load_models
+from adsa_core.sampling import SamplingParams
 
 TESTDATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "testdata" / "llamagen"
 TINY_GPT = dict(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10)
@@ -156,6 +159,28 @@ def test_end_to_end_tiny(tiny, tmp_path, capsys) -> None:
     grid = Image.open(out / "grid.png")
     assert grid.width > 6 * 16 and grid.height > 5 * 16  # 5 rows (dense, adsa x2, window x2), 6 columns
 
+    # The harness runs all settings in two mixed engine passes: the same numbers as one setting alone.
+    models = load_models(model_spec_from_args(fidelity.build_parser().parse_args([*tiny["model"], "--out", "x"])))
+    labels, seeds = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 0, 1, 0, 1])
+    sampling = SamplingParams()
+    dense_run = run_offline(models, labels, sampling, seeds, CacheConfig("dense", None), 6, want_logits=True)
+    alone = run_offline(models, labels, sampling, seeds, CacheConfig("adsa", 8), 6, forced=dense_run.codes,
+                        want_logits=True)
+    kl = [fidelity.token_metrics(d, q, c)["kl"] for d, q, c in zip(dense_run.logprobs, alone.logprobs,
+                                                                    dense_run.codes)]
+    assert torch.cat(kl).mean().item() == pytest.approx(rows[("adsa", 8, 1, 5)]["kl"], rel=1e-4, abs=1e-7)
+    free = run_offline(models, labels, sampling, seeds, CacheConfig("adsa", 8), 6)
+    token_agree = (free.codes == dense_run.codes).double().mean().item()
+    assert token_agree == pytest.approx(rows[("adsa", 8, 1, 5)]["token_agree"])
+
+
+def test_no_dense_check_gives_the_same_rows(tiny, tmp_path) -> None:
+    args = [*tiny["model"], "--policies", "adsa", "--budgets", "8", "--classes", "4", "--seeds", "2"]
+    assert fidelity.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert fidelity.main([*args, "--no-dense-check", "--out", str(tmp_path / "b")]) == 0
+    rows_a, rows_b = _rows(tmp_path / "a")[0]["rows"], _rows(tmp_path / "b")[0]["rows"]
+    assert rows_a == rows_b
+
 
 def test_torchscript_features_and_image_folder(tiny, tmp_path, capsys) -> None:
     class Feat(torch.nn.Module):
@@ -194,6 +219,24 @@ def test_bad_arguments_exit_2(tiny, tmp_path, capsys, args, message) -> None:
     assert rc == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_reference_npz_with_foreign_class_list_is_refused(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    classes = [{"id": i, "name": f"c{i}", "emoji": chr(0x1F600 + i)} for i in range(4)]
+    path = tmp_path / "ref.npz"
+    np.savez(path, images=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), labels=np.arange(8) % 4,
+             classes=np.asarray(json.dumps(classes)))
+
+    class Mean(fidelity.FeatureExtractor):
+        def features(self, images: torch.Tensor) -> torch.Tensor:
+            return images.mean(dim=(2, 3))
+
+    ref = fidelity.load_reference(path, Mean(), [1, 2], 4, classes)
+    assert ref.class_restricted and ref.n == 4 and ref.mu.shape == (3,)
+    moved = classes[1:] + classes[:1]
+    with pytest.raises(ConfigError, match="another class list"):
+        fidelity.load_reference(path, Mean(), [1, 2], 4, moved)
+
+
 def test_class_lists() -> None:
     assert fidelity._classes("0,5, 9") == [0, 5, 9]
     assert fidelity._classes("0-3,10-20:5") == [0, 1, 2, 3, 10, 15, 20]
@@ -217,7 +260,7 @@ def test_missing_out_is_a_usage_error(capsys) -> None:
 def test_demo_two_classes_one_seed(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     rc = fidelity.main(["--device", "cpu", "--policies", "adsa", "--budgets", "0.25", "--classes", "0,1",
-                        "--seeds", "1", "--batch-size", "2", "--out", str(out)])
+                        "--seeds", "1", "--batch-size", "4", "--no-dense-check", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     report, rows = _rows(out)
     dense = next(r for r in report["rows"] if r["policy"] == "dense")
