@@ -754,6 +754,13 @@ def _budgets(text: str) -> list[int | float]:
     return out
 
 
+def _one_budget(text: str) -> int | float:
+    budgets = _budgets(text)
+    if len(budgets) != 1:
+        raise argparse.ArgumentTypeError(f"expected one budget, got {text!r}")
+    return budgets[0]
+
+
 def _classes(text: str) -> list[int]:
     """'0,5,9', inclusive ranges '0-23', strided ranges '0-1892:30', mixed."""
     out: list[int] = []
@@ -791,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-local", type=int, metavar="M", help="local window m (default: one image row + 1)")
     e.add_argument("--sweep-prefix", type=_labels, metavar="N,N,...", help="extra rows: these prefixes ...")
     e.add_argument("--sweep-local", type=_labels, metavar="M,M,...", help="... x these local windows ...")
-    e.add_argument("--sweep-budget", type=_budget, metavar="B", help="... at this budget (default: middle of "
+    e.add_argument("--sweep-budget", type=_one_budget, metavar="B", help="... at this budget (default: middle of "
                    "--budgets)")
     e.add_argument("--classes", type=_classes, metavar="C,C-C:S",
                    help="class labels, e.g. 0,5,9 or 0-23 or 0-1892:30 (default: 8 spread over the model's)")

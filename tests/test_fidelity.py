@@ -243,7 +243,7 @@ def test_class_lists() -> None:
     for bad in ("3-1", "a-b", "1,1", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             fidelity._classes(bad)
-    assert fidelity._budgets("1/2,0.25,64") == [0.5, 0.25, 64]
+    assert fidelity._budgets("1/2,0.25,64") == [0.5, 0.25, 64] and fidelity._one_budget("1/4") == 0.25
 
 
 def test_missing_out_is_a_usage_error(capsys) -> None:
