@@ -4,6 +4,7 @@ list checked against a live /metrics scrape instead of a constant."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,6 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
 
 from server_live import LiveServer  # noqa: E402
 
@@ -54,8 +54,18 @@ def test_dense_vs_adsa_report_against_the_real_server(real_server, tmp_path):
     assert (tmp_path / "cmp" / "compare.md").read_text().count("|") > 10
 
 
+def deploy_metric_list() -> dict[str, str]:
+    """SERVER_METRICS of tests/deploy/conftest.py: the list the dashboard, alerts and autoscalers are
+    checked against (loaded by path: every test folder has a module named conftest)."""
+    path = Path(__file__).resolve().parents[1] / "deploy" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("deploy_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SERVER_METRICS
+
+
 def test_dashboard_metrics_exist_in_the_live_server(real_server):
-    from conftest import SERVER_METRICS  # the single list the dashboard, alerts and autoscalers are checked against
+    SERVER_METRICS = deploy_metric_list()
 
     real_server.client().post("/v1/generate", json={"class_label": 1}).raise_for_status()
     names = {name for name, _ in real_server.metrics()}
