@@ -66,32 +66,38 @@ class PoolDecodeCache:
         # the next step needs a victim only if the row is full after this write
         self.mode = torch.where(self.n_slots >= r.budget[:B], r.mode[:B], torch.zeros_like(r.mode[:B]))
         Hkv = pool.geo.kv_heads
-        self.heads = torch.arange(Hkv, device=n.device).expand(B, Hkv)
+        self.heads = torch.arange(Hkv, device=n.device).expand(B, Hkv)  # (B, Hkv)
+        self.n_heads = n[:, None].expand(B, Hkv)  # next free slot, per head
+        self.full_f = self.full.view(B, 1, 1).float()
+        self.pos32 = r.positions[:B, None].to(torch.int32).expand(B, Hkv).reshape(-1)  # the new token's position
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r, B, P = self.rows, self.B, self.pool.geo.page_size
+        Hkv, D = k.shape[1], k.shape[-1]
         kc, vc = self.pool.k[layer], self.pool.v[layer]
         pc, ic = self.pool.pos[layer], self.pool.inv_norm[layer]
-        n = r.n_stored[:B, None].expand_as(self.heads)  # (B, Hkv)
-        slot = torch.where(self.full[:, None], r.victim[layer, :B].clamp_min(0), n)  # (B, Hkv)
-        page = r.block_table[:B].gather(1, (slot // P).long()).long()  # (B, Hkv)
-        off = (slot % P).long()
-        h = self.heads
+        # where the new token goes: the next free slot, or the victim the previous pass chose
+        # (padding rows count as full with no victim: clamped onto their scratch slot 0)
+        slot = torch.where(self.full[:, None], r.victim[layer, :B].clamp_min(0), self.n_heads)  # (B, Hkv)
+        page = r.block_table[:B].gather(1, (slot // P).long())  # (B, Hkv)
+        # one flat index per (row, head) into the pool viewed as (P*Hkv*page, ...): index_select and
+        # index_copy_ over it are single cheap kernels, unlike three-tensor advanced indexing
+        flat = ((page.long() * Hkv + self.heads) * P + (slot % P)).view(-1)  # (B*Hkv,)
+        kf, vf, pf, nf = kc.view(-1, D), vc.view(-1, D), pc.view(-1), ic.view(-1)
         # spill: stage what is about to be overwritten (only meaningful where full)
-        old_v = vc[page, h, off]  # (B, Hkv, D)
-        r.spill_k[layer, :B] = kc[page, h, off]
-        r.spill_v[layer, :B] = old_v
-        r.spill_pos[layer, :B] = pc[page, h, off]
-        vsum = r.vsum[layer, :B]  # (B, Hkv, D) view
-        old_unit = old_v.float() * ic[page, h, off].unsqueeze(-1)
-        vsum -= old_unit * self.full.view(B, 1, 1)
-        k1, v1 = k[:, :, 0], v[:, :, 0]  # (B, Hkv, D)
-        inv = 1.0 / v1.float().norm(dim=-1).clamp_min(1e-6)  # (B, Hkv)
-        vsum += v1.float() * inv.unsqueeze(-1)
-        kc[page, h, off] = k1
-        vc[page, h, off] = v1
-        pc[page, h, off] = r.positions[:B, None].to(torch.int32).expand_as(slot)
-        ic[page, h, off] = inv
+        torch.index_select(kf, 0, flat, out=r.spill_k[layer, :B].view(-1, D))
+        torch.index_select(vf, 0, flat, out=r.spill_v[layer, :B].view(-1, D))
+        torch.index_select(pf, 0, flat, out=r.spill_pos[layer, :B].view(-1))
+        old_inv = nf.index_select(0, flat).view(B, Hkv, 1)
+        v1 = v[:, :, 0]  # (B, Hkv, D)
+        v1f = v1.float()
+        inv = v1f.norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal()  # (B, Hkv, 1)
+        vsum = r.vsum[layer, :B]  # (B, Hkv, D) view: S loses the victim and gains the new value
+        vsum += v1f * inv - r.spill_v[layer, :B].float() * old_inv * self.full_f
+        kf.index_copy_(0, flat, k[:, :, 0].reshape(-1, D))
+        vf.index_copy_(0, flat, v1.reshape(-1, D))
+        pf.index_copy_(0, flat, self.pos32)
+        nf.index_copy_(0, flat, inv.view(-1))
         out, victim = pool_attention(
             q[:, :, 0], kc, vc, pc, ic, vsum, r.block_table[:B], self.n_slots,
             self.evict_lo, self.evict_hi, self.mode, self.scale,
