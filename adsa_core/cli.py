@@ -402,7 +402,8 @@ def list_classes(spec: ModelSpec) -> int:
     if cfg.model_type != "c2i":
         raise ConfigError(f"{models.name} is text-conditional; it has no classes")
     classes = models.classes or [{"id": i, "name": None, "emoji": None} for i in range(cfg.num_classes)]
-    print(json.dumps([{"id": c["id"], "name": c.get("name"), "emoji": c.get("emoji")} for c in classes], ensure_ascii=False))
+    rows = [{"id": c["id"], "name": c.get("name"), "emoji": c.get("emoji")} for c in classes]
+    print(json.dumps(rows, ensure_ascii=False))
     return 0
 
 
