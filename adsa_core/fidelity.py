@@ -613,7 +613,8 @@ def _pixels(models: LoadedModels, codes: torch.Tensor, batch: int) -> torch.Tens
 def _label(s: Setting, r: ResolvedCache) -> str:
     if r.policy == "dense":
         return "dense"
-    return f"{r.policy} {r.budget / r.seq_len:.3g} ({r.budget}) n={r.prefix} m={r.local}"
+    m = f" m={r.local}" if r.policy == "adsa" else ""  # window does not depend on m
+    return f"{r.policy} {r.budget / r.seq_len:.3g} ({r.budget}) n={r.prefix}{m}"
 
 
 # ---------------------------------------------------------------------------------------------

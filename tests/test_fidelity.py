@@ -255,9 +255,12 @@ def test_missing_out_is_a_usage_error(capsys) -> None:
 # The demo model, when its assets are in the tree
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(),
                     reason="demo assets (adsa_core/assets/demo/config.json) are not in the tree yet")
 def test_demo_two_classes_one_seed(tmp_path, capsys) -> None:
+    """Two passes of 256 steps (2 dense + 2 adsa free-running, then 2 teacher-forced): 30 s on an idle
+    2-core CPU, 40 s on a busy one, nearly all of it the engine's CPU attention oracle."""
     out = tmp_path / "demo"
     rc = fidelity.main(["--device", "cpu", "--policies", "adsa", "--budgets", "0.25", "--classes", "0,1",
                         "--seeds", "1", "--batch-size", "4", "--no-dense-check", "--out", str(out)])
