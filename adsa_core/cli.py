@@ -353,15 +353,20 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_main(prog: str, body: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """A tool's entry point: every error one line on stderr with status 2, never a traceback."""
     try:
-        return _main(argv)
+        return body(argv)
     except (UsageError, ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(PROG, _main, argv)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -47,6 +47,7 @@ from .cli import (
     add_model_args,
     decode_images,
     model_spec_from_args,
+    run_main,
 )
 from .config import POLICIES, CacheConfig, ConfigError, EngineConfig, GPTConfig, ResolvedCache
 from .engine.engine import Engine
@@ -838,14 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except (UsageError, ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_main(PROG, _main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
