@@ -49,14 +49,11 @@ from .cli import (
     model_spec_from_args,
     run_main,
 )
-from .config import POLICIES, CacheConfig, ConfigError, EngineConfig, GPTConfig, ResolvedCache
-from .engine.engine import Engine
+from .config import POLICIES, CacheConfig, ConfigError, GPTConfig, ResolvedCache
+from .engine.offline import run_requests
 from .engine.request import (
-    EngineError,
     Finished,
     GenerationRequest,
-    InvalidRequest,
-    Progress,
     RequestStats,
 )
 from .images import to_uint8
@@ -426,56 +423,6 @@ def _round(x: float | None, digits: int = 6) -> float | None:
     if x is None or math.isnan(x) or math.isinf(x):
         return None
     return float(f"{x:.{digits}g}")
-
-
-def run_requests(
-    models: LoadedModels,
-    requests: list[GenerationRequest],
-    batch_size: int,
-    on_finished: Callable[[int, Finished], None],
-    progress: Callable[[int], None] | None = None,
-) -> None:
-    """Run requests (each with its own cache, forcing and logits wish) through one engine, `batch_size`
-    images in flight; `on_finished(i, event)` gets request i's result as soon as it is done.
-
-    Like `run_offline`, but the requests may differ: every setting's teacher-forced and free-running
-    requests share one pass, so a sweep costs two passes over the sequence, not two per setting.
-    """
-    n = len(requests)
-    cfg = EngineConfig(device=str(models.device), max_batch_size=max(1, min(batch_size, n)), max_queue=n + 1,
-                       default_cache=CacheConfig(policy="dense", budget=None),
-                       cuda_graphs=models.device.type == "cuda", decode_images=False)
-    engine = Engine(models, cfg)
-    errors: dict[int, EngineError] = {}
-    last = [0] * n
-
-    def sink_for(i: int):
-        def sink(ev) -> None:
-            if isinstance(ev, EngineError):
-                errors[i] = ev
-            elif isinstance(ev, Finished):
-                if progress is not None:
-                    progress(ev.codes.shape[0] - last[i])
-                on_finished(i, ev)
-            elif isinstance(ev, Progress) and progress is not None:
-                progress(ev.tokens_done - last[i])
-                last[i] = ev.tokens_done
-        return sink
-
-    try:
-        for i, req in enumerate(requests):
-            engine.submit(dataclasses.replace(req, request_id=str(i)), sink_for(i))
-        while engine.has_work and not errors:
-            engine.step()
-    except InvalidRequest as e:
-        raise ConfigError(str(e)) from None
-    finally:
-        engine.close()
-    if errors:
-        i, err = next(iter(sorted(errors.items())))
-        if isinstance(err, InvalidRequest):
-            raise ConfigError(f"request {i}: {err}")
-        raise RuntimeError(f"request {i} failed: {type(err).__name__}: {err}")
 
 
 def evaluate(

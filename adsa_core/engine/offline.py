@@ -5,16 +5,17 @@ The engine batches them continuously, `batch_size` images in flight at a time.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..config import CacheConfig, EngineConfig
+from ..config import CacheConfig, ConfigError, EngineConfig
 from ..loading import LoadedModels
 from ..sampling import SamplingParams
 from .engine import Engine
-from .request import EngineError, Finished, GenerationRequest, Progress, RequestStats
+from .request import EngineError, Finished, GenerationRequest, InvalidRequest, Progress, RequestStats
 
 
 @dataclass
@@ -39,11 +40,40 @@ def run_offline(
 ) -> OfflineResult:
     """conds: labels (N,) or captions (N, 120, C); forced: (N, block_size) teacher-forced tokens."""
     n = len(seeds)
+    requests = [
+        GenerationRequest(
+            condition=int(conds[i]) if conds[i].dim() == 0 else conds[i], seed=int(seeds[i]), sampling=sampling,
+            cache=cache, emb_mask=None if emb_masks is None else emb_masks[i],
+            forced_tokens=None if forced is None else forced[i], want_logits=want_logits,
+        )
+        for i in range(n)
+    ]
+    results: dict[int, Finished] = {}
+    run_requests(models, requests, batch_size, results.__setitem__, progress, spill_limit_bytes)
+    ordered = [results[i] for i in range(n)]
+    return OfflineResult(
+        torch.stack([r.codes for r in ordered]), [r.stats for r in ordered],
+        [r.logprobs for r in ordered] if want_logits else None,
+    )
+
+
+def run_requests(
+    models: LoadedModels,
+    requests: list[GenerationRequest],
+    batch_size: int,
+    on_finished: Callable[[int, Finished], None],
+    progress: Callable[[int], None] | None = None,
+    spill_limit_bytes: int | None = None,
+) -> None:
+    """Run requests (each with its own cache, forcing and logits wish) through one engine, `batch_size`
+    images in flight; `on_finished(i, event)` gets request i's result as soon as it is done.
+    An invalid request raises ConfigError, a failed one RuntimeError."""
+    n = len(requests)
     extra = {} if spill_limit_bytes is None else {"spill_limit_bytes": spill_limit_bytes}
     cfg = EngineConfig(device=str(models.device), max_batch_size=max(1, min(batch_size, n)), max_queue=n + 1,
-                       default_cache=cache, cuda_graphs=models.device.type == "cuda", decode_images=False, **extra)
+                       default_cache=CacheConfig(policy="dense", budget=None),
+                       cuda_graphs=models.device.type == "cuda", decode_images=False, **extra)
     engine = Engine(models, cfg)
-    results: dict[int, Finished] = {}
     errors: dict[int, EngineError] = {}
     last = [0] * n
 
@@ -52,30 +82,25 @@ def run_offline(
             if isinstance(ev, EngineError):
                 errors[i] = ev
             elif isinstance(ev, Finished):
-                results[i] = ev
                 if progress is not None:
                     progress(ev.codes.shape[0] - last[i])
+                on_finished(i, ev)
             elif isinstance(ev, Progress) and progress is not None:
                 progress(ev.tokens_done - last[i])
                 last[i] = ev.tokens_done
         return sink
 
-    for i in range(n):
-        cond = conds[i]
-        req = GenerationRequest(
-            condition=int(cond) if cond.dim() == 0 else cond, seed=int(seeds[i]), sampling=sampling,
-            emb_mask=None if emb_masks is None else emb_masks[i],
-            forced_tokens=None if forced is None else forced[i], want_logits=want_logits, request_id=str(i),
-        )
-        engine.submit(req, sink_for(i))
-    while engine.has_work:
-        engine.step()
-    engine.close()
+    try:
+        for i, req in enumerate(requests):
+            engine.submit(dataclasses.replace(req, request_id=str(i)), sink_for(i))
+        while engine.has_work and not errors:
+            engine.step()
+    except InvalidRequest as e:
+        raise ConfigError(str(e)) from None
+    finally:
+        engine.close()
     if errors:
         i, err = next(iter(sorted(errors.items())))
-        raise RuntimeError(f"image {i} failed: {err}")
-    ordered = [results[i] for i in range(n)]
-    return OfflineResult(
-        torch.stack([r.codes for r in ordered]), [r.stats for r in ordered],
-        [r.logprobs for r in ordered] if want_logits else None,
-    )
+        if isinstance(err, InvalidRequest):
+            raise ConfigError(f"request {i}: {err}")
+        raise RuntimeError(f"request {i} failed: {type(err).__name__}: {err}")
