@@ -5,11 +5,9 @@ one row while it runs. The engine keeps running rows compact at 0..n-1, so a dec
 step over the first `bucket` rows has a static shape and can be captured in a CUDA graph.
 Padding rows point at the scratch page 0 and are ignored.
 
-Per decode step and layer (`PoolDecodeCache.attend`):
-  1. choose the write slot: the next free slot, or the victim the previous pass picked;
-  2. copy the victim's K/V to the spill staging buffer, remove it from S, write the new
-     token's K/V/position/1/|V| and add it to S;
-  3. attend over the valid slots and pick the next victim in the same pass.
+Per decode step and layer, `kv.attention.pool_decode` writes each row's new token (over the
+victim the previous pass picked, staging the old K/V for the spill) and attends over the row,
+picking the next victim in the same pass: one kernel launch per layer on CUDA.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kv.attention import pool_attention
+from ..kv.attention import DecodeRows, LayerState, pool_decode
 from ..kv.pool import KVPool, PoolGeometry
 from ..model.llamagen import Transformer, prompt_attention_mask
 
@@ -53,57 +51,22 @@ class RowState:
 
 
 class PoolDecodeCache:
-    """KVCache for one decode step of rows [:B] (one new token per row)."""
+    """KVCache for one decode step of rows [:B] (one new token per row): per layer, one
+    `pool_decode` call writes the new token (over last step's victim when the row is full)
+    and attends, choosing the next victim."""
 
     def __init__(self, pool: KVPool, rows: RowState, B: int, scale: float):
         self.pool, self.rows, self.B, self.scale = pool, rows, B, scale
         r = rows
-        n = r.n_stored[:B]
-        self.full = n >= r.budget[:B]  # (B,) the row overwrites a victim this step
-        self.n_slots = torch.minimum(n + 1, r.budget[:B])
-        self.evict_lo = r.prefix[:B]
-        self.evict_hi = (r.positions[:B] + 1 - r.local[:B]).to(torch.int32)  # next step's candidates
-        # the next step needs a victim only if the row is full after this write
-        self.mode = torch.where(self.n_slots >= r.budget[:B], r.mode[:B], torch.zeros_like(r.mode[:B]))
-        Hkv = pool.geo.kv_heads
-        self.heads = torch.arange(Hkv, device=n.device).expand(B, Hkv)  # (B, Hkv)
-        self.n_heads = n[:, None].expand(B, Hkv)  # next free slot, per head
-        self.full_f = self.full.view(B, 1, 1).float()
-        self.pos32 = r.positions[:B, None].to(torch.int32).expand(B, Hkv).reshape(-1)  # the new token's position
+        self.step = DecodeRows(r.block_table[:B], r.n_stored[:B], r.budget[:B], r.prefix[:B], r.local[:B],
+                               r.mode[:B], r.positions[:B])  # fmt: skip
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        r, B, P = self.rows, self.B, self.pool.geo.page_size
-        Hkv, D = k.shape[1], k.shape[-1]
-        kc, vc = self.pool.k[layer], self.pool.v[layer]
-        pc, ic = self.pool.pos[layer], self.pool.inv_norm[layer]
-        # where the new token goes: the next free slot, or the victim the previous pass chose
-        # (padding rows count as full with no victim: clamped onto their scratch slot 0)
-        slot = torch.where(self.full[:, None], r.victim[layer, :B].clamp_min(0), self.n_heads)  # (B, Hkv)
-        page = r.block_table[:B].gather(1, (slot // P).long())  # (B, Hkv)
-        # one flat index per (row, head) into the pool viewed as (P*Hkv*page, ...): index_select and
-        # index_copy_ over it are single cheap kernels, unlike three-tensor advanced indexing
-        flat = ((page.long() * Hkv + self.heads) * P + (slot % P)).view(-1)  # (B*Hkv,)
-        kf, vf, pf, nf = kc.view(-1, D), vc.view(-1, D), pc.view(-1), ic.view(-1)
-        # spill: stage what is about to be overwritten (only meaningful where full)
-        torch.index_select(kf, 0, flat, out=r.spill_k[layer, :B].view(-1, D))
-        torch.index_select(vf, 0, flat, out=r.spill_v[layer, :B].view(-1, D))
-        torch.index_select(pf, 0, flat, out=r.spill_pos[layer, :B].view(-1))
-        old_inv = nf.index_select(0, flat).view(B, Hkv, 1)
-        v1 = v[:, :, 0]  # (B, Hkv, D)
-        v1f = v1.float()
-        inv = v1f.norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal()  # (B, Hkv, 1)
-        vsum = r.vsum[layer, :B]  # (B, Hkv, D) view: S loses the victim and gains the new value
-        vsum += v1f * inv - r.spill_v[layer, :B].float() * old_inv * self.full_f
-        kf.index_copy_(0, flat, k[:, :, 0].reshape(-1, D))
-        vf.index_copy_(0, flat, v1.reshape(-1, D))
-        pf.index_copy_(0, flat, self.pos32)
-        nf.index_copy_(0, flat, inv.view(-1))
-        out, victim = pool_attention(
-            q[:, :, 0], kc, vc, pc, ic, vsum, r.block_table[:B], self.n_slots,
-            self.evict_lo, self.evict_hi, self.mode, self.scale,
-        )
-        r.victim[layer, :B] = victim
-        return out.unsqueeze(2)  # (B, H, 1, D)
+        r, B, pool = self.rows, self.B, self.pool
+        state = LayerState(pool.k[layer], pool.v[layer], pool.pos[layer], pool.inv_norm[layer],
+                           r.vsum[layer, :B], r.victim[layer, :B],
+                           r.spill_k[layer, :B], r.spill_v[layer, :B], r.spill_pos[layer, :B])  # fmt: skip
+        return pool_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, self.step, self.scale).unsqueeze(2)
 
 
 class PoolPrefillCache:
@@ -208,9 +171,10 @@ class ModelRunner:
         r = self.rows
         h = self.model.tok_embeddings(r.tokens[:B]).unsqueeze(1)  # (B, 1, dim)
         cache = PoolDecodeCache(self.pool, r, B, self.scale)
+        full, n_slots = cache.step.after_write()
         r.logits[:B] = self.model.forward_embeddings(h, r.positions[:B, None], cache)[:, 0]
-        r.evicted[:B] = cache.full
-        r.n_stored[:B] = cache.n_slots
+        r.evicted[:B] = full
+        r.n_stored[:B] = n_slots
 
     @torch.no_grad()
     def decode(self, n_rows: int) -> torch.Tensor:

@@ -8,9 +8,16 @@ and the eviction victim for the next step is picked, so the cache is read exactl
 
 `pool_attention_torch` is the plain-torch oracle (CPU or GPU, fp32 math); `pool_attention`
 dispatches to the fused Triton kernel on CUDA tensors when Triton imports, else to the oracle.
+
+`pool_decode` is one engine decode step of one layer: it first writes each row's new token
+(into the next free slot, or over the victim the previous step picked, staging what it
+overwrites for the spill and updating S), then attends as above. On CUDA the write and the
+attention are one kernel launch per layer; `pool_decode_torch` is its oracle and the CPU path.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -105,3 +112,89 @@ def pool_attention(
 
             return pool_attention_triton(*args, scale)
     return pool_attention_torch(*args, scale)
+
+
+@dataclass
+class DecodeRows:
+    """Per-row state of the B rows of a decode step (all (B,) int32 unless noted)."""
+
+    block_table: torch.Tensor  # (B, max_pages) page ids; 0 = scratch
+    n_stored: torch.Tensor  # valid slots before this step's token is written
+    budget: torch.Tensor  # slots the row may hold
+    prefix: torch.Tensor  # positions < prefix are never evicted
+    local: torch.Tensor  # positions > position - local are never evicted
+    mode: torch.Tensor  # policy.MODE_*
+    position: torch.Tensor  # (B,) int64: position of this step's token
+
+    def after_write(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full, n_slots): whether the step overwrites a victim, and valid slots after the write."""
+        return self.n_stored >= self.budget, torch.minimum(self.n_stored + 1, self.budget)
+
+
+@dataclass
+class LayerState:
+    """One layer's pool tensors (P, Hkv, page, ...) and its per-row ADSA state for B rows.
+    vsum and victim are read and updated in place; spill_* receive what this step overwrote."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    inv_norm: torch.Tensor
+    vsum: torch.Tensor  # (B, Hkv, D) fp32: S = sum of the row's unit values
+    victim: torch.Tensor  # (B, Hkv) int32: slot to overwrite next, -1 = none
+    spill_k: torch.Tensor  # (B, Hkv, D)
+    spill_v: torch.Tensor  # (B, Hkv, D)
+    spill_pos: torch.Tensor  # (B, Hkv) int32
+
+
+def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, layer: LayerState,
+                      rows: DecodeRows, scale: float) -> torch.Tensor:
+    """Oracle of one layer's decode step. q: (B, H, D); k_new, v_new: (B, Hkv, D). Returns (B, H, D).
+
+    1. the write slot: the next free slot, or the victim the previous pass chose (padding rows
+       count as full with no victim: clamped onto their scratch slot 0);
+    2. stage the slot's old K/V/position for the spill, take the old value out of S, write the
+       new token's K/V/position/1/|V| and add it to S;
+    3. attend over the valid slots and choose the next victim (only where the row is full after
+       the write; candidates are positions in [prefix, position + 1 - local]).
+    """
+    B, Hkv, D = k_new.shape
+    P = layer.k.shape[2]
+    full, n_slots = rows.after_write()
+    slot = torch.where(full[:, None], layer.victim.clamp_min(0), rows.n_stored[:, None])  # (B, Hkv)
+    page = rows.block_table.gather(1, (slot // P).long())  # (B, Hkv)
+    heads = torch.arange(Hkv, device=q.device)
+    # one flat index per (row, head) into the pool viewed as (P * Hkv * page, ...)
+    flat = ((page.long() * Hkv + heads) * P + (slot % P)).view(-1)  # (B * Hkv,)
+    kf, vf, pf, nf = layer.k.view(-1, D), layer.v.view(-1, D), layer.pos.view(-1), layer.inv_norm.view(-1)
+    layer.spill_k.copy_(kf.index_select(0, flat).view(B, Hkv, D))
+    layer.spill_v.copy_(vf.index_select(0, flat).view(B, Hkv, D))
+    layer.spill_pos.copy_(pf.index_select(0, flat).view(B, Hkv))
+    old_inv = nf.index_select(0, flat).view(B, Hkv, 1)
+    v32 = v_new.float()
+    inv = v32.norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal()  # (B, Hkv, 1)
+    old = torch.where(full.view(B, 1, 1), layer.spill_v.float() * old_inv, 0.0)
+    layer.vsum += v32 * inv - old
+    kf.index_copy_(0, flat, k_new.reshape(-1, D).to(kf.dtype))
+    vf.index_copy_(0, flat, v_new.reshape(-1, D).to(vf.dtype))
+    pf.index_copy_(0, flat, rows.position.to(torch.int32).repeat_interleave(Hkv))
+    nf.index_copy_(0, flat, inv.view(-1))
+    mode = torch.where(n_slots >= rows.budget, rows.mode, torch.zeros_like(rows.mode))
+    hi = (rows.position + 1 - rows.local).to(torch.int32)
+    out, victim = pool_attention_torch(q, layer.k, layer.v, layer.pos, layer.inv_norm, layer.vsum,
+                                       rows.block_table, n_slots, rows.prefix, hi, mode, scale)
+    layer.victim.copy_(victim)
+    return out
+
+
+def pool_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, layer: LayerState,
+                rows: DecodeRows, scale: float) -> torch.Tensor:
+    """One layer's decode step (see `pool_decode_torch`): one Triton launch on CUDA, else torch."""
+    if q.is_cuda:
+        from .kernels import HAS_TRITON
+
+        if HAS_TRITON:
+            from .kernels.pool_attention import pool_decode_triton
+
+            return pool_decode_triton(q, k_new, v_new, layer, rows, scale)
+    return pool_decode_torch(q, k_new, v_new, layer, rows, scale)

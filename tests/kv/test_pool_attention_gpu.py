@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adsa_core.kv.attention import gather_slots, pool_attention, pool_attention_torch
+from adsa_core.kv.attention import (
+    DecodeRows,
+    LayerState,
+    gather_slots,
+    pool_attention,
+    pool_attention_torch,
+    pool_decode_torch,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -17,7 +24,7 @@ try:  # the CPU test module beside this one: its case generator and tie planting
 except ImportError:  # tests/kv became a package
     from .test_pool_attention import make_case, plant_ties  # noqa: E402
 
-from adsa_core.kv.kernels.pool_attention import pool_attention_triton  # noqa: E402
+from adsa_core.kv.kernels.pool_attention import pool_attention_triton, pool_decode_triton  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 oracle must be true fp32
 # relative L2 error bounds, after METHOD.md: fp32 far under 1e-3, bf16 operands 1e-3..1e-2
@@ -138,3 +145,55 @@ def test_cuda_graph_replay_follows_inputs():
     refresh(case)
     graph.replay()
     assert_matches_oracle(case, out, victim)
+
+
+def make_decode_case(B, H, Hkv, D, dtype, seed):
+    """A decode step over a random pool: full rows overwrite a victim (or -1 -> slot 0), rows one
+    short of their budget fill their last slot (and need a victim after), others just append."""
+    g = torch.Generator().manual_seed(seed)
+    n_slots = torch.randint(3, 300, (B,), generator=g)
+    case = make_case(B, H, Hkv, D, max_slots=300, dtype=dtype, seed=seed, n_slots=n_slots)
+    budget = case["n_slots"].clone()
+    kind = torch.arange(B) % 3  # 0: full, 1: one short of the budget, 2: two short
+    n_stored = budget - kind.int()
+    victim = torch.stack([torch.randint(-1, int(n), (Hkv,), generator=g) for n in budget]).int()
+    position = 2 * case["pos_cache"].numel() + torch.arange(B)  # newer than every stored position
+    local = (position + 1 - case["evict_hi"]).int().clamp_min(1)
+    rows = DecodeRows(case["block_table"], n_stored.int(), budget.int(), case["evict_lo"], local,
+                      case["mode"].clamp_min(1), position)  # fmt: skip
+    kv = torch.randn(B, Hkv, 3, D, generator=g).to(dtype)  # k and v as strided views, like the model's
+    layer = LayerState(case["k_cache"], case["v_cache"], case["pos_cache"], case["inv_norm"], case["vsum"],
+                       victim, torch.zeros(B, Hkv, D, dtype=dtype), torch.zeros(B, Hkv, D, dtype=dtype),
+                       torch.zeros(B, Hkv, dtype=torch.int32))  # fmt: skip
+    return case["q"], kv[:, :, 1], kv[:, :, 2], layer, rows, case["scale"]
+
+
+def to_cuda(obj):
+    fields = {k: v.cuda() if torch.is_tensor(v) else v for k, v in obj.__dict__.items()}
+    return type(obj)(**fields)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("B,H,Hkv,D", [(12, 20, 20, 64), (9, 8, 2, 100), (64, 16, 16, 64)])
+def test_fused_decode_matches_torch_step(B, H, Hkv, D, dtype):
+    q, k_new, v_new, layer, rows, scale = make_decode_case(B, H, Hkv, D, dtype, seed=B + D)
+    q, k_new, v_new = q.cuda(), k_new.cuda(), v_new.cuda()
+    rows = to_cuda(rows)
+    ref_layer, got_layer = to_cuda(layer), to_cuda(layer)
+    ref_out = pool_decode_torch(q, k_new, v_new, ref_layer, rows, scale)
+    got_out = pool_decode_triton(q, k_new, v_new, got_layer, rows, scale)
+    for name in ("k", "v", "pos", "spill_k", "spill_v", "spill_pos"):  # stored and staged bytes: exact
+        assert torch.equal(getattr(got_layer, name), getattr(ref_layer, name)), name
+    torch.testing.assert_close(got_layer.inv_norm, ref_layer.inv_norm, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_layer.vsum, ref_layer.vsum, rtol=1e-5, atol=1e-4)
+    full, n_slots = rows.after_write()
+    assert full.any() and (~full).any()
+    # the attention and victim of the written pool, against the attention oracle
+    after = dict(q=q, k_cache=ref_layer.k, v_cache=ref_layer.v, pos_cache=ref_layer.pos,
+                 inv_norm=ref_layer.inv_norm, vsum=ref_layer.vsum, block_table=rows.block_table, n_slots=n_slots,
+                 evict_lo=rows.prefix, evict_hi=(rows.position + 1 - rows.local).int(),
+                 mode=torch.where(n_slots >= rows.budget, rows.mode, 0), scale=scale)  # fmt: skip
+    assert_matches_oracle(after, got_out, got_layer.victim)
+    assert_matches_oracle(after, ref_out, ref_layer.victim)
+    assert (got_layer.victim[n_slots < rows.budget] == -1).all()
+    assert (got_layer.victim >= 0).any()

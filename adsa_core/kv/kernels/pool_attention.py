@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention import DecodeRows, LayerState
+
 # jit code reads only constexpr globals; 2 = window (any other nonzero mode ranks by -pos)
 MODE_NONE = tl.constexpr(0)
 MODE_ADSA = tl.constexpr(1)
@@ -27,23 +29,60 @@ MODE_ADSA = tl.constexpr(1)
 def _pool_attention_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, vsum_ptr, bt_ptr, n_ptr, lo_ptr, hi_ptr, mode_ptr,
     out_ptr, victim_ptr,
+    # WRITE only: the new token's K/V, budget and position per row, spill staging outputs
+    knew_ptr, vnew_ptr, budget_ptr, position_ptr, spk_ptr, spv_ptr, spp_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in exp2
     stride_qb, stride_qh, stride_sb, stride_sh, stride_bt, stride_ob, stride_oh, stride_xb,
+    stride_kb, stride_kh, stride_vb, stride_vh,
     HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE: tl.constexpr,
 ):  # fmt: skip
     # The pool tensors are contiguous (P, HKV, PAGE, D) / (P, HKV, PAGE): compile-time strides
     # let the compiler prove each slot row's alignment and issue wide loads (also for D = 100).
+    # Without WRITE, n/lo/hi/mode are n_slots, evict_lo, evict_hi and the effective mode. With
+    # WRITE they are the row state before this step (n_stored, prefix, local, policy mode).
     hk = tl.program_id(0)
     b = tl.program_id(1)
-    n = tl.load(n_ptr + b)
-    lo = tl.load(lo_ptr + b)
-    hi = tl.load(hi_ptr + b)
-    mode = tl.load(mode_ptr + b)
-
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D  # D = 100 is padded to 128
-    svec = tl.load(vsum_ptr + b * stride_sb + hk * stride_sh + offs_d, mask=d_ok, other=0.0)
+    vsum_row = vsum_ptr + b * stride_sb + hk * stride_sh + offs_d
+    svec = tl.load(vsum_row, mask=d_ok, other=0.0)
+    lo = tl.load(lo_ptr + b)
+    if WRITE:  # the new token goes into the next free slot or over the victim the last pass chose
+        n_old = tl.load(n_ptr + b)
+        budget = tl.load(budget_ptr + b)
+        position = tl.load(position_ptr + b)
+        full = n_old >= budget
+        wslot = tl.where(full, tl.maximum(tl.load(victim_ptr + b * stride_xb + hk), 0), n_old)
+        wpage = tl.load(bt_ptr + b * stride_bt + wslot // PAGE).to(tl.int64)
+        wmeta = wpage * (HKV * PAGE) + hk * PAGE + wslot % PAGE
+        wkv = wmeta * D + offs_d
+        old_v = tl.load(v_ptr + wkv, mask=d_ok, other=0.0)
+        old_inv = tl.load(inv_ptr + wmeta)
+        spill = (b * HKV + hk) * D + offs_d
+        tl.store(spk_ptr + spill, tl.load(k_ptr + wkv, mask=d_ok, other=0.0), mask=d_ok)
+        tl.store(spv_ptr + spill, old_v, mask=d_ok)
+        tl.store(spp_ptr + b * HKV + hk, tl.load(pos_ptr + wmeta))
+        k_new = tl.load(knew_ptr + b * stride_kb + hk * stride_kh + offs_d, mask=d_ok, other=0.0)
+        v_new = tl.load(vnew_ptr + b * stride_vb + hk * stride_vh + offs_d, mask=d_ok, other=0.0)
+        v_new32 = v_new.to(tl.float32)
+        inv_new = 1.0 / tl.maximum(tl.sqrt(tl.sum(v_new32 * v_new32, axis=0)), 1e-6)
+        svec += v_new32 * inv_new - tl.where(full, old_v.to(tl.float32) * old_inv, 0.0)
+        tl.debug_barrier()  # every old byte is read before any thread overwrites it
+        tl.store(vsum_row, svec, mask=d_ok)
+        tl.store(k_ptr + wkv, k_new.to(k_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(v_ptr + wkv, v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(pos_ptr + wmeta, position.to(tl.int32))
+        tl.store(inv_ptr + wmeta, inv_new)
+        tl.debug_barrier()  # the attention below reads the new slot: make the stores visible
+        n = tl.minimum(n_old + 1, budget)
+        hi = (position + 1 - tl.load(hi_ptr + b)).to(tl.int32)
+        mode = tl.where(n >= budget, tl.load(mode_ptr + b), 0)  # a victim only where full after this
+    else:
+        n = tl.load(n_ptr + b)
+        hi = tl.load(hi_ptr + b)
+        mode = tl.load(mode_ptr + b)
     q_row = q_ptr + b * stride_qb + hk * G * stride_qh
     if G == 1:  # MHA: one query row is too small for a matrix unit, so scores are multiply-adds
         q = tl.load(q_row + offs_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale  # (D_PAD,)
@@ -165,6 +204,34 @@ def pool_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as pool_attention_torch. Keyword overrides are for tuning only."""
     B, H, D = q.shape
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    victim = torch.empty((B, k_cache.shape[1]), dtype=torch.int32, device=q.device)
+    _launch(q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n_slots, evict_lo, evict_hi, mode,
+            out, victim, None, scale, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    return out, victim
+
+
+def pool_decode_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, layer: LayerState,
+                       rows: DecodeRows, scale: float) -> torch.Tensor:
+    """Same contract as adsa_core.kv.attention.pool_decode_torch, in one launch: each program
+    (kv head, row) writes its row's new slot, then attends over the row."""
+    B, H, D = q.shape
+    Hkv = k_new.shape[1]
+    if k_new.shape != (B, Hkv, D) or v_new.shape != k_new.shape or k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError(f"k_new and v_new must be ({B}, {Hkv}, {D}) with a unit last stride")
+    for name in ("spill_k", "spill_v", "spill_pos", "victim"):
+        if not getattr(layer, name).is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    write = (k_new, v_new, rows.budget, rows.position, layer.spill_k, layer.spill_v, layer.spill_pos)
+    _launch(q, layer.k, layer.v, layer.pos, layer.inv_norm, layer.vsum, rows.block_table, rows.n_stored,
+            rows.prefix, rows.local, rows.mode, out, layer.victim, write, scale)
+    return out
+
+
+def _launch(q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n, lo, hi, mode, out, victim, write,
+            scale, block_n=None, num_warps=None, num_stages=None) -> None:
+    B, H, D = q.shape
     P, Hkv, page, Dk = k_cache.shape
     if Dk != D or H % Hkv or v_cache.shape != k_cache.shape:
         shapes = f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
@@ -178,27 +245,28 @@ def pool_attention_triton(
     if q.stride(-1) != 1 or vsum.stride(-1) != 1:
         raise ValueError("q and vsum must be contiguous in their last dim")
     # int32 index tensors per the pool layout; others are converted (a no-op when already int32)
-    block_table, n_slots, evict_lo, evict_hi, mode = (
-        t.to(torch.int32).contiguous() for t in (block_table, n_slots, evict_lo, evict_hi, mode)
-    )
+    block_table, n, lo, hi, mode = (t.to(torch.int32).contiguous() for t in (block_table, n, lo, hi, mode))
     if block_table.shape[1] == 0:
         raise ValueError("block_table needs at least one column")
+    if B == 0:
+        return
+    if write is None:  # the WRITE-only pointers are never read: any tensor will do
+        k_new = v_new = budget = position = spill_k = spill_v = spill_pos = q
+    else:
+        k_new, v_new, budget, position, spill_k, spill_v, spill_pos = write
+        budget = budget.to(torch.int32).contiguous()
     G = H // Hkv
     cfg = default_config(G, D, page)
-    block_n = block_n or cfg["block_n"]
-    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    victim = torch.empty((B, Hkv), dtype=torch.int32, device=q.device)
-    if B == 0:
-        return out, victim
     _pool_attention_kernel[(Hkv, B)](
-        q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n_slots, evict_lo, evict_hi, mode,
+        q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n, lo, hi, mode,
         out, victim,
+        k_new, v_new, budget, position, spill_k, spill_v, spill_pos,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), vsum.stride(0), vsum.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1), victim.stride(0),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         HKV=Hkv, PAGE=page, D=D, D_PAD=max(16, triton.next_power_of_2(D)),
-        G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n or cfg["block_n"],
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write is not None,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )  # fmt: skip
-    return out, victim
