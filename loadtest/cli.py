@@ -63,9 +63,7 @@ def build_run_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ADSA_LOADTEST_URL", DEFAULT_URL),
         help=f"server base URL, the only address contacted (default {DEFAULT_URL})",
     )
-    p.add_argument(
-        "--out", type=Path, default=None, help="output directory (default out/loadtest-<UTC timestamp>)"
-    )
+    p.add_argument("--out", type=Path, default=None, help="output directory (default out/loadtest-<UTC timestamp>)")
     g = p.add_argument_group("stages and bounds")
     g.add_argument("--rates", default=None, help="open-loop Poisson rates, requests/s, comma separated")
     g.add_argument("--concurrency", default=None, help="closed-loop client counts, comma separated")
@@ -82,9 +80,7 @@ def build_run_parser() -> argparse.ArgumentParser:
         default=900.0,
         help="hard stop for the whole run in seconds, in-flight requests included (default 900)",
     )
-    g.add_argument(
-        "--timeout", type=_positive_float, default=300.0, help="per-request timeout s (default 300)"
-    )
+    g.add_argument("--timeout", type=_positive_float, default=300.0, help="per-request timeout s (default 300)")
     g.add_argument(
         "--drain-timeout",
         type=float,
@@ -106,9 +102,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule and the mix (default 0)")
     w = p.add_argument_group("workload")
-    w.add_argument(
-        "--workload", type=Path, default=None, help="JSON workload file (overrides the flags below)"
-    )
+    w.add_argument("--workload", type=Path, default=None, help="JSON workload file (overrides the flags below)")
     w.add_argument("--classes", default=None, help="class labels, comma separated")
     w.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     w.add_argument("--policies", default=None, help="KV policies to mix, e.g. adsa,dense,window,default")
@@ -196,9 +190,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for s in stages:
         if s.value is None or s.value <= 0:
             raise ValueError(f"stage {s.label}: rates and concurrencies must be > 0")
-    out = args.out or Path("out") / (
-        "loadtest-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    )
+    out = args.out or Path("out") / ("loadtest-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
     return RunConfig(
         url=args.url,
         out=out,

@@ -46,9 +46,7 @@ def _change(a: Any, b: Any) -> str:
     return f"{(b - a) / abs(a) * 100:+.1f}%"
 
 
-def compare_runs(
-    run_a: Path, run_b: Path, out: Path, labels: tuple[str, str] | None = None
-) -> dict[str, Any]:
+def compare_runs(run_a: Path, run_b: Path, out: Path, labels: tuple[str, str] | None = None) -> dict[str, Any]:
     a, b = load_run(run_a), load_run(run_b)
     name_a, name_b = labels or (run_a.name or str(run_a), run_b.name or str(run_b))
     if name_a == name_b:
@@ -90,9 +88,7 @@ def compare_runs(
     )
     plot_kv_usage(out / "kv_usage.png", [(name_a, a["timeseries"]), (name_b, b["timeseries"])])
     if any(s["mode"] == "concurrency" for s in [*stages_a.values(), *stages_b.values()]):
-        plot_concurrency(
-            out / "throughput_vs_concurrency.png", [(name_a, a["summary"]), (name_b, b["summary"])]
-        )
+        plot_concurrency(out / "throughput_vs_concurrency.png", [(name_a, a["summary"]), (name_b, b["summary"])])
         result["plots"].append("throughput_vs_concurrency.png")
     (out / "compare.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     (out / "compare.md").write_text(compare_markdown(result))
@@ -105,8 +101,7 @@ def compare_markdown(result: dict[str, Any]) -> str:
         f"# Load test comparison: {a['name']} vs {b['name']}",
         "",
         f"- A = `{a['path']}`, B = `{b['path']}`",
-        f"- saturation point: A {_fmt(a['saturation_point_rps'])} req/s, "
-        f"B {_fmt(b['saturation_point_rps'])} req/s",
+        f"- saturation point: A {_fmt(a['saturation_point_rps'])} req/s, B {_fmt(b['saturation_point_rps'])} req/s",
         f"- SLO (ms): A {_fmt(result['slo_ms']['a'])}, B {_fmt(result['slo_ms']['b'])}",
         "",
     ]

@@ -200,9 +200,7 @@ def plot_throughput(path: Path, runs: Sequence[tuple[str, dict[str, Any]]]) -> N
     ax = fig.subplots()
     top = 0.0
     for i, (name, summary) in enumerate(runs):
-        stages = sorted(
-            (s for s in summary["stages"] if s["mode"] == "poisson"), key=lambda s: s["offered_rps"]
-        )
+        stages = sorted((s for s in summary["stages"] if s["mode"] == "poisson"), key=lambda s: s["offered_rps"])
         if not stages:
             continue
         color = f"C{i}"
@@ -231,18 +229,12 @@ def plot_concurrency(path: Path, runs: Sequence[tuple[str, dict[str, Any]]]) -> 
     ax = fig.subplots()
     ax2 = ax.twinx()
     for i, (name, summary) in enumerate(runs):
-        stages = sorted(
-            (s for s in summary["stages"] if s["mode"] == "concurrency"), key=lambda s: s["concurrency"]
-        )
+        stages = sorted((s for s in summary["stages"] if s["mode"] == "concurrency"), key=lambda s: s["concurrency"])
         if not stages:
             continue
         x = [s["concurrency"] for s in stages]
-        ax.plot(
-            x, [s["achieved_images_per_s"] for s in stages], "o-", color=f"C{i}", label=f"{name} images/s"
-        )
-        ax2.plot(
-            x, [s["latency_p99_s"] for s in stages], "x--", color=f"C{i}", alpha=0.6, label=f"{name} p99"
-        )
+        ax.plot(x, [s["achieved_images_per_s"] for s in stages], "o-", color=f"C{i}", label=f"{name} images/s")
+        ax2.plot(x, [s["latency_p99_s"] for s in stages], "x--", color=f"C{i}", alpha=0.6, label=f"{name} p99")
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("images/s (solid)")
     ax2.set_ylabel("p99 latency s (dashed)")
@@ -253,9 +245,7 @@ def plot_concurrency(path: Path, runs: Sequence[tuple[str, dict[str, Any]]]) -> 
     fig.savefig(path, dpi=80)
 
 
-def plot_latency_cdf(
-    path: Path, runs: Sequence[tuple[str, list[dict[str, Any]]]], slo_s: float | None
-) -> None:
+def plot_latency_cdf(path: Path, runs: Sequence[tuple[str, list[dict[str, Any]]]], slo_s: float | None) -> None:
     """One curve per (run, stage); colours per run when there are several runs, per stage otherwise."""
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()

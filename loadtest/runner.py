@@ -124,9 +124,7 @@ class RequestRecord:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["latency_s"] = (
-            (self.end_s - self.sent_s) if self.end_s is not None and self.sent_s is not None else None
-        )
+        d["latency_s"] = (self.end_s - self.sent_s) if self.end_s is not None and self.sent_s is not None else None
         d["ttfb_s"] = _minus(self.first_byte_s, self.sent_s)
         d["ttfp_s"] = _minus(self.first_preview_s, self.sent_s)
         d["schedule_lag_s"] = _minus(self.sent_s, self.scheduled_s)
@@ -506,9 +504,7 @@ class LoadRunner:
                 for i, stage in enumerate(cfg.stages):
                     if self.remaining() <= 0:
                         self.hard_stopped = True
-                        self._note(
-                            f"hard stop after {cfg.max_duration_s:g}s: stages from {stage.label} skipped"
-                        )
+                        self._note(f"hard stop after {cfg.max_duration_s:g}s: stages from {stage.label} skipped")
                         break
                     if i and cfg.pause_s > 0:
                         await asyncio.sleep(min(cfg.pause_s, max(0.0, self.remaining())))

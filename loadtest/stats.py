@@ -162,9 +162,7 @@ def summarize_stage(
         "server_queue_p99_s": percentile((r.get("server_queue_s") for r in ok), 99),
         "schedule_lag_p99_s": percentile((r.get("schedule_lag_s") for r in sent), 99),
         "within_slo": p99 is not None and p99 <= slo_s,
-        "throughput_ok": (
-            realized is not None and realized > 0 and achieved >= SATURATION_FRACTION * realized
-        ),
+        "throughput_ok": (realized is not None and realized > 0 and achieved >= SATURATION_FRACTION * realized),
     }
 
 

@@ -204,9 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
                 data = [_image(req, i, queue_s, st.service_s) for i in range(n)]
                 self._send(
                     200,
-                    json.dumps(
-                        {"created": int(time.time()), "seed": req.get("seed", 0), "data": data}
-                    ).encode(),
+                    json.dumps({"created": int(time.time()), "seed": req.get("seed", 0), "data": data}).encode(),
                 )
             with st.lock:
                 st.images += n
@@ -264,9 +262,7 @@ class FakeServer:
         self.state = FakeState(slots, service_s, max_queue, num_classes, image_size)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self.httpd = _HTTPServer(("127.0.0.1", 0), handler)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:

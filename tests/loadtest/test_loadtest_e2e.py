@@ -104,11 +104,7 @@ def test_run_and_compare(tmp_path, fake_server, capsys):
 
     summary = json.loads((a / "summary.json").read_text())
     records = [json.loads(line) for line in (a / "requests.jsonl").read_text().splitlines()]
-    assert (
-        len(records)
-        == summary["totals"]["requests"]
-        == sum(s["requests_scheduled"] for s in summary["stages"])
-    )
+    assert len(records) == summary["totals"]["requests"] == sum(s["requests_scheduled"] for s in summary["stages"])
     assert [s["label"] for s in summary["stages"]] == ["rate=10", "rate=1000", "concurrency=2"]
     assert summary["model"]["id"] == "fake-demo"
     by = {s["label"]: s for s in summary["stages"]}
@@ -123,9 +119,7 @@ def test_run_and_compare(tmp_path, fake_server, capsys):
     assert r429 and all(r["retry_after"] == "1" and r["error"] == "queue_full" for r in r429)
     ok = [r for r in records if r["ok"]]
     assert all(r["latency_s"] >= 0.05 and r["images"] == 1 and r["server_queue_s"] is not None for r in ok)
-    assert all(
-        r["server_run_s"] == 0.05 and r["kv_evictions"] == 3 and r["kv_spilled_bytes"] == 12288 for r in ok
-    )
+    assert all(r["server_run_s"] == 0.05 and r["kv_evictions"] == 3 and r["kv_spilled_bytes"] == 12288 for r in ok)
     assert by["rate=10"]["server_queue_p99_s"] is not None
     assert {r["payload"]["class_label"] for r in ok} <= {0, 1, 2, 3}  # discovered from /v1/models
     # server-side deltas agree with what the client saw
@@ -148,9 +142,7 @@ def test_run_and_compare(tmp_path, fake_server, capsys):
             }
         )
     )
-    assert (
-        main([*common, "--rates", "10", "--stream", "--workload", str(wl), "--out", str(b), "--quiet"]) == 0
-    )
+    assert main([*common, "--rates", "10", "--stream", "--workload", str(wl), "--out", str(b), "--quiet"]) == 0
     assert "[rate=" not in capsys.readouterr().err  # --quiet
     recs_b = [json.loads(line) for line in (b / "requests.jsonl").read_text().splitlines()]
     ok_b = [r for r in recs_b if r["ok"]]
@@ -203,9 +195,7 @@ def test_hard_stop_bounds_the_run(tmp_path, make_fake_server):
     assert 3 <= len(result.records) <= 25  # ~10/s for 1 s
     assert [s["label"] for s in result.stages] == ["rate=10"]  # the closed-loop stage never started
     assert not any(r["ok"] for r in result.records)
-    assert all(r["error"] in ("hard_stop", "timeout") for r in result.records), {
-        r["error"] for r in result.records
-    }
+    assert all(r["error"] in ("hard_stop", "timeout") for r in result.records), {r["error"] for r in result.records}
 
 
 def test_client_overload_and_unreachable_metrics(tmp_path, make_fake_server):

@@ -35,9 +35,33 @@ def test_dense_vs_adsa_report_against_the_real_server(real_server, tmp_path):
     runs = {}
     for policy in ("dense", "adsa"):
         out = tmp_path / policy
-        rc = main(["--url", real_server.url, "--rates", "4", "--concurrency", "2", "--requests", "6",
-                   "--duration", "3", "--max-duration", "90", "--timeout", "60", "--policies", policy,
-                   "--classes", "0,1,2,3", "--metrics-interval", "0.2", "--out", str(out), "--quiet"])
+        rc = main(
+            [
+                "--url",
+                real_server.url,
+                "--rates",
+                "4",
+                "--concurrency",
+                "2",
+                "--requests",
+                "6",
+                "--duration",
+                "3",
+                "--max-duration",
+                "90",
+                "--timeout",
+                "60",
+                "--policies",
+                policy,
+                "--classes",
+                "0,1,2,3",
+                "--metrics-interval",
+                "0.2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
         assert rc == 0
         runs[policy] = json.loads((out / "summary.json").read_text())
         records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
@@ -69,7 +93,8 @@ def test_dashboard_metrics_exist_in_the_live_server(real_server):
 
     real_server.client().post("/v1/generate", json={"class_label": 1}).raise_for_status()
     names = {name for name, _ in real_server.metrics()}
-    families = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum").removesuffix("_created")
-                for n in names}
+    families = {
+        n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum").removesuffix("_created") for n in names
+    }
     missing = set(SERVER_METRICS) - GPU_ONLY - families - names
     assert not missing, f"dashboard/alert metrics the server does not export: {sorted(missing)}"

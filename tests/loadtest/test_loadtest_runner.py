@@ -36,9 +36,7 @@ def test_record_derived_times():
         stage="s", index=3, scheduled_s=1.0, sent_s=1.25, first_byte_s=2.0, first_preview_s=1.5, end_s=3.25
     )
     d = rec.to_json()
-    assert (
-        d["latency_s"] == 2.0 and d["ttfb_s"] == 0.75 and d["ttfp_s"] == 0.25 and d["schedule_lag_s"] == 0.25
-    )
+    assert d["latency_s"] == 2.0 and d["ttfb_s"] == 0.75 and d["ttfp_s"] == 0.25 and d["schedule_lag_s"] == 0.25
     assert RequestRecord(stage="s", index=0).to_json()["latency_s"] is None
 
 

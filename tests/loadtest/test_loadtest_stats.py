@@ -115,9 +115,7 @@ def test_saturated_stage():
     # latencies 2, 3, ..., 11. p50 = 6.5 -> warmup = min(6.5, 10 / 2) = 5 -> window [5, 10) holds
     # ends 6 and 8: 2 / 5 s = 0.4/s. p90: rank 8.1 -> 10.1; p99: rank 8.91 -> 10.91.
     records = [rec(t, 2.0 * (t + 1)) for t in range(10)]
-    s = summarize_stage(
-        records, mode="poisson", stage_start_s=0.0, arrival_window_s=10.0, slo_s=5.0, offered_rps=1.0
-    )
+    s = summarize_stage(records, mode="poisson", stage_start_s=0.0, arrival_window_s=10.0, slo_s=5.0, offered_rps=1.0)
     assert s["latency_p50_s"] == pytest.approx(6.5)
     assert s["latency_p90_s"] == pytest.approx(10.1)
     assert s["latency_p99_s"] == pytest.approx(10.91)
@@ -140,9 +138,7 @@ def test_stage_counts_429s_and_errors_apart():
         rec(5, None, status=None, error="timeout"),
         rec(None, None, status=None, error="client_overload"),
     ]
-    s = summarize_stage(
-        records, mode="poisson", stage_start_s=0.0, arrival_window_s=6.0, slo_s=10.0, offered_rps=1.0
-    )
+    s = summarize_stage(records, mode="poisson", stage_start_s=0.0, arrival_window_s=6.0, slo_s=10.0, offered_rps=1.0)
     assert s["requests_scheduled"] == 7 and s["requests_sent"] == 6
     assert s["ok"] == 2 and s["rejected_429"] == 2 and s["errors"] == 3
     assert s["errors_by_kind"] == {"500": 1, "client_overload": 1, "timeout": 1}
@@ -153,9 +149,7 @@ def test_stage_counts_429s_and_errors_apart():
 def test_closed_loop_stage_uses_the_whole_span():
     # 4 ok requests back to back from t = 0: ends 1, 2, 3, 4 -> 4 / 4 s; 2 images each
     records = [rec(t, t + 1.0, images=2) for t in range(4)]
-    s = summarize_stage(
-        records, mode="concurrency", stage_start_s=0.0, arrival_window_s=3.0, slo_s=0.5, concurrency=1
-    )
+    s = summarize_stage(records, mode="concurrency", stage_start_s=0.0, arrival_window_s=3.0, slo_s=0.5, concurrency=1)
     assert s["achieved_rps"] == pytest.approx(1.0)
     assert s["achieved_images_per_s"] == pytest.approx(2.0)
     assert s["goodput_rps"] == 0.0  # every request took 1 s > 0.5 s

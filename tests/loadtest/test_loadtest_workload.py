@@ -29,9 +29,7 @@ def test_lists_are_sampled_and_seeds_are_sequential():
 
 
 def test_mix_weights():
-    wl = Workload(
-        mix=[{"weight": 3, "class_label": 1, "policy": "adsa"}, {"weight": 1, "prompt": "a fox", "n": 2}]
-    )
+    wl = Workload(mix=[{"weight": 3, "class_label": 1, "policy": "adsa"}, {"weight": 1, "prompt": "a fox", "n": 2}])
     wl.validate()
     rng = random.Random(1)
     counts = Counter("prompt" in wl.payload(i, rng) for i in range(4000))
