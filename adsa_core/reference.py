@@ -92,7 +92,8 @@ def generate(
         if use_cfg:
             c, u = logits[:B], logits[B:]
             logits = cfg_combine(c, u, params.cfg_scale) if params.cfg_active(i) else c
-        token = sample_tokens(logits, seeds, torch.full((B,), i, device=device), temperature, top_k, top_p, greedy)
+        token = sample_tokens(logits, seeds, torch.full((B,), i, device=device), temperature, top_k, top_p, greedy,
+                              k_max=params.top_k)
         out[:, i] = token
         if on_token is not None:
             on_token(i)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 _M32 = 0xFFFFFFFF
+TIE_MARGIN = 16  # logits kept past the k-th largest when only the top of the vocabulary is sorted
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,21 @@ def sample_tokens(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     greedy: torch.Tensor,
+    k_max: int = 0,
 ) -> torch.Tensor:
-    """logits (B, V) fp32; per-row settings (B,). Returns tokens (B,) int64. No host sync."""
+    """logits (B, V) fp32; per-row settings (B,). Returns tokens (B,) int64. No host sync.
+
+    k_max > 0 promises every row's top_k is in 1..k_max: then only the k_max + TIE_MARGIN largest
+    logits are sorted (torch.topk), not the whole vocabulary; the draw is the same unless more
+    than TIE_MARGIN logits tie exactly with a row's k-th largest.
+    """
     B, V = logits.shape
     scaled = logits / temperature.clamp_min(1e-5).view(B, 1)
-    vals, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (B, V)
+    if k_max > 0 and k_max + TIE_MARGIN < V // 2:
+        vals, order = torch.topk(scaled, k_max + TIE_MARGIN, dim=-1)  # (B, K) descending
+    else:
+        vals, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (B, V)
+    V = vals.shape[1]
     # top-k: drop everything below the k-th largest value (ties with it are kept, as LlamaGen)
     k = top_k.clamp(0, V).view(B, 1)
     kth = vals.gather(1, (k - 1).clamp_min(0))

@@ -80,6 +80,22 @@ def test_sample_tokens_follows_llamagen_filtering(s):
     assert torch.equal(tokens, inverse_cdf(probs, uniform_from(seeds, positions)))
 
 
+def test_top_of_vocabulary_path_draws_the_same_tokens():
+    """k_max: only the largest logits are sorted; per-row top_k up to k_max, with top_p and greedy rows."""
+    gen = torch.Generator().manual_seed(3)
+    B, V = 256, 1000
+    logits = torch.randn(B, V, generator=gen) * 2
+    logits[:8, 1:40] = logits[:8, :1]  # exact ties across the k-th largest of some rows
+    seeds, positions = torch.arange(B) * 31 + 5, torch.arange(B) % 11
+    temperature, _, top_p, greedy = rows(B, temperature=0.9, top_p=0.9)
+    top_k = torch.tensor([5, 20, 64, 300])[torch.arange(B) % 4]
+    top_p[::3] = 1.0
+    greedy[::7] = True
+    full = sample_tokens(logits, seeds, positions, temperature, top_k, top_p, greedy)
+    fast = sample_tokens(logits, seeds, positions, temperature, top_k, top_p, greedy, k_max=300)
+    assert torch.equal(fast, full)
+
+
 def test_greedy_is_argmax():
     logits = torch.randn(32, 50, generator=torch.Generator().manual_seed(1))
     tokens = sample_tokens(logits, torch.arange(32), torch.zeros(32), *rows(32, greedy=True, top_k=3))

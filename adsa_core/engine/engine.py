@@ -327,6 +327,7 @@ class Engine:
             slots=torch.tensor([it.slot for it in items], device=dev),
             temperature=torch.tensor([x.temperature for x in s], device=dev),
             top_k=torch.tensor([x.top_k for x in s], device=dev),
+            k_max=max(x.top_k for x in s) if all(x.top_k > 0 for x in s) else 0,  # host int: sort less
             top_p=torch.tensor([x.top_p for x in s], device=dev),
             greedy=torch.tensor([x.greedy for x in s], device=dev),
             forced=torch.tensor([it.req.forced_tokens is not None for it in items], device=dev),
@@ -344,7 +345,8 @@ class Engine:
         active = (bt["cfg_scale"] > 1.0) & ((bt["cfg_interval"] < 0) | (j <= bt["cfg_interval"] + 1))
         cond_l, uncond_l = logits[cond_idx], logits[uncond_idx]
         guided = torch.where(active.view(-1, 1), cfg_combine(cond_l, uncond_l, bt["cfg_scale"]), cond_l)
-        tok = sample_tokens(guided, bt["seeds"], j, bt["temperature"], bt["top_k"], bt["top_p"], bt["greedy"])
+        tok = sample_tokens(guided, bt["seeds"], j, bt["temperature"], bt["top_k"], bt["top_p"], bt["greedy"],
+                            bt["k_max"])
         slots = bt["slots"]
         tok = torch.where(bt["forced"], self.forced[slots, j], tok)
         self.codes[slots, j] = tok
