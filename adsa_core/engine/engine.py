@@ -100,7 +100,7 @@ class Engine:
         self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens,
                                   kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
         self.images = ImageStage(models.vq if config.decode_images else None, self.device, config.vq_decode_batch,
-                                 config.encode_png)
+                                 config.encode_png, compile_decode=config.compile_step)
         self._done: list[DoneImage] = []  # finished this step, handed to the image stage together
         self.step_listeners: list[Callable[[float, int], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-request failures here

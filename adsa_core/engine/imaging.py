@@ -40,10 +40,15 @@ def encode_png(pixels: torch.Tensor) -> bytes:
 
 
 class ImageStage:
-    def __init__(self, vq: VQModel | None, device: torch.device, chunk: int, png: bool, png_threads: int = 4):
+    def __init__(self, vq: VQModel | None, device: torch.device, chunk: int, png: bool, png_threads: int = 4,
+                 compile_decode: bool = False):
         self.vq = vq
         self.device = device
         self.chunk = max(1, chunk)
+        # compiled VQ decode (GPU): GroupNorm + swish fused, ~2x faster and less memory per chunk on
+        # an H100 (tools/bench_vq_decode.py); one static chunk shape, so short chunks are padded
+        self.compiled = vq is not None and compile_decode and device.type == "cuda"
+        self._decode = torch.compile(vq.decode_code, dynamic=False) if self.compiled else None
         self.png = png
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq",
                                          initializer=limit_cpu_threads if device.type == "cpu" else None)
@@ -73,6 +78,14 @@ class ImageStage:
         self.stream.wait_event(ready)
         return torch.cuda.stream(self.stream)
 
+    def _decode_chunk(self, codes: torch.Tensor) -> torch.Tensor:
+        """(n, block_size) codes -> (n, H, W, 3) uint8 on the CPU."""
+        if not self.compiled:
+            return to_uint8(self.vq.decode_code(codes))
+        n = len(codes)
+        padded = torch.cat([codes, codes.new_zeros(self.chunk - n, codes.shape[1])]) if n < self.chunk else codes
+        return to_uint8(self._decode(padded)[:n])
+
     @torch.no_grad()
     def _finish(self, done: list[DoneImage], ready: torch.cuda.Event | None) -> None:
         try:
@@ -80,7 +93,7 @@ class ImageStage:
                 codes = torch.stack([d.codes for d in done])  # (n, block_size)
                 pixels = None
                 if self.vq is not None:  # (n, H, W, 3) uint8 on the CPU, `chunk` images at a time
-                    pixels = torch.cat([to_uint8(self.vq.decode_code(c)) for c in codes.split(self.chunk)])
+                    pixels = torch.cat([self._decode_chunk(c) for c in codes.split(self.chunk)])
                 codes = codes.cpu()
             pngs = [None] * len(done)
             if pixels is not None and self.png:
