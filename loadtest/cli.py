@@ -21,6 +21,11 @@ modes:
   closed loop --concurrency 1,4,16   that many clients, each sending its next request when the last ends
   Both may be given: the rate stages run first. Every stage stops at --requests or --duration,
   whichever comes first; the whole run stops at --max-duration (in-flight requests are cancelled).
+  capacity probe --probe-concurrency 128 --relative-rates 0.25,0.5,0.75,0.9,1.1,1.3
+              first a closed-loop stage of that many clients (--probe-duration s) measures the
+              steady throughput; then one Poisson stage at each fraction of it (labels rate=0.5xcap,
+              ...), then any --rates / --concurrency stages. summary.json "saturation" gives the
+              capacity and the latency at 50 % and 90 % of it.
 
 workload (flags, or --workload FILE with the same keys; see loadtest/workload.py):
   --classes 207,360  --prompt "a red fox" --prompt "..."  --policies adsa,dense,default
@@ -49,6 +54,11 @@ def _positive_int(text: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return v
+
+
+def _budget(text: str) -> int | float:
+    """'256' -> 256 tokens, '0.25' -> a fraction of the sequence (the API's two kinds of kv_budget)."""
+    return float(text) if any(c in text for c in ".eE") else int(text)
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -101,12 +111,34 @@ def build_run_parser() -> argparse.ArgumentParser:
         help="latency target for goodput and the saturation point (default 10000)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule and the mix (default 0)")
+    g.add_argument(
+        "--probe-concurrency",
+        type=_positive_int,
+        default=None,
+        help="first run a closed-loop capacity probe with this many clients (e.g. 2 x the server's max batch)",
+    )
+    g.add_argument(
+        "--probe-duration", type=_positive_float, default=None, help="seconds of the probe (default --duration)"
+    )
+    g.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="closed loop: start the clients evenly over this many seconds (desynchronizes batch waves)",
+    )
+    g.add_argument(
+        "--relative-rates",
+        default=None,
+        help="open-loop stages at these fractions of the probe's throughput, e.g. 0.25,0.5,0.75,0.9,1.1,1.3",
+    )
     w = p.add_argument_group("workload")
     w.add_argument("--workload", type=Path, default=None, help="JSON workload file (overrides the flags below)")
     w.add_argument("--classes", default=None, help="class labels, comma separated")
     w.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     w.add_argument("--policies", default=None, help="KV policies to mix, e.g. adsa,dense,window,default")
-    w.add_argument("--budgets", default=None, help="kv_budget values to mix, e.g. 256,512,default")
+    w.add_argument(
+        "--budgets", default=None, help="kv_budget values to mix: tokens or fractions, e.g. 256,0.25,default"
+    )
     w.add_argument("--n", default="1", help="images per request to mix (default 1)")
     w.add_argument("--cfg-scale", type=float, default=None)
     w.add_argument("--temperature", type=float, default=None)
@@ -168,7 +200,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
             classes=parse_csv(args.classes, int),
             prompts=list(args.prompt),
             policies=parse_csv(args.policies) or [None],
-            kv_budgets=parse_csv(args.budgets, int) or [None],
+            kv_budgets=parse_csv(args.budgets, _budget) or [None],
             n=[k for k in parse_csv(args.n, int) if k is not None] or [1],
             seed_base=args.seed_base,
         )
@@ -185,7 +217,12 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     stages = [Stage("poisson", float(r)) for r in parse_csv(args.rates, float)]
     stages += [Stage("concurrency", float(c)) for c in parse_csv(args.concurrency, int)]
-    if not stages:
+    relative = [float(f) for f in parse_csv(args.relative_rates, float)]
+    if relative and not args.probe_concurrency:
+        raise ValueError("--relative-rates needs --probe-concurrency (the probe measures what they are relative to)")
+    if any(f is None or f <= 0 for f in relative):
+        raise ValueError("--relative-rates must all be > 0")
+    if not stages and not args.probe_concurrency:
         stages = [Stage("poisson", r) for r in (0.5, 1.0, 2.0, 4.0)]
     for s in stages:
         if s.value is None or s.value <= 0:
@@ -212,6 +249,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         api_key=args.api_key,
         workload=workload_from_args(args),
         progress=not args.quiet,
+        probe_concurrency=args.probe_concurrency,
+        ramp_s=max(0.0, args.ramp),
+        probe_duration_s=args.probe_duration,
+        relative_rates=relative,
     )
 
 
@@ -246,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run_sync(cfg)
     summary = write_run(cfg.out, cfg, result)
+    sat = summary["saturation"]
     print(
-        f"wrote {cfg.out / 'summary.md'} (saturation point: {summary['saturation_point_rps']} req/s)",
+        f"wrote {cfg.out / 'summary.md'} (saturation point: {summary['saturation_point_rps']} req/s; "
+        f"capacity: {sat['capacity_images_per_s']} images/s)",
         file=sys.stderr,
     )
     return 0 if summary["totals"]["ok"] > 0 else 3

@@ -76,6 +76,7 @@ def compare_runs(run_a: Path, run_b: Path, out: Path, labels: tuple[str, str] | 
             "saturation_point_rps": b["summary"].get("saturation_point_rps"),
         },
         "slo_ms": {"a": a["summary"].get("slo_ms"), "b": b["summary"].get("slo_ms")},
+        "saturation": {"a": a["summary"].get("saturation"), "b": b["summary"].get("saturation")},
         "stages": rows,
         "plots": ["throughput_vs_offered.png", "latency_cdf.png", "kv_usage.png"],
     }
@@ -103,8 +104,15 @@ def compare_markdown(result: dict[str, Any]) -> str:
         f"- A = `{a['path']}`, B = `{b['path']}`",
         f"- saturation point: A {_fmt(a['saturation_point_rps'])} req/s, B {_fmt(b['saturation_point_rps'])} req/s",
         f"- SLO (ms): A {_fmt(result['slo_ms']['a'])}, B {_fmt(result['slo_ms']['b'])}",
-        "",
     ]
+    sat_a, sat_b = (result.get("saturation") or {}).get("a") or {}, (result.get("saturation") or {}).get("b") or {}
+    if sat_a or sat_b:
+        cap_a, cap_b = sat_a.get("capacity_images_per_s"), sat_b.get("capacity_images_per_s")
+        lines.append(f"- capacity (images/s): A {_fmt(cap_a)}, B {_fmt(cap_b)} ({_change(cap_a, cap_b)})")
+        for f in sorted(set(sat_a.get("at") or {}) | set(sat_b.get("at") or {}), key=float):
+            p99 = [((s.get("at") or {}).get(f) or {}).get("latency_p99_s") for s in (sat_a, sat_b)]
+            lines.append(f"- p99 at {float(f):.0%} of saturation (s): A {_fmt(p99[0])}, B {_fmt(p99[1])}")
+    lines.append("")
     lines.append("Each cell: A → B (change).")
     lines.append("")
     lines.append("| stage | " + " | ".join(title for _, title, _ in COMPARED) + " |")

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from . import __version__, promtext
 from .runner import RunConfig, RunResult
-from .stats import ecdf, saturation_point
+from .stats import ecdf, saturation_point, saturation_summary
 
 PLOTS = ("throughput_vs_offered.png", "latency_cdf.png", "kv_usage.png")
 
@@ -88,6 +88,8 @@ def build_summary(cfg: RunConfig, result: RunResult) -> dict[str, Any]:
         "config": cfg.to_json(),
         "stages": stages,
         "saturation_point_rps": saturation_point(stages),
+        "probe": result.probe,
+        "saturation": saturation_summary(stages, result.probe),
         "totals": totals,
         "server_totals": delta["totals"] if delta and "totals" in delta else None,
     }
@@ -109,10 +111,10 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def _stage_table(stages: Sequence[dict[str, Any]]) -> list[str]:
     head = (
-        "| stage | offered req/s (realised) | achieved req/s | images/s | goodput req/s | p50 s | p90 s "
-        "| p99 s | ok | 429 | errors | SLO met |"
+        "| stage | offered req/s (realised) | achieved req/s | images/s | steady images/s | goodput req/s "
+        "| p50 s | p90 s | p99 s | ok | 429 | errors | SLO met |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for s in stages:
         offered = (
             "–"
@@ -121,9 +123,9 @@ def _stage_table(stages: Sequence[dict[str, Any]]) -> list[str]:
         )
         lines.append(
             f"| {s['label']} | {offered} | {_fmt(s['achieved_rps'])} | {_fmt(s['achieved_images_per_s'])} "
-            f"| {_fmt(s['goodput_rps'])} | {_fmt(s['latency_p50_s'])} | {_fmt(s['latency_p90_s'])} "
-            f"| {_fmt(s['latency_p99_s'])} | {s['ok']} | {s['rejected_429']} | {s['errors']} "
-            f"| {_fmt(s['within_slo'])} |"
+            f"| {_fmt(s.get('steady_images_per_s'))} | {_fmt(s['goodput_rps'])} | {_fmt(s['latency_p50_s'])} "
+            f"| {_fmt(s['latency_p90_s'])} | {_fmt(s['latency_p99_s'])} | {s['ok']} | {s['rejected_429']} "
+            f"| {s['errors']} | {_fmt(s['within_slo'])} |"
         )
     return lines
 
@@ -153,6 +155,39 @@ def _server_table(stages: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _saturation_lines(summary: dict[str, Any]) -> list[str]:
+    sat = summary.get("saturation") or {}
+    probe = summary.get("probe")
+    lines = ["## Saturation", ""]
+    if probe:
+        lines.append(
+            f"- capacity probe: {probe['concurrency']} closed-loop clients sustained "
+            f"**{_fmt(probe['steady_images_per_s'])} images/s** ({_fmt(probe['steady_rps'])} req/s, "
+            f"p50 {_fmt(probe['latency_p50_s'])} s, p99 {_fmt(probe['latency_p99_s'])} s); the open-loop "
+            "stages `rate=FxCAP` offered F times that"
+        )
+    lines += [
+        f"- capacity (most images/s any stage sustained): {_fmt(sat.get('capacity_images_per_s'))}",
+        f"- saturation point (open loop): {_fmt(sat.get('saturation_point_rps'))} req/s = "
+        f"{_fmt(sat.get('saturation_point_images_per_s'))} images/s",
+        f"- reference for the fractions below: {sat.get('reference') or 'none'} = "
+        f"{_fmt(sat.get('saturation_images_per_s'))} images/s",
+        "",
+        "| at | stage | offered images/s | achieved images/s | p50 s | p99 s | ok | 429 | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f, st in (sat.get("at") or {}).items():
+        if st is None:
+            lines.append(f"| {float(f):.0%} | – | – | – | – | – | – | – | – |")
+            continue
+        lines.append(
+            f"| {float(f):.0%} | {st['label']} | {_fmt(st.get('offered_images_per_s'))} "
+            f"| {_fmt(st.get('achieved_images_per_s'))} | {_fmt(st.get('latency_p50_s'))} "
+            f"| {_fmt(st.get('latency_p99_s'))} | {st.get('ok')} | {st.get('rejected_429')} | {st.get('errors')} |"
+        )
+    return [*lines, ""]
+
+
 def summary_markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
     sat = summary.get("saturation_point_rps")
     model = summary.get("model") or {}
@@ -170,6 +205,7 @@ def summary_markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
         "- totals: {requests} requests, {ok} ok, {rejected_429} rejected (429), {errors} errors, "
         "{images} images".format(**summary["totals"]),
         "",
+        *_saturation_lines(summary),
         "## Per stage (client side)",
         "",
         *_stage_table(summary["stages"]),

@@ -56,9 +56,16 @@ STAGE_HISTOGRAMS = (
 class Stage:
     mode: str  # "poisson" (open loop, rate = requests/s) or "concurrency" (closed loop)
     value: float  # the rate or the number of concurrent clients
+    fraction: float | None = None  # open loop planned as this fraction of the probe's throughput
+    probe: bool = False  # the closed-loop probe that measures capacity before the relative stages
 
     @property
     def label(self) -> str:
+        if self.probe:
+            return f"probe concurrency={int(self.value)}"
+        if self.fraction is not None:
+            # named by the fraction, so two runs' stages line up in `compare` whatever their capacity
+            return f"rate={self.fraction:g}xcap"
         return f"rate={self.value:g}" if self.mode == "poisson" else f"concurrency={int(self.value)}"
 
 
@@ -84,6 +91,15 @@ class RunConfig:
     api_key: str | None = None
     workload: Workload = field(default_factory=Workload)
     progress: bool = True
+    # capacity probe: a closed-loop stage of this many clients runs first; its steady throughput
+    # (req/s) times each of relative_rates gives the open-loop stages that follow it
+    probe_concurrency: int | None = None
+    # closed loop: client i sends its first request i * ramp_s / concurrency after the stage starts,
+    # so completions do not come in synchronized waves of one batch (equal-length images finish
+    # together, and a closed loop keeps them together); the steady window starts after the ramp
+    ramp_s: float = 0.0
+    probe_duration_s: float | None = None  # None: stage_duration_s
+    relative_rates: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -210,6 +226,7 @@ class RunResult:
     elapsed_s: float
     hard_stopped: bool
     notes: list[str]
+    probe: dict[str, Any] | None = None  # the capacity probe's result, when the run had one
 
 
 class LoadRunner:
@@ -229,6 +246,7 @@ class LoadRunner:
         self._next_index = 0
         self._stage_records: list[RequestRecord] = []
         self.tokens_per_image: int | None = None
+        self.probe: dict[str, Any] | None = None
         headers = {"User-Agent": "adsa-loadtest"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
@@ -332,11 +350,12 @@ class LoadRunner:
                 if resp.status_code == 200 and "text/event-stream" in ctype:
                     await self._read_sse(resp, rec)
                 else:
-                    body = b""
+                    chunks: list[bytes] = []  # joined once: += on bytes copies the body per chunk
                     async for chunk in resp.aiter_bytes():
                         if rec.first_byte_s is None and chunk:
                             rec.first_byte_s = self.now()
-                        body += chunk
+                        chunks.append(chunk)
+                    body = b"".join(chunks)
                     rec.bytes = len(body)
                     self._finish_body(resp, rec, body)
                 rec.end_s = self.now()
@@ -453,17 +472,21 @@ class LoadRunner:
         await self._wait_all(tasks, drain)
         return stage_start, max(window, 1e-9), count_bounded
 
-    async def _concurrency_stage(self, client: httpx.AsyncClient, concurrency: int) -> tuple[float, float]:
+    async def _concurrency_stage(
+        self, client: httpx.AsyncClient, concurrency: int, duration_s: float | None = None
+    ) -> tuple[float, float]:
         cfg = self.cfg
         stage_start = self.now()
-        stop_at = min(self.clock() + cfg.stage_duration_s, self.deadline)
+        stop_at = min(self.clock() + (duration_s or cfg.stage_duration_s), self.deadline)
 
-        async def worker() -> None:
+        async def worker(i: int) -> None:
+            if cfg.ramp_s > 0:
+                await asyncio.sleep(min(i * cfg.ramp_s / concurrency, max(0.0, stop_at - self.clock())))
             while len(self._stage_records) < cfg.requests_per_stage and self.clock() < stop_at:
                 rec = self._new_record(scheduled_s=None)
                 await self._request(client, rec)
 
-        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
         await self._wait_all(tasks, cfg.timeout_s + cfg.stage_duration_s)
         ends = [r.sent_s for r in self._stage_records if r.sent_s is not None]
         window = (max(ends) - stage_start) if ends else cfg.stage_duration_s
@@ -501,7 +524,12 @@ class LoadRunner:
             if cfg.metrics:
                 background.append(asyncio.create_task(self._sampler(client)))
             try:
-                for i, stage in enumerate(cfg.stages):
+                stages = list(cfg.stages)
+                if cfg.probe_concurrency:
+                    stages = [Stage("concurrency", float(cfg.probe_concurrency), probe=True), *stages]
+                i = 0
+                while i < len(stages):
+                    stage = stages[i]
                     if self.remaining() <= 0:
                         self.hard_stopped = True
                         self._note(f"hard stop after {cfg.max_duration_s:g}s: stages from {stage.label} skipped")
@@ -510,6 +538,9 @@ class LoadRunner:
                         await asyncio.sleep(min(cfg.pause_s, max(0.0, self.remaining())))
                     summary = await self._run_stage(client, stage)
                     stage_summaries.append(summary)
+                    if stage.probe:
+                        stages[i + 1 : i + 1] = self._plan_relative(summary)
+                    i += 1
             finally:
                 for t in background:
                     t.cancel()
@@ -529,7 +560,26 @@ class LoadRunner:
             elapsed_s=self.now(),
             hard_stopped=self.hard_stopped,
             notes=self.notes,
+            probe=self.probe,
         )
+
+    def _plan_relative(self, probe_summary: dict[str, Any]) -> list[Stage]:
+        """The open-loop stages at fractions of what the probe sustained (none if it sustained nothing)."""
+        rps = probe_summary.get("steady_rps") or 0.0
+        self.probe = {
+            "concurrency": probe_summary.get("concurrency"),
+            "steady_rps": rps,
+            "steady_images_per_s": probe_summary.get("steady_images_per_s"),
+            "latency_p50_s": probe_summary.get("latency_p50_s"),
+            "latency_p99_s": probe_summary.get("latency_p99_s"),
+            "ok": probe_summary.get("ok"),
+            "relative_rates": list(self.cfg.relative_rates),
+        }
+        if rps <= 0:
+            if self.cfg.relative_rates:
+                self._note("the capacity probe completed no request: its relative stages were skipped")
+            return []
+        return [Stage("poisson", f * rps, fraction=f) for f in self.cfg.relative_rates]
 
     async def _models(self, client: httpx.AsyncClient) -> dict[str, Any] | None:
         try:
@@ -555,7 +605,8 @@ class LoadRunner:
         if stage.mode == "poisson":
             stage_start, window, count_bounded = await self._poisson_stage(client, stage.value)
         else:
-            stage_start, window = await self._concurrency_stage(client, int(stage.value))
+            duration = cfg.probe_duration_s if stage.probe else None
+            stage_start, window = await self._concurrency_stage(client, int(stage.value), duration)
         after_text = await self.scrape(client)
         self._print_progress(force=True)
         recs = [r.to_json() for r in self._stage_records]
@@ -569,10 +620,13 @@ class LoadRunner:
             concurrency=int(stage.value) if stage.mode == "concurrency" else None,
             label=stage.label,
             count_bounded=count_bounded,
+            ramp_s=cfg.ramp_s if stage.mode == "concurrency" else 0.0,
         )
         summary["offered_images_per_s"] = (
             stage.value * cfg.workload.mean_images_per_request() if stage.mode == "poisson" else None
         )
+        summary["fraction"] = stage.fraction
+        summary["probe"] = stage.probe
         if self.tokens_per_image:
             summary["achieved_tokens_per_s_est"] = summary["achieved_images_per_s"] * self.tokens_per_image
         summary["server"] = server_stage_delta(before_text, after_text, summary["elapsed_s"])

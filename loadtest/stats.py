@@ -20,7 +20,14 @@ Definitions (also in docs/OPERATIONS.md):
 * realised offered rate: requests sent / arrival window; (sent - 1) / window when the stage
   stopped at its request count (the window then ends at the last arrival, see summarize_stage);
 * saturation point: the highest offered rate (of the open-loop stages) whose achieved throughput
-  is >= 90 % of the realised offered rate and whose p99 latency is within the SLO.
+  is >= 90 % of the realised offered rate and whose p99 latency is within the SLO;
+* steady throughput (both modes): the achieved-throughput estimator above applied to the stage's
+  own span; for a closed-loop stage, completions in [warm-up, last send) over that window, with
+  warm-up = min(ramp + median latency, half the window): it leaves out the ramp-up of the first
+  batch and the drain after the last send. This is how a closed-loop probe measures capacity
+  (`--probe-concurrency`, see saturation_summary);
+* capacity: the most images/s any stage sustained (a closed-loop stage's steady throughput or an
+  open-loop stage's achieved throughput).
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ def summarize_stage(
     concurrency: int | None = None,
     label: str = "",
     count_bounded: bool = False,
+    ramp_s: float = 0.0,
 ) -> dict[str, Any]:
     """Everything summary.json says about one stage (server-side metric deltas are added by the runner).
 
@@ -118,12 +126,14 @@ def summarize_stage(
         goodput = steady_state_rate(good, stage_start_s, arrival_window_s, warmup)
         n_arrivals = len(sent) - 1 if count_bounded and len(sent) > 1 else len(sent)
         realized = n_arrivals / arrival_window_s if arrival_window_s > 0 else None
+        steady = achieved
     else:  # closed loop: whole stage span
-        warmup = 0.0
         achieved = len(ok) / elapsed if elapsed > 0 else 0.0
         good = [r for r in ok if r["latency_s"] <= slo_s]
         goodput = len(good) / elapsed if elapsed > 0 else 0.0
         realized = None
+        warmup = min(ramp_s + (p50 or 0.0), arrival_window_s / 2)
+        steady = steady_state_rate(ok, stage_start_s, arrival_window_s, warmup)
     images_per_request = (sum(_images(r) for r in ok) / len(ok)) if ok else 0.0
     p99 = percentile(lat, 99)
     return {
@@ -145,6 +155,8 @@ def summarize_stage(
         "images": sum(_images(r) for r in ok),
         "achieved_rps": achieved,
         "achieved_images_per_s": achieved * images_per_request,
+        "steady_rps": steady,
+        "steady_images_per_s": steady * images_per_request,
         "goodput_rps": goodput,
         "goodput_images_per_s": goodput * images_per_request,
         "slo_s": slo_s,
@@ -184,3 +196,73 @@ def saturation_point(stages: Sequence[dict[str, Any]], fraction: float = SATURAT
             nominal = s.get("offered_rps") or offered
             best = nominal if best is None else max(best, nominal)
     return best
+
+
+def _stage_brief(s: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "label",
+        "fraction",
+        "offered_rps",
+        "offered_images_per_s",
+        "achieved_rps",
+        "achieved_images_per_s",
+        "latency_p50_s",
+        "latency_p90_s",
+        "latency_p99_s",
+        "ok",
+        "rejected_429",
+        "errors",
+        "within_slo",
+    )
+    return {k: s.get(k) for k in keys}
+
+
+def saturation_summary(
+    stages: Sequence[dict[str, Any]],
+    probe: dict[str, Any] | None = None,
+    fractions: Sequence[float] = (0.5, 0.9),
+) -> dict[str, Any]:
+    """Capacity, saturation point and the latency at fractions of saturation, for one run.
+
+    `saturation_images_per_s` is the reference the fractions refer to: the closed-loop probe's
+    steady throughput when the run had one (its open-loop stages were then planned as fractions of
+    it, `fraction` in each stage), else the saturation point (req/s) times images per request.
+    `at[f]` is the open-loop stage planned at that fraction, else the one whose offered rate is
+    nearest to f x the reference (within 25 % of it), else None.
+    """
+    poisson = [s for s in stages if s.get("mode") == "poisson"]
+    rates = [s.get("steady_images_per_s") or s.get("achieved_images_per_s") or 0.0 for s in stages]
+    capacity = max(rates) if rates else None
+    sat_rps = saturation_point(stages)
+    ipr = None
+    for s in stages:
+        if s.get("ok") and s.get("achieved_rps"):
+            ipr = s["achieved_images_per_s"] / s["achieved_rps"]
+            break
+    ipr = ipr or 1.0
+    sat_point_ips = sat_rps * ipr if sat_rps is not None else None
+    if probe and probe.get("steady_images_per_s"):
+        reference, ref_rps, source = probe["steady_images_per_s"], probe["steady_rps"], "probe"
+    elif sat_rps is not None:
+        reference, ref_rps, source = sat_point_ips, sat_rps, "saturation_point"
+    else:
+        reference, ref_rps, source = None, None, None
+    at: dict[str, Any] = {}
+    for f in fractions:
+        chosen = next((s for s in poisson if s.get("fraction") is not None and abs(s["fraction"] - f) < 1e-9), None)
+        if chosen is None and ref_rps and poisson:
+            target = f * ref_rps
+            near = min(poisson, key=lambda s: abs((s.get("offered_rps") or 0.0) - target))
+            if abs((near.get("offered_rps") or 0.0) - target) <= 0.25 * target:
+                chosen = near
+        at[f"{f:g}"] = _stage_brief(chosen) if chosen is not None else None
+    return {
+        "reference": source,
+        "saturation_images_per_s": reference,
+        "saturation_rps": ref_rps,
+        "capacity_images_per_s": capacity,
+        "saturation_point_rps": sat_rps,
+        "saturation_point_images_per_s": sat_point_ips,
+        "images_per_request": ipr,
+        "at": at,
+    }

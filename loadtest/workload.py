@@ -41,7 +41,7 @@ class Workload:
     classes: list[int] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     policies: list[str | None] = field(default_factory=lambda: [None])
-    kv_budgets: list[int | None] = field(default_factory=lambda: [None])
+    kv_budgets: list[int | float | None] = field(default_factory=lambda: [None])  # tokens or fractions
     n: list[int] = field(default_factory=lambda: [1])
     common: dict[str, Any] = field(default_factory=dict)  # cfg_scale, temperature, top_k, top_p
     mix: list[dict[str, Any]] = field(default_factory=list)  # weighted templates; overrides the lists
