@@ -55,6 +55,8 @@ def pool_attention_torch(
     B, H, D = q.shape
     Hkv = k_cache.shape[1]
     G = H // Hkv  # query heads per kv head (GQA); q head h reads kv head h // G
+    if not n_slots.is_cuda and B:  # gather only the pages in use (the host read is free on the CPU)
+        block_table = block_table[:, : max(1, -(-int(n_slots.max()) // k_cache.shape[2]))]
     k = gather_slots(k_cache, block_table).float()  # (B, Hkv, N, D)
     v = gather_slots(v_cache, block_table).float()  # (B, Hkv, N, D)
     pos = gather_slots(pos_cache, block_table)  # (B, Hkv, N)
