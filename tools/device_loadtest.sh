@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Load test of the real server on one machine with two GPUs, in one command, everything under $OUT:
+# Load test of the real server on one machine with two GPUs, in one command, results under $OUT:
 #
 #   1. replica A (GPU 0) and replica B (GPU 1) start on 127.0.0.1 (a GPT preset with random weights
 #      and a random VQ, CUDA graphs on, no torch.compile); wait for /readyz (time-boxed);
@@ -13,8 +13,12 @@
 #      throughputs and their ratio (target >= 1.8);
 #   4. $OUT/RESULTS.md: the tables for docs/PERFORMANCE.md (tools/loadtest_summary.py table).
 #
+# $OUT at the end (a device call returns at most 8 files): RESULTS.md, scaleout.json, env.json,
+# run.log, compare-dense-adsa.md and details.tar.gz (every loadtest report, server and balancer
+# log, nginx configs: the tree $OUT/details, kept unpacked with ADSA_LT_KEEP_TREE=1).
+#
 # Every wait is time-boxed, the whole run keeps to ADSA_LT_BUDGET_S (default 500 s after start-up
-# of this script), children are stopped on exit, server and balancer logs go to $OUT/logs.
+# of this script), children are stopped on exit, server and balancer logs go to details/logs.
 # B starts together with A so that its warm-up overlaps A's; it stays idle (own GPU) until step 3.
 #
 #   OUT=/tmp/lt tools/device_loadtest.sh                       # device: 2 GPUs
@@ -28,6 +32,7 @@
 # ADSA_LT_RAMP_S 2 [0.5] (closed-loop clients start spread over it),
 # ADSA_LT_FRACTIONS 0.25,0.5,0.75,0.9,1.1,1.3 [0.5,0.9,1.3], ADSA_LT_SLO_MS 20000,
 # ADSA_LT_READY_S 300 [120], ADSA_LT_BUDGET_S 500 [170], ADSA_LT_LB auto|nginx|python,
+# ADSA_LT_NGINX_TRY "carried carried-glibc system" (nginx builds tried in order),
 # ADSA_LT_SCALE_POLICY better|dense|adsa, ADSA_LT_MODEL preset|tiny|demo, ADSA_LT_GPUS "0 1",
 # ADSA_LT_PORT_BASE 8100, ADSA_LT_COMMIT (recorded in env.json), PYTHON (default python3).
 set -uo pipefail
@@ -65,6 +70,7 @@ prepare() {
     rm -rf "$tmp"
     LD_LIBRARY_PATH=.nginx/lib .nginx/sbin/nginx -v
     .nginx/glibc/ld-linux-x86-64.so.2 --library-path .nginx/lib:.nginx/glibc .nginx/sbin/nginx -v
+    tar -czf "$tmp.tar.gz" -C .nginx . && rm -rf .nginx/sbin .nginx/lib .nginx/glibc && mv "$tmp.tar.gz" .nginx/nginx-root.tar.gz
     du -sh .whl .nginx
 }
 if [[ "${1:-}" == "--prepare" ]]; then
@@ -113,7 +119,8 @@ URL_LB1="http://127.0.0.1:$PORT_LB1" URL_LB2="http://127.0.0.1:$PORT_LB2"
 NF=$(($(tr -cd ',' <<<"$FRACTIONS" | wc -c) + 1))
 
 OUT="${OUT:-$REPO/out/device-lt-$(date -u +%Y%m%d-%H%M%S)}"
-mkdir -p "$OUT/logs" "$OUT/lt" || exit 1
+D="$OUT/details" # everything; packed into $OUT/details.tar.gz at exit (the device returns at most 8 files)
+mkdir -p "$D/logs" "$D/lt" || exit 1
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/adsa-lt.XXXXXX")"
 DEADLINE=$((SECONDS + BUDGET_S))
 FAILED=()
@@ -124,6 +131,16 @@ left() { echo $((DEADLINE - SECONDS)); }
 fail() {
     FAILED+=("$1")
     log "FAILED: $1"
+}
+
+pack() { # the few files a device call returns at the top of $OUT, the rest in one archive
+    local f
+    for f in RESULTS.md scaleout.json env.json; do [[ -f "$D/$f" ]] && cp "$D/$f" "$OUT/$f"; done
+    [[ -f "$D/lt/compare/compare.md" ]] && cp "$D/lt/compare/compare.md" "$OUT/compare-dense-adsa.md"
+    cp "$OUT/run.log" "$D/run.log" 2>/dev/null
+    if [[ "${ADSA_LT_KEEP_TREE:-0}" != 1 ]]; then
+        tar -czf "$OUT/details.tar.gz" -C "$OUT" details && rm -rf "$D"
+    fi
 }
 
 cleanup() {
@@ -137,8 +154,9 @@ cleanup() {
         sleep 0.25
     done
     for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
-    for f in "$WORK"/lb*/error.log; do [[ -f "$f" ]] && cp "$f" "$OUT/logs/nginx-$(basename "$(dirname "$f")").log"; done
+    for f in "$WORK"/lb*/error.log; do [[ -f "$f" ]] && cp "$f" "$D/logs/nginx-$(basename "$(dirname "$f")").log"; done
     rm -rf "$WORK"
+    pack
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
@@ -152,9 +170,9 @@ SETTINGS_JSON=$("$PY" -c 'import json, sys; print(json.dumps(dict(a.split("=", 1
 log "adsa-serve device load test -> $OUT ($SETTINGS_JSON)"
 
 if ! "$PY" -c "import fastapi, uvicorn, pydantic_settings, prometheus_client, httpx, matplotlib, torch" \
-    2>"$OUT/logs/imports.log"; then
+    2>"$D/logs/imports.log"; then
     log "missing Python packages (see logs/imports.log):"
-    tail -3 "$OUT/logs/imports.log" >&2
+    tail -3 "$D/logs/imports.log" >&2
     exit 2
 fi
 
@@ -167,7 +185,7 @@ SERVER_ENV=(
 case "$MODEL" in
 preset)
     log "random VQ checkpoint for $GPT_MODEL at $IMAGE_SIZE px"
-    if ! timeout -k 5 120 "$PY" - "$WORK/vq_random.pt" <<'EOF' >>"$OUT/logs/setup.log" 2>&1; then
+    if ! timeout -k 5 120 "$PY" - "$WORK/vq_random.pt" <<'EOF' >>"$D/logs/setup.log" 2>&1; then
 import sys
 
 import torch
@@ -201,7 +219,7 @@ start_server() { # NAME GPU PORT
     (
         for v in $(compgen -e | grep '^ADSA_'); do unset "$v"; done
         exec env "${SERVER_ENV[@]}" CUDA_VISIBLE_DEVICES="$2" ADSA_PORT="$3" "$PY" -m server
-    ) >"$OUT/logs/server-$1.log" 2>&1 &
+    ) >"$D/logs/server-$1.log" 2>&1 &
     PIDS+=($!)
     eval "PID_$1=$!"
     log "replica $1: pid $! on port $3, CUDA_VISIBLE_DEVICES=$2"
@@ -214,7 +232,7 @@ wait_ready() { # NAME URL PID TIMEOUT_S
     while ((SECONDS < until)); do
         if ! kill -0 "$3" 2>/dev/null; then
             log "replica $1 exited before it was ready (logs/server-$1.log):"
-            tail -5 "$OUT/logs/server-$1.log" >&2
+            tail -5 "$D/logs/server-$1.log" >&2
             return 1
         fi
         if ready "$2/readyz"; then
@@ -230,9 +248,9 @@ wait_ready() { # NAME URL PID TIMEOUT_S
 lt() { # NAME TIMEOUT_S ARGS... : one loadtest run, its stderr in logs/lt-NAME.log
     local name=$1 limit=$2
     shift 2
-    timeout -k 5 "$limit" "$PY" -m loadtest "$@" >>"$OUT/logs/lt-$name.log" 2>&1
+    timeout -k 5 "$limit" "$PY" -m loadtest "$@" >>"$D/logs/lt-$name.log" 2>&1
     local rc=$?
-    tail -1 "$OUT/logs/lt-$name.log" | sed "s|^|  [$name] |" >&2
+    tail -1 "$D/logs/lt-$name.log" | sed "s|^|  [$name] |" >&2
     return $rc
 }
 
@@ -246,8 +264,8 @@ policy_args() { # POLICY
 # ---- 1. replicas ---------------------------------------------------------------------------------
 start_server A "${GPUS[0]}" "$PORT_A"
 start_server B "${GPUS[1]:-${GPUS[0]}}" "$PORT_B"
-(ADSA_LT_SETTINGS_JSON="$SETTINGS_JSON" "$PY" "$REPO/tools/loadtest_summary.py" env --out "$OUT/env.json" \
-    >>"$OUT/logs/setup.log" 2>&1 &)
+(ADSA_LT_SETTINGS_JSON="$SETTINGS_JSON" "$PY" "$REPO/tools/loadtest_summary.py" env --out "$D/env.json" \
+    >>"$D/logs/setup.log" 2>&1 &)
 wait_ready A "$URL_A" "$PID_A" "$READY_S" || {
     fail "replica A never got ready"
     exit 1
@@ -262,7 +280,7 @@ wait_ready B "$URL_B" "$PID_B" "$((READY_S / 2))" || {
 log "warm-up of A: $CONC clients for $WARMUP_S s (CUDA graphs of every batch bucket, both policies)"
 lt warmup-A $((WARMUP_S + 60)) --url "$URL_A" --concurrency "$CONC" --duration "$WARMUP_S" --max-duration \
     $((WARMUP_S + 40)) --policies dense,adsa --budgets "$KV_BUDGET" "${COMMON[@]}" --no-metrics \
-    --out "$OUT/lt/warmup-A" || log "warm-up run failed (continuing)"
+    --out "$D/lt/warmup-A" || log "warm-up run failed (continuing)"
 
 SWEEP_MAX=$((PROBE_S + NF * (STAGE_S + STAGE_S / 2 + 3) + 15))
 SCALE_NEED=$((WARMUP_S + 2 * SCALE_S + 40))
@@ -278,11 +296,11 @@ for policy in dense adsa; do
     # shellcheck disable=SC2046
     lt "$policy" $((budget + 30)) --url "$URL_A" --probe-concurrency "$CONC" --probe-duration "$PROBE_S" \
         --relative-rates "$FRACTIONS" --duration "$STAGE_S" --max-duration "$budget" $(policy_args "$policy") \
-        "${COMMON[@]}" --out "$OUT/lt/$policy" || fail "sweep $policy (logs/lt-$policy.log)"
+        "${COMMON[@]}" --out "$D/lt/$policy" || fail "sweep $policy (logs/lt-$policy.log)"
 done
-if [[ -f "$OUT/lt/dense/summary.json" && -f "$OUT/lt/adsa/summary.json" ]]; then
-    "$PY" -m loadtest compare "$OUT/lt/dense" "$OUT/lt/adsa" --labels "dense,adsa-$KV_BUDGET" \
-        --out "$OUT/lt/compare" >>"$OUT/logs/lt-compare.log" 2>&1 || fail "compare"
+if [[ -f "$D/lt/dense/summary.json" && -f "$D/lt/adsa/summary.json" ]]; then
+    "$PY" -m loadtest compare "$D/lt/dense" "$D/lt/adsa" --labels "dense,adsa-$KV_BUDGET" \
+        --out "$D/lt/compare" >>"$D/logs/lt-compare.log" 2>&1 || fail "compare"
 fi
 
 # ---- 3. scale-out: one replica vs two behind the balancer -----------------------------------------
@@ -292,19 +310,22 @@ NGINX_USER=()
 find_nginx() { # sets NGINX_CMD to the first nginx that passes `nginx -t` on a generated config
     local p="$WORK/lbtest" cand
     "$PY" "$REPO/tools/lb.py" nginx-conf --listen "$PORT_LB1" --upstream "127.0.0.1:$PORT_A" --prefix "$p" \
-        --out "$p/nginx.conf" "${NGINX_USER[@]}" >/dev/null 2>>"$OUT/logs/lb.log" || return 1
+        --out "$p/nginx.conf" "${NGINX_USER[@]}" >/dev/null 2>>"$D/logs/lb.log" || return 1
     local N="$REPO/.nginx"
-    for cand in carried carried-glibc system; do
+    if [[ -f "$N/nginx-root.tar.gz" ]]; then # as carried: unpack into a private prefix
+        mkdir -p "$WORK/nginx-root" && tar -xzf "$N/nginx-root.tar.gz" -C "$WORK/nginx-root" && N="$WORK/nginx-root"
+    fi
+    for cand in ${ADSA_LT_NGINX_TRY:-carried carried-glibc system}; do
         case $cand in
         carried) NGINX_CMD=(env "LD_LIBRARY_PATH=$N/lib" "$N/sbin/nginx") ;;
         carried-glibc) NGINX_CMD=("$N/glibc/ld-linux-x86-64.so.2" --library-path "$N/lib:$N/glibc" "$N/sbin/nginx") ;;
         system) NGINX_CMD=("$(command -v nginx || echo /usr/sbin/nginx)") ;;
         esac
-        if "${NGINX_CMD[@]}" -t -p "$p" -c "$p/nginx.conf" -e "$p/error.log" >>"$OUT/logs/lb.log" 2>&1; then
+        if "${NGINX_CMD[@]}" -t -p "$p" -c "$p/nginx.conf" -e "$p/error.log" >>"$D/logs/lb.log" 2>&1; then
             log "nginx: $cand ($("${NGINX_CMD[@]}" -v 2>&1 | tr -d '\n'))"
             return 0
         fi
-        echo "nginx candidate $cand failed" >>"$OUT/logs/lb.log"
+        echo "nginx candidate $cand failed" >>"$D/logs/lb.log"
     done
     NGINX_CMD=()
     return 1
@@ -317,11 +338,11 @@ start_lb() { # NAME PORT UPSTREAM_PORT...
     for u in "$@"; do ups+=(--upstream "127.0.0.1:$u"); done
     if [[ "$LB_KIND" == nginx ]]; then
         "$PY" "$REPO/tools/lb.py" nginx-conf --listen "$port" "${ups[@]}" --prefix "$p" --out "$p/nginx.conf" \
-            "${NGINX_USER[@]}" 2>>"$OUT/logs/lb.log" || return 1
-        cp "$p/nginx.conf" "$OUT/logs/nginx-$name.conf"
-        "${NGINX_CMD[@]}" -p "$p" -c "$p/nginx.conf" -e "$p/error.log" >>"$OUT/logs/lb-$name.log" 2>&1 &
+            "${NGINX_USER[@]}" 2>>"$D/logs/lb.log" || return 1
+        cp "$p/nginx.conf" "$D/logs/nginx-$name.conf"
+        "${NGINX_CMD[@]}" -p "$p" -c "$p/nginx.conf" -e "$p/error.log" >>"$D/logs/lb-$name.log" 2>&1 &
     else
-        "$PY" "$REPO/tools/lb.py" serve --listen "$port" "${ups[@]}" >>"$OUT/logs/lb-$name.log" 2>&1 &
+        "$PY" "$REPO/tools/lb.py" serve --listen "$port" "${ups[@]}" >>"$D/logs/lb-$name.log" 2>&1 &
     fi
     PIDS+=($!)
     local pid=$! until=$((SECONDS + 15))
@@ -338,12 +359,12 @@ start_lb() { # NAME PORT UPSTREAM_PORT...
 }
 
 scale_run() { # NAME URL CONCURRENCY DURATION
-    local d="$OUT/lt/$1"
+    local d="$D/lt/$1"
     mkdir -p "$d"
     for r in A B; do
         [[ $r == B && $B_OK != 1 ]] && continue
         "$PY" "$REPO/tools/loadtest_summary.py" fetch "$([[ $r == A ]] && echo "$URL_A" || echo "$URL_B")/metrics" \
-            "$d/replica-$r-before.txt" 2>>"$OUT/logs/setup.log"
+            "$d/replica-$r-before.txt" 2>>"$D/logs/setup.log"
     done
     # shellcheck disable=SC2046
     lt "$1" $(($4 + 60)) --url "$2" --metrics-url "$URL_A/metrics" --concurrency "$3" --duration "$4" \
@@ -352,13 +373,13 @@ scale_run() { # NAME URL CONCURRENCY DURATION
     for r in A B; do
         [[ $r == B && $B_OK != 1 ]] && continue
         "$PY" "$REPO/tools/loadtest_summary.py" fetch "$([[ $r == A ]] && echo "$URL_A" || echo "$URL_B")/metrics" \
-            "$d/replica-$r-after.txt" 2>>"$OUT/logs/setup.log"
+            "$d/replica-$r-after.txt" 2>>"$D/logs/setup.log"
     done
     return $rc
 }
 
 if [[ $B_OK == 1 ]]; then
-    [[ "$SCALE_POLICY" == better ]] && SCALE_POLICY=$("$PY" "$REPO/tools/loadtest_summary.py" better-policy "$OUT")
+    [[ "$SCALE_POLICY" == better ]] && SCALE_POLICY=$("$PY" "$REPO/tools/loadtest_summary.py" better-policy "$D")
     if [[ "$LB_WANT" != python ]] && find_nginx; then
         LB_KIND=nginx
     elif [[ "$LB_WANT" != nginx ]] && "$PY" -c "import aiohttp" 2>/dev/null; then
@@ -397,7 +418,7 @@ if [[ $B_OK == 1 ]]; then
         log "warm-up of B: $CONC clients for $WARMUP_S s"
         lt warmup-B $((WARMUP_S + 60)) --url "$URL_B" --concurrency "$CONC" --duration "$WARMUP_S" --max-duration \
             $((WARMUP_S + 40)) --policies dense,adsa --budgets "$KV_BUDGET" "${COMMON[@]}" --no-metrics \
-            --out "$OUT/lt/warmup-B" || log "warm-up of B failed (continuing)"
+            --out "$D/lt/warmup-B" || log "warm-up of B failed (continuing)"
         log "scale-out ($SCALE_POLICY): one replica behind the balancer, $CONC clients x $SCALE_S s"
         scale_run scale-1 "$URL_LB1" "$CONC" "$SCALE_S" || fail "scale-1 (logs/lt-scale-1.log)"
         log "scale-out ($SCALE_POLICY): two replicas behind the balancer, $((2 * CONC)) clients x $SCALE_S s"
@@ -406,9 +427,9 @@ if [[ $B_OK == 1 ]]; then
             log "reference: replica A directly (no balancer), $CONC clients x $SCALE_S s"
             scale_run scale-1-direct "$URL_A" "$CONC" "$SCALE_S" || log "direct run failed"
         fi
-        "$PY" "$REPO/tools/loadtest_summary.py" scaleout "$OUT/lt/scale-1" "$OUT/lt/scale-2" --out "$OUT/scaleout.json" \
-            --direct "$OUT/lt/scale-1-direct" --set "lb=$LB_DESC" --set "policy=$SCALE_POLICY" \
-            --set "concurrency_per_replica=$CONC" --set "duration_s=$SCALE_S" 2>>"$OUT/logs/setup.log" |
+        "$PY" "$REPO/tools/loadtest_summary.py" scaleout "$D/lt/scale-1" "$D/lt/scale-2" --out "$D/scaleout.json" \
+            --direct "$D/lt/scale-1-direct" --set "lb=$LB_DESC" --set "policy=$SCALE_POLICY" \
+            --set "concurrency_per_replica=$CONC" --set "duration_s=$SCALE_S" 2>>"$D/logs/setup.log" |
             tee -a "$OUT/run.log" >&2 || fail "scaleout.json"
     fi
 fi
@@ -418,10 +439,10 @@ for n in A B; do
     pid_var="PID_$n"
     kill -0 "${!pid_var}" 2>/dev/null || log "note: replica $n is no longer running (logs/server-$n.log)"
 done
-"$PY" "$REPO/tools/loadtest_summary.py" table "$OUT" >"$OUT/RESULTS.md" 2>>"$OUT/logs/setup.log" || fail "RESULTS.md"
+"$PY" "$REPO/tools/loadtest_summary.py" table "$D" >"$D/RESULTS.md" 2>>"$D/logs/setup.log" || fail "RESULTS.md"
 log "done in $SECONDS s; failed steps: ${#FAILED[@]}"
 echo "==== $OUT/RESULTS.md"
-cat "$OUT/RESULTS.md"
-[[ -f "$OUT/scaleout.json" ]] && "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print("scale-out:", {k: d.get(k) for k in ("one_replica_images_per_s","two_replicas_images_per_s","ratio","meets_target","lb","policy","images_per_replica_during_two")})' "$OUT/scaleout.json"
+cat "$D/RESULTS.md"
+[[ -f "$D/scaleout.json" ]] && "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print("scale-out:", {k: d.get(k) for k in ("one_replica_images_per_s","two_replicas_images_per_s","ratio","meets_target","lb","policy","images_per_replica_during_two")})' "$D/scaleout.json"
 for f in "${FAILED[@]}"; do echo "FAILED: $f"; done
 ((${#FAILED[@]} == 0))
