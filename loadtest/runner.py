@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import random
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,9 @@ STAGE_HISTOGRAMS = (
     "adsa_decode_step_seconds",
     "adsa_batch_size",
 )
+
+
+CLIENT_SHARDS = 32  # httpx clients (connection pools) that the requests are spread over
 
 
 @dataclass
@@ -247,6 +251,7 @@ class LoadRunner:
         self._stage_records: list[RequestRecord] = []
         self.tokens_per_image: int | None = None
         self.probe: dict[str, Any] | None = None
+        self._clients: list[httpx.AsyncClient] = []
         headers = {"User-Agent": "adsa-loadtest"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
@@ -316,6 +321,9 @@ class LoadRunner:
             f" elapsed {self.now():.1f}s"
         )
         self.progress.update(text, force=force)
+
+    def _shard(self, i: int) -> httpx.AsyncClient:
+        return self._clients[i % len(self._clients)]
 
     # ---- one request ---------------------------------------------------------------------------
     def _new_record(self, scheduled_s: float | None) -> RequestRecord:
@@ -463,7 +471,7 @@ class LoadRunner:
             if self.inflight >= cfg.max_inflight:
                 rec.error = "client_overload"
                 continue
-            tasks.append(asyncio.create_task(self._request(client, rec)))
+            tasks.append(asyncio.create_task(self._request(self._shard(rec.index), rec)))
         # count-bounded: the arrivals ended with the last one; time-bounded: with the stage duration
         truncated_by_time = len(offsets) < cfg.requests_per_stage
         count_bounded = not truncated_by_time or self.hard_stopped
@@ -484,7 +492,7 @@ class LoadRunner:
                 await asyncio.sleep(min(i * cfg.ramp_s / concurrency, max(0.0, stop_at - self.clock())))
             while len(self._stage_records) < cfg.requests_per_stage and self.clock() < stop_at:
                 rec = self._new_record(scheduled_s=None)
-                await self._request(client, rec)
+                await self._request(self._shard(i), rec)
 
         tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
         await self._wait_all(tasks, cfg.timeout_s + cfg.stage_duration_s)
@@ -517,7 +525,18 @@ class LoadRunner:
         limits = httpx.Limits(max_connections=cfg.max_inflight + 4, max_keepalive_connections=64)
         stage_summaries: list[dict[str, Any]] = []
         models = None
-        async with httpx.AsyncClient(headers=self._headers, limits=limits, trust_env=False) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            # generate requests go through CLIENT_SHARDS clients (worker i / request i: shard i mod n):
+            # httpcore scans its whole pool on every request, which costs ~7 ms of client CPU per
+            # request at 256 connections in one pool, enough to make the load tester the bottleneck
+            tls = ssl.create_default_context()  # one for all shards (each would load the CA bundle)
+            self._clients = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(headers=self._headers, limits=limits, trust_env=False, verify=tls)
+                )
+                for _ in range(CLIENT_SHARDS)
+            ]
+            client = self._clients[0]  # also /v1/models and the /metrics scrapes
             models = await self._models(client)
             metrics_before = await self.scrape(client)
             background = [asyncio.create_task(self._progress_loop())]
