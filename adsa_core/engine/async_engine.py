@@ -178,6 +178,8 @@ class AsyncEngine:
                     eng.step()
                 except Exception as e:  # noqa: BLE001 - fail what was running, keep serving
                     eng.fail_all(RequestFailed(f"engine step failed: {e}"), "error")
+                    if torch.cuda.is_available():  # after an OOM: hand cached blocks back before going on
+                        torch.cuda.empty_cache()
                 self._stats = eng.stats()
             else:
                 self._stats = eng.stats()

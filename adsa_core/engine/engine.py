@@ -8,6 +8,7 @@ rows (conditional, unconditional) that share one sample per step.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,8 +88,9 @@ class Engine:
         self.max_rows = 2 * config.max_batch_size
         geo = self._pool_geometry()
         max_pages = pages_for(self.cfg.seq_len, config.page_size)
+        gpu_lock = threading.Lock()  # a CUDA graph capture and the image thread's GPU work exclude each other
         self.runner = ModelRunner(self.gpt, geo, self.max_rows, max_pages, config.cuda_graphs,
-                                  config.compile_step and self.device.type == "cuda")
+                                  config.compile_step and self.device.type == "cuda", gpu_lock)
         self.scheduler = Scheduler(PageAllocator(geo.num_pages), self.max_rows, config.page_size, config.max_queue)
         self.default_cache = config.default_cache.resolve(self.cfg)
         self.requests: dict[str, _Request] = {}
@@ -100,7 +102,7 @@ class Engine:
         self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens,
                                   kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
         self.images = ImageStage(models.vq if config.decode_images else None, self.device, config.vq_decode_batch,
-                                 config.encode_png, compile_decode=config.compile_step)
+                                 config.encode_png, compile_decode=config.compile_step, gpu_lock=gpu_lock)
         self._done: list[DoneImage] = []  # finished this step, handed to the image stage together
         self.step_listeners: list[Callable[[float, int], None]] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-request failures here

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,8 +42,9 @@ def encode_png(pixels: torch.Tensor) -> bytes:
 
 class ImageStage:
     def __init__(self, vq: VQModel | None, device: torch.device, chunk: int, png: bool, png_threads: int = 4,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, gpu_lock: threading.Lock | None = None):
         self.vq = vq
+        self.gpu_lock = gpu_lock or threading.Lock()  # shared with ModelRunner's graph capture
         self.device = device
         self.chunk = max(1, chunk)
         # compiled VQ decode (GPU): GroupNorm + swish fused, ~2x faster and less memory per chunk on
@@ -71,12 +73,17 @@ class ImageStage:
         if self.vq is not None:
             self.worker.submit(self._preview, sink, codes, tokens_done, rows_done, px, self._ready_event())
 
+    @contextlib.contextmanager
     def _on_stream(self, ready: torch.cuda.Event | None):
-        """Run on the image stream, after the engine step that produced the tokens."""
-        if self.stream is None:
-            return contextlib.nullcontext()
-        self.stream.wait_event(ready)
-        return torch.cuda.stream(self.stream)
+        """Run on the image stream, after the engine step that produced the tokens, and never
+        while the engine captures a CUDA graph: a capture makes other threads' CUDA calls fail."""
+        with self.gpu_lock:
+            if self.stream is None:
+                yield
+                return
+            self.stream.wait_event(ready)
+            with torch.cuda.stream(self.stream):
+                yield
 
     def _decode_chunk(self, codes: torch.Tensor) -> torch.Tensor:
         """(n, block_size) codes -> (n, H, W, 3) uint8 on the CPU."""

@@ -12,6 +12,8 @@ picking the next victim in the same pass: one kernel launch per layer on CUDA.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -111,8 +113,9 @@ class PoolPrefillCache:
 
 class ModelRunner:
     def __init__(self, model: Transformer, geo: PoolGeometry, max_rows: int, max_pages_per_row: int,
-                 cuda_graphs: bool = False, compile_step: bool = False):
+                 cuda_graphs: bool = False, compile_step: bool = False, gpu_lock: threading.Lock | None = None):
         self.model = model
+        self.gpu_lock = gpu_lock or threading.Lock()  # held while capturing: no other thread may use CUDA
         self.cfg = model.config
         self.device = model.device
         self.geo = geo
@@ -195,14 +198,14 @@ class ModelRunner:
         saved = [t.clone() for t, _ in self.rows.per_row()]
         for row in range(B):
             self.clear_row(row)
-        s = torch.cuda.Stream()
+        s = self._warmup_stream = getattr(self, "_warmup_stream", None) or torch.cuda.Stream()  # one per runner
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
                 self._decode(B)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with self.gpu_lock, torch.cuda.graph(g):
             self._decode(B)
         for (t, _), s_ in zip(self.rows.per_row(), saved):
             t.copy_(s_)

@@ -338,3 +338,20 @@ def test_teacher_forcing_returns_log_probs_of_forced_tokens():
     assert torch.equal(fin.codes, forced)
     full = models.gpt(forced[None, :-1], torch.tensor([3]))[0]  # teacher-forced reference logits
     assert torch.allclose(fin.logprobs, torch.log_softmax(full, -1), atol=1e-4)
+
+
+def test_image_stage_waits_while_a_graph_capture_holds_the_gpu():
+    """A CUDA graph capture forbids CUDA calls from other threads: the image thread's GPU work
+    takes the lock the runner holds while capturing (on the CPU the engine steps never take it)."""
+    engine = make_engine(tiny_models())
+    assert engine.images.gpu_lock is engine.runner.gpu_lock
+    events: list = []
+    engine.submit(GenerationRequest(condition=1, seed=0, sampling=SamplingParams(cfg_scale=1.0, greedy=True)),
+                  events.append)
+    with engine.runner.gpu_lock:  # as ModelRunner._capture holds it
+        while engine.has_work:
+            engine.step()
+        time.sleep(0.3)
+        assert not any(isinstance(ev, Finished) for ev in events)
+    engine.close()
+    assert isinstance(events[-1], Finished)
