@@ -128,6 +128,7 @@ class ModelRunner:
             model.compile_blocks()
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < max_rows] + [max_rows]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._warmup_stream: torch.cuda.Stream | None = None
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -198,7 +199,9 @@ class ModelRunner:
         saved = [t.clone() for t, _ in self.rows.per_row()]
         for row in range(B):
             self.clear_row(row)
-        s = self._warmup_stream = getattr(self, "_warmup_stream", None) or torch.cuda.Stream()  # one per runner
+        if self._warmup_stream is None:  # one for every capture: a new stream each time strands cached blocks
+            self._warmup_stream = torch.cuda.Stream()
+        s = self._warmup_stream
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
