@@ -32,6 +32,7 @@
 # ADSA_LT_RAMP_S 2 [0.5] (closed-loop clients start spread over it),
 # ADSA_LT_FRACTIONS 0.25,0.5,0.75,0.9,1.1,1.3 [0.5,0.9,1.3], ADSA_LT_SLO_MS 20000,
 # ADSA_LT_READY_S 300 [120], ADSA_LT_BUDGET_S 500 [170], ADSA_LT_LB auto|nginx|python,
+# ADSA_LT_WAIT_PID (scale-out waits for this process: other work on B's GPU),
 # ADSA_LT_NGINX_TRY "carried carried-glibc system" (nginx builds tried in order),
 # ADSA_LT_SCALE_POLICY better|dense|adsa, ADSA_LT_MODEL preset|tiny|demo, ADSA_LT_GPUS "0 1",
 # ADSA_LT_PORT_BASE 8100, ADSA_LT_COMMIT (recorded in env.json), PYTHON (default python3).
@@ -414,6 +415,10 @@ if [[ $B_OK == 1 ]]; then
             SCALE_S=$(((($(left) - WARMUP_S - 36) / 2)))
             ((SCALE_S < 3)) && SCALE_S=3
             log "little time left ($(left) s): scale-out runs shortened to $SCALE_S s"
+        fi
+        if [[ -n "${ADSA_LT_WAIT_PID:-}" ]]; then  # other work on B's GPU (e.g. a fidelity run) ends first
+            while kill -0 "$ADSA_LT_WAIT_PID" 2>/dev/null && (($(left) > SCALE_NEED)); do sleep 1; done
+            log "GPU of B free (waited for pid $ADSA_LT_WAIT_PID)"
         fi
         log "warm-up of B: $CONC clients for $WARMUP_S s"
         lt warmup-B $((WARMUP_S + 60)) --url "$URL_B" --concurrency "$CONC" --duration "$WARMUP_S" --max-duration \
