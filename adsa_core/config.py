@@ -175,22 +175,53 @@ class VQConfig:
         return d
 
 
+# Default never-evicted regions (chosen with the fidelity harness; docs/FIDELITY.md, "Default prefix n and local
+# window m"). g = one image row (grid_size), c = condition tokens.
+DEFAULT_PREFIX_ROWS = 1  # prefix n: c + this many image rows at most
+DEFAULT_LOCAL_ROWS = 2  # local window m: this many image rows + 1 at most (never less than one row + 1)
+MIDDLE_SHARE = 1 / 8  # the evictable middle keeps at least ceil(MIDDLE_SHARE * budget) slots
+
+
+def default_regions(
+    gpt: GPTConfig, budget: int, prefix: int | None = None, local: int | None = None
+) -> tuple[int, int]:
+    """Prefix n and local window m for a budget of `budget` slots; explicit values are kept exactly.
+
+    room = budget - ceil(budget / 8) slots may be never-evicted (the rest is the middle adsa chooses from).
+      m = k rows + 1 for the largest k <= 2 with (n or c) + k g + 1 <= room, else one row + 1 (the floor:
+          the token directly above and its left neighbour stay local; DESIGN.md section 4);
+      n = room - m, at most c + one row, at least c.
+    The local window comes first because it matters most, in whole rows + 1 (a window of 2 g - 1 or 3/2 g
+    is much worse than 2 g + 1, closer to g + 1). Budgets too small even for n = c, m = g + 1 are refused
+    by CacheConfig.resolve, as are impossible explicit values.
+    Demo (c = 1, g = 16, 256 slots): 1/2 -> (17, 33), 1/4 -> (17, 33), 1/6 (43) -> (4, 33), 1/8 (32) -> (11, 17).
+    """
+    c, g = gpt.cls_token_num, gpt.grid_size
+    room = budget - math.ceil(MIDDLE_SHARE * budget)
+    if local is None:
+        base = c if prefix is None else prefix
+        rows = next((k for k in range(DEFAULT_LOCAL_ROWS, 1, -1) if base + k * g + 1 <= room), 1)
+        local = rows * g + 1
+    if prefix is None:
+        prefix = max(c, min(c + DEFAULT_PREFIX_ROWS * g, room - local))
+    return prefix, local
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """What a sequence keeps in its KV cache. Budget and policy may differ per request.
 
-    Defaults (chosen with the fidelity harness, see docs/FIDELITY.md):
-    prefix = condition tokens + `prefix_image_tokens`, local = one image row + `local_extra`.
+    prefix / local None: `default_regions` (two image rows + 1 of local window, condition tokens + up to one
+    image row of prefix, an eighth of the budget left to the evictable middle). Explicit values are used as
+    given.
     """
 
     policy: str = "adsa"
     # Slots per sequence per layer per head. int: tokens; float in (0, 1]: fraction of the
     # sequence length; None: the whole sequence (no eviction ever happens).
     budget: int | float | None = 0.5
-    prefix: int | None = None  # None: cls_token_num + prefix_image_tokens
-    local: int | None = None  # None: grid_size + local_extra
-    prefix_image_tokens: int = 0
-    local_extra: int = 1
+    prefix: int | None = None  # positions p < prefix are never evicted; None: default_regions
+    local: int | None = None  # positions p > t - local are never evicted; None: default_regions
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -206,8 +237,6 @@ class CacheConfig:
     def resolve(self, gpt: GPTConfig) -> ResolvedCache:
         """Concrete slot counts for one model; raises ConfigError for impossible combinations."""
         seq_len = gpt.seq_len
-        prefix = self.prefix if self.prefix is not None else gpt.cls_token_num + self.prefix_image_tokens
-        local = self.local if self.local is not None else gpt.grid_size + self.local_extra
         if self.policy == "dense" or self.budget is None:
             budget = seq_len
         elif isinstance(self.budget, float):
@@ -215,6 +244,7 @@ class CacheConfig:
         else:
             budget = int(self.budget)
         budget = min(budget, seq_len)
+        prefix, local = default_regions(gpt, budget, self.prefix, self.local)
         if self.policy == "dense":
             return ResolvedCache("dense", seq_len, prefix, local, seq_len)
         if prefix < gpt.cls_token_num:
@@ -222,9 +252,7 @@ class CacheConfig:
         if local < 1:
             raise ConfigError(f"kv local window {local} must be at least 1")
         if budget < seq_len and budget <= prefix + local:
-            raise ConfigError(
-                f"kv budget {budget} tokens must be larger than prefix {prefix} + local window {local}"
-            )
+            raise ConfigError(f"kv budget {budget} tokens must be larger than prefix {prefix} + local window {local}")
         return ResolvedCache(self.policy, budget, prefix, local, seq_len)
 
 

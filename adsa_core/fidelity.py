@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import hashlib
 import json
 import math
@@ -83,8 +84,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = (torch.as_tensor(x, dtype=torch.float64).reshape(-1) for x in (mu1, mu2))
     s1, s2 = (torch.as_tensor(x, dtype=torch.float64) for x in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"Fréchet distance: shapes do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-                         f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
+        raise ValueError(
+            f"Fréchet distance: shapes do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+            f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}"
+        )
     r1 = _sqrtm_psd((s1 + s1.T) / 2)
     m = r1 @ s2 @ r1
     tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
@@ -228,7 +231,7 @@ class TorchScriptFeatures(FeatureExtractor):
 
 
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([fn(images[i: i + batch]) for i in range(0, images.shape[0], batch)])
+    return torch.cat([fn(images[i : i + batch]) for i in range(0, images.shape[0], batch)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,8 +260,13 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise ConfigError(f"cannot read reference {path}: {_one_line(e)}") from None
 
 
-def load_reference(path: str | Path, extractor: FeatureExtractor, classes: list[int], batch: int,
-                   model_classes: list[dict] | None = None) -> Reference:
+def load_reference(
+    path: str | Path,
+    extractor: FeatureExtractor,
+    classes: list[int],
+    batch: int,
+    model_classes: list[dict] | None = None,
+) -> Reference:
     """Reference statistics from a folder of images or an .npz holding one of:
     - `mu`/`sigma` (or `mean`/`cov`): precomputed statistics, used as they are;
     - `features` (N, D) [+ `labels`]: feature rows of real images;
@@ -274,7 +282,7 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, classes: list[
             raise ConfigError(f"--reference-images {path}: fewer than 2 images in the folder")
         feats = []
         for i in range(0, len(files), batch):
-            arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i: i + batch]])
+            arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i : i + batch]])
             feats.append(extractor.features(_uint8_to_float(arr)))
         mu, sigma = feature_stats(torch.cat(feats))
         return Reference(mu, sigma, f"{p} ({len(files)} images, all used)", len(files), False)
@@ -283,9 +291,13 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, classes: list[
     z = _read_npz(p)
     for m, s in (("mu", "sigma"), ("mean", "cov")):
         if m in z and s in z:
-            return Reference(torch.from_numpy(z[m]).double().reshape(-1), torch.from_numpy(z[s]).double(),
-                             f"{p} (precomputed statistics, all classes)", int(z.get("n", np.zeros(())).item()),
-                             False)
+            return Reference(
+                torch.from_numpy(z[m]).double().reshape(-1),
+                torch.from_numpy(z[s]).double(),
+                f"{p} (precomputed statistics, all classes)",
+                int(z.get("n", np.zeros(())).item()),
+                False,
+            )
     labels = torch.from_numpy(z["labels"].astype(np.int64)) if "labels" in z else None
     if "classes" in z and model_classes is not None:
         _check_classes(json.loads(str(z["classes"])), model_classes, classes, p)
@@ -300,17 +312,25 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, classes: list[
         shape = tuple(int(n) for n in z["shape"])
         images = np.frombuffer(lzma.decompress(z["images_xz"].tobytes()), dtype=np.uint8).reshape(shape)
     else:
-        raise ConfigError(f"--reference-images {path}: expected mu/sigma, features or images arrays, "
-                          f"found {', '.join(sorted(z)) or 'none'}")
+        raise ConfigError(
+            f"--reference-images {path}: expected mu/sigma, features or images arrays, "
+            f"found {', '.join(sorted(z)) or 'none'}"
+        )
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ConfigError(f"--reference-images {path}: images must be (N, H, W, 3) uint8, got "
-                          f"{images.shape} {images.dtype}")
+        raise ConfigError(
+            f"--reference-images {path}: images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}"
+        )
     keep = np.arange(images.shape[0])
     if labels is not None:
         keep = np.nonzero(np.isin(labels.numpy(), np.asarray(classes)))[0]
         labels = labels[torch.from_numpy(keep)]
-    feats = torch.cat([extractor.features(_uint8_to_float(images[keep[i: i + batch]]))
-                       for i in range(0, len(keep), batch)]) if len(keep) else torch.zeros(0, 1)
+    feats = (
+        torch.cat(
+            [extractor.features(_uint8_to_float(images[keep[i : i + batch]])) for i in range(0, len(keep), batch)]
+        )
+        if len(keep)
+        else torch.zeros(0, 1)
+    )
     return _stats_from_rows(feats, labels, classes, p, "images", restricted=True)
 
 
@@ -319,12 +339,15 @@ def _check_classes(ref: list[dict], model: list[dict], classes: list[int], path:
     for c in classes:
         if c >= len(ref) or key(ref[c]) != key(model[c]):
             got = ref[c] if c < len(ref) else "nothing"
-            raise ConfigError(f"--reference-images {path}: label {c} is {got}, the model's class {c} is {model[c]} "
-                              "(reference made for another class list)")
+            raise ConfigError(
+                f"--reference-images {path}: label {c} is {got}, the model's class {c} is {model[c]} "
+                "(reference made for another class list)"
+            )
 
 
-def _stats_from_rows(rows: torch.Tensor, labels: torch.Tensor | None, classes: list[int], path: Path, what: str,
-                     restricted: bool = False) -> Reference:
+def _stats_from_rows(
+    rows: torch.Tensor, labels: torch.Tensor | None, classes: list[int], path: Path, what: str, restricted: bool = False
+) -> Reference:
     if labels is None:
         mu, sigma = feature_stats(rows)
         return Reference(mu, sigma, f"{path} ({rows.shape[0]} {what}, no labels: all used)", rows.shape[0], False)
@@ -336,8 +359,13 @@ def _stats_from_rows(rows: torch.Tensor, labels: torch.Tensor | None, classes: l
         raise ConfigError(f"--reference-images {path}: fewer than 2 reference {what} for the evaluated classes")
     mu, sigma = feature_stats(rows, class_balance_weights(labels))
     note = f"; no reference for classes {missing[:10]}{'...' if len(missing) > 10 else ''}" if missing else ""
-    return Reference(mu, sigma, f"{path} ({rows.shape[0]} {what} of the {len(classes) - len(missing)} evaluated "
-                                f"classes, class-balanced{note})", rows.shape[0], True)
+    return Reference(
+        mu,
+        sigma,
+        f"{path} ({rows.shape[0]} {what} of the {len(classes) - len(missing)} evaluated classes, class-balanced{note})",
+        rows.shape[0],
+        True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,20 +386,30 @@ class Setting:
         return CacheConfig(policy=self.policy, budget=self.budget, prefix=self.prefix, local=self.local)
 
 
-def plan_settings(policies: list[str], budgets: list[int | float], gpt: GPTConfig, prefix: int | None = None,
-                  local: int | None = None, sweep_budget: int | float | None = None,
-                  sweep_prefix: list[int] | None = None, sweep_local: list[int] | None = None,
-                  ) -> list[tuple[Setting, ResolvedCache]]:
-    """dense first (it is the reference), then policy x budget, then the (n, m) sweep at `sweep_budget`;
-    settings that resolve to the same cache appear once. Raises ConfigError for impossible ones."""
+def plan_settings(
+    policies: list[str],
+    budgets: list[int | float],
+    gpt: GPTConfig,
+    prefix: int | None = None,
+    local: int | None = None,
+    sweep_budget: int | float | list[int | float] | None = None,
+    sweep_prefix: list[int] | None = None,
+    sweep_local: list[int] | None = None,
+) -> list[tuple[Setting, ResolvedCache]]:
+    """dense first (it is the reference), then policy x budget, then the (n, m) sweep at each of `sweep_budget`
+    (default: the middle budget); settings that resolve to the same cache appear once. (n, m) pairs that leave
+    no room at a sweep budget are skipped there; anything else impossible raises ConfigError."""
     out: list[tuple[Setting, ResolvedCache]] = []
     seen: set[tuple] = set()
 
     def add(s: Setting) -> None:
         r = s.cache.resolve(gpt)
         # window evicts the oldest non-prefix slot whatever m is (m only has to fit): same cache
-        key = ("dense",) if r.policy == "dense" else (r.policy, r.budget, r.prefix,
-                                                      None if r.policy == "window" and r.evicts else r.local)
+        key = (
+            ("dense",)
+            if r.policy == "dense"
+            else (r.policy, r.budget, r.prefix, None if r.policy == "window" and r.evicts else r.local)
+        )
         if key not in seen:
             seen.add(key)
             out.append((s, r))
@@ -381,9 +419,15 @@ def plan_settings(policies: list[str], budgets: list[int | float], gpt: GPTConfi
     for policy, budget in product(sparse, budgets):
         add(Setting(policy, budget, prefix, local))
     if sweep_prefix or sweep_local:
-        b = sweep_budget if sweep_budget is not None else budgets[len(budgets) // 2]
-        for policy, n, m in product(sparse, sweep_prefix or [prefix], sweep_local or [local]):
-            add(Setting(policy, b, n, m))
+        if sweep_budget is None:
+            sweep_budget = budgets[len(budgets) // 2]
+        sweep_budgets = sweep_budget if isinstance(sweep_budget, list) else [sweep_budget]
+        for b, policy, n, m in product(sweep_budgets, sparse, sweep_prefix or [prefix], sweep_local or [local]):
+            try:
+                add(Setting(policy, b, n, m))
+            except ConfigError:
+                if len(sweep_budgets) == 1 and len(sweep_prefix or [0]) * len(sweep_local or [0]) == 1:
+                    raise  # a single requested sweep point that cannot work: say so
     return out
 
 
@@ -408,10 +452,18 @@ class ImageSet:
 
 @dataclass
 class Options:
-    batch_size: int = 16
+    batch_size: int = 16  # images in flight in the engine (the run's waves: requests / batch_size)
     grid_max: int = 16  # images (columns) in grid.png
     feature_batch: int = 64
     dense_check: bool = True  # force dense's own tokens through the dense cache too (KL must be 0)
+
+
+def _run(models: LoadedModels, reqs: list[GenerationRequest], opts: Options, on_finished, progress) -> None:
+    """One engine pass. No spilling: the harness never reads spilled K/V (it does not change the outputs)."""
+    run_requests(models, reqs, opts.batch_size, on_finished, progress, spill_limit_bytes=0)
+    if models.device.type == "cuda":  # the next pass's engine sizes its pool from free memory
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _mean(x: list[torch.Tensor]) -> float:
@@ -447,8 +499,10 @@ def evaluate(
     n = len(images.seeds)
     grid_idx = images.grid_order(opts.grid_max)
     assert settings[0][1].policy == "dense"
-    base = [GenerationRequest(condition=int(images.labels[i]), seed=int(images.seeds[i]), sampling=sampling)
-            for i in range(n)]
+    base = [
+        GenerationRequest(condition=int(images.labels[i]), seed=int(images.seeds[i]), sampling=sampling)
+        for i in range(n)
+    ]
     dense_codes = torch.zeros(n, T, dtype=torch.long)
     dense_lp: list[torch.Tensor | None] = [None] * n
     per: list[list[dict[str, torch.Tensor] | None]] = [[None] * n for _ in settings]
@@ -456,34 +510,48 @@ def evaluate(
     free_stats: list[list[RequestStats | None]] = [[None] * n for _ in settings]
 
     # Pass 1: request j is image j % n of setting j // n (setting 0 = dense, with log-probs).
-    reqs = [dataclasses.replace(r, cache=setting.cache, want_logits=s == 0)
-            for s, (setting, _) in enumerate(settings) for r in base]
+    reqs = [
+        dataclasses.replace(r, cache=setting.cache, want_logits=s == 0)
+        for s, (setting, _) in enumerate(settings)
+        for r in base
+    ]
+
+    dev = models.device  # log-probs are compared where the model runs (a GPU does it in microseconds)
 
     def on_free(j: int, ev: Finished) -> None:
         s, i = divmod(j, n)
         free_codes[s][i], free_stats[s][i] = ev.codes.cpu(), ev.stats
         if s == 0:
-            dense_codes[i], dense_lp[i] = free_codes[0][i], ev.logprobs
+            dense_codes[i] = free_codes[0][i]
+            dense_lp[i] = ev.logprobs.to(dev) if ev.logprobs is not None else None
 
-    run_requests(models, reqs, opts.batch_size, on_free, progress)
+    _run(models, reqs, opts, on_free, progress)
 
     # Pass 2: the dense tokens through every setting's cache; compared as soon as each finishes, so
     # only the dense log-probs stay in memory.
     forced_settings = [s for s in range(len(settings)) if s > 0 or opts.dense_check]
-    reqs = [dataclasses.replace(r, cache=settings[s][0].cache, forced_tokens=dense_codes[i], want_logits=True)
-            for s in forced_settings for i, r in enumerate(base)]
+    reqs = [
+        dataclasses.replace(r, cache=settings[s][0].cache, forced_tokens=dense_codes[i], want_logits=True)
+        for s in forced_settings
+        for i, r in enumerate(base)
+    ]
 
     def on_forced(j: int, ev: Finished) -> None:
         s, i = forced_settings[j // n], j % n
         assert ev.logprobs is not None and dense_lp[i] is not None
-        per[s][i] = token_metrics(dense_lp[i], ev.logprobs, dense_codes[i])
+        m = token_metrics(dense_lp[i], ev.logprobs.to(dev), dense_codes[i])
+        per[s][i] = {k: v.cpu() for k, v in m.items()}
 
-    run_requests(models, reqs, opts.batch_size, on_forced, progress)
+    _run(models, reqs, opts, on_forced, progress)
     if not opts.dense_check:  # dense against itself, by definition
-        per[0] = [token_metrics(lp, lp, dense_codes[i]) for i, lp in enumerate(dense_lp)]  # type: ignore[arg-type]
+        per[0] = [
+            {k: v.cpu() for k, v in token_metrics(lp, lp, dense_codes[i]).items()}  # type: ignore[arg-type]
+            for i, lp in enumerate(dense_lp)
+        ]
+    dense_lp.clear()  # (N, T, V) log-probs: free them before the image metrics
     dense_stats = free_stats[0]
 
-    dense_px = dense_feats = None
+    dense_px = dense_feats = dense_correct = None
     if models.vq is not None:
         dense_px = _pixels(models, dense_codes, opts.batch_size)
     dense_kv_bytes = sum(st.kv_bytes for st in dense_stats if st is not None) / n
@@ -514,7 +582,6 @@ def evaluate(
             "peak_kv_tokens": max(st.peak_kv_tokens for st in stats),
             "kv_bytes": sum(st.kv_bytes for st in stats) / n,
             "evictions_per_image": sum(st.evictions for st in stats) / n,
-            "spilled_bytes_per_image": sum(st.spilled_bytes for st in stats) / n,
         }
         row["kv_bytes_ratio"] = row["kv_bytes"] / dense_kv_bytes if dense_kv_bytes else None
         if models.vq is not None:
@@ -525,23 +592,120 @@ def evaluate(
             row["pixel_mse"] = mean_mse
             row["psnr_db"] = 10 * math.log10(1.0 / mean_mse) if mean_mse > 0 else math.inf
             grids[_label(setting, resolved)] = px[grid_idx]
-            images_f = px.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # the PNG pixels, back to [-1, 1]
-            if classifier is not None:
-                logits = batched(classifier.logits, images_f, opts.feature_batch)
-                row["recognition_acc"] = float((logits.argmax(-1) == images.labels).double().mean())
-            if extractor is not None and reference is not None:
-                feats = batched(extractor.features, images_f, opts.feature_batch)
-                if feats.shape[1] != reference.mu.numel():
-                    raise ConfigError(f"reference statistics are {reference.mu.numel()}-d but {extractor.name} "
-                                      f"gives {feats.shape[1]}-d features")
-                if is_dense:
-                    dense_feats = feats
-                mu, sigma = feature_stats(feats)
-                row["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
-                if dense_feats is not None:
-                    row["fid_to_dense"] = frechet_distance(mu, sigma, *feature_stats(dense_feats))
+            metrics, feats, correct = image_metrics(px, codes, images, opts, extractor, classifier, reference)
+            row.update(metrics)
+            if is_dense:
+                dense_feats, dense_correct = feats, correct
+            if feats is not None and dense_feats is not None:
+                row["fid_to_dense"] = frechet_distance(*feature_stats(feats), *feature_stats(dense_feats))
+            if correct is not None and dense_correct is not None:
+                # paired over the same (class, seed) images: far tighter than two independent binomials
+                d = correct.double() - dense_correct.double()
+                row["recognition_delta"] = float(d.mean())
+                row["recognition_delta_se"] = float(d.std() / math.sqrt(n)) if n > 1 else None
         rows.append(row)
     return rows, grids
+
+
+def image_metrics(
+    px: torch.Tensor,
+    codes: torch.Tensor,
+    images: ImageSet,
+    opts: Options,
+    extractor: FeatureExtractor | None,
+    classifier: FeatureExtractor | None,
+    reference: Reference | None,
+) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
+    """Recognition (with its binomial standard error), FID against the reference and seed diversity of one
+    setting's images px (N, H, W, 3) uint8 / codes (N, T). Returns (metrics, features or None, per-image
+    recognition hits or None)."""
+    out: dict = {}
+    n = px.shape[0]
+    images_f = px.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # the PNG pixels, back to [-1, 1]
+    correct = feats = None
+    if classifier is not None:
+        logits = batched(classifier.logits, images_f, opts.feature_batch)
+        correct = logits.argmax(-1) == images.labels
+        p = float(correct.double().mean())
+        out["recognition_acc"] = p
+        out["recognition_se"] = math.sqrt(p * (1 - p) / n)
+    if extractor is not None and reference is not None:
+        feats = batched(extractor.features, images_f, opts.feature_batch)
+        if feats.shape[1] != reference.mu.numel():
+            raise ConfigError(
+                f"reference statistics are {reference.mu.numel()}-d but {extractor.name} "
+                f"gives {feats.shape[1]}-d features"
+            )
+        out["fid"] = frechet_distance(*feature_stats(feats), reference.mu, reference.sigma)
+    out.update(seed_diversity(px, codes, images.labels))
+    return out, feats, correct
+
+
+def seed_diversity(px: torch.Tensor, codes: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """How different the seeds of one class are (a collapse to one template per class shows as 0 / 1):
+    seed_diversity = mean pixel RMSE (in [0, 1]) and seed_token_overlap = mean fraction of equal image
+    tokens, over all pairs of images of the same class. Empty when no class has two images."""
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(labels.tolist()):
+        by_class.setdefault(c, []).append(i)
+    pairs = [(a, b) for idx in by_class.values() for k, a in enumerate(idx) for b in idx[k + 1 :]]
+    if not pairs:
+        return {}
+    a, b = (torch.tensor(x) for x in zip(*pairs))
+    rmse = (px[a].float() - px[b].float()).div(255).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    return {
+        "seed_diversity": float(rmse.double().mean()),
+        "seed_token_overlap": float((codes[a] == codes[b]).double().mean()),
+    }
+
+
+def evaluate_sampling(
+    models: LoadedModels,
+    candidates: list[SamplingParams],
+    images: ImageSet,
+    opts: Options,
+    extractor: FeatureExtractor | None = None,
+    classifier: FeatureExtractor | None = None,
+    reference: Reference | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Dense-cache images under each sampling candidate (one engine pass, every candidate in the same batches):
+    recognition, FID and seed diversity per candidate, and grid images per candidate label."""
+    n, T = len(images.seeds), models.gpt_config.block_size
+    dense = CacheConfig("dense", None)
+    reqs = [
+        GenerationRequest(condition=int(images.labels[i]), seed=int(images.seeds[i]), sampling=sp, cache=dense)
+        for sp in candidates
+        for i in range(n)
+    ]
+    codes = [torch.zeros(n, T, dtype=torch.long) for _ in candidates]
+
+    def on_done(j: int, ev: Finished) -> None:
+        s, i = divmod(j, n)
+        codes[s][i] = ev.codes.cpu()
+
+    _run(models, reqs, opts, on_done, progress)
+    rows, grids = [], {}
+    grid_idx = images.grid_order(opts.grid_max)
+    for sp, c in zip(candidates, codes):
+        row: dict = {"sampling": dataclasses.asdict(sp), "label": _sampling_label(sp)}
+        if models.vq is not None:
+            px = _pixels(models, c, opts.batch_size)
+            grids[row["label"]] = px[grid_idx]
+            row.update(image_metrics(px, c, images, opts, extractor, classifier, reference)[0])
+        rows.append(row)
+    return rows, grids
+
+
+def _sampling_label(sp: SamplingParams) -> str:
+    parts = [f"cfg {sp.cfg_scale:g}", f"T {sp.temperature:g}"]
+    if sp.top_k:
+        parts.append(f"top-k {sp.top_k}")
+    if sp.top_p < 1:
+        parts.append(f"top-p {sp.top_p:g}")
+    if sp.greedy:
+        parts.append("greedy")
+    return ", ".join(parts)
 
 
 def _first_divergence(codes: torch.Tensor, dense: torch.Tensor) -> float:
@@ -618,37 +782,99 @@ def _fmt_fid(x: float | None) -> str:
     return _fmt(x, ".2f" if x is not None and x >= 10 else ".3f")
 
 
+def _pm(x: float | None, se: float | None, spec: str = ".3f") -> str:
+    """x ± se (the standard error), or x alone when se is unknown."""
+    if x is None:
+        return "–"
+    return f"{x:{spec}} ± {se:{spec}}" if se is not None else format(x, spec)
+
+
+def _signed_pm(x: float | None, se: float | None) -> str:
+    return "–" if x is None else (f"{x:+.3f} ± {se:.3f}" if se is not None else f"{x:+.3f}")
+
+
 def markdown_table(report: dict) -> str:
-    head = ("| policy | budget (fraction / tokens) | n | m | KL(dense‖policy) | top-1 agree | NLL | recognition acc "
-            "| FID | FID to dense | token agree vs dense | PSNR vs dense (dB) | peak KV tokens | KV bytes vs dense |")
+    head = (
+        "| policy | budget (fraction / tokens) | n | m | KL(dense‖policy) | top-1 agree | NLL | recognition acc "
+        "| Δ recognition vs dense | FID | FID to dense | token agree vs dense | PSNR vs dense (dB) "
+        "| peak KV tokens | KV bytes vs dense |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in report["rows"]:
-        lines.append(" | ".join([
-            f"| {r['policy']}", f"{r['budget_fraction']:.3f} / {r['budget_tokens']}", str(r["prefix"]),
-            str(r["local"]) if r["policy"] == "adsa" else "–", _fmt(r["kl"]), _fmt(r["top1_agree"], ".3f"),
-            _fmt(r["nll"], ".3f"), _fmt(r.get("recognition_acc"), ".3f"), _fmt_fid(r.get("fid")),
-            _fmt_fid(r.get("fid_to_dense")),
-            _fmt(r["token_agree"], ".3f"), "∞" if r.get("pixel_mse") == 0 else _fmt(r.get("psnr_db"), ".2f"),
-            str(r["peak_kv_tokens"]),
-            _fmt(r["kv_bytes_ratio"], ".3f"),
-        ]) + " |")
-    meta = report
+        dense = r["policy"] == "dense"
+        lines.append(
+            " | ".join(
+                [
+                    f"| {r['policy']}",
+                    f"{r['budget_fraction']:.3f} / {r['budget_tokens']}",
+                    "–" if dense else str(r["prefix"]),
+                    str(r["local"]) if r["policy"] == "adsa" else "–",
+                    _fmt(r["kl"]),
+                    _fmt(r["top1_agree"], ".3f"),
+                    _fmt(r["nll"], ".3f"),
+                    _pm(r.get("recognition_acc"), r.get("recognition_se")),
+                    "–" if dense else _signed_pm(r.get("recognition_delta"), r.get("recognition_delta_se")),
+                    _fmt_fid(r.get("fid")),
+                    _fmt_fid(r.get("fid_to_dense")),
+                    _fmt(r["token_agree"], ".3f"),
+                    "∞" if r.get("pixel_mse") == 0 else _fmt(r.get("psnr_db"), ".2f"),
+                    str(r["peak_kv_tokens"]),
+                    _fmt(r["kv_bytes_ratio"], ".3f"),
+                ]
+            )
+            + " |"
+        )
     notes = [
         "",
-        f"Model `{meta['model']}` (GPT weights sha256 {meta.get('gpt_ckpt_sha256') or '–'}; {meta['image_size']} px, "
-        f"{meta['block_size']} image tokens, sequence {meta['seq_len']} KV tokens), {meta['n_images']} images: "
-        f"classes {_short(meta['classes'])} x "
-        f"{meta['seeds_per_class']} seeds; sampling {meta['sampling']}.",
-        f"Device: {meta['device']}; dtype {meta['dtype']}; {meta['date']}.",
-        f"FID features: {meta.get('features') or '–'}; reference: {meta.get('reference') or '–'}.",
+        *_run_notes(report),
         "n = prefix (never-evicted first positions, condition token included), m = local window (window keeps "
         "the prefix and the most recent budget - n tokens: m does not change it). "
         "KL, top-1 agreement and NLL are teacher-forced on the dense samples (mean per token); NLL of dense "
         f"itself: {_fmt(report['rows'][0]['nll'], '.3f')}. Token agreement, PSNR, recognition and FID are "
-        "free-running with the same seeds.",
+        "free-running with the same seeds. Recognition: ± its binomial standard error; Δ vs dense: the paired "
+        "difference over the same images ± its standard error.",
     ]
     notes += [f"Note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines + notes) + "\n"
+
+
+def sampling_markdown(report: dict) -> str:
+    head = "| sampling | recognition acc | FID | seed diversity (pixel RMSE) | seed token overlap |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in report["rows"]:
+        label = r["label"] + (" (default)" if r.get("is_default") else "")
+        lines.append(
+            " | ".join(
+                [
+                    f"| {label}",
+                    _pm(r.get("recognition_acc"), r.get("recognition_se")),
+                    _fmt_fid(r.get("fid")),
+                    _fmt(r.get("seed_diversity"), ".4f"),
+                    _fmt(r.get("seed_token_overlap"), ".3f"),
+                ]
+            )
+            + " |"
+        )
+    notes = [
+        "",
+        *_run_notes(report),
+        "Every candidate samples the same (class, seed) images with the dense cache. Recognition ± its binomial "
+        "standard error. Seed diversity: mean pixel RMSE between two seeds of one class (0: one template); "
+        "seed token overlap: fraction of equal tokens between them (1: identical images).",
+    ]
+    notes += [f"Note: {n}" for n in report.get("notes", [])]
+    return "\n".join(lines + notes) + "\n"
+
+
+def _run_notes(meta: dict) -> list[str]:
+    return [
+        f"Model `{meta['model']}` (GPT weights sha256 {meta.get('gpt_ckpt_sha256') or '–'}; {meta['image_size']} px, "
+        f"{meta['block_size']} image tokens, sequence {meta['seq_len']} KV tokens), {meta['n_images']} images: "
+        f"classes {_short(meta['classes'])} x {meta['seeds_per_class']} seeds from seed {meta['first_seed']}; "
+        f"sampling {meta['sampling']}.",
+        f"Device: {meta['device']}; dtype {meta['dtype']}; {meta['date']}; {meta['seconds']} s.",
+        f"FID features: {meta.get('features') or '–'}; reference: {meta.get('reference') or '–'}.",
+    ]
 
 
 def _gpt_ckpt_path(spec: ModelSpec) -> Path | None:
@@ -680,8 +906,9 @@ def _policies(text: str) -> list[str]:
     items = [t for t in text.replace(" ", "").split(",") if t]
     bad = [t for t in items if t not in POLICIES]
     if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown policy {', '.join(bad) or '(none)'}; choose from "
-                                         f"{', '.join(POLICIES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES)}"
+        )
     return items
 
 
@@ -703,11 +930,45 @@ def _budgets(text: str) -> list[int | float]:
     return out
 
 
-def _one_budget(text: str) -> int | float:
-    budgets = _budgets(text)
-    if len(budgets) != 1:
-        raise argparse.ArgumentTypeError(f"expected one budget, got {text!r}")
-    return budgets[0]
+_SAMPLING_KEYS = {
+    "cfg": "cfg_scale",
+    "cfg_scale": "cfg_scale",
+    "t": "temperature",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "k": "top_k",
+    "top_p": "top_p",
+    "p": "top_p",
+}
+
+
+def _sampling_list(text: str) -> list[dict]:
+    """'cfg=2,t=0.9;cfg=1.5,top_k=100' -> [{'cfg_scale': 2.0, 'temperature': 0.9}, {...}] (unset: the default)."""
+    out = []
+    for cand in text.split(";"):
+        if not cand.strip():
+            continue
+        d: dict = {}
+        for kv in cand.split(","):
+            k, sep, v = kv.strip().partition("=")
+            key = _SAMPLING_KEYS.get(k.strip())
+            if not sep or key is None:
+                raise argparse.ArgumentTypeError(
+                    f"bad sampling setting {kv.strip()!r}; use e.g. "
+                    "cfg=2,t=0.9,top_k=100,top_p=0.95 (candidates separated by ;)"
+                )
+            try:
+                d[key] = int(v) if key == "top_k" else float(v)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"bad value in sampling setting {kv.strip()!r}") from None
+        out.append(d)
+    if not out:
+        raise argparse.ArgumentTypeError("no sampling candidates given")
+    return out
+
+
+def _batch(text: str) -> int | None:
+    return None if text == "auto" else _positive(text)
 
 
 def _classes(text: str) -> list[int]:
@@ -734,23 +995,61 @@ def _classes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Fidelity of sparse KV-cache policies against the dense cache "
-                                       "(teacher-forced KL/agreement/NLL; free-running recognition, FID, PSNR).")
+    p = _Parser(
+        prog=PROG,
+        description="Fidelity of sparse KV-cache policies against the dense cache "
+        "(teacher-forced KL/agreement/NLL; free-running recognition, FID, PSNR).",
+    )
     add_model_args(p)
     e = p.add_argument_group("what to compare")
-    e.add_argument("--policies", type=_policies, default=["dense", "adsa", "window"],
-                   help="comma-separated, from dense, adsa, window (default all; dense always runs)")
-    e.add_argument("--budgets", type=_budgets, default=[0.5, 0.25, 1 / 6], metavar="B,B,...",
-                   help="KV budgets: fractions (0.25, 1/6) or token counts (64) (default 1/2, 1/4, 1/6)")
-    e.add_argument("--kv-prefix", type=int, metavar="N", help="prefix n for the policy x budget rows "
-                   "(default: the condition tokens)")
-    e.add_argument("--kv-local", type=int, metavar="M", help="local window m (default: one image row + 1)")
+    e.add_argument(
+        "--policies",
+        type=_policies,
+        default=["dense", "adsa", "window"],
+        help="comma-separated, from dense, adsa, window (default all; dense always runs)",
+    )
+    e.add_argument(
+        "--budgets",
+        type=_budgets,
+        default=[0.5, 0.25, 1 / 6],
+        metavar="B,B,...",
+        help="KV budgets: fractions (0.25, 1/6) or token counts (64) (default 1/2, 1/4, 1/6)",
+    )
+    e.add_argument(
+        "--kv-prefix",
+        type=int,
+        metavar="N",
+        help="prefix n for the policy x budget rows "
+        "(default: CacheConfig's, condition tokens + one image row, less at small budgets)",
+    )
+    e.add_argument(
+        "--kv-local",
+        type=int,
+        metavar="M",
+        help="local window m (default: CacheConfig's, two image rows, less at small budgets)",
+    )
     e.add_argument("--sweep-prefix", type=_labels, metavar="N,N,...", help="extra rows: these prefixes ...")
     e.add_argument("--sweep-local", type=_labels, metavar="M,M,...", help="... x these local windows ...")
-    e.add_argument("--sweep-budget", type=_one_budget, metavar="B", help="... at this budget (default: middle of "
-                   "--budgets)")
-    e.add_argument("--classes", type=_classes, metavar="C,C-C:S",
-                   help="class labels, e.g. 0,5,9 or 0-23 or 0-1892:30 (default: 8 spread over the model's)")
+    e.add_argument(
+        "--sweep-budget",
+        type=_budgets,
+        metavar="B,B,...",
+        help="... at these budgets (default: the middle of --budgets); pairs that do not fit a budget are skipped",
+    )
+    e.add_argument(
+        "--sampling-sweep",
+        type=_sampling_list,
+        metavar="SPEC;SPEC;...",
+        help="instead of the policy table: dense images under each sampling candidate, e.g. "
+        "'cfg=2;cfg=2,t=0.9;cfg=1.5,top_k=100' (unset keys: the default sampling, which is always "
+        "measured too); writes sampling.json, sampling.md and grid.png",
+    )
+    e.add_argument(
+        "--classes",
+        type=_classes,
+        metavar="C,C-C:S",
+        help="class labels, e.g. 0,5,9 or 0-23 or 0-1892:30 (default: 8 spread over the model's)",
+    )
     e.add_argument("--seeds", type=_positive, default=2, metavar="N", help="seeds per class: SEED..SEED+N-1")
     e.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
 
@@ -759,27 +1058,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float)
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
-    s.add_argument("--batch-size", type=_positive, default=16, help="images in flight (default 16)")
+    s.add_argument(
+        "--batch-size",
+        type=_batch,
+        default=None,
+        metavar="N|auto",
+        help="images in flight (default auto: 256 on cuda, 16 on cpu)",
+    )
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on cuda, fp32 on cpu")
 
     f = p.add_argument_group("image metrics")
-    f.add_argument("--classifier", metavar="PATH", help="EmojiClassifier checkpoint for recognition accuracy and "
-                   "FID features (default: the demo model's)")
-    f.add_argument("--reference-images", metavar="DIR|NPZ", help="real images for FID: a folder of images, or an "
-                   ".npz with images (+labels), features (+labels) or mu/sigma (default for the demo: its "
-                   "reference_stats.npz when shipped)")
-    f.add_argument("--inception", metavar="PATH", help="local TorchScript feature network (e.g. Inception) for "
-                   "FID instead of the classifier; never downloaded")
-    f.add_argument("--inception-input", choices=("uint8", "float01", "float11"), default="uint8",
-                   help="what the TorchScript takes (default uint8 0..255)")
+    f.add_argument(
+        "--classifier",
+        metavar="PATH",
+        help="EmojiClassifier checkpoint for recognition accuracy and FID features (default: the demo model's)",
+    )
+    f.add_argument(
+        "--reference-images",
+        metavar="DIR|NPZ",
+        help="real images for FID: a folder of images, or an "
+        ".npz with images (+labels), features (+labels) or mu/sigma (default for the demo: its "
+        "reference_stats.npz when shipped)",
+    )
+    f.add_argument(
+        "--inception",
+        metavar="PATH",
+        help="local TorchScript feature network (e.g. Inception) for FID instead of the classifier; never downloaded",
+    )
+    f.add_argument(
+        "--inception-input",
+        choices=("uint8", "float01", "float11"),
+        default="uint8",
+        help="what the TorchScript takes (default uint8 0..255)",
+    )
     f.add_argument("--inception-size", type=_positive, metavar="PX", help="resize to PX first (default: no resize)")
     f.add_argument("--no-fid", action="store_true", help="skip FID")
-    f.add_argument("--no-dense-check", action="store_true", help="do not re-force dense's samples through the "
-                   "dense cache (its row is then 0 / 1 by definition; saves one pass of the images)")
+    f.add_argument(
+        "--no-dense-check",
+        action="store_true",
+        help="do not re-force dense's samples through the "
+        "dense cache (its row is then 0 / 1 by definition; saves one pass of the images)",
+    )
 
     o = p.add_argument_group("outputs")
-    o.add_argument("--out", required=True, metavar="DIR", help="fidelity.json, fidelity.md, grid.png")
+    o.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="fidelity.json, fidelity.md, grid.png (with --sampling-sweep: sampling.json, sampling.md, grid.png)",
+    )
     o.add_argument("--grid-max", type=_positive, default=16, help="images per row in grid.png (default 16)")
     o.add_argument("--progress", action="store_true", help="progress bar on stderr even when not a TTY")
     return p
@@ -792,18 +1120,30 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     a = build_parser().parse_args(argv)
     spec = model_spec_from_args(a)
-    overrides = {k: v for k, v in dict(cfg_scale=a.cfg_scale, temperature=a.temperature, top_k=a.top_k,
-                                       top_p=a.top_p).items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(cfg_scale=a.cfg_scale, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p).items()
+        if v is not None
+    }
     SamplingParams(**overrides)  # bad values fail before any weights load
-    for path, flag in ((a.reference_images, "--reference-images"), (a.classifier, "--classifier"),
-                       (a.inception, "--inception")):
+    for cand in a.sampling_sweep or []:
+        try:
+            SamplingParams(**{**overrides, **cand})
+        except ValueError as e:
+            raise UsageError(f"--sampling-sweep: {e}") from None
+    for path, flag in (
+        (a.reference_images, "--reference-images"),
+        (a.classifier, "--classifier"),
+        (a.inception, "--inception"),
+    ):
         if path and not Path(path).exists():
             raise UsageError(f"{flag} not found: {path}")
     return run_fidelity(spec, a, overrides, show_progress=a.progress or sys.stderr.isatty(), argv=argv)
 
 
-def run_fidelity(spec: ModelSpec, a: argparse.Namespace, overrides: dict, show_progress: bool,
-        argv: list[str] | None = None) -> int:
+def run_fidelity(
+    spec: ModelSpec, a: argparse.Namespace, overrides: dict, show_progress: bool, argv: list[str] | None = None
+) -> int:
     models = load_models(spec)
     gpt = models.gpt_config
     if gpt.model_type != "c2i":
@@ -812,8 +1152,14 @@ def run_fidelity(spec: ModelSpec, a: argparse.Namespace, overrides: dict, show_p
     for c in classes:
         if not 0 <= c < gpt.num_classes:
             raise ConfigError(f"class {c} is outside 0..{gpt.num_classes - 1}")
-    settings = plan_settings(a.policies, a.budgets, gpt, a.kv_prefix, a.kv_local, a.sweep_budget,
-                             a.sweep_prefix, a.sweep_local)
+    sweep_sampling = a.sampling_sweep is not None
+    settings = (
+        []
+        if sweep_sampling
+        else plan_settings(
+            a.policies, a.budgets, gpt, a.kv_prefix, a.kv_local, a.sweep_budget, a.sweep_prefix, a.sweep_local
+        )
+    )
     known = {f.name for f in dataclasses.fields(SamplingParams)}
     sampling = SamplingParams(**{**{k: v for k, v in models.sampling_defaults.items() if k in known}, **overrides})
     notes: list[str] = []
@@ -828,11 +1174,14 @@ def run_fidelity(spec: ModelSpec, a: argparse.Namespace, overrides: dict, show_p
     if classifier is None:
         notes.append("no classifier (--classifier): recognition accuracy skipped")
     elif classifier.model.config.num_classes != gpt.num_classes:
-        raise ConfigError(f"the classifier knows {classifier.model.config.num_classes} classes, the model "
-                          f"{gpt.num_classes}")
+        raise ConfigError(
+            f"the classifier knows {classifier.model.config.num_classes} classes, the model {gpt.num_classes}"
+        )
     extractor: FeatureExtractor | None = (
-        TorchScriptFeatures(a.inception, models.device, a.inception_input, a.inception_size) if a.inception
-        else classifier)
+        TorchScriptFeatures(a.inception, models.device, a.inception_input, a.inception_size)
+        if a.inception
+        else classifier
+    )
     reference = None
     if models.vq is None:
         notes.append("no VQ decoder (--vq-ckpt): image metrics skipped")
@@ -846,23 +1195,49 @@ def run_fidelity(spec: ModelSpec, a: argparse.Namespace, overrides: dict, show_p
             shipped = DEMO_DIR / "reference_stats.npz"
             ref_path = str(shipped) if shipped.is_file() else None
         if ref_path is None:
-            notes.append("FID skipped: no reference (give --reference-images DIR|NPZ"
-                         + ("; the demo assets ship no reference_stats.npz" if spec.is_demo else "") + ")")
+            notes.append(
+                "FID skipped: no reference (give --reference-images DIR|NPZ"
+                + ("; the demo assets ship no reference_stats.npz" if spec.is_demo else "")
+                + ")"
+            )
         else:
             reference = load_reference(ref_path, extractor, classes, 64, models.classes)
             if not reference.class_restricted:
-                notes.append("FID reference is not restricted to the evaluated classes: compare FIDs between "
-                             "rows, not with other runs")
+                notes.append(
+                    "FID reference is not restricted to the evaluated classes: compare FIDs between "
+                    "rows, not with other runs"
+                )
     images = ImageSet.make(classes, a.seeds, a.seed)
-    opts = Options(batch_size=a.batch_size, grid_max=a.grid_max, dense_check=not a.no_dense_check)
+    batch = a.batch_size or (256 if models.device.type == "cuda" else 16)
+    opts = Options(batch_size=batch, grid_max=a.grid_max, dense_check=not a.no_dense_check)
 
-    n_runs = 2 * len(settings) - (0 if opts.dense_check else 1)  # requests per image
-    bar = tqdm(total=n_runs * len(images.seeds) * gpt.block_size, unit="tok", file=sys.stderr, desc=PROG,
-               disable=not show_progress, dynamic_ncols=True)
+    if sweep_sampling:
+        candidates = [dataclasses.replace(sampling, **cand) for cand in a.sampling_sweep]
+        if sampling not in candidates:  # the default is always measured: candidates are judged against it
+            candidates.insert(0, sampling)
+        n_runs = len(candidates)
+    else:
+        n_runs = 2 * len(settings) - (0 if opts.dense_check else 1)  # requests per image
+    bar = tqdm(
+        total=n_runs * len(images.seeds) * gpt.block_size,
+        unit="tok",
+        file=sys.stderr,
+        desc=PROG,
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
     t0 = time.perf_counter()
     with bar:
-        rows, grids = evaluate(models, settings, images, sampling, opts, extractor, classifier, reference,
-                               bar.update)
+        if sweep_sampling:
+            rows, grids = evaluate_sampling(
+                models, candidates, images, opts, extractor, classifier, reference, bar.update
+            )
+            for r in rows:
+                r["is_default"] = r["sampling"] == dataclasses.asdict(sampling)
+        else:
+            rows, grids = evaluate(
+                models, settings, images, sampling, opts, extractor, classifier, reference, bar.update
+            )
     seconds = time.perf_counter() - t0
 
     device = str(models.device)
@@ -871,31 +1246,45 @@ def run_fidelity(spec: ModelSpec, a: argparse.Namespace, overrides: dict, show_p
     report = {
         "command": " ".join([PROG, *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device, "dtype": str(models.dtype).removeprefix("torch."), "torch": torch.__version__,
-        "model": models.name, "gpt_ckpt_sha256": _sha256(_gpt_ckpt_path(spec)),
-        "image_size": models.image_size, "block_size": gpt.block_size,
-        "seq_len": gpt.seq_len, "grid_size": gpt.grid_size, "classes": classes,
+        "device": device,
+        "dtype": str(models.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "model": models.name,
+        "gpt_ckpt_sha256": _sha256(_gpt_ckpt_path(spec)),
+        "image_size": models.image_size,
+        "block_size": gpt.block_size,
+        "seq_len": gpt.seq_len,
+        "grid_size": gpt.grid_size,
+        "classes": classes,
         "class_names": [models.classes[c]["name"] for c in classes] if models.classes else None,
-        "seeds_per_class": a.seeds, "first_seed": a.seed, "n_images": len(images.seeds),
+        "seeds_per_class": a.seeds,
+        "first_seed": a.seed,
+        "n_images": len(images.seeds),
         "sampling": dataclasses.asdict(sampling),
+        "batch_size": batch,
         "features": extractor.name if extractor is not None and reference is not None else None,
         "reference": reference.source if reference is not None else None,
-        "seconds": round(seconds, 2), "notes": notes,
+        "seconds": round(seconds, 2),
+        "notes": notes,
         "rows": [{k: (_round(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    (out / "fidelity.md").write_text(markdown_table(report))
+    name = "sampling" if sweep_sampling else "fidelity"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    (out / f"{name}.md").write_text(sampling_markdown(report) if sweep_sampling else markdown_table(report))
     if grids:
         idx = images.grid_order(opts.grid_max)
         names = report["class_names"]
-        col = [f"{int(images.labels[i])}{' ' + names[classes.index(int(images.labels[i]))] if names else ''} "
-               f"s{int(images.seeds[i])}" for i in idx]
+        col = [
+            f"{int(images.labels[i])}{' ' + names[classes.index(int(images.labels[i]))] if names else ''} "
+            f"s{int(images.seeds[i])}"
+            for i in idx
+        ]
         save_grid(grids, col, out / "grid.png")
     if show_progress:
-        print(f"{PROG}: {len(rows)} settings x {len(images.seeds)} images in {seconds:.1f} s -> {out}",
-              file=sys.stderr)
+        what = f"{len(rows)} sampling candidates" if sweep_sampling else f"{len(rows)} settings"
+        print(f"{PROG}: {what} x {len(images.seeds)} images in {seconds:.1f} s -> {out}", file=sys.stderr)
     return 0
 
 

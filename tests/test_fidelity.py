@@ -91,16 +91,46 @@ def test_token_metrics() -> None:
 
 
 def test_plan_settings_dedupes_and_checks() -> None:
-    gpt = GPTConfig(**TINY_GPT)  # seq_len 16, grid 4: default prefix 1, local 5
-    plan = fidelity.plan_settings(["dense", "adsa", "window"], [8, 0.5], gpt, sweep_budget=10,
-                                  sweep_prefix=[1, 2], sweep_local=[5, 6])
+    gpt = GPTConfig(**TINY_GPT)  # seq_len 16, grid 4: at budget 8 the default regions shrink to n = 2, m = 5
+    plan = fidelity.plan_settings(
+        ["dense", "adsa", "window"], [8, 0.5], gpt, sweep_budget=10, sweep_prefix=[1, 2], sweep_local=[5, 6]
+    )
     keys = [(r.policy, r.budget, r.prefix, r.local) for _, r in plan]
     assert keys[0][0] == "dense" and keys.count(keys[1]) == 1
-    assert ("adsa", 8, 1, 5) in keys and len([k for k in keys if k[:2] == ("adsa", 8)]) == 1  # 8 == 0.5 * 16
+    assert ("adsa", 8, 2, 5) in keys and len([k for k in keys if k[:2] == ("adsa", 8)]) == 1  # 8 == 0.5 * 16
     assert len([k for k in keys if k[:2] == ("adsa", 10)]) == 4
     assert len([k for k in keys if k[:2] == ("window", 10)]) == 2  # window does not depend on m
     with pytest.raises(ConfigError):
-        fidelity.plan_settings(["adsa"], [4], gpt)  # 4 <= prefix 1 + local 5
+        fidelity.plan_settings(["adsa"], [4], gpt)  # 4 <= prefix 1 + local 5 (the floors)
+    # several sweep budgets; pairs that do not fit one of them are skipped there, not an error
+    plan = fidelity.plan_settings(["adsa"], [8], gpt, sweep_budget=[10, 8], sweep_prefix=[1, 3], sweep_local=[5])
+    keys = [(r.policy, r.budget, r.prefix, r.local) for _, r in plan]
+    assert ("adsa", 10, 3, 5) in keys and ("adsa", 10, 1, 5) in keys and ("adsa", 8, 1, 5) in keys
+    assert ("adsa", 8, 3, 5) not in keys  # 8 <= 3 + 5
+    with pytest.raises(ConfigError):  # a single impossible sweep point is still refused
+        fidelity.plan_settings(["adsa"], [8], gpt, sweep_budget=8, sweep_prefix=[3], sweep_local=[5])
+
+
+def test_default_regions_follow_cache_config() -> None:
+    """Rows without --kv-prefix/--kv-local use CacheConfig's budget-dependent defaults (config.default_regions)."""
+    gpt = GPTConfig(**{**TINY_GPT, "block_size": 256})  # the demo's geometry: grid 16, 256 KV tokens
+    plan = fidelity.plan_settings(["adsa", "window"], [0.5, 0.25, 1 / 6], gpt)
+    got = {(r.policy, r.budget): (r.prefix, r.local) for _, r in plan}
+    assert got[("adsa", 128)] == (17, 33) and got[("adsa", 64)] == (17, 33) and got[("adsa", 43)] == (4, 33)
+    assert got[("window", 43)] == (4, 33)
+    for (_, budget), (n, m) in got.items():
+        assert n + m <= budget - budget / 8
+    explicit = fidelity.plan_settings(["adsa"], [1 / 6], gpt, prefix=1, local=32)
+    assert (explicit[1][1].prefix, explicit[1][1].local) == (1, 32)  # as given
+
+
+def test_seed_diversity() -> None:
+    px = torch.zeros(4, 2, 2, 3, dtype=torch.uint8)
+    px[1] = 255  # class 0: black vs white; class 1: two identical black images
+    codes = torch.tensor([[1, 2], [1, 3], [5, 5], [5, 5]])
+    d = fidelity.seed_diversity(px, codes, torch.tensor([0, 0, 1, 1]))
+    assert d["seed_diversity"] == pytest.approx(0.5) and d["seed_token_overlap"] == pytest.approx(0.75)
+    assert fidelity.seed_diversity(px, codes, torch.tensor([0, 1, 2, 3])) == {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,13 +144,21 @@ def tiny(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("fidelity_tiny")
     vq_cfg = json.loads(manifest.read_text())["vq.pt"]["config"]
     torch.manual_seed(0)
-    save_classifier(EmojiClassifier(ClassifierConfig(num_classes=10, width=8, image_size=16)).eval(),
-                    d / "clf.pt", torch.float32)
+    save_classifier(
+        EmojiClassifier(ClassifierConfig(num_classes=10, width=8, image_size=16)).eval(), d / "clf.pt", torch.float32
+    )
     rng = np.random.default_rng(0)
-    np.savez(d / "ref.npz", images=rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8),
-             labels=np.arange(30) % 10)
-    model = ["--gpt-config", json.dumps(TINY_GPT), "--vq-ckpt", str(TESTDATA / "vq.pt"),
-             "--vq-config", json.dumps(vq_cfg), "--device", "cpu"]
+    np.savez(d / "ref.npz", images=rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8), labels=np.arange(30) % 10)
+    model = [
+        "--gpt-config",
+        json.dumps(TINY_GPT),
+        "--vq-ckpt",
+        str(TESTDATA / "vq.pt"),
+        "--vq-config",
+        json.dumps(vq_cfg),
+        "--device",
+        "cpu",
+    ]
     return {"dir": d, "model": model}
 
 
@@ -131,28 +169,50 @@ def _rows(out: Path) -> dict:
 
 def test_end_to_end_tiny(tiny, tmp_path, capsys) -> None:
     out = tmp_path / "out"
-    rc = fidelity.main([*tiny["model"], "--policies", "dense,adsa,window", "--budgets", "1.0,8",
-                        "--classes", "0-2", "--seeds", "2", "--batch-size", "4",
-                        "--classifier", str(tiny["dir"] / "clf.pt"),
-                        "--reference-images", str(tiny["dir"] / "ref.npz"), "--out", str(out)])
+    rc = fidelity.main(
+        [
+            *tiny["model"],
+            "--policies",
+            "dense,adsa,window",
+            "--budgets",
+            "1.0,8",
+            "--classes",
+            "0-2",
+            "--seeds",
+            "2",
+            "--batch-size",
+            "4",
+            "--classifier",
+            str(tiny["dir"] / "clf.pt"),
+            "--reference-images",
+            str(tiny["dir"] / "ref.npz"),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     for name in ("fidelity.json", "fidelity.md", "grid.png"):
         assert (out / name).is_file(), name
     report, rows = _rows(out)
     assert report["n_images"] == 6 and report["classes"] == [0, 1, 2]
-    dense = rows[("dense", 16, 1, 5)]
+    dense = rows[("dense", 16, 5, 9)]  # default regions at the full budget (16 slots): n = 1 + 4, m = 2 x 4 + 1
     assert dense["kl"] == 0 and dense["top1_agree"] == 1 and dense["token_agree"] == 1
     assert dense["pixel_mse"] == 0 and dense["fid_to_dense"] == 0 and dense["nll"] == dense["nll_dense"]
-    full = rows[("adsa", 16, 1, 5)]  # a budget of the whole sequence never evicts
+    full = rows[("adsa", 16, 5, 9)]  # a budget of the whole sequence never evicts
     assert full["kl"] < 1e-6 and full["top1_agree"] == 1 and full["token_agree"] == 1
     assert full["evictions_per_image"] == 0
     for policy in ("adsa", "window"):
-        small = rows[(policy, 8, 1, 5)]
+        small = rows[(policy, 8, 2, 5)]
         assert small["kl"] > 1e-5 and small["kl_evicting_steps"] > small["kl"]
         assert small["peak_kv_tokens"] == 8 and small["evictions_per_image"] > 0
         assert small["token_agree"] < 1 and small["psnr_db"] is not None
     for r in rows.values():
         assert 0 <= r["recognition_acc"] <= 1 and r["fid"] >= 0
+        assert r["recognition_se"] == pytest.approx((r["recognition_acc"] * (1 - r["recognition_acc"]) / 6) ** 0.5)
+        assert 0 <= r["seed_diversity"] <= 1 and 0 <= r["seed_token_overlap"] <= 1  # 2 seeds per class
+    assert dense["recognition_delta"] == 0 and dense["recognition_delta_se"] == 0
+    small = rows[("adsa", 8, 2, 5)]
+    assert small["recognition_delta"] == pytest.approx(small["recognition_acc"] - dense["recognition_acc"])
     assert "class-balanced" in report["reference"]
     md = (out / "fidelity.md").read_text()
     assert md.startswith("| policy | budget") and md.count("\n| adsa") == 2 and "∞" in md
@@ -164,14 +224,14 @@ def test_end_to_end_tiny(tiny, tmp_path, capsys) -> None:
     labels, seeds = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 0, 1, 0, 1])
     sampling = SamplingParams()
     dense_run = run_offline(models, labels, sampling, seeds, CacheConfig("dense", None), 6, want_logits=True)
-    alone = run_offline(models, labels, sampling, seeds, CacheConfig("adsa", 8), 6, forced=dense_run.codes,
-                        want_logits=True)
-    kl = [fidelity.token_metrics(d, q, c)["kl"] for d, q, c in zip(dense_run.logprobs, alone.logprobs,
-                                                                    dense_run.codes)]
-    assert torch.cat(kl).mean().item() == pytest.approx(rows[("adsa", 8, 1, 5)]["kl"], rel=1e-4, abs=1e-7)
+    alone = run_offline(
+        models, labels, sampling, seeds, CacheConfig("adsa", 8), 6, forced=dense_run.codes, want_logits=True
+    )
+    kl = [fidelity.token_metrics(d, q, c)["kl"] for d, q, c in zip(dense_run.logprobs, alone.logprobs, dense_run.codes)]
+    assert torch.cat(kl).mean().item() == pytest.approx(rows[("adsa", 8, 2, 5)]["kl"], rel=1e-4, abs=1e-7)
     free = run_offline(models, labels, sampling, seeds, CacheConfig("adsa", 8), 6)
     token_agree = (free.codes == dense_run.codes).double().mean().item()
-    assert token_agree == pytest.approx(rows[("adsa", 8, 1, 5)]["token_agree"])
+    assert token_agree == pytest.approx(rows[("adsa", 8, 2, 5)]["token_agree"])
 
 
 def test_no_dense_check_gives_the_same_rows(tiny, tmp_path) -> None:
@@ -180,6 +240,64 @@ def test_no_dense_check_gives_the_same_rows(tiny, tmp_path) -> None:
     assert fidelity.main([*args, "--no-dense-check", "--out", str(tmp_path / "b")]) == 0
     rows_a, rows_b = _rows(tmp_path / "a")[0]["rows"], _rows(tmp_path / "b")[0]["rows"]
     assert rows_a == rows_b
+
+
+def test_sampling_sweep(tiny, tmp_path, capsys) -> None:
+    """Dense images under several sampling candidates in one engine pass; each equals its own run."""
+    out = tmp_path / "s"
+    rc = fidelity.main(
+        [
+            *tiny["model"],
+            "--sampling-sweep",
+            "cfg=4;cfg=1.5,t=0.7,top_k=20",
+            "--classes",
+            "0-2",
+            "--seeds",
+            "2",
+            "--classifier",
+            str(tiny["dir"] / "clf.pt"),
+            "--reference-images",
+            str(tiny["dir"] / "ref.npz"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "sampling.json").read_text())
+    assert [r["label"] for r in report["rows"]] == ["cfg 4, T 1", "cfg 1.5, T 0.7, top-k 20"]
+    assert [r["is_default"] for r in report["rows"]] == [True, False]  # LlamaGen's defaults: cfg 4, T 1
+    for r in report["rows"]:
+        assert 0 <= r["recognition_acc"] <= 1 and r["fid"] >= 0 and "seed_diversity" in r
+    md = (out / "sampling.md").read_text()
+    assert md.startswith("| sampling | recognition acc") and "(default)" in md and (out / "grid.png").is_file()
+    assert not (out / "fidelity.json").exists()
+    # the candidate's images are those of a plain dense run with that sampling
+    models = load_models(model_spec_from_args(fidelity.build_parser().parse_args([*tiny["model"], "--out", "x"])))
+    labels, seeds = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 0, 1, 0, 1])
+    sp = SamplingParams(cfg_scale=1.5, temperature=0.7, top_k=20)
+    codes = run_offline(models, labels, sp, seeds, CacheConfig("dense", None), 6).codes
+    px = fidelity._pixels(models, codes, 6)
+    expected = fidelity.seed_diversity(px, codes, labels)
+    assert report["rows"][1]["seed_diversity"] == pytest.approx(expected["seed_diversity"], rel=1e-5)
+    assert report["rows"][1]["seed_token_overlap"] == pytest.approx(expected["seed_token_overlap"])
+    # the default sampling is always measured, first, when the candidates do not list it
+    rc = fidelity.main(
+        [
+            *tiny["model"],
+            "--sampling-sweep",
+            "cfg=1.5",
+            "--classes",
+            "0",
+            "--seeds",
+            "1",
+            "--no-fid",
+            "--out",
+            str(tmp_path / "s2"),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "s2" / "sampling.json").read_text())["rows"]
+    assert [(r["label"], r["is_default"]) for r in rows] == [("cfg 4, T 1", True), ("cfg 1.5, T 1", False)]
 
 
 def test_torchscript_features_and_image_folder(tiny, tmp_path, capsys) -> None:
@@ -196,23 +314,44 @@ def test_torchscript_features_and_image_folder(tiny, tmp_path, capsys) -> None:
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     out = tmp_path / "out"
-    rc = fidelity.main([*tiny["model"], "--policies", "adsa", "--budgets", "8", "--classes", "3", "--seeds", "3",
-                        "--inception", str(ts), "--reference-images", str(ref), "--out", str(out)])
+    rc = fidelity.main(
+        [
+            *tiny["model"],
+            "--policies",
+            "adsa",
+            "--budgets",
+            "8",
+            "--classes",
+            "3",
+            "--seeds",
+            "3",
+            "--inception",
+            str(ts),
+            "--reference-images",
+            str(ref),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     report, rows = _rows(out)
     assert report["features"] == "torchscript:feat.pt" and "8 images" in report["reference"]
     assert all(r["fid"] > 0 for r in rows.values())  # random pixels vs decoded images
-    assert "recognition_acc" not in rows[("adsa", 8, 1, 5)]  # no classifier given
+    assert "recognition_acc" not in rows[("adsa", 8, 2, 5)]  # no classifier given
     assert any("recognition accuracy skipped" in n for n in report["notes"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--policies", "dense,lru"], "unknown policy lru"),
-    (["--budgets", "4"], "must be larger than prefix"),
-    (["--budgets", "8", "--classes", "12"], "class 12 is outside"),
-    (["--seeds", "0"], "positive integer"),
-    (["--reference-images", "/nonexistent.npz"], "--reference-images not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--policies", "dense,lru"], "unknown policy lru"),
+        (["--budgets", "4"], "must be larger than prefix"),
+        (["--budgets", "8", "--classes", "12"], "class 12 is outside"),
+        (["--seeds", "0"], "positive integer"),
+        (["--sampling-sweep", "cfg=2,top_p=0"], "top_p must be in"),
+        (["--reference-images", "/nonexistent.npz"], "--reference-images not found"),
+    ],
+)
 def test_bad_arguments_exit_2(tiny, tmp_path, capsys, args, message) -> None:
     rc = fidelity.main([*tiny["model"], "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err
@@ -223,8 +362,12 @@ def test_reference_npz_with_foreign_class_list_is_refused(tmp_path) -> None:
     rng = np.random.default_rng(2)
     classes = [{"id": i, "name": f"c{i}", "emoji": chr(0x1F600 + i)} for i in range(4)]
     path = tmp_path / "ref.npz"
-    np.savez(path, images=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), labels=np.arange(8) % 4,
-             classes=np.asarray(json.dumps(classes)))
+    np.savez(
+        path,
+        images=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
+        labels=np.arange(8) % 4,
+        classes=np.asarray(json.dumps(classes)),
+    )
 
     class Mean(fidelity.FeatureExtractor):
         def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -243,7 +386,14 @@ def test_class_lists() -> None:
     for bad in ("3-1", "a-b", "1,1", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             fidelity._classes(bad)
-    assert fidelity._budgets("1/2,0.25,64") == [0.5, 0.25, 64] and fidelity._one_budget("1/4") == 0.25
+    assert fidelity._budgets("1/2,0.25,64") == [0.5, 0.25, 64] and fidelity._budgets("1/4") == [0.25]
+    assert fidelity._sampling_list("cfg=2,t=0.9; cfg=1.5,top_k=100,p=0.95;") == [
+        {"cfg_scale": 2.0, "temperature": 0.9},
+        {"cfg_scale": 1.5, "top_k": 100, "top_p": 0.95},
+    ]
+    for bad in ("cfg", "warmth=2", "top_k=1.5", ";"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            fidelity._sampling_list(bad)
 
 
 def test_missing_out_is_a_usage_error(capsys) -> None:
@@ -256,14 +406,33 @@ def test_missing_out_is_a_usage_error(capsys) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(),
-                    reason="demo assets (adsa_core/assets/demo/config.json) are not in the tree yet")
+@pytest.mark.skipif(
+    not (DEMO_DIR / "config.json").is_file(),
+    reason="demo assets (adsa_core/assets/demo/config.json) are not in the tree yet",
+)
 def test_demo_two_classes_one_seed(tmp_path, capsys) -> None:
     """Two passes of 256 steps (2 dense + 2 adsa free-running, then 2 teacher-forced): 30 s on an idle
     2-core CPU, 40 s on a busy one, nearly all of it the engine's CPU attention oracle."""
     out = tmp_path / "demo"
-    rc = fidelity.main(["--device", "cpu", "--policies", "adsa", "--budgets", "0.25", "--classes", "0,1",
-                        "--seeds", "1", "--batch-size", "4", "--no-dense-check", "--out", str(out)])
+    rc = fidelity.main(
+        [
+            "--device",
+            "cpu",
+            "--policies",
+            "adsa",
+            "--budgets",
+            "0.25",
+            "--classes",
+            "0,1",
+            "--seeds",
+            "1",
+            "--batch-size",
+            "4",
+            "--no-dense-check",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     report, rows = _rows(out)
     dense = next(r for r in report["rows"] if r["policy"] == "dense")

@@ -41,8 +41,24 @@ def test_cache_config_rejects_nonsense(kw, msg):
 def test_budget_must_exceed_prefix_plus_local_and_fractions_resolve():
     with pytest.raises(ConfigError, match="larger than prefix"):
         CacheConfig(policy="adsa", budget=10, prefix=1, local=9).resolve(CFG)
-    r = CacheConfig(policy="adsa", budget=0.5).resolve(CFG)  # defaults: prefix = 1 cond token, local = row + 1
-    assert (r.budget, r.prefix, r.local, r.seq_len) == (32, 1, 9, 64) and r.evicts
+    r = CacheConfig(policy="adsa", budget=0.5).resolve(CFG)
+    assert (r.budget, r.seq_len) == (32, 64) and r.evicts
+    # default regions (config.default_regions), 8x8 grid: m = two rows + 1 (17) when it fits in 7/8 of the
+    # budget, else one row + 1 (9); n = what is left of the 7/8, at most 1 + one row (9), at least 1
+    assert (r.prefix, r.local) == (9, 17)
+    small = CacheConfig(policy="adsa", budget=16).resolve(CFG)  # 7/8 of 16 = 14: one row + 1, n = 5
+    assert (small.prefix, small.local) == (5, 9)
+    tiny = CacheConfig(policy="adsa", budget=11).resolve(CFG)  # floors n = 1, m = 9, still valid
+    assert (tiny.prefix, tiny.local) == (1, 9)
+    with pytest.raises(ConfigError, match="larger than prefix 1 . local window 9"):
+        CacheConfig(policy="adsa", budget=10).resolve(CFG)  # below the floors: a clear error, as before
+    # explicit values are kept exactly; the other default fits around them
+    r = CacheConfig(policy="adsa", budget=16, prefix=2).resolve(CFG)
+    assert (r.prefix, r.local) == (2, 9)
+    r = CacheConfig(policy="adsa", budget=16, local=12).resolve(CFG)
+    assert (r.prefix, r.local) == (2, 12)
+    r = CacheConfig(policy="adsa", budget=32, prefix=20, local=3).resolve(CFG)
+    assert (r.prefix, r.local) == (20, 3)
     assert CacheConfig(policy="dense", budget=0.1).resolve(CFG).budget == CFG.seq_len
     assert not CacheConfig(policy="window", budget=None).resolve(CFG).evicts
 
