@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .report import _fmt, plot_concurrency, plot_kv_usage, plot_latency_cdf, plot_throughput, read_jsonl
+from .report import cell, plot_concurrency, plot_kv_usage, plot_latency_cdf, plot_throughput, read_jsonl
 
 COMPARED = (
     ("achieved_rps", "achieved req/s", True),
@@ -102,16 +102,16 @@ def compare_markdown(result: dict[str, Any]) -> str:
         f"# Load test comparison: {a['name']} vs {b['name']}",
         "",
         f"- A = `{a['path']}`, B = `{b['path']}`",
-        f"- saturation point: A {_fmt(a['saturation_point_rps'])} req/s, B {_fmt(b['saturation_point_rps'])} req/s",
-        f"- SLO (ms): A {_fmt(result['slo_ms']['a'])}, B {_fmt(result['slo_ms']['b'])}",
+        f"- saturation point: A {cell(a['saturation_point_rps'])} req/s, B {cell(b['saturation_point_rps'])} req/s",
+        f"- SLO (ms): A {cell(result['slo_ms']['a'])}, B {cell(result['slo_ms']['b'])}",
     ]
     sat_a, sat_b = (result.get("saturation") or {}).get("a") or {}, (result.get("saturation") or {}).get("b") or {}
     if sat_a or sat_b:
         cap_a, cap_b = sat_a.get("capacity_images_per_s"), sat_b.get("capacity_images_per_s")
-        lines.append(f"- capacity (images/s): A {_fmt(cap_a)}, B {_fmt(cap_b)} ({_change(cap_a, cap_b)})")
+        lines.append(f"- capacity (images/s): A {cell(cap_a)}, B {cell(cap_b)} ({_change(cap_a, cap_b)})")
         for f in sorted(set(sat_a.get("at") or {}) | set(sat_b.get("at") or {}), key=float):
             p99 = [((s.get("at") or {}).get(f) or {}).get("latency_p99_s") for s in (sat_a, sat_b)]
-            lines.append(f"- p99 at {float(f):.0%} of saturation (s): A {_fmt(p99[0])}, B {_fmt(p99[1])}")
+            lines.append(f"- p99 at {float(f):.0%} of saturation (s): A {cell(p99[0])}, B {cell(p99[1])}")
     lines.append("")
     lines.append("Each cell: A → B (change).")
     lines.append("")
@@ -122,7 +122,7 @@ def compare_markdown(result: dict[str, Any]) -> str:
         for key, _, _ in COMPARED:
             c = row[key]
             change = "" if c["change"] == "–" else f" ({c['change']})"
-            cells.append(f"{_fmt(c['a'])} → {_fmt(c['b'])}{change}")
+            cells.append(f"{cell(c['a'])} → {cell(c['b'])}{change}")
         lines.append(f"| {row['stage']} | " + " | ".join(cells) + " |")
     lines += ["", "Higher is better for req/s, images/s and goodput; lower for latency, 429s and errors.", ""]
     lines += [f"![{p}]({p})" for p in result["plots"]] + [""]

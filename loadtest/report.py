@@ -95,7 +95,8 @@ def build_summary(cfg: RunConfig, result: RunResult) -> dict[str, Any]:
     }
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
+def cell(v: Any, digits: int = 3) -> str:
+    """A table cell: – for missing, yes/no, floats to `digits` significant digits (whole numbers from 1000)."""
     if v is None:
         return "–"
     if isinstance(v, bool):
@@ -119,13 +120,13 @@ def _stage_table(stages: Sequence[dict[str, Any]]) -> list[str]:
         offered = (
             "–"
             if s.get("offered_rps") is None
-            else (f"{_fmt(s['offered_rps'])} ({_fmt(s.get('offered_rps_realized'))})")
+            else (f"{cell(s['offered_rps'])} ({cell(s.get('offered_rps_realized'))})")
         )
         lines.append(
-            f"| {s['label']} | {offered} | {_fmt(s['achieved_rps'])} | {_fmt(s['achieved_images_per_s'])} "
-            f"| {_fmt(s.get('steady_images_per_s'))} | {_fmt(s['goodput_rps'])} | {_fmt(s['latency_p50_s'])} "
-            f"| {_fmt(s['latency_p90_s'])} | {_fmt(s['latency_p99_s'])} | {s['ok']} | {s['rejected_429']} "
-            f"| {s['errors']} | {_fmt(s['within_slo'])} |"
+            f"| {s['label']} | {offered} | {cell(s['achieved_rps'])} | {cell(s['achieved_images_per_s'])} "
+            f"| {cell(s.get('steady_images_per_s'))} | {cell(s['goodput_rps'])} | {cell(s['latency_p50_s'])} "
+            f"| {cell(s['latency_p90_s'])} | {cell(s['latency_p99_s'])} | {s['ok']} | {s['rejected_429']} "
+            f"| {s['errors']} | {cell(s['within_slo'])} |"
         )
     return lines
 
@@ -144,13 +145,13 @@ def _server_table(stages: Sequence[dict[str, Any]]) -> list[str]:
         spilled = srv.get("adsa_kv_spilled_bytes_total")
         step = (srv.get("adsa_decode_step_seconds") or {}).get("p50")
         lines.append(
-            f"| {s['label']} | {_fmt(srv.get('adsa_images_generated_total'))} "
-            f"| {_fmt(srv.get('adsa_tokens_generated_per_s'))} | {_fmt(srv.get('adsa_kv_evictions_total'))} "
-            f"| {_fmt(None if spilled is None else spilled / 2**20)} "
-            f"| {_fmt((srv.get('adsa_queue_time_seconds') or {}).get('p50'))} "
-            f"| {_fmt((srv.get('adsa_queue_time_seconds') or {}).get('p99'))} "
-            f"| {_fmt(None if step is None else step * 1000)} "
-            f"| {_fmt((srv.get('adsa_batch_size') or {}).get('mean'))} |"
+            f"| {s['label']} | {cell(srv.get('adsa_images_generated_total'))} "
+            f"| {cell(srv.get('adsa_tokens_generated_per_s'))} | {cell(srv.get('adsa_kv_evictions_total'))} "
+            f"| {cell(None if spilled is None else spilled / 2**20)} "
+            f"| {cell((srv.get('adsa_queue_time_seconds') or {}).get('p50'))} "
+            f"| {cell((srv.get('adsa_queue_time_seconds') or {}).get('p99'))} "
+            f"| {cell(None if step is None else step * 1000)} "
+            f"| {cell((srv.get('adsa_batch_size') or {}).get('mean'))} |"
         )
     return lines
 
@@ -162,16 +163,16 @@ def _saturation_lines(summary: dict[str, Any]) -> list[str]:
     if probe:
         lines.append(
             f"- capacity probe: {probe['concurrency']} closed-loop clients sustained "
-            f"**{_fmt(probe['steady_images_per_s'])} images/s** ({_fmt(probe['steady_rps'])} req/s, "
-            f"p50 {_fmt(probe['latency_p50_s'])} s, p99 {_fmt(probe['latency_p99_s'])} s); the open-loop "
+            f"**{cell(probe['steady_images_per_s'])} images/s** ({cell(probe['steady_rps'])} req/s, "
+            f"p50 {cell(probe['latency_p50_s'])} s, p99 {cell(probe['latency_p99_s'])} s); the open-loop "
             "stages `rate=FxCAP` offered F times that"
         )
     lines += [
-        f"- capacity (most images/s any stage sustained): {_fmt(sat.get('capacity_images_per_s'))}",
-        f"- saturation point (open loop): {_fmt(sat.get('saturation_point_rps'))} req/s = "
-        f"{_fmt(sat.get('saturation_point_images_per_s'))} images/s",
+        f"- capacity (most images/s any stage sustained): {cell(sat.get('capacity_images_per_s'))}",
+        f"- saturation point (open loop): {cell(sat.get('saturation_point_rps'))} req/s = "
+        f"{cell(sat.get('saturation_point_images_per_s'))} images/s",
         f"- reference for the fractions below: {sat.get('reference') or 'none'} = "
-        f"{_fmt(sat.get('saturation_images_per_s'))} images/s",
+        f"{cell(sat.get('saturation_images_per_s'))} images/s",
         "",
         "| at | stage | offered images/s | achieved images/s | p50 s | p99 s | ok | 429 | errors |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -181,9 +182,9 @@ def _saturation_lines(summary: dict[str, Any]) -> list[str]:
             lines.append(f"| {float(f):.0%} | – | – | – | – | – | – | – | – |")
             continue
         lines.append(
-            f"| {float(f):.0%} | {st['label']} | {_fmt(st.get('offered_images_per_s'))} "
-            f"| {_fmt(st.get('achieved_images_per_s'))} | {_fmt(st.get('latency_p50_s'))} "
-            f"| {_fmt(st.get('latency_p99_s'))} | {st.get('ok')} | {st.get('rejected_429')} | {st.get('errors')} |"
+            f"| {float(f):.0%} | {st['label']} | {cell(st.get('offered_images_per_s'))} "
+            f"| {cell(st.get('achieved_images_per_s'))} | {cell(st.get('latency_p50_s'))} "
+            f"| {cell(st.get('latency_p99_s'))} | {st.get('ok')} | {st.get('rejected_429')} | {st.get('errors')} |"
         )
     return [*lines, ""]
 
@@ -198,7 +199,7 @@ def summary_markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
         + (" (hard stop reached)" if summary.get("hard_stopped") else ""),
         f"- model: {model.get('id', 'unknown')} (image size {model.get('image_size', '?')})",
         f"- SLO: p99 end-to-end latency <= {summary['slo_ms']:g} ms",
-        f"- saturation point: **{_fmt(sat)} req/s**"
+        f"- saturation point: **{cell(sat)} req/s**"
         if sat is not None
         else "- saturation point: none of the open-loop stages met both criteria",
         "  (highest offered rate with achieved >= 90 % of offered and p99 within the SLO)",

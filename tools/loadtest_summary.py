@@ -32,6 +32,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from loadtest.report import cell
+
 SCALE_TARGET = 1.8
 POLICIES = ("dense", "adsa")
 
@@ -41,16 +43,6 @@ def _load(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.{digits}g}"
-    return str(v)
 
 
 def images_total(metrics_text: str) -> float | None:
@@ -145,13 +137,13 @@ def _policy_row(out: Path, policy: str, label: str) -> str:
         st = at.get(f)
         if not st:
             return "–"
-        return f"{_fmt(st.get('latency_p50_s'))} / {_fmt(st.get('latency_p99_s'))}"
+        return f"{cell(st.get('latency_p50_s'))} / {cell(st.get('latency_p99_s'))}"
 
     evictions = (s.get("server_totals") or {}).get("adsa_kv_evictions_total")
     return (
-        f"| {label} | {_fmt(sat.get('saturation_images_per_s'))} | {_fmt(sat.get('saturation_point_images_per_s'))} "
-        f"| {_fmt(sat.get('capacity_images_per_s'))} | {lat('0.5')} | {lat('0.9')} "
-        f"| {totals.get('rejected_429', '–')} / {totals.get('errors', '–')} | {_fmt(evictions)} |"
+        f"| {label} | {cell(sat.get('saturation_images_per_s'))} | {cell(sat.get('saturation_point_images_per_s'))} "
+        f"| {cell(sat.get('capacity_images_per_s'))} | {lat('0.5')} | {lat('0.9')} "
+        f"| {totals.get('rejected_429', '–')} / {totals.get('errors', '–')} | {cell(evictions)} |"
     )
 
 
@@ -171,7 +163,7 @@ def table(out: Path) -> str:
         f"{lt.get('concurrency', '2 x max batch')} clients (steady images/s); 50 % / 90 % = Poisson "
         f"arrivals at that fraction of it, {lt.get('stage_s', '?')} s each; open-loop saturation point = "
         "highest offered rate served at >= 90 % with p99 within "
-        f"{_fmt(float(lt['slo_ms']) / 1000 if lt.get('slo_ms') else None)} s.",
+        f"{cell(float(lt['slo_ms']) / 1000 if lt.get('slo_ms') else None)} s.",
         "",
         "| policy | saturation (images/s) | open-loop saturation point (images/s) | most images/s of any stage "
         "| p50 / p99 at 50 % (s) | p50 / p99 at 90 % (s) | 429s / errors (whole run) | KV evictions |",
@@ -186,12 +178,12 @@ def table(out: Path) -> str:
             f"Scale-out: policy {sc.get('policy', '?')}, balancer {sc.get('lb', '?')}, closed loop "
             f"{sc.get('duration_s', lt.get('scale_s', '?'))} s with 2 x max batch clients per replica, "
             f"clients started over {lt.get('ramp_s', '?')} s; steady images/s between warm-up and the last send; "
-            f"{_fmt(sc.get('ratio'))}x (target >= {SCALE_TARGET}x: {'met' if sc.get('meets_target') else 'NOT met'}).",
+            f"{cell(sc.get('ratio'))}x (target >= {SCALE_TARGET}x: {'met' if sc.get('meets_target') else 'NOT met'}).",
             "",
             "| setup | clients | images/s | p50 (s) | p99 (s) | 429s / errors | images per replica |",
             "|---|---|---|---|---|---|---|",
         ]
-        split = " / ".join(_fmt(v) for v in (sc.get("images_per_replica_during_two") or {}).values())
+        split = " / ".join(cell(v) for v in (sc.get("images_per_replica_during_two") or {}).values())
         rows = [
             ("one_replica", "1 replica (GPU 0) behind the balancer", ""),
             ("two_replicas", "2 replicas (GPU 0, GPU 1) behind the balancer", split),
@@ -201,11 +193,11 @@ def table(out: Path) -> str:
         for key, name, sp in rows:
             r = sc.get(key) or {}
             lines.append(
-                f"| {name} | {_fmt(r.get('concurrency'))} | {_fmt(r.get('images_per_s'))} "
-                f"| {_fmt(r.get('latency_p50_s'))} | {_fmt(r.get('latency_p99_s'))} "
-                f"| {_fmt(r.get('rejected_429'))} / {_fmt(r.get('errors'))} | {sp or '–'} |"
+                f"| {name} | {cell(r.get('concurrency'))} | {cell(r.get('images_per_s'))} "
+                f"| {cell(r.get('latency_p50_s'))} | {cell(r.get('latency_p99_s'))} "
+                f"| {cell(r.get('rejected_429'))} / {cell(r.get('errors'))} | {sp or '–'} |"
             )
-        lines += ["", f"Ratio two / one: **{_fmt(sc.get('ratio'))}x**.", ""]
+        lines += ["", f"Ratio two / one: **{cell(sc.get('ratio'))}x**.", ""]
     else:
         lines += ["Scale-out: no scaleout.json (the phase did not run; see run.log).", ""]
     return "\n".join(lines)
@@ -275,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         result = scaleout(args.one, args.two, extra, args.direct)
         args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         print(
-            f"scale-out: one {_fmt(result['one_replica_images_per_s'])} images/s, two "
-            f"{_fmt(result['two_replicas_images_per_s'])} images/s, ratio {_fmt(result['ratio'])} "
+            f"scale-out: one {cell(result['one_replica_images_per_s'])} images/s, two "
+            f"{cell(result['two_replicas_images_per_s'])} images/s, ratio {cell(result['ratio'])} "
             f"(target {SCALE_TARGET}: {'met' if result['meets_target'] else 'not met'})"
         )
     elif args.cmd == "better-policy":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -236,5 +237,6 @@ def test_summary_table_without_runs(tmp_path):
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # as tools/device_loadtest.sh runs it
     )
     assert r.stdout.strip() == "adsa"
