@@ -7,12 +7,13 @@
 #      standard error of the difference while keeping the look (FID at most 10 % above, seed diversity
 #      at least 80 % of the default's: no collapse to one template); then the best such candidate;
 #   2. the fidelity table: dense, adsa, window at budgets 1/2, 1/4, 1/6 with CacheConfig's default n and m,
-#      plus 3. the n / m sweep at 1/4 and 1/6 (n in 1,4,17 x m in 17,25,33,40, pairs that fit), in one
+#      plus 3. the n / m sweep at 1/4 and 1/6 (n in 1,4,17 x m in 17,33, pairs that fit), 20 settings, in one
 #      run on 512 classes x 1 held-out seed (2000): teacher-forced KL / top-1 / NLL, recognition (± SE,
 #      paired difference vs dense ± SE), FID, PSNR -> $OUT/fidelity/;
 #   4. $OUT/summary.md (also printed): the checks of issue #7, the chosen sampling, the n / m ranking.
 #
-#   OUT=/tmp/fid tools/device_fidelity.sh                                  # GPU: ~3 min on one H100
+#   OUT=/tmp/fid tools/device_fidelity.sh                 # GPU: ~4 min on one H100 (step 1 ~1 min, 2-3 ~3 min)
+#   DEVICE_FIDELITY_STEPS=2 OUT=/tmp/fid tools/device_fidelity.sh     # the table and n / m sweep only
 #   DEVICE_FIDELITY_TINY=1 DEVICE_FIDELITY_DEVICE=cpu OUT=/tmp/fid tools/device_fidelity.sh   # CPU smoke
 #
 # Needs torch, numpy, pillow, tqdm (no fastapi/pydantic, no network, no pip install: PYTHONPATH=repo).
@@ -26,7 +27,8 @@
 # run), DEVICE_FIDELITY_DEVICE (auto), DEVICE_FIDELITY_SCALE (1: multiplies the class counts, e.g. 0.5),
 # DEVICE_FIDELITY_BATCH (256 on the GPU: images in flight), DEVICE_FIDELITY_REF (.device-carry/emoji.npz),
 # DEVICE_FIDELITY_CANDIDATES ("cfg=2;cfg=2,p=0.9;..."), DEVICE_FIDELITY_PICK (best | default: the
-# sampling of steps 2-3), DEVICE_FIDELITY_SWEEP_PREFIX / _SWEEP_LOCAL, PYTHON (python3).
+# sampling of steps 2-3), DEVICE_FIDELITY_STEPS (1,2: which of step 1 and steps 2-3 run),
+# DEVICE_FIDELITY_SWEEP_PREFIX / _SWEEP_LOCAL, PYTHON (python3).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,17 +44,19 @@ DEVICE="${DEVICE_FIDELITY_DEVICE:-auto}"
 SCALE="${DEVICE_FIDELITY_SCALE:-1}"
 REF="${DEVICE_FIDELITY_REF:-.device-carry/emoji.npz}"
 PICK="${DEVICE_FIDELITY_PICK:-best}"
+STEPS="${DEVICE_FIDELITY_STEPS:-1,2}"
 KEEP="${DEVICE_FIDELITY_KEEP:-all}"
 LOG="$OUT/run.log"
 [ "$KEEP" = all ] || LOG="$(mktemp /tmp/device_fidelity.XXXXXX.log)"
 if [ "$TINY" = 1 ]; then
     SAMPLING_CLASSES=2 TABLE_CLASSES=2 BATCH="${DEVICE_FIDELITY_BATCH:-16}"
-    CANDIDATES="${DEVICE_FIDELITY_CANDIDATES:-cfg=2;cfg=2,p=0.9}"
+    CANDIDATES="${DEVICE_FIDELITY_CANDIDATES:-cfg=1.5,t=0.7;cfg=2,t=1}"
     SWEEP_PREFIX="${DEVICE_FIDELITY_SWEEP_PREFIX:-1}" SWEEP_LOCAL="${DEVICE_FIDELITY_SWEEP_LOCAL:-17}"
 else
     SAMPLING_CLASSES=384 TABLE_CLASSES=512 BATCH="${DEVICE_FIDELITY_BATCH:-256}"
-    CANDIDATES="${DEVICE_FIDELITY_CANDIDATES:-cfg=2;cfg=1.5,t=0.9;cfg=1.5;cfg=1.75,p=0.9;cfg=2,t=0.7;cfg=1.5,t=0.7;cfg=2,t=0.5;cfg=2,p=0.9}"
-    SWEEP_PREFIX="${DEVICE_FIDELITY_SWEEP_PREFIX:-1,4,17}" SWEEP_LOCAL="${DEVICE_FIDELITY_SWEEP_LOCAL:-17,25,33,40}"
+    # every key given: unset keys would take the model's default (cfg 1.5, T 0.7 since the first GPU sweep)
+    CANDIDATES="${DEVICE_FIDELITY_CANDIDATES:-cfg=1.5,t=0.7;cfg=2,t=1;cfg=1.5,t=1;cfg=1.5,t=0.9;cfg=1.25,t=0.7;cfg=1.5,t=0.5;cfg=1.75,t=0.7;cfg=2,t=0.7}"
+    SWEEP_PREFIX="${DEVICE_FIDELITY_SWEEP_PREFIX:-1,4,17}" SWEEP_LOCAL="${DEVICE_FIDELITY_SWEEP_LOCAL:-17,33}"
 fi
 REF_ARGS=()
 if [ -f "$REF" ]; then
@@ -106,22 +110,26 @@ stamp() { echo "== $(date -u +%H:%M:%S) +$((SECONDS - T0)) s: $*"; }
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); batch $BATCH; scale $SCALE; tiny $TINY"
 
 # ---- 1. sampling candidates (dense only) --------------------------------------------------------------
+if [[ ",$STEPS," == *",1,"* ]]; then
 stamp "1. sampling sweep: $CANDIDATES"
 "$PY" -m adsa_core.fidelity --device "$DEVICE" --sampling-sweep "$CANDIDATES" \
     --classes "$(spread "$SAMPLING_CLASSES")" --seeds 2 --seed 1000 --batch-size "$BATCH" \
     "${REF_ARGS[@]}" --grid-max 20 --progress --out "$OUT/sampling" || FAILED+=("sampling sweep")
+fi
 
 # the sampling of steps 2-3: the best eligible candidate (or the model's default)
 SAMPLING_FLAGS=$(pick_sampling "$OUT/sampling/sampling.json")
 echo "sampling for the table: ${SAMPLING_FLAGS:-the default of the model}"
 
 # ---- 2 + 3. policy x budget table and the n / m sweep, held-out seed ---------------------------------
+if [[ ",$STEPS," == *",2,"* ]]; then
 stamp "2+3. fidelity table + n/m sweep"
 # shellcheck disable=SC2086  # SAMPLING_FLAGS is a list of flags
 "$PY" -m adsa_core.fidelity --device "$DEVICE" $SAMPLING_FLAGS --policies dense,adsa,window \
     --budgets 1/2,1/4,1/6 --sweep-budget 1/4,1/6 --sweep-prefix "$SWEEP_PREFIX" --sweep-local "$SWEEP_LOCAL" \
     --classes "$(spread "$TABLE_CLASSES")" --seeds 1 --seed 2000 --batch-size "$BATCH" \
     "${REF_ARGS[@]}" --grid-max 10 --progress --out "$OUT/fidelity" || FAILED+=("fidelity table")
+fi
 
 # ---- 4. summary ---------------------------------------------------------------------------------------
 stamp "4. summary"
