@@ -336,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--kv-budget", type=_budget, metavar="N|F",
                    help="slots per sequence: tokens (256) or a fraction (0.5)")
     k.add_argument("--kv-prefix", type=int, metavar="N",
-                   help="never-evicted first positions (default: condition tokens)")
+                   help="never-evicted first positions (default: condition tokens + up to one image row, by budget)")
     k.add_argument("--kv-local", type=int, metavar="M",
-                   help="never-evicted recent positions (default: one row + 1)")
+                   help="never-evicted recent positions (default: two image rows + 1, one row + 1 at small budgets)")
 
     o = p.add_argument_group("outputs")
     o.add_argument("--out", metavar="DIR", help="directory for 00000.png, 00001.png, ... and grid.png")

@@ -352,8 +352,10 @@ class Engine:
         slots = bt["slots"]
         tok = torch.where(bt["forced"], self.forced[slots, j], tok)
         self.codes[slots, j] = tok
-        for k in bt["want_logits"]:
-            items[k].logprobs.append(torch.log_softmax(guided[k], dim=-1))
+        if bt["want_logits"]:  # one batched log-softmax, not one per request
+            logprobs = torch.log_softmax(guided[bt["want_logits"]], dim=-1)
+            for i, k in enumerate(bt["want_logits"]):
+                items[k].logprobs.append(logprobs[i])
         # feed: both rows of a request get the same token, at position T_cond + j
         rows = self.runner.rows
         rows.tokens[bt["rows"]] = tok[bt["owner"]]
