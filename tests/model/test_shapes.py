@@ -43,3 +43,17 @@ def test_names_and_shapes(official, name):
     assert sorted(set(expected) - set(shapes)) == [], "official keys the model lacks"
     wrong = {k: (shapes[k], expected[k]) for k in expected if shapes[k] != list(expected[k])}
     assert wrong == {}
+
+
+def test_fused_feed_forward_matches_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    model = Transformer(gpt_preset("GPT-B", 256)).eval()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, model.config.dim)
+    ff = model.layers[0].feed_forward
+    before = ff(x)
+    ff.fuse()
+    torch.testing.assert_close(ff(x), before, rtol=1e-5, atol=1e-5)
+    assert ff.w1.weight.data_ptr() == ff.w13.data_ptr()  # a view: no second copy of the weights
+    after = model.state_dict()
+    assert after.keys() == keys.keys() and all(torch.equal(after[k], v) for k, v in keys.items())
