@@ -14,6 +14,9 @@ import torch
 
 _M32 = 0xFFFFFFFF
 TIE_MARGIN = 16  # logits kept past the k-th largest when only the top of the vocabulary is sorted
+# the k_max values the engine captures a decode step for (see k_max_bucket): topk sizes 64 ... 4096, the
+# largest still within PyTorch's one-kernel sort on CUDA (<= 4096 per row) for re-ordering ties
+K_BUCKETS = tuple(k - TIE_MARGIN for k in (64, 256, 1024, 4096))
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,17 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | 
     return uncond + (cond - uncond) * scale
 
 
+def k_max_bucket(k_max: int, vocab: int) -> int:
+    """Round a batch's largest top_k up to one of a few sizes, so a CUDA graph per size covers every batch.
+    0 (some row has no top-k, or the bucket would sort half the vocabulary anyway): sort everything.
+    A larger k_max draws the same tokens: see `sample_tokens`."""
+    if k_max > 0:
+        for b in K_BUCKETS:
+            if k_max <= b:
+                return b if b + TIE_MARGIN < vocab // 2 else 0
+    return 0
+
+
 def sample_tokens(
     logits: torch.Tensor,
     seeds: torch.Tensor,
@@ -84,16 +98,23 @@ def sample_tokens(
     greedy: torch.Tensor,
     k_max: int = 0,
 ) -> torch.Tensor:
-    """logits (B, V) fp32; per-row settings (B,). Returns tokens (B,) int64. No host sync.
+    """logits (B, V) fp32; per-row settings (B,). Returns tokens (B,) int64. No host sync, static shapes.
 
     k_max > 0 promises every row's top_k is in 1..k_max: then only the k_max + TIE_MARGIN largest
-    logits are sorted (torch.topk), not the whole vocabulary; the draw is the same unless more
-    than TIE_MARGIN logits tie exactly with a row's k-th largest.
+    logits are sorted (torch.topk), not the whole vocabulary. Any k_max >= the rows' top_k (or 0)
+    draws the same tokens, unless more than TIE_MARGIN logits tie exactly with a row's k-th largest:
+    the kept tokens are the same, in the same order (ties by index, as the stable full sort), and the
+    draw only sums them in sorted order (cumsum, never a reduction over the row whose rounding could
+    depend on the row's length), so the extra dropped candidates of a larger k_max add exact zeros.
     """
     B, V = logits.shape
     scaled = logits / temperature.clamp_min(1e-5).view(B, 1)
     if k_max > 0 and k_max + TIE_MARGIN < V // 2:
         vals, order = torch.topk(scaled, k_max + TIE_MARGIN, dim=-1)  # (B, K) descending
+        # topk leaves the order of equal logits open (it may depend on K): index order, as the stable sort
+        order, by_index = order.sort(dim=-1)
+        vals, by_value = vals.gather(1, by_index).sort(dim=-1, descending=True, stable=True)
+        order = order.gather(1, by_value)
     else:
         vals, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (B, V)
     V = vals.shape[1]
@@ -101,14 +122,13 @@ def sample_tokens(
     k = top_k.clamp(0, V).view(B, 1)
     kth = vals.gather(1, (k - 1).clamp_min(0))
     drop = (vals < kth) & (k > 0)
-    vals = vals.masked_fill(drop, float("-inf"))
+    p = torch.exp(vals - vals[:, :1]).masked_fill(drop, 0.0)  # unnormalised probabilities, (B, V) sorted
     # top-p over what top-k left: drop tokens once the mass before them exceeds p; keep the first
-    cum = torch.softmax(vals, dim=-1).cumsum(dim=-1)
-    over = cum > top_p.view(B, 1)
-    over = torch.cat([torch.zeros_like(over[:, :1]), over[:, :-1]], dim=1)
-    vals = vals.masked_fill(over & (top_p.view(B, 1) < 1.0), float("-inf"))
+    cum = p.cumsum(dim=-1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1) / cum[:, -1:]
+    p = p.masked_fill((before > top_p.view(B, 1)) & (top_p.view(B, 1) < 1.0), 0.0)
     # inverse-CDF draw over the sorted distribution (the arg-max is sorted position 0)
-    cdf = torch.softmax(vals, dim=-1).cumsum(dim=-1)
+    cdf = p.cumsum(dim=-1)
     u = uniform_from(seeds, positions).to(cdf.device).view(B, 1) * cdf[:, -1:]
     j = torch.searchsorted(cdf, u).clamp_max(V - 1)
     j = torch.where(greedy.view(B, 1), torch.zeros_like(j), j)

@@ -3,6 +3,10 @@
 Single-threaded by design (the AsyncEngine runs it on its own thread). Requests of any
 condition, sampling settings, policy and budget share one batch; a CFG request is two
 rows (conditional, unconditional) that share one sample per step.
+
+A decode step is the model step, then `sample_and_feed` over static per-batch inputs (refilled only
+when the batch changes): on the GPU both are one CUDA graph replay, and the host keeps only integer
+bookkeeping (the mirror of each sequence's stored slots, eviction stats, progress and retirement).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..config import ConfigError, EngineConfig, ResolvedCache
@@ -20,7 +26,7 @@ from ..kv.policy import POLICY_MODE
 from ..kv.pool import PageAllocator, PoolGeometry, pages_for
 from ..kv.spill import SpillArena, SpillRecord
 from ..loading import LoadedModels, limit_cpu_threads
-from ..sampling import cfg_combine, sample_tokens
+from ..sampling import cfg_combine, k_max_bucket, sample_tokens
 from .imaging import DoneImage, ImageStage
 from .request import (
     DeadlineExceeded,
@@ -34,7 +40,7 @@ from .request import (
     RequestFailed,
     RequestStats,
 )
-from .runner import ModelRunner
+from .runner import ModelRunner, RowState
 from .scheduler import Schedulable, Scheduler
 
 Sink = Callable[[Event | EngineError], None]
@@ -76,6 +82,76 @@ class _Request(Schedulable):
         return len(self.allocs) == 2
 
 
+class StepBatch(NamedTuple):
+    """Inputs of one sampling step: views of two packed tensors, ints (11, W) and floats (3, W).
+    Item k (a request, or padding) has the per-item fields; row r (a sequence) has `row` and `owner`."""
+
+    cond: torch.Tensor  # (W,) logits row of item k's conditional sequence
+    uncond: torch.Tensor  # (W,) and of its unconditional one (== cond without CFG)
+    seed: torch.Tensor
+    j: torch.Tensor  # image tokens sampled so far: the index of the one sampled now (advanced in place)
+    cfg_interval: torch.Tensor
+    top_k: torch.Tensor
+    greedy: torch.Tensor  # 0/1
+    forced: torch.Tensor  # 0/1: take forced[slot, j] instead of a sample
+    slot: torch.Tensor  # row of the engine's codes/forced
+    row: torch.Tensor  # (W,) a runner row to feed
+    owner: torch.Tensor  # (W,) the item whose token that row is fed
+    cfg_scale: torch.Tensor  # floats from here
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+
+    @classmethod
+    def of(cls, ints: torch.Tensor, floats: torch.Tensor) -> StepBatch:
+        return cls(*ints.unbind(0), *floats.unbind(0))
+
+
+_N_FLOATS = 3  # the last fields of StepBatch
+_N_INTS = len(StepBatch._fields) - _N_FLOATS
+
+
+def sample_and_feed(b: StepBatch, logits: torch.Tensor, k_max: int, codes: torch.Tensor, forced: torch.Tensor,
+                    rows: RowState, pos_offset: int, guided: torch.Tensor) -> None:
+    """Image token j of every item of `b`, from its rows' logits (R, V): CFG-guided while its interval lasts,
+    sampled (or forced), written to codes[slot, j] and fed to its rows for the next decode step; then j += 1.
+    guided (W, V) receives the guided logits. Static shapes, no host sync: the decode CUDA graph captures it."""
+    jc = b.j.clamp_max(codes.shape[1] - 1)  # an index: padding items (and capture warm-ups) count on past the end
+    cond, uncond = logits[b.cond], logits[b.uncond]  # (W, V)
+    active = (b.cfg_scale > 1.0) & ((b.cfg_interval < 0) | (b.j <= b.cfg_interval + 1))
+    torch.where(active.view(-1, 1), cfg_combine(cond, uncond, b.cfg_scale), cond, out=guided)
+    tok = sample_tokens(guided, b.seed, b.j, b.temperature, b.top_k, b.top_p, b.greedy.bool(), k_max)
+    tok = torch.where(b.forced.bool(), forced[b.slot, jc], tok)
+    codes[b.slot, jc] = tok
+    # both rows of a request get the same token, at position T_cond + j
+    rows.tokens[b.row] = tok[b.owner]
+    rows.positions[b.row] = jc[b.owner] + pos_offset
+    b.j.add_(1)
+
+
+class _DecodeBatch:
+    """The running batch's step inputs in static device buffers of width max_rows (a step of bucket B
+    reads [:, :B]), refilled only when the batch changes. Called by the runner after the model step
+    (inside its CUDA graph, one per bucket and top-k bucket): samples and feeds one token per request."""
+
+    def __init__(self, max_rows: int, vocab: int, codes: torch.Tensor, forced: torch.Tensor, rows: RowState,
+                 pos_offset: int):
+        dev = codes.device
+        self.ints = torch.zeros(_N_INTS, max_rows, dtype=torch.long, device=dev)
+        self.floats = torch.zeros(_N_FLOATS, max_rows, device=dev)
+        self.guided = torch.zeros(max_rows, vocab, device=dev)  # (item, V): the last step's guided logits
+        self.codes, self.forced, self.rows, self.pos_offset = codes, forced, rows, pos_offset
+        self.k_max = 0  # top-k bucket of the batch: the graph key
+        self.want: tuple[torch.Tensor, list[int]] | None = None  # items that keep log-probs (device, host)
+
+    def __call__(self, B: int, k_max: int) -> None:
+        b = StepBatch.of(self.ints[:, :B], self.floats[:, :B])
+        sample_and_feed(b, self.rows.logits[:B], k_max, self.codes, self.forced, self.rows, self.pos_offset,
+                        self.guided[:B])
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.ints, self.codes]
+
+
 class Engine:
     def __init__(self, models: LoadedModels, config: EngineConfig):
         self.models = models
@@ -97,8 +173,9 @@ class Engine:
         self._ids = itertools.count()
         self._free_slots = list(range(config.max_batch_size - 1, -1, -1))
         B, N = config.max_batch_size, self.cfg.block_size
-        self.codes = torch.zeros(B, N, dtype=torch.long, device=self.device)
-        self.forced = torch.zeros(B, N, dtype=torch.long, device=self.device)
+        self.scratch_slot = B  # padding items of a decode step write their tokens here
+        self.codes = torch.zeros(B + 1, N, dtype=torch.long, device=self.device)
+        self.forced = torch.zeros(B + 1, N, dtype=torch.long, device=self.device)
         self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens,
                                   kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
         self.images = ImageStage(models.vq if config.decode_images else None, self.device, config.vq_decode_batch,
@@ -109,11 +186,10 @@ class Engine:
         self.spill = SpillArena(config.spill_arena_bytes, geo.n_layer, geo.kv_heads, geo.head_dim, geo.dtype,
                                 self.device)
         self.spill_steps_per_seq = config.spill_limit_bytes // self.spill.step_bytes
-        self._pin_next = 0
-        if self.device.type == "cuda":
-            self._pinned = [(torch.empty(self.max_rows, dtype=torch.long, pin_memory=True), None) for _ in range(4)]
-        self._batch_key: tuple | None = None
-        self._batch: dict[str, torch.Tensor] = {}
+        self._staging = _Staging(self.device)
+        self.batch = _DecodeBatch(self.max_rows, self.cfg.vocab_size, self.codes, self.forced, self.runner.rows,
+                                  self.cfg.cls_token_num)
+        self._batch_dirty = True  # the running batch changed: refill self.batch before the next step
 
     def _pool_geometry(self) -> PoolGeometry:
         c = self.config
@@ -203,7 +279,7 @@ class Engine:
         for rec in item.spill:
             self.spill.release(rec)
         self.requests.pop(item.request_id, None)
-        self._batch_key = None
+        self._batch_dirty = True
         by = self.stats_.requests_total_by_status
         by[status] = by.get(status, 0) + 1
         if outcome is not None:
@@ -253,7 +329,7 @@ class Engine:
             self.scheduler.free_rows.remove(hole)
             self.scheduler.free_rows.append(a.row)
             a.row = hole
-            self._batch_key = None
+            self._batch_dirty = True
         self.scheduler.free_rows.sort(reverse=True)
 
     def _setup_rows(self, item: _Request) -> None:
@@ -298,80 +374,80 @@ class Engine:
         for item in items:
             item.n_stored = counts[i: i + len(item.allocs)]
             i += len(item.allocs)
-        self._batch_key = None
-        cond_idx, uncond_idx = self._pair_indices(items, row_of=lambda a, k: k)
-        self._sample_and_advance(items, logits, cond_idx, uncond_idx)
-
-    def _pair_indices(self, items, row_of) -> tuple[torch.Tensor, torch.Tensor]:
-        cond, uncond, k = [], [], 0
-        for item in items:
-            cond.append(row_of(item.allocs[0], k))
-            uncond.append(row_of(item.allocs[-1], k + len(item.allocs) - 1))
-            k += len(item.allocs)
-        dev = self.device
-        return torch.tensor(cond, device=dev), torch.tensor(uncond, device=dev)
-
-    def _batch_tensors(self, items: list[_Request]) -> dict[str, torch.Tensor]:
-        """Per-request sampling settings as device tensors, rebuilt only when the batch changes."""
-        key = tuple((it.request_id, tuple(a.row for a in it.allocs)) for it in items)
-        if key == self._batch_key:
-            return self._batch
-        dev = self.device
-        s = [it.req.sampling for it in items]
-        cond, uncond = self._pair_indices(items, row_of=lambda a, k: a.row)
-        self._batch = dict(
-            j=torch.tensor([it.n_sampled for it in items], device=dev),  # advanced in place each step
-            cfg_scale=torch.tensor([x.cfg_scale for x in s], device=dev),
-            cfg_interval=torch.tensor([x.cfg_interval for x in s], device=dev),
-            want_logits=[k for k, it in enumerate(items) if it.req.want_logits],
-            cond=cond, uncond=uncond,
-            seeds=torch.tensor([it.req.seed for it in items], device=dev),
-            slots=torch.tensor([it.slot for it in items], device=dev),
-            temperature=torch.tensor([x.temperature for x in s], device=dev),
-            top_k=torch.tensor([x.top_k for x in s], device=dev),
-            k_max=max(x.top_k for x in s) if all(x.top_k > 0 for x in s) else 0,  # host int: sort less
-            top_p=torch.tensor([x.top_p for x in s], device=dev),
-            greedy=torch.tensor([x.greedy for x in s], device=dev),
-            forced=torch.tensor([it.req.forced_tokens is not None for it in items], device=dev),
-            rows=torch.tensor([a.row for it in items for a in it.allocs], device=dev),
-            owner=torch.tensor([k for k, it in enumerate(items) for _ in it.allocs], device=dev),
-        )
-        self._batch_key = key
-        return self._batch
-
-    def _sample_and_advance(self, items: list[_Request], logits: torch.Tensor, cond_idx, uncond_idx) -> None:
-        """Sample token j for each request from its rows' logits and feed it to its rows.
-        Everything per step stays on the device: no host synchronisation, no host-to-device copy."""
-        bt = self._batch_tensors(items)
-        j = bt["j"]
-        active = (bt["cfg_scale"] > 1.0) & ((bt["cfg_interval"] < 0) | (j <= bt["cfg_interval"] + 1))
-        cond_l, uncond_l = logits[cond_idx], logits[uncond_idx]
-        guided = torch.where(active.view(-1, 1), cfg_combine(cond_l, uncond_l, bt["cfg_scale"]), cond_l)
-        tok = sample_tokens(guided, bt["seeds"], j, bt["temperature"], bt["top_k"], bt["top_p"], bt["greedy"],
-                            bt["k_max"])
-        slots = bt["slots"]
-        tok = torch.where(bt["forced"], self.forced[slots, j], tok)
-        self.codes[slots, j] = tok
-        if bt["want_logits"]:  # one batched log-softmax, not one per request
-            logprobs = torch.log_softmax(guided[bt["want_logits"]], dim=-1)
-            for i, k in enumerate(bt["want_logits"]):
-                items[k].logprobs.append(logprobs[i])
-        # feed: both rows of a request get the same token, at position T_cond + j
-        rows = self.runner.rows
-        rows.tokens[bt["rows"]] = tok[bt["owner"]]
-        rows.positions[bt["rows"]] = j[bt["owner"]] + self.cfg.cls_token_num
-        j += 1
+        self._batch_dirty = True
+        # token 0 of the new requests only, eagerly, with inputs of their own: the decode batch is refilled
+        ints, floats = self._pack(items, len(rows), by_row=False)  # prefill logits are in sequence order
+        b = StepBatch.of(self._staging.copy(ints), self._staging.copy(floats))
+        guided = torch.empty_like(logits)  # (n_rows, V): items padded to the rows' count
+        sample_and_feed(b, logits, self._k_max(items), self.codes, self.forced, self.runner.rows,
+                        self.cfg.cls_token_num, guided)
+        want = [k for k, it in enumerate(items) if it.req.want_logits]
+        if want:
+            self._keep_logprobs(items, guided, self._staging.copy(torch.tensor(want)), want)
         for it in items:
             it.n_sampled += 1
         self._after_tokens(items)
 
+    def _pack(self, items: list[_Request], width: int, by_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host tensors (11, width) int64 and (3, width) fp32 of StepBatch fields for `items`, padded to
+        `width` items with greedy ones writing to the scratch slot, and to `width` rows with rows
+        n_rows..width-1 (the scratch rows of a compact batch) fed by the first padding item.
+        by_row: logits are indexed by runner row (decode), else by sequence in the order of items (prefill).
+        Built with numpy: this runs on every batch change, and torch.tensor(list) is 4x slower."""
+        ints, floats, k = [], [], 0
+        for it in items:
+            s = it.req.sampling
+            cond, uncond = (it.allocs[0].row, it.allocs[-1].row) if by_row else (k, k + len(it.allocs) - 1)
+            k += len(it.allocs)
+            ints.append((cond, uncond, it.req.seed, it.n_sampled, s.cfg_interval, s.top_k, s.greedy,
+                         it.req.forced_tokens is not None, it.slot))
+            floats.append((s.cfg_scale, s.temperature, s.top_p))
+        n = len(items)
+        i = np.empty((_N_INTS, width), dtype=np.int64)
+        i[:9, :n] = np.array(ints, dtype=np.int64).T
+        i[:9, n:] = np.array([0, 0, 0, 0, -1, 1, 1, 0, self.scratch_slot])[:, None]
+        i[9, :k] = [a.row for it in items for a in it.allocs]
+        i[9, k:] = np.arange(k, width)
+        i[10, :k] = [m for m, it in enumerate(items) for _ in it.allocs]
+        i[10, k:] = n
+        f = np.empty((_N_FLOATS, width), dtype=np.float32)
+        f[:, :n] = np.array(floats, dtype=np.float32).T
+        f[:, n:] = np.array([0.0, 1.0, 1.0])[:, None]
+        return torch.from_numpy(i), torch.from_numpy(f)
+
+    def _k_max(self, items: list[_Request]) -> int:
+        """The batch's top-k bucket (host int): topk over this many logits instead of sorting them all."""
+        top_k = [it.req.sampling.top_k for it in items]
+        return k_max_bucket(max(top_k) if min(top_k) > 0 else 0, self.cfg.vocab_size)
+
+    def _load_batch(self, items: list[_Request]) -> None:
+        """Refill the decode step's static inputs for a new batch: the only host-to-device copies of a step.
+        j restarts from each request's host count n_sampled, which the step advances in step with j."""
+        bt = self.batch
+        ints, floats = self._pack(items, self.max_rows, by_row=True)
+        self._staging.copy(ints, bt.ints)
+        self._staging.copy(floats, bt.floats)
+        bt.k_max = self._k_max(items)
+        want = [k for k, it in enumerate(items) if it.req.want_logits]
+        bt.want = (self._staging.copy(torch.tensor(want)), want) if want else None
+        self._batch_dirty = False
+
+    @staticmethod
+    def _keep_logprobs(items: list[_Request], guided: torch.Tensor, idx: torch.Tensor, want: list[int]) -> None:
+        logprobs = torch.log_softmax(guided[idx], dim=-1)  # one batched log-softmax, not one per request
+        for i, k in enumerate(want):
+            items[k].logprobs.append(logprobs[i])
+
     def _decode(self, running: list[_Request]) -> None:
         n_rows = sum(len(it.allocs) for it in running)
         t0 = time.perf_counter()
-        logits = self.runner.decode(n_rows)
+        if self._batch_dirty:
+            self._load_batch(running)
+        self.runner.decode(n_rows, self.batch, self.batch.k_max)  # model step + sampling + feeding
         per_step = self.cfg.n_layer * self.cfg.kv_heads  # slots one full sequence overwrites per step
         spilling = []
         for it in running:  # host mirror of the slots each sequence holds, and eviction stats
+            it.n_sampled += 1  # as the step advanced j on the device
             for s, a in enumerate(it.allocs):
                 if it.n_stored[s] >= it.cache.budget:
                     it.stats.evictions += per_step
@@ -383,8 +459,9 @@ class Engine:
                 it.stats.peak_kv_tokens = max(it.stats.peak_kv_tokens, it.n_stored[s])
         if spilling:
             self._spill_step(spilling)
-        bt = self._batch_tensors(running)
-        self._sample_and_advance(running, logits, bt["cond"], bt["uncond"])
+        if self.batch.want is not None:
+            self._keep_logprobs(running, self.batch.guided, *self.batch.want)
+        self._after_tokens(running)
         dt = time.perf_counter() - t0
         for fn in self.step_listeners:
             fn(dt, n_rows)
@@ -412,7 +489,7 @@ class Engine:
                     self.runner.clear_row(it.allocs[1].row)
                     self.scheduler.release(it, 1)
                     it.n_stored = it.n_stored[:1]
-                    self._batch_key = None
+                    self._batch_dirty = True
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
                 self._fail(it, RequestFailed(f"request failed: {e}"), "error")
 
@@ -435,28 +512,11 @@ class Engine:
     def _spill_step(self, spilling: list[tuple[int, SpillRecord]]) -> None:
         """One gather + one async copy for every sequence that overwrote slots this step."""
         rows = self.runner.rows
-        idx = self._index_to_device([r for r, _ in spilling])
+        idx = self._staging.copy(torch.tensor([r for r, _ in spilling]))
         recs = [rec for _, rec in spilling]
         before = [rec.bytes for rec in recs]
         self.spill.store(rows.spill_k[:, idx], rows.spill_v[:, idx], rows.spill_pos[:, idx], recs)
         self.stats_.spilled_bytes_total += sum(rec.bytes - b for rec, b in zip(recs, before))
-
-    def _index_to_device(self, values: list[int]) -> torch.Tensor:
-        """A small index tensor on the device without a host sync: a pageable copy would wait for
-        the GPU, so it goes through a ring of pinned buffers, each reused only after its copy ran."""
-        if self.device.type != "cuda":
-            return torch.tensor(values)
-        k = self._pin_next = (self._pin_next + 1) % len(self._pinned)
-        buf, ev = self._pinned[k]
-        if ev is not None:
-            ev.synchronize()  # only waits if the GPU is a whole ring behind
-        n = len(values)
-        buf[:n] = torch.tensor(values, dtype=torch.long)
-        out = buf[:n].to(self.device, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        self._pinned[k] = (buf, ev)
-        return out
 
     def _swap_out(self, item: _Request) -> None:
         saved = []
@@ -470,7 +530,7 @@ class Engine:
         item.stats.swapped_out += 1
         self.stats_.swapped_out_total += 1
         self.scheduler.enqueue(item, requeue=True)
-        self._batch_key = None
+        self._batch_dirty = True
 
     def _swap_in(self, item: _Request) -> None:
         for a, (pages, row_state) in zip(item.allocs, item.swap_data):
@@ -480,7 +540,7 @@ class Engine:
             bt.zero_()
             bt[: len(a.pages)] = torch.tensor(a.pages, dtype=torch.int32, device=self.device)
         item.swap_data = None
-        self._batch_key = None
+        self._batch_dirty = True
 
     # --- info ----------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -493,6 +553,36 @@ class Engine:
 
     def close(self) -> None:
         self.images.close()
+
+
+class _Staging:
+    """Host-to-device copies without a host sync: a copy from pageable memory waits for the GPU, so
+    values go through a ring of pinned buffers, each reused only after its copy ran."""
+
+    def __init__(self, device: torch.device, n: int = 8):
+        self.device = device
+        self.ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        if device.type == "cuda":
+            self.ring = [(torch.empty(0, dtype=torch.uint8), None) for _ in range(n)]
+        self.next = 0
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
+        """src (host) into dst on the device (a new tensor if None); returns it."""
+        if self.device.type != "cuda":
+            return src.to(self.device) if dst is None else dst.copy_(src)
+        k = self.next = (self.next + 1) % len(self.ring)
+        buf, ev = self.ring[k]
+        if ev is not None:
+            ev.synchronize()  # only waits if the GPU is a whole ring behind
+        nbytes = src.numel() * src.element_size()
+        if buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 2 * buf.numel()), dtype=torch.uint8, pin_memory=True)
+        staged = buf[:nbytes].view(src.dtype).view(src.shape).copy_(src)
+        out = staged.to(self.device, non_blocking=True) if dst is None else dst.copy_(staged, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.ring[k] = (buf, ev)
+        return out
 
 
 def _to_cpu(groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:

@@ -13,6 +13,7 @@ picking the next victim in the same pass: one kernel launch per layer on CUDA.
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,14 @@ import torch.nn.functional as F
 from ..kv.attention import DecodeRows, LayerState, pool_decode
 from ..kv.pool import KVPool, PoolGeometry
 from ..model.llamagen import Transformer, prompt_attention_mask
+
+
+class StepHook(Protocol):
+    """Work that runs right after the model step, inside its CUDA graph (the engine's sampling)."""
+
+    def __call__(self, B: int, key: int) -> None: ...  # rows [:B]; key picks one of its graph variants
+
+    def state(self) -> list[torch.Tensor]: ...  # tensors it changes: restored after a capture's warmup
 
 
 class RowState:
@@ -127,8 +136,9 @@ class ModelRunner:
         if compile_step:  # fuse norms, RoPE and residuals: a decode step is otherwise launch-bound
             model.compile_blocks()
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < max_rows] + [max_rows]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # by (bucket, hook key)
         self._warmup_stream: torch.cuda.Stream | None = None
+        self._graph_pool = None
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -181,36 +191,48 @@ class ModelRunner:
         r.n_stored[:B] = n_slots
 
     @torch.no_grad()
-    def decode(self, n_rows: int) -> torch.Tensor:
-        """One token for rows [:n_rows] (tokens/positions already set). Returns logits (bucket, V)."""
+    def decode(self, n_rows: int, then: StepHook | None = None, key: int = 0) -> torch.Tensor:
+        """One token for rows [:n_rows] (tokens/positions already set), then `then(bucket, key)` (the
+        engine's sampling, which feeds the next tokens) in the same CUDA graph, one per (bucket, key):
+        pass the same hook on every call. Returns logits (bucket, V)."""
         B = self.bucket_for(n_rows)  # rows n_rows..B-1 were cleared when released: scratch only
         if not self.use_graphs:
-            self._decode(B)
+            self._step(B, then, key)
         else:
-            g = self.graphs.get(B)
+            g = self.graphs.get((B, key))
             if g is None:
-                g = self._capture(B)
+                g = self._capture(B, then, key)
             g.replay()
         return self.rows.logits[:B]
 
-    def _capture(self, B: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, B: int, then: StepHook | None, key: int) -> torch.cuda.CUDAGraph:
         # Warm up on a side stream (compiles Triton, allocates workspaces), then capture.
-        # Captured on scratch state so the real rows are untouched.
-        saved = [t.clone() for t, _ in self.rows.per_row()]
+        # Warmed up on scratch rows and with the hook's state saved, so real rows and tokens are untouched
+        # (the capture itself runs nothing).
+        state = [t for t, _ in self.rows.per_row()] + (then.state() if then is not None else [])
+        saved = [t.clone() for t in state]
         for row in range(B):
             self.clear_row(row)
         if self._warmup_stream is None:  # one for every capture: a new stream each time strands cached blocks
             self._warmup_stream = torch.cuda.Stream()
+            self._graph_pool = torch.cuda.graph_pool_handle()
         s = self._warmup_stream
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self._decode(B)
+                self._step(B, then, key)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with self.gpu_lock, torch.cuda.graph(g):
-            self._decode(B)
-        for (t, _), s_ in zip(self.rows.per_row(), saved):
+        # one memory pool for all graphs: they never run concurrently and write their results into
+        # static buffers allocated outside, so one graph's temporaries may reuse another's
+        with self.gpu_lock, torch.cuda.graph(g, pool=self._graph_pool):
+            self._step(B, then, key)
+        for t, s_ in zip(state, saved):
             t.copy_(s_)
-        self.graphs[B] = g
+        self.graphs[(B, key)] = g
         return g
+
+    def _step(self, B: int, then: StepHook | None, key: int) -> None:
+        self._decode(B)
+        if then is not None:
+            then(B, key)

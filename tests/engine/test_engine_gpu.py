@@ -59,3 +59,117 @@ def test_engine_matches_reference_on_gpu(dtype):
     # that image (measured 48% on an H200): the bound only catches a broken path (random: ~0%).
     assert agree >= (0.98 if dtype == torch.float32 else 0.25)
     assert agree_adsa >= (0.98 if dtype == torch.float32 else 0.25)
+
+
+def test_cuda_graph_step_matches_the_eager_step():
+    """Sampling and feeding captured in the decode step's CUDA graphs (one per batch bucket and top-k
+    bucket, captured mid-run while other requests hold real state) draw exactly the eager engine's
+    tokens: mixed CFG / no CFG / CFG interval, top-k buckets 240 / 1008 / full sort, requests joining and
+    leaving, one request with log-probs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    cfg = GPTConfig(dim=256, n_layer=4, n_head=4, vocab_size=16384, block_size=64, num_classes=10)
+    gpt = load_gpt(cfg, None, "cuda", torch.float32)
+    models = LoadedModels("tiny", gpt, None, cfg, None, 128, torch.device("cuda"), torch.float32)
+    sp = SamplingParams
+    sps = [sp(cfg_scale=4.0, top_k=50), sp(cfg_scale=1.0, top_k=0, top_p=0.9),  # top-k bucket 240, full sort
+           sp(cfg_scale=2.0, cfg_interval=5, top_k=200, temperature=0.8), sp(cfg_scale=3.0, greedy=True, top_k=5),
+           sp(cfg_scale=1.0, top_k=1000), sp(cfg_scale=4.0, top_k=50), sp(cfg_scale=1.5, top_k=200),
+           sp(cfg_scale=4.0, top_k=20), sp(cfg_scale=1.0, top_k=0), sp(cfg_scale=2.0, top_k=100, top_p=0.95)]
+    # step -> requests submitted then: the batch's top-k bucket moves through 0, 1008, 240, 0, 240
+    joins = {0: [0, 1, 2], 7: [3, 4], 30: [5, 6], 70: [7], 75: [8], 80: [9]}
+
+    def run(graphs: bool) -> dict:
+        eng = Engine(models, EngineConfig(device="cuda", max_batch_size=8, page_size=16, cuda_graphs=graphs,
+                                          kv_pool_tokens=16 * cfg.seq_len))
+        done: dict = {}
+        step = 0
+        while step in joins or eng.has_work or step < max(joins):
+            for i in joins.get(step, []):
+                eng.submit(GenerationRequest(condition=i, seed=100 + i, sampling=sps[i],
+                                             want_logits=i == 4, request_id=str(i)),
+                           lambda ev, i=i: done.__setitem__(i, ev))
+            eng.step()
+            step += 1
+        eng.close()
+        n_graphs = len(eng.runner.graphs)
+        del eng
+        torch.cuda.empty_cache()
+        assert all(isinstance(ev, Finished) for ev in done.values()) and len(done) == 10
+        return {"codes": {i: ev.codes.cpu() for i, ev in done.items()}, "logprobs": done[4].logprobs,
+                "graphs": n_graphs}
+
+    eager, graphed = run(False), run(True)
+    assert eager["graphs"] == 0 and graphed["graphs"] >= 3
+    for i in range(10):
+        assert torch.equal(graphed["codes"][i], eager["codes"][i]), (i, (graphed["codes"][i] != eager["codes"][i])
+                                                                     .nonzero()[:5].flatten().tolist())
+    assert torch.equal(graphed["logprobs"], eager["logprobs"])
+
+
+def test_captured_sampling_equals_eager_sampling():
+    """The sampling function alone, on fixed logits: replaying its CUDA graph (padding items and rows
+    included) gives the eager call's tokens, codes, fed rows and j, for each top-k bucket."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from adsa_core.engine.engine import StepBatch, sample_and_feed
+    from adsa_core.engine.runner import RowState
+    from adsa_core.kv.pool import PoolGeometry
+
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    V, N, B, R = 16384, 64, 16, 32
+    logits = (torch.randn(R, V, generator=gen) * 3).bfloat16().float().to(dev)  # bf16 ties
+    n_items = 5  # items 5..15 and rows 9..15 are padding
+    ints = torch.zeros(11, R, dtype=torch.long)
+    ints[0, :n_items] = torch.tensor([0, 2, 4, 5, 7])  # cond rows
+    ints[1, :n_items] = torch.tensor([1, 3, 4, 6, 8])  # uncond rows (item 2: no CFG)
+    ints[2] = torch.arange(R) * 7919
+    ints[3, :n_items] = torch.tensor([0, 3, 10, 40, 63])  # j
+    ints[4] = -1
+    ints[4, 3] = 20  # CFG interval over for item 3
+    ints[5] = torch.tensor([30, 1, 500, 64, 200] + [1] * (R - n_items))  # top_k
+    ints[6, 3] = 1  # greedy
+    ints[7, 1] = 1  # forced
+    ints[8] = torch.tensor([0, 1, 2, 3, 4] + [8] * (R - n_items))  # slot; 8 = scratch
+    ints[9] = torch.arange(R)
+    ints[10] = torch.tensor([0, 0, 1, 1, 2, 3, 3, 4, 4] + [n_items] * (R - 9))  # owner
+    floats = torch.ones(3, R)
+    floats[0, :n_items] = torch.tensor([4.0, 2.0, 1.0, 3.0, 1.5])
+    floats[1, :n_items] = torch.tensor([1.0, 0.7, 1.2, 1.0, 0.9])
+    floats[2, :n_items] = torch.tensor([1.0, 0.9, 0.8, 1.0, 0.95])
+    geo = PoolGeometry.for_model(GPTConfig(dim=64, n_layer=1, n_head=4, vocab_size=V, block_size=N), 16, 2,
+                                 torch.float32)
+
+    def state():
+        return (ints.to(dev), floats.to(dev), torch.zeros(9, N, dtype=torch.long, device=dev),
+                torch.zeros(9, N, dtype=torch.long, device=dev), RowState(geo, R, 4, V, dev),
+                torch.zeros(R, V, device=dev))
+
+    for k_max in (0, 1008, 4080):  # full sort, top-k buckets >= every item's top_k
+        eager, graphed = state(), state()
+        for s in (eager, graphed):
+            s[3].random_(0, V, generator=torch.Generator(device=dev).manual_seed(1))  # forced tokens
+
+        def step(s, k_max=k_max):
+            sample_and_feed(StepBatch.of(s[0][:, :B], s[1][:, :B]), logits[:B], k_max, s[2], s[3], s[4], 1,
+                            s[5][:B])
+
+        step(eager)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(state())  # warm-up on throw-away state
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step(graphed)
+        g.replay()
+        torch.cuda.synchronize()
+        for a, b in [(eager[0], graphed[0]), (eager[2], graphed[2]), (eager[4].tokens, graphed[4].tokens),
+                     (eager[4].positions, graphed[4].positions), (eager[5], graphed[5])]:
+            assert torch.equal(a, b), k_max
+        assert (eager[0][3, :n_items].cpu() == ints[3, :n_items] + 1).all()
+        assert eager[2][1, 3] == eager[3][1, 3]  # the forced item
