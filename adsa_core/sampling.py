@@ -15,8 +15,9 @@ import torch
 _M32 = 0xFFFFFFFF
 TIE_MARGIN = 16  # logits kept past the k-th largest when only the top of the vocabulary is sorted
 # the k_max values the engine captures a decode step for (see k_max_bucket): topk sizes 64 ... 4096, the
-# largest still within PyTorch's one-kernel sort on CUDA (<= 4096 per row) for re-ordering ties
-K_BUCKETS = tuple(k - TIE_MARGIN for k in (64, 256, 1024, 4096))
+# largest still within PyTorch's one-kernel sort on CUDA (<= 4096 per row) for re-ordering ties; 2048
+# because LlamaGen's samplers default to top_k 2000 (a 4096 bucket would sort twice the candidates)
+K_BUCKETS = tuple(k - TIE_MARGIN for k in (64, 256, 1024, 2048, 4096))
 
 
 @dataclass(frozen=True)
