@@ -52,7 +52,8 @@ class Runtime:
             engine = AsyncEngine(models, config)
             await self._start_engine(engine)
             self.engine = engine
-            log.info("model %s loaded on %s (%s)", models.name, models.device, config.dtype)
+            kv = config.kv_cache_dtype
+            log.info("model %s loaded on %s (%s, KV cache %s)", models.name, models.device, config.dtype, kv)
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -178,6 +178,9 @@ class ModelCard(BaseModel):
     default_policy: str
     default_budget: int | float | None = Field(description="Default KV budget in tokens per sequence")
     seq_len: int | None = Field(None, description="Tokens a sequence holds without eviction (dense budget)")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="KV cache storage (ADSA_KV_CACHE_DTYPE): auto, the model's dtype; fp8, e4m3 K/V"
+    )
     sampling_defaults: dict[str, Any]
     limits: ModelLimits
 

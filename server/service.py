@@ -290,6 +290,7 @@ class GenerationService:
             default_policy=info.default_policy,
             default_budget=info.default_budget,
             seq_len=getattr(info, "seq_len", None),
+            kv_cache_dtype=s.kv_cache_dtype,
             sampling_defaults=dict(info.sampling_defaults or {}),
             limits=ModelLimits(
                 max_images_per_request=MAX_IMAGES,

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(_ENGINE.max_queue, ge=1, description="Waiting images beyond this get HTTP 429")
     cuda_graphs: bool = Field(_ENGINE.cuda_graphs, description="Capture the decode step in CUDA graphs")
+    # the values of adsa_core.kv.pool.KV_CACHE_DTYPES (a test keeps them equal; pool imports torch)
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        _ENGINE.kv_cache_dtype,
+        description="KV cache storage. auto: the model's dtype; fp8: e4m3 K/V, half the KV memory and bandwidth, "
+        "GPUs with compute capability >= 8.9 (H100, L4)",
+    )
 
     # --- requests
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline of a generate request (HTTP 504)")
@@ -95,7 +101,7 @@ class Settings(BaseSettings):
             return float(s) if any(c in s for c in ".e") else int(s)
         return v
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "kv_cache_dtype", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
@@ -131,5 +137,6 @@ class Settings(BaseSettings):
             kv_pool_memory_fraction=self.kv_pool_memory_fraction,
             max_queue=self.max_queue,
             cuda_graphs=self.cuda_graphs,
+            kv_cache_dtype=self.kv_cache_dtype,
             default_cache=self.cache_config(),
         )

@@ -123,6 +123,16 @@ def test_server_service(base, repo):
     assert "8000" in str(svc["ports"][0])
 
 
+def test_server_variables_are_settings(base):
+    """A misspelt ADSA_* variable would be ignored silently: each one must name a server setting."""
+    from server.settings import Settings
+
+    env = base["services"]["adsa-serve"]["environment"]
+    unknown = [k for k in env if k.removeprefix("ADSA_").lower() not in Settings.model_fields]
+    assert not unknown, unknown
+    assert "ADSA_KV_CACHE_DTYPE" in env
+
+
 def test_monitoring_services(base, repo):
     prom = base["services"]["prometheus"]
     assert "./prometheus:/etc/prometheus:ro" in prom["volumes"]

@@ -154,6 +154,18 @@ def test_deployment(repo, objs):
     assert str(pod["securityContext"]["runAsUser"]) == docker_user
 
 
+def test_env_file_is_valid_settings(repo, objs):
+    """Every ADSA_* variable of the ConfigMap and the container names a server setting, and the values parse."""
+    from server.settings import Settings
+
+    env = _env_file(repo)
+    names = [*env, *(e["name"] for e in _container(objs)["env"] if e["name"].startswith("ADSA_"))]
+    unknown = [k for k in names if k.removeprefix("ADSA_").lower() not in Settings.model_fields]
+    assert not unknown, unknown
+    s = Settings(_env_file=None, **{k.removeprefix("ADSA_").lower(): v for k, v in env.items()})
+    assert s.kv_cache_dtype == "auto" and s.device == "cuda"
+
+
 def test_selectors_line_up(objs):
     tmpl_labels = objs[("Deployment", "adsa-serve")]["spec"]["template"]["metadata"]["labels"]
     dep_sel = objs[("Deployment", "adsa-serve")]["spec"]["selector"]["matchLabels"]

@@ -27,8 +27,16 @@ def _live_servers():
             "live",
             {"ADSA_API_KEYS": f"{API_KEY},other-key", "ADSA_MAX_BATCH_SIZE": "16", "ADSA_PREVIEW_EVERY_ROWS": "1"},
         ),
-        # a one-image-at-a-time server with a short queue: 429s and the SIGTERM drain test
-        "small": LiveServer("small", {"ADSA_MAX_BATCH_SIZE": "1", "ADSA_MAX_QUEUE": "4", "ADSA_DRAIN_TIMEOUT_S": "60"}),
+        # a one-image-at-a-time server with a short queue and an fp8 KV cache: 429s and the SIGTERM drain test
+        "small": LiveServer(
+            "small",
+            {
+                "ADSA_MAX_BATCH_SIZE": "1",
+                "ADSA_MAX_QUEUE": "4",
+                "ADSA_DRAIN_TIMEOUT_S": "60",
+                "ADSA_KV_CACHE_DTYPE": "fp8",
+            },
+        ),
     }
     try:
         for s in servers.values():

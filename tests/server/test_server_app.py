@@ -43,11 +43,18 @@ async def test_health_ready_models_openapi():
         assert card["id"] == "fake-demo" and card["model_type"] == "c2i" and card["num_classes"] == 10
         assert card["classes"][3] == {"id": 3, "name": "class3", "emoji": "*"}
         assert "adsa" in card["policies"] and card["limits"]["max_images_per_request"] == 16
+        assert card["kv_cache_dtype"] == "auto"
         assert (await c.get("/v1/models/fake-demo")).json()["id"] == "fake-demo"
         assert_error(await c.get("/v1/models/other"), 404, "model_not_found")
         spec = (await c.get("/openapi.json")).json()
         assert {"/v1/generate", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
         assert (await c.get("/docs")).status_code == 200
+
+
+async def test_model_card_reports_kv_cache_dtype():
+    async with fake_client(S(kv_cache_dtype="fp8")) as (c, _):
+        assert (await c.get("/v1/models")).json()["data"][0]["kv_cache_dtype"] == "fp8"
+        assert (await c.get("/v1/models/fake-demo")).json()["kv_cache_dtype"] == "fp8"
 
 
 async def test_generate_json_png_and_alias():

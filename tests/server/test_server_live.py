@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -194,7 +195,18 @@ def test_metrics_has_every_design_name(live_server):
     assert gauge(live_server, "adsa_kv_cache_capacity_tokens") > 0
 
 
-# --- the small server (one image at a time, queue of 4); the drain test ends it, so it runs last
+# --- the small server (one image at a time, queue of 4, fp8 KV cache); the drain test ends it, so it runs last
+
+
+def test_fp8_kv_cache(small_server, live_server):
+    """ADSA_KV_CACHE_DTYPE=fp8 reaches the engine (the CPU casts): e4m3 K/V, valid images."""
+    start_up = [Path(srv.log_path).read_text(errors="replace") for srv in (small_server, live_server)]
+    assert "KV cache fp8" in start_up[0] and "KV cache auto" in start_up[1]
+    with small_server.client() as c:
+        assert c.get("/v1/models").json()["data"][0]["kv_cache_dtype"] == "fp8"
+        r = c.post("/v1/generate", json={"class_label": 3, "seed": 7, "response_format": "png"})
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    wait_for(lambda: idle(small_server))
 
 
 def test_queue_full_is_429(small_server):

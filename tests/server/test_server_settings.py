@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
 from adsa_core.config import CacheConfig, ConfigError, EngineConfig
+from adsa_core.kv.pool import KV_CACHE_DTYPES
 from server.__main__ import build_parser, load_settings
 from server.settings import Settings
 
@@ -18,6 +21,7 @@ def test_defaults_follow_engine_config():
         e.kv_pool_memory_fraction,
     )
     assert (s.kv_policy, s.kv_budget) == (c.policy, c.budget)
+    assert s.kv_cache_dtype == e.kv_cache_dtype == "auto"
     assert s.api_keys == [] and s.cors_origins == []
     spec = s.model_spec()
     assert spec.is_demo and spec.device == "auto"
@@ -69,9 +73,30 @@ def test_engine_config_mapping():
         max_batch_size=4,
         kv_pool_tokens=4096,
         cuda_graphs=False,
+        kv_cache_dtype="fp8",
     )
     e = s.engine_config("cpu", "float32")
+    assert e.kv_cache_dtype == "fp8"
     assert e.default_cache == CacheConfig(policy="window", budget=128, local=20)
     assert (e.device, e.dtype, e.max_batch_size, e.kv_pool_tokens, e.cuda_graphs) == ("cpu", "float32", 4, 4096, False)
     with pytest.raises(ConfigError):
         Settings(_env_file=None, kv_policy="nope").cache_config()
+
+
+def test_kv_cache_dtype(monkeypatch, capsys):
+    # the setting offers exactly the engine's storage names
+    assert get_args(Settings.model_fields["kv_cache_dtype"].annotation) == KV_CACHE_DTYPES
+    monkeypatch.setenv("ADSA_KV_CACHE_DTYPE", "FP8")  # case-insensitive, like the log level
+    assert Settings(_env_file=None).kv_cache_dtype == "fp8"
+    assert load_settings(["--kv-cache-dtype", "auto"]).kv_cache_dtype == "auto"  # the flag wins
+    assert load_settings([]).engine_config("cpu", "float32").kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit) as e:
+        load_settings(["--kv-cache-dtype", "int8"])  # argparse choices from the Literal
+    assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+    monkeypatch.setenv("ADSA_KV_CACHE_DTYPE", "fp16")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        Settings(_env_file=None)
+    with pytest.raises(SystemExit) as e:
+        load_settings([])
+    assert e.value.code == 2
+    assert "adsa-serve: invalid setting kv_cache_dtype: Input should be 'auto' or 'fp8'" in capsys.readouterr().err
