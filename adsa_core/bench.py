@@ -49,6 +49,7 @@ class Row:
     card: str
     ratio_to_baseline: float | None = None
     note: str = ""
+    kv_cache_dtype: str = "auto"  # engine rows: "fp8" stores K/V in e4m3 (the reference keeps the model's)
 
 
 def _sync(device: torch.device) -> None:
@@ -101,7 +102,7 @@ def bench_reference(models: LoadedModels, batch: int, sampling: SamplingParams, 
 
 def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, policy: str,
                  budget: float | None, graphs: bool, spill_limit: int, compile_step: bool = False,
-                 waves: int = 3) -> Row:
+                 waves: int = 3, kv_cache_dtype: str = "auto") -> Row:
     """`waves` x `batch` requests submitted at once to an engine running at most `batch` at a time:
     serving throughput, where each wave's VQ decode overlaps the next wave's tokens (only the
     last wave's decode is exposed). The KV pool holds exactly what one wave needs."""
@@ -115,7 +116,7 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
                       max_queue=(waves + 1) * batch, spill_limit_bytes=spill_limit, cuda_graphs=graphs,
                       compile_step=compile_step,
                       default_cache=cache, encode_png=False,  # the baseline decodes but does not encode PNGs
-                      vq_decode_batch=8)
+                      vq_decode_batch=8, kv_cache_dtype=kv_cache_dtype)
     _sync(dev)
     _reset_peak(dev)
     engine = Engine(models, ec)
@@ -141,7 +142,9 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
     kv = sum(f.stats.kv_bytes for f in done) // waves
     engine.close()
     return Row(models.name, models.image_size, policy, budget, batch, n / total, n * cfg.block_size / total,
-               _peak(dev), kv, 1000 * total / (waves * cfg.block_size), total, card_name(dev), note=f"{waves} waves")
+               _peak(dev), kv, 1000 * total / (waves * cfg.block_size), total, card_name(dev),
+               note=f"{waves} waves" + ("" if kv_cache_dtype == "auto" else f", {kv_cache_dtype} KV"),
+               kv_cache_dtype=kv_cache_dtype)
 
 
 def random_models(cfg: GPTConfig, vq_cfg: VQConfig, name: str, image_size: int, device: torch.device,
@@ -182,6 +185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     p.add_argument("--waves", type=int, default=3, help="engine: requests = waves x batch, at most batch at once")
     p.add_argument("--spill-limit-mb", type=float, default=16.0, help="per-sequence spill limit")
+    p.add_argument("--kv-cache-dtypes", default="auto",
+                   help="engine rows for each KV storage dtype: auto (the model's), fp8 (e4m3), or both: auto,fp8")
     p.add_argument("--smoke", action="store_true", help="tiny model, seconds, for CI")
     p.add_argument("--out", default="bench-out")
     return p.parse_args(argv)
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     policies = [p for p in a.policies.split(",") if p]
     batches = [int(b) for b in a.batches.split(",")]
     sparse_batches = [int(b) for b in a.sparse_batches.split(",")] if a.sparse_batches else batches
+    kv_dtypes = [d for d in a.kv_cache_dtypes.split(",") if d]
     if a.smoke:
         setups = [("smoke", 32, GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10),
                    VQConfig(codebook_size=64, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2), z_channels=32,
@@ -211,21 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, size, cfg, vq_cfg in setups:
         models = random_models(cfg, vq_cfg, name, size, device, dtype)
         for batch in sorted(set(batches) | set(sparse_batches)):
-            runs: list[tuple[str, float | None]] = []  # (policy, budget); "reference" is the baseline
+            runs: list[tuple[str, float | None, str]] = []  # (policy, budget, kv dtype); "reference": baseline
             if not a.no_reference and batch in batches:
-                runs.append(("reference", None))
+                runs.append(("reference", None, "auto"))
             if batch in batches:
-                runs.append(("dense", None))
+                runs += [("dense", None, kv) for kv in kv_dtypes]
             if batch in sparse_batches:
-                runs += [(pol, bud) for pol in policies for bud in budgets]
+                runs += [(pol, bud, kv) for kv in kv_dtypes for pol in policies for bud in budgets]
             base = None
-            for policy, budget in runs:
+            for policy, budget, kv_dtype in runs:
                 try:
                     if policy == "reference":
                         row = bench_reference(models, batch, sampling, not a.eager_reference and device.type == "cuda")
                     else:
                         row = bench_engine(models, batch, sampling, policy, budget, not a.no_graphs, spill, a.compile,
-                                           a.waves)
+                                           a.waves, kv_dtype)
                 except torch.cuda.OutOfMemoryError as e:
                     print(f"OOM: {e}", file=sys.stderr)
                     torch.cuda.empty_cache()
@@ -234,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                     base = row
                 row.ratio_to_baseline = row.img_per_s / base.img_per_s if base else None
                 rows.append(row)
-                print(f"{row.model} {row.size} {row.policy:9s} budget={row.budget} batch={row.batch}: "
+                print(f"{row.model} {row.size} {row.policy:9s} kv={row.kv_cache_dtype} budget={row.budget} "
+                      f"batch={row.batch}: "
                       f"{row.img_per_s:.2f} img/s, peak {row.peak_memory_bytes / 2**30:.2f} GiB, "
                       f"kv {row.kv_bytes / 2**30:.2f} GiB, {row.step_ms:.2f} ms/token", file=sys.stderr, flush=True)
                 (out / "bench.json").write_text(json.dumps(

@@ -291,4 +291,5 @@ class EngineConfig:
     # images per VQ decode call. 1 keeps every image's bytes independent of the images finishing
     # beside it (batched convolutions differ in the last bit); larger decodes faster
     vq_decode_batch: int = 1
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": e4m3 K/V (half the bytes read per step)
     default_cache: CacheConfig = field(default_factory=CacheConfig)

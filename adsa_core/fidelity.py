@@ -58,6 +58,7 @@ from .engine.request import (
     RequestStats,
 )
 from .images import to_uint8
+from .kv.pool import KV_CACHE_DTYPES
 from .loading import DEMO_DIR, LoadedModels, ModelSpec, load_models
 from .sampling import SamplingParams
 
@@ -456,11 +457,13 @@ class Options:
     grid_max: int = 16  # images (columns) in grid.png
     feature_batch: int = 64
     dense_check: bool = True  # force dense's own tokens through the dense cache too (KL must be 0)
+    kv_cache_dtype: str = "auto"  # every setting's K/V storage (dense included): "auto" or "fp8"
 
 
 def _run(models: LoadedModels, reqs: list[GenerationRequest], opts: Options, on_finished, progress) -> None:
     """One engine pass. No spilling: the harness never reads spilled K/V (it does not change the outputs)."""
-    run_requests(models, reqs, opts.batch_size, on_finished, progress, spill_limit_bytes=0)
+    run_requests(models, reqs, opts.batch_size, on_finished, progress, spill_limit_bytes=0,
+                 kv_cache_dtype=opts.kv_cache_dtype)
     if models.device.type == "cuda":  # the next pass's engine sizes its pool from free memory
         gc.collect()
         torch.cuda.empty_cache()
@@ -1067,6 +1070,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on cuda, fp32 on cpu")
+    s.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="K/V storage of every row, dense included (fp8: e4m3); compare runs to see fp8's cost")
 
     f = p.add_argument_group("image metrics")
     f.add_argument(
@@ -1209,7 +1214,8 @@ def run_fidelity(
                 )
     images = ImageSet.make(classes, a.seeds, a.seed)
     batch = a.batch_size or (256 if models.device.type == "cuda" else 16)
-    opts = Options(batch_size=batch, grid_max=a.grid_max, dense_check=not a.no_dense_check)
+    opts = Options(batch_size=batch, grid_max=a.grid_max, dense_check=not a.no_dense_check,
+                   kv_cache_dtype=a.kv_cache_dtype)
 
     if sweep_sampling:
         candidates = [dataclasses.replace(sampling, **cand) for cand in a.sampling_sweep]
@@ -1248,6 +1254,7 @@ def run_fidelity(
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device,
         "dtype": str(models.dtype).removeprefix("torch."),
+        "kv_cache_dtype": opts.kv_cache_dtype,
         "torch": torch.__version__,
         "model": models.name,
         "gpt_ckpt_sha256": _sha256(_gpt_ckpt_path(spec)),

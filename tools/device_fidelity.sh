@@ -28,7 +28,8 @@
 # DEVICE_FIDELITY_BATCH (256 on the GPU: images in flight), DEVICE_FIDELITY_REF (.device-carry/emoji.npz),
 # DEVICE_FIDELITY_CANDIDATES ("cfg=2;cfg=2,p=0.9;..."), DEVICE_FIDELITY_PICK (best | default: the
 # sampling of steps 2-3), DEVICE_FIDELITY_STEPS (1,2: which of step 1 and steps 2-3 run),
-# DEVICE_FIDELITY_SWEEP_PREFIX / _SWEEP_LOCAL, PYTHON (python3).
+# DEVICE_FIDELITY_SWEEP_PREFIX / _SWEEP_LOCAL, DEVICE_FIDELITY_KV (auto | fp8: the K/V storage of every
+# row, dense included), PYTHON (python3).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,6 +46,7 @@ SCALE="${DEVICE_FIDELITY_SCALE:-1}"
 REF="${DEVICE_FIDELITY_REF:-.device-carry/emoji.npz}"
 PICK="${DEVICE_FIDELITY_PICK:-best}"
 STEPS="${DEVICE_FIDELITY_STEPS:-1,2}"
+KV="${DEVICE_FIDELITY_KV:-auto}"
 KEEP="${DEVICE_FIDELITY_KEEP:-all}"
 LOG="$OUT/run.log"
 [ "$KEEP" = all ] || LOG="$(mktemp /tmp/device_fidelity.XXXXXX.log)"
@@ -107,12 +109,12 @@ FAILED=()
 stamp() { echo "== $(date -u +%H:%M:%S) +$((SECONDS - T0)) s: $*"; }
 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); batch $BATCH; scale $SCALE; tiny $TINY"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); batch $BATCH; scale $SCALE; tiny $TINY; kv $KV"
 
 # ---- 1. sampling candidates (dense only) --------------------------------------------------------------
 if [[ ",$STEPS," == *",1,"* ]]; then
 stamp "1. sampling sweep: $CANDIDATES"
-"$PY" -m adsa_core.fidelity --device "$DEVICE" --sampling-sweep "$CANDIDATES" \
+"$PY" -m adsa_core.fidelity --device "$DEVICE" --kv-cache-dtype "$KV" --sampling-sweep "$CANDIDATES" \
     --classes "$(spread "$SAMPLING_CLASSES")" --seeds 2 --seed 1000 --batch-size "$BATCH" \
     "${REF_ARGS[@]}" --grid-max 20 --progress --out "$OUT/sampling" || FAILED+=("sampling sweep")
 fi
@@ -125,7 +127,7 @@ echo "sampling for the table: ${SAMPLING_FLAGS:-the default of the model}"
 if [[ ",$STEPS," == *",2,"* ]]; then
 stamp "2+3. fidelity table + n/m sweep"
 # shellcheck disable=SC2086  # SAMPLING_FLAGS is a list of flags
-"$PY" -m adsa_core.fidelity --device "$DEVICE" $SAMPLING_FLAGS --policies dense,adsa,window \
+"$PY" -m adsa_core.fidelity --device "$DEVICE" --kv-cache-dtype "$KV" $SAMPLING_FLAGS --policies dense,adsa,window \
     --budgets 1/2,1/4,1/6 --sweep-budget 1/4,1/6 --sweep-prefix "$SWEEP_PREFIX" --sweep-local "$SWEEP_LOCAL" \
     --classes "$(spread "$TABLE_CLASSES")" --seeds 1 --seed 2000 --batch-size "$BATCH" \
     "${REF_ARGS[@]}" --grid-max 10 --progress --out "$OUT/fidelity" || FAILED+=("fidelity table")
@@ -151,7 +153,7 @@ if fid.is_file():
     rows = f["rows"]
     dense = rows[0]
     lines += [f"## 2. Fidelity ({f['n_images']} images, seed {f['first_seed']}, {f['device']}, {f['dtype']}, "
-              f"{f['seconds']} s)", ""]
+              f"KV {f.get('kv_cache_dtype', 'auto')}, {f['seconds']} s)", ""]
     if samp.is_file():
         default = next(r["sampling"] for r in s["rows"] if r.get("is_default"))
         keys = ("cfg_scale", "temperature", "top_k", "top_p")

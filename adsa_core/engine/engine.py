@@ -23,7 +23,7 @@ import torch
 
 from ..config import ConfigError, EngineConfig, ResolvedCache
 from ..kv.policy import POLICY_MODE
-from ..kv.pool import PageAllocator, PoolGeometry, pages_for
+from ..kv.pool import FP8, PageAllocator, PoolGeometry, kv_storage_dtype, pages_for, raw
 from ..kv.spill import SpillArena, SpillRecord
 from ..loading import LoadedModels, limit_cpu_threads
 from ..sampling import cfg_combine, k_max_bucket, sample_tokens
@@ -193,7 +193,12 @@ class Engine:
 
     def _pool_geometry(self) -> PoolGeometry:
         c = self.config
-        dtype = self.gpt.dtype
+        try:
+            dtype = kv_storage_dtype(c.kv_cache_dtype, self.gpt.dtype)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if dtype == FP8 and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ConfigError("kv_cache_dtype fp8 needs a GPU with fp8 support (compute capability 8.9+: L4, H100)")
         if c.kv_pool_tokens is not None:
             return PoolGeometry.for_model(self.cfg, c.page_size, 1 + pages_for(c.kv_pool_tokens, c.page_size), dtype)
         if self.device.type == "cuda":
@@ -515,7 +520,7 @@ class Engine:
         idx = self._staging.copy(torch.tensor([r for r, _ in spilling]))
         recs = [rec for _, rec in spilling]
         before = [rec.bytes for rec in recs]
-        self.spill.store(rows.spill_k[:, idx], rows.spill_v[:, idx], rows.spill_pos[:, idx], recs)
+        self.spill.store(raw(rows.spill_k)[:, idx], raw(rows.spill_v)[:, idx], rows.spill_pos[:, idx], recs)
         self.stats_.spilled_bytes_total += sum(rec.bytes - b for rec, b in zip(recs, before))
 
     def _swap_out(self, item: _Request) -> None:

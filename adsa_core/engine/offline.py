@@ -64,6 +64,7 @@ def run_requests(
     on_finished: Callable[[int, Finished], None],
     progress: Callable[[int], None] | None = None,
     spill_limit_bytes: int | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> None:
     """Run requests (each with its own cache, forcing and logits wish) through one engine, `batch_size`
     images in flight; `on_finished(i, event)` gets request i's result as soon as it is done.
@@ -72,7 +73,8 @@ def run_requests(
     extra = {} if spill_limit_bytes is None else {"spill_limit_bytes": spill_limit_bytes}
     cfg = EngineConfig(device=str(models.device), max_batch_size=max(1, min(batch_size, n)), max_queue=n + 1,
                        default_cache=CacheConfig(policy="dense", budget=None),
-                       cuda_graphs=models.device.type == "cuda", decode_images=False, **extra)
+                       cuda_graphs=models.device.type == "cuda", decode_images=False, kv_cache_dtype=kv_cache_dtype,
+                       **extra)
     engine = Engine(models, cfg)
     errors: dict[int, EngineError] = {}
     last = [0] * n

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kv.attention import DecodeRows, LayerState, pool_decode
-from ..kv.pool import KVPool, PoolGeometry
+from ..kv.pool import KVPool, PoolGeometry, raw, to_kv_storage, zeros
 from ..model.llamagen import Transformer, prompt_attention_mask
 
 
@@ -50,8 +50,8 @@ class RowState:
         self.evicted = torch.zeros(R, dtype=torch.bool, device=device)  # this step overwrote a slot
         self.logits = torch.zeros(R, vocab, dtype=torch.float32, device=device)
         # spill staging: what this step overwrote, (L, R, Hkv, D) and positions (L, R, Hkv)
-        self.spill_k = torch.zeros(L, R, Hkv, D, dtype=geo.dtype, device=device)
-        self.spill_v = torch.zeros_like(self.spill_k)
+        self.spill_k = zeros((L, R, Hkv, D), geo.dtype, device)
+        self.spill_v = zeros((L, R, Hkv, D), geo.dtype, device)
         self.spill_pos = torch.zeros(L, R, Hkv, **i32)
 
     def per_row(self) -> list[tuple[torch.Tensor, int]]:
@@ -104,13 +104,14 @@ class PoolPrefillCache:
         rep = q.shape[1] // k.shape[1]
         kr, vr = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1 else (k, v)
         out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=self.mask, is_causal=self.mask is None)
-        ks = k[self.seq_idx, :, self.tok_idx]  # (N, Hkv, D) stored tokens
-        vs = v[self.seq_idx, :, self.tok_idx]
+        kv_dtype = self.pool.k[layer].dtype
+        ks = to_kv_storage(k[self.seq_idx, :, self.tok_idx], kv_dtype)  # (N, Hkv, D) stored tokens, as stored
+        vs = to_kv_storage(v[self.seq_idx, :, self.tok_idx], kv_dtype)
         inv = 1.0 / vs.float().norm(dim=-1).clamp_min(1e-6)  # (N, Hkv)
         p, o = self.page[:, None], self.off[:, None]
         h = torch.arange(k.shape[1], device=k.device)[None, :]
-        self.pool.k[layer][p, h, o] = ks
-        self.pool.v[layer][p, h, o] = vs
+        raw(self.pool.k[layer])[p, h, o] = raw(ks)
+        raw(self.pool.v[layer])[p, h, o] = raw(vs)
         self.pool.pos[layer][p, h, o] = self.tok_idx[:, None].to(torch.int32).expand_as(inv)
         self.pool.inv_norm[layer][p, h, o] = inv
         vsum = torch.zeros(len(self.row_t), *vs.shape[1:], device=vs.device)

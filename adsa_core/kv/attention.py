@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .policy import MODE_ADSA, MODE_NONE
+from .pool import raw, to_kv_storage
 
 
 def gather_slots(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,9 @@ def gather_slots(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
     """
     P, Hkv, page = cache.shape[:3]
     B, max_pages = block_table.shape
-    pages = cache[block_table.long().clamp(0, P - 1)]  # (B, max_pages, Hkv, page, *rest)
+    pages = raw(cache)[block_table.long().clamp(0, P - 1)]  # (B, max_pages, Hkv, page, *rest)
     pages = pages.transpose(1, 2)  # (B, Hkv, max_pages, page, *rest)
-    return pages.reshape(B, Hkv, max_pages * page, *cache.shape[3:])
+    return pages.reshape(B, Hkv, max_pages * page, *cache.shape[3:]).view(cache.dtype)
 
 
 def pool_attention_torch(
@@ -168,17 +169,20 @@ def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     heads = torch.arange(Hkv, device=q.device)
     # one flat index per (row, head) into the pool viewed as (P * Hkv * page, ...)
     flat = ((page.long() * Hkv + heads) * P + (slot % P)).view(-1)  # (B * Hkv,)
-    kf, vf, pf, nf = layer.k.view(-1, D), layer.v.view(-1, D), layer.pos.view(-1), layer.inv_norm.view(-1)
-    layer.spill_k.copy_(kf.index_select(0, flat).view(B, Hkv, D))
-    layer.spill_v.copy_(vf.index_select(0, flat).view(B, Hkv, D))
+    # K/V move as bytes (raw): fp8 pools have no index kernels for every op
+    kf, vf = raw(layer.k).view(-1, D), raw(layer.v).view(-1, D)
+    pf, nf = layer.pos.view(-1), layer.inv_norm.view(-1)
+    raw(layer.spill_k).copy_(kf.index_select(0, flat).view(B, Hkv, D))
+    raw(layer.spill_v).copy_(vf.index_select(0, flat).view(B, Hkv, D))
     layer.spill_pos.copy_(pf.index_select(0, flat).view(B, Hkv))
     old_inv = nf.index_select(0, flat).view(B, Hkv, 1)
-    v32 = v_new.float()
+    k_st, v_st = to_kv_storage(k_new, layer.k.dtype), to_kv_storage(v_new, layer.v.dtype)  # as stored
+    v32 = v_st.float()  # S and 1/|V| from the stored value, so S loses exactly what it gained on eviction
     inv = v32.norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal()  # (B, Hkv, 1)
     old = torch.where(full.view(B, 1, 1), layer.spill_v.float() * old_inv, 0.0)
     layer.vsum += v32 * inv - old
-    kf.index_copy_(0, flat, k_new.reshape(-1, D).to(kf.dtype))
-    vf.index_copy_(0, flat, v_new.reshape(-1, D).to(vf.dtype))
+    kf.index_copy_(0, flat, raw(k_st).reshape(-1, D))
+    vf.index_copy_(0, flat, raw(v_st).reshape(-1, D))
     pf.index_copy_(0, flat, rows.position.to(torch.int32).repeat_interleave(Hkv))
     nf.index_copy_(0, flat, inv.view(-1))
     mode = torch.where(n_slots >= rows.budget, rows.mode, torch.zeros_like(rows.mode))

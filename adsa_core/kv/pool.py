@@ -8,6 +8,10 @@ Physical layout per layer (what the attention kernels read):
   pos       (P, Hkv, page)     int32 token position held by each slot
   inv_norm  (P, Hkv, page)     fp32 1/|V| of each slot (ADSA redundancy needs v/|v|)
 Page 0 is a scratch page that is never handed out: padded batch rows write there.
+
+K and V are stored in the model's dtype, or in fp8 (e4m3, `kv_cache_dtype="fp8"`): half the bytes
+per slot, so half the bytes the attention reads per step and twice the slots per GiB. Values are
+stored unscaled and saturate at +-448 (vLLM's default fp8 KV format); attention math stays fp32.
 """
 
 from __future__ import annotations
@@ -17,6 +21,39 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GPTConfig
+
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def kv_storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's K/V dtype for an EngineConfig.kv_cache_dtype name."""
+    if name == "auto":
+        return model_dtype
+    if name == "fp8":
+        return FP8
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+
+
+def to_kv_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as stored in a pool of `dtype`: fp8 saturates at +-FP8_MAX (a plain cast may overflow to NaN)."""
+    if dtype == FP8:
+        x = x.float().clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """A byte view of an fp8 tensor for copies and indexing (not every torch op has fp8 kernels);
+    other tensors unchanged."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros that also works where a device has no fill kernel for fp8 (zeroes the bytes)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    raw(t).zero_()
+    return t
 
 
 class PoolExhausted(RuntimeError):
@@ -93,8 +130,8 @@ class KVPool:
     def __init__(self, geo: PoolGeometry, device: torch.device):
         self.geo = geo
         shape = (geo.num_pages, geo.kv_heads, geo.page_size, geo.head_dim)
-        self.k = [torch.zeros(shape, dtype=geo.dtype, device=device) for _ in range(geo.n_layer)]
-        self.v = [torch.zeros(shape, dtype=geo.dtype, device=device) for _ in range(geo.n_layer)]
+        self.k = [zeros(shape, geo.dtype, device) for _ in range(geo.n_layer)]
+        self.v = [zeros(shape, geo.dtype, device) for _ in range(geo.n_layer)]
         self.pos = [torch.zeros(shape[:3], dtype=torch.int32, device=device) for _ in range(geo.n_layer)]
         self.inv_norm = [torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in range(geo.n_layer)]
 
@@ -104,10 +141,10 @@ class KVPool:
     def read_pages(self, pages: list[int]) -> list[list[torch.Tensor]]:
         """Copies of the given pages of every tensor (for swap-out); same nesting as `tensors()`."""
         idx = torch.tensor(pages, device=self.k[0].device)
-        return [[t.index_select(0, idx) for t in group] for group in self.tensors()]
+        return [[raw(t).index_select(0, idx) for t in group] for group in self.tensors()]
 
     def write_pages(self, pages: list[int], data: list[list[torch.Tensor]]) -> None:
         idx = torch.tensor(pages, device=self.k[0].device)
         for group, saved in zip(self.tensors(), data):
             for t, s in zip(group, saved):
-                t.index_copy_(0, idx, s.to(t.device, non_blocking=True))
+                raw(t).index_copy_(0, idx, s.to(t.device, non_blocking=True))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .pool import raw
+
 
 @dataclass
 class SpillBlock:
@@ -43,7 +45,7 @@ class SpillArena:
         self.step_bytes = self.kv_elems * elem + n_layer * kv_heads * 4
         self.capacity = max(0, capacity_bytes // self.step_bytes)  # in (sequence, step) units
         pin = device.type == "cuda" and self.capacity > 0
-        self.kv = torch.empty(self.capacity, self.kv_elems, dtype=dtype, pin_memory=pin)
+        self.kv = raw(torch.empty(self.capacity, self.kv_elems, dtype=dtype, pin_memory=pin))  # fp8 as bytes
         self.pos = torch.empty(self.capacity, n_layer * kv_heads, dtype=torch.int32, pin_memory=pin)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.blocks: list[SpillBlock] = []  # ring order, oldest first
@@ -68,7 +70,8 @@ class SpillArena:
         return self.head if self.head + rows <= tail else None
 
     def store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, owners: list[SpillRecord]) -> bool:
-        """k, v: (L, n, H, D) and pos: (L, n, H) on the device, row i belonging to owners[i]."""
+        """k, v: (L, n, H, D) and pos: (L, n, H) on the device, row i belonging to owners[i] (fp8 K/V as
+        their `raw` bytes)."""
         n = len(owners)
         start = self._allocate(n) if n else None
         if start is None:
@@ -110,5 +113,5 @@ class SpillArena:
             if block.event is not None:
                 block.event.synchronize()
         idx = torch.tensor([b.start + i for b, i in rec.entries])
-        kv = self.kv[idx].view(len(idx), 2, self.L, self.H, self.D)
+        kv = self.kv[idx].view(self.dtype).view(len(idx), 2, self.L, self.H, self.D)
         return kv[:, 0], kv[:, 1], self.pos[idx].view(len(idx), self.L, self.H)

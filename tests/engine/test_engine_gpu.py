@@ -19,9 +19,10 @@ pytestmark = pytest.mark.gpu
 CFG = GPTConfig(dim=768, n_layer=12, n_head=12, vocab_size=16384, block_size=256, num_classes=1000)  # GPT-B 256 px
 
 
-def run_engine(models, labels, sp, policy="dense", budget=None) -> torch.Tensor:
+def run_engine(models, labels, sp, policy="dense", budget=None, kv_cache_dtype="auto") -> torch.Tensor:
     eng = Engine(models, EngineConfig(device="cuda", max_batch_size=len(labels), page_size=16,
-                                      default_cache=CacheConfig(policy=policy, budget=budget)))
+                                      default_cache=CacheConfig(policy=policy, budget=budget),
+                                      kv_cache_dtype=kv_cache_dtype))
     done = {}
     for i, c in enumerate(labels.tolist()):
         eng.submit(GenerationRequest(condition=c, seed=i, sampling=sp, request_id=str(i)),
@@ -48,8 +49,11 @@ def test_engine_matches_reference_on_gpu(dtype):
     agree = (got == ref).float().mean().item()
     full = run_engine(models, labels, sp, "adsa", 1.0)  # budget = whole sequence: dense by construction
     agree_adsa = (full == ref).float().mean().item()
+    fp8 = run_engine(models, labels, sp, kv_cache_dtype="fp8")  # e4m3 K/V: reported, bounded like bf16
+    agree_fp8 = (fp8 == ref).float().mean().item()
     line = json.dumps({"test": "engine_vs_reference", "dtype": str(dtype), "token_agreement_dense": agree,
-                       "token_agreement_adsa_full_budget": agree_adsa, "card": torch.cuda.get_device_name()})
+                       "token_agreement_adsa_full_budget": agree_adsa, "token_agreement_dense_fp8_kv": agree_fp8,
+                       "card": torch.cuda.get_device_name()})
     print(line)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_agreement.jsonl"), "a") as f:
@@ -59,9 +63,11 @@ def test_engine_matches_reference_on_gpu(dtype):
     # that image (measured 48% on an H200): the bound only catches a broken path (random: ~0%).
     assert agree >= (0.98 if dtype == torch.float32 else 0.25)
     assert agree_adsa >= (0.98 if dtype == torch.float32 else 0.25)
+    assert agree_fp8 >= 0.25
 
 
-def test_cuda_graph_step_matches_the_eager_step():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_cuda_graph_step_matches_the_eager_step(kv_cache_dtype):
     """Sampling and feeding captured in the decode step's CUDA graphs (one per batch bucket and top-k
     bucket, captured mid-run while other requests hold real state) draw exactly the eager engine's
     tokens: mixed CFG / no CFG / CFG interval, top-k buckets 240 / 1008 / full sort, requests joining and
@@ -83,7 +89,7 @@ def test_cuda_graph_step_matches_the_eager_step():
 
     def run(graphs: bool) -> dict:
         eng = Engine(models, EngineConfig(device="cuda", max_batch_size=8, page_size=16, cuda_graphs=graphs,
-                                          kv_pool_tokens=16 * cfg.seq_len))
+                                          kv_pool_tokens=16 * cfg.seq_len, kv_cache_dtype=kv_cache_dtype))
         done: dict = {}
         step = 0
         while step in joins or eng.has_work or step < max(joins):

@@ -25,6 +25,7 @@ except ImportError:  # tests/kv became a package
     from .test_pool_attention import make_case, plant_ties  # noqa: E402
 
 from adsa_core.kv.kernels.pool_attention import pool_attention_triton, pool_decode_triton  # noqa: E402
+from adsa_core.kv.pool import FP8, FP8_MAX, raw, to_kv_storage  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 oracle must be true fp32
 # relative L2 error bounds, after METHOD.md: fp32 far under 1e-3, bf16 operands 1e-3..1e-2
@@ -197,3 +198,33 @@ def test_fused_decode_matches_torch_step(B, H, Hkv, D, dtype):
     assert_matches_oracle(after, ref_out, ref_layer.victim)
     assert (got_layer.victim[n_slots < rows.budget] == -1).all()
     assert (got_layer.victim >= 0).any()
+
+
+@pytest.mark.parametrize("B,H,Hkv,D", [(12, 20, 20, 64), (9, 8, 2, 100)])
+def test_fused_decode_with_an_fp8_pool_matches_torch_step(B, H, Hkv, D):
+    """K/V stored as e4m3 (kv_cache_dtype="fp8"): the kernel writes the same saturated bytes as the
+    oracle (new values up to 4x past the fp8 range), stages the old fp8 bytes, and attends over them."""
+    q, k_new, v_new, layer, rows, scale = make_decode_case(B, H, Hkv, D, torch.bfloat16, seed=B + D + 1)
+    layer.k, layer.v = to_kv_storage(layer.k, FP8), to_kv_storage(layer.v, FP8)
+    layer.spill_k, layer.spill_v = layer.spill_k.to(FP8), layer.spill_v.to(FP8)
+    k_new, v_new = k_new * 600, v_new * 3  # K beyond +-448: the saturating path
+    q, k_new, v_new = q.cuda(), k_new.cuda(), v_new.cuda()
+    rows = to_cuda(rows)
+    ref_layer, got_layer = to_cuda(layer), to_cuda(layer)
+    ref_out = pool_decode_torch(q, k_new, v_new, ref_layer, rows, scale)
+    got_out = pool_decode_triton(q, k_new, v_new, got_layer, rows, scale)
+    for name in ("k", "v", "spill_k", "spill_v"):  # stored and staged fp8 bytes
+        got, ref = raw(getattr(got_layer, name)), raw(getattr(ref_layer, name))
+        assert (got != ref).sum() <= got.numel() // 10000, name  # rounding ties only
+    assert torch.isfinite(got_layer.k.float()).all() and got_layer.k.float().abs().max() == FP8_MAX
+    for name in ("pos", "spill_pos"):
+        assert torch.equal(getattr(got_layer, name), getattr(ref_layer, name)), name
+    torch.testing.assert_close(got_layer.inv_norm, ref_layer.inv_norm, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_layer.vsum, ref_layer.vsum, rtol=1e-4, atol=1e-3)
+    full, n_slots = rows.after_write()
+    after = dict(q=q, k_cache=ref_layer.k, v_cache=ref_layer.v, pos_cache=ref_layer.pos,
+                 inv_norm=ref_layer.inv_norm, vsum=ref_layer.vsum, block_table=rows.block_table, n_slots=n_slots,
+                 evict_lo=rows.prefix, evict_hi=(rows.position + 1 - rows.local).int(),
+                 mode=torch.where(n_slots >= rows.budget, rows.mode, 0), scale=scale)  # fmt: skip
+    assert_matches_oracle(after, got_out, got_layer.victim)
+    assert_matches_oracle(after, ref_out, ref_layer.victim)

@@ -36,7 +36,7 @@ def _pool_attention_kernel(
     stride_kb, stride_kh, stride_vb, stride_vh,
     HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WRITE: tl.constexpr,
+    WRITE: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     # The pool tensors are contiguous (P, HKV, PAGE, D) / (P, HKV, PAGE): compile-time strides
     # let the compiler prove each slot row's alignment and issue wide loads (also for D = 100).
@@ -66,13 +66,18 @@ def _pool_attention_kernel(
         tl.store(spp_ptr + b * HKV + hk, tl.load(pos_ptr + wmeta))
         k_new = tl.load(knew_ptr + b * stride_kb + hk * stride_kh + offs_d, mask=d_ok, other=0.0)
         v_new = tl.load(vnew_ptr + b * stride_vb + hk * stride_vh + offs_d, mask=d_ok, other=0.0)
-        v_new32 = v_new.to(tl.float32)
+        if FP8:  # saturate: e4m3fn has no infinity (kv.pool.to_kv_storage)
+            k_new = tl.minimum(tl.maximum(k_new.to(tl.float32), -448.0), 448.0)
+            v_new = tl.minimum(tl.maximum(v_new.to(tl.float32), -448.0), 448.0)
+        k_new = k_new.to(k_ptr.dtype.element_ty)  # as stored
+        v_new = v_new.to(v_ptr.dtype.element_ty)
+        v_new32 = v_new.to(tl.float32)  # S and 1/|V| from the stored value: eviction removes exactly it
         inv_new = 1.0 / tl.maximum(tl.sqrt(tl.sum(v_new32 * v_new32, axis=0)), 1e-6)
         svec += v_new32 * inv_new - tl.where(full, old_v.to(tl.float32) * old_inv, 0.0)
         tl.debug_barrier()  # every old byte is read before any thread overwrites it
         tl.store(vsum_row, svec, mask=d_ok)
-        tl.store(k_ptr + wkv, k_new.to(k_ptr.dtype.element_ty), mask=d_ok)
-        tl.store(v_ptr + wkv, v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(k_ptr + wkv, k_new, mask=d_ok)
+        tl.store(v_ptr + wkv, v_new, mask=d_ok)
         tl.store(pos_ptr + wmeta, position.to(tl.int32))
         tl.store(inv_ptr + wmeta, inv_new)
         tl.debug_barrier()  # the attention below reads the new slot: make the stores visible
@@ -98,7 +103,11 @@ def _pool_attention_kernel(
             q_row + offs_g[:, None] * stride_qh + offs_d[None, :],
             mask=g_ok[:, None] & d_ok[None, :],
             other=0.0,
-        ).to(k_ptr.dtype.element_ty)  # (G_PAD, D_PAD)
+        )  # (G_PAD, D_PAD)
+        if FP8:  # the dots run in bf16 (fp8 operands would need a scale)
+            q = q.to(tl.bfloat16)
+        else:
+            q = q.to(k_ptr.dtype.element_ty)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -137,6 +146,9 @@ def _pool_attention_kernel(
             l_i = l_i * alpha + p
             acc = acc * alpha[:, None] + p[:, None] * vf  # (BLOCK_N, D_PAD)
         else:
+            if FP8:
+                k = k.to(tl.bfloat16)
+                v = v.to(tl.bfloat16)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (G_PAD, BLOCK_N)
             qk = tl.where(s_ok[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -268,5 +280,6 @@ def _launch(q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n, lo, 
         HKV=Hkv, PAGE=page, D=D, D_PAD=max(16, triton.next_power_of_2(D)),
         G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n or cfg["block_n"],
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write is not None,
+        FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )  # fmt: skip
