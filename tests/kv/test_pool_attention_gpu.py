@@ -174,6 +174,14 @@ def to_cuda(obj):
     return type(obj)(**fields)
 
 
+def written_pool(q, layer, rows, n_slots, scale) -> dict:
+    """The attention oracle's arguments for the pool after a decode step's write."""
+    return dict(q=q, k_cache=layer.k, v_cache=layer.v, pos_cache=layer.pos, inv_norm=layer.inv_norm,
+                vsum=layer.vsum, block_table=rows.block_table, n_slots=n_slots, evict_lo=rows.prefix,
+                evict_hi=(rows.position + 1 - rows.local).int(), mode=torch.where(n_slots >= rows.budget, rows.mode, 0),
+                scale=scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("B,H,Hkv,D", [(12, 20, 20, 64), (9, 8, 2, 100), (64, 16, 16, 64)])
 def test_fused_decode_matches_torch_step(B, H, Hkv, D, dtype):
@@ -190,10 +198,7 @@ def test_fused_decode_matches_torch_step(B, H, Hkv, D, dtype):
     full, n_slots = rows.after_write()
     assert full.any() and (~full).any()
     # the attention and victim of the written pool, against the attention oracle
-    after = dict(q=q, k_cache=ref_layer.k, v_cache=ref_layer.v, pos_cache=ref_layer.pos,
-                 inv_norm=ref_layer.inv_norm, vsum=ref_layer.vsum, block_table=rows.block_table, n_slots=n_slots,
-                 evict_lo=rows.prefix, evict_hi=(rows.position + 1 - rows.local).int(),
-                 mode=torch.where(n_slots >= rows.budget, rows.mode, 0), scale=scale)  # fmt: skip
+    after = written_pool(q, ref_layer, rows, n_slots, scale)
     assert_matches_oracle(after, got_out, got_layer.victim)
     assert_matches_oracle(after, ref_out, ref_layer.victim)
     assert (got_layer.victim[n_slots < rows.budget] == -1).all()
@@ -222,9 +227,6 @@ def test_fused_decode_with_an_fp8_pool_matches_torch_step(B, H, Hkv, D):
     torch.testing.assert_close(got_layer.inv_norm, ref_layer.inv_norm, rtol=1e-5, atol=0)
     torch.testing.assert_close(got_layer.vsum, ref_layer.vsum, rtol=1e-4, atol=1e-3)
     full, n_slots = rows.after_write()
-    after = dict(q=q, k_cache=ref_layer.k, v_cache=ref_layer.v, pos_cache=ref_layer.pos,
-                 inv_norm=ref_layer.inv_norm, vsum=ref_layer.vsum, block_table=rows.block_table, n_slots=n_slots,
-                 evict_lo=rows.prefix, evict_hi=(rows.position + 1 - rows.local).int(),
-                 mode=torch.where(n_slots >= rows.budget, rows.mode, 0), scale=scale)  # fmt: skip
+    after = written_pool(q, ref_layer, rows, n_slots, scale)
     assert_matches_oracle(after, got_out, got_layer.victim)
     assert_matches_oracle(after, ref_out, ref_layer.victim)
