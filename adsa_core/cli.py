@@ -26,6 +26,7 @@ from . import reference
 from .config import CacheConfig, ConfigError, VQConfig
 from .engine.offline import run_offline
 from .images import make_grid, save_pngs, to_uint8
+from .kv.pool import KV_CACHE_DTYPES
 from .loading import LoadedModels, ModelSpec, load_models, read_json_arg, resolve_device, resolve_dtype
 from .model.checkpoint import load_vq
 from .model.vq import VQModel
@@ -93,17 +94,19 @@ def generate_codes(
     cache_config: CacheConfig,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> Generated:
     """Image tokens for every condition, `batch_size` images at a time. The only caller of a sampler:
     the dense reference (the oracle) for `dense`, the engine's sparse pooled cache otherwise.
 
     conds: labels (N,) or caption features (N, 120, C); seeds: (N,), image i uses seeds[i], so the
-    result does not depend on `batch_size`. `progress(n)` is called with n new tokens.
+    result does not depend on `batch_size`. `progress(n)` is called with n new tokens. An fp8 KV cache
+    (`kv_cache_dtype`) lives in the engine too, whatever the policy.
     """
     resolved = cache_config.resolve(models.gpt_config)
-    if resolved.policy != "dense":  # the sparse pooled cache lives in the engine
+    if resolved.policy != "dense" or kv_cache_dtype != "auto":  # the pooled cache lives in the engine
         res = run_offline(models, conds, sampling, seeds, cache_config, batch_size, emb_masks=emb_masks,
-                          progress=progress)
+                          progress=progress, kv_cache_dtype=kv_cache_dtype)
         return Generated(res.codes.cpu(), resolved.policy, resolved.budget,
                          max(st.peak_kv_tokens for st in res.stats), sum(st.evictions for st in res.stats),
                          sum(st.spilled_bytes for st in res.stats))
@@ -332,13 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = p.add_argument_group("KV cache")
     k.add_argument("--policy", choices=("dense", "adsa", "window"), default="dense",
-                   help="default dense (adsa/window run dense until the engine is wired in)")
+                   help="default dense (the reference sampler); adsa and window run in the engine")
     k.add_argument("--kv-budget", type=_budget, metavar="N|F",
                    help="slots per sequence: tokens (256) or a fraction (0.5)")
     k.add_argument("--kv-prefix", type=int, metavar="N",
                    help="never-evicted first positions (default: condition tokens + up to one image row, by budget)")
     k.add_argument("--kv-local", type=int, metavar="M",
                    help="never-evicted recent positions (default: two image rows + 1, one row + 1 at small budgets)")
+    k.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="K/V storage: auto (the model's dtype) or fp8 (e4m3: half the KV memory; runs in the engine)")
 
     o = p.add_argument_group("outputs")
     o.add_argument("--out", metavar="DIR", help="directory for 00000.png, 00001.png, ... and grid.png")
@@ -398,7 +403,7 @@ def _main(argv: list[str] | None) -> int:
     if not (outputs.out_dir or outputs.codes_out or outputs.images_out):
         raise UsageError("nothing to write: give --out, --codes-out and/or --images-out")
     return generate(spec, conditions, sampling_overrides, cache_config, outputs, a.seed, a.batch_size,
-                    show_progress)
+                    show_progress, a.kv_cache_dtype)
 
 
 def list_classes(spec: ModelSpec) -> int:
@@ -429,6 +434,7 @@ def generate(
     seed: int,
     batch_size: int,
     show_progress: bool,
+    kv_cache_dtype: str = "auto",
 ) -> int:
     models = load_models(spec)
     cache_config.resolve(models.gpt_config)  # invalid budget for this model: fail before any work
@@ -446,7 +452,7 @@ def generate(
     t0 = time.perf_counter()
     with bar:
         result = generate_codes(models, conds, emb_masks, sampling, seeds, cache_config, batch_size,
-                                bar.update)
+                                bar.update, kv_cache_dtype)
     seconds = time.perf_counter() - t0
 
     stats = {
@@ -460,6 +466,7 @@ def generate(
         "sampling": dataclasses.asdict(sampling),
         "policy": result.policy,
         "requested_policy": cache_config.policy,
+        "kv_cache_dtype": kv_cache_dtype,
         "kv_budget_tokens": result.kv_budget_tokens,
         "peak_kv_tokens": result.peak_kv_tokens,
         "evictions": result.evictions,

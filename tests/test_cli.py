@@ -184,6 +184,18 @@ def test_sparse_policies_run_through_the_engine(tmp_path, capsys, c2i_args, c2i_
         assert torch.equal(codes[:, :10], c2i_io["greedy_cfg4"].long()[:, :10])  # identical until the first eviction
 
 
+def test_fp8_kv_cache_runs_in_the_engine(tmp_path, capsys, c2i_args, c2i_io):
+    common = [*c2i_args, "--class-labels", "1,7,3", "--greedy", "--kv-cache-dtype", "fp8"]
+    rc, _, _ = run([*common, "--codes-out", tmp_path / "d.json"], capsys)
+    codes, stats = read_codes(tmp_path / "d.json")
+    assert rc == 0 and stats["kv_cache_dtype"] == "fp8" and stats["policy"] == "dense"
+    assert stats["peak_kv_tokens"] == 16  # the engine's pool (the reference would report the sequence too)
+    # e4m3 rounding of K/V: the greedy tokens mostly survive on this tiny model
+    assert (codes == c2i_io["greedy_cfg4"].long()).float().mean() > 0.5
+    rc, _, err = run([*common[:-1], "int4", "--codes-out", tmp_path / "x.json"], capsys)
+    assert rc == 2 and "kv-cache-dtype" in err
+
+
 @pytest.fixture
 def fake_demo(tmp_path, monkeypatch, testdata, manifest) -> list[dict]:
     """A stand-in for adsa_core/assets/demo built from the shared checkpoints."""

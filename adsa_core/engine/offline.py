@@ -37,6 +37,7 @@ def run_offline(
     want_logits: bool = False,
     progress: Callable[[int], None] | None = None,
     spill_limit_bytes: int | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> OfflineResult:
     """conds: labels (N,) or captions (N, 120, C); forced: (N, block_size) teacher-forced tokens."""
     n = len(seeds)
@@ -49,7 +50,7 @@ def run_offline(
         for i in range(n)
     ]
     results: dict[int, Finished] = {}
-    run_requests(models, requests, batch_size, results.__setitem__, progress, spill_limit_bytes)
+    run_requests(models, requests, batch_size, results.__setitem__, progress, spill_limit_bytes, kv_cache_dtype)
     ordered = [results[i] for i in range(n)]
     return OfflineResult(
         torch.stack([r.codes for r in ordered]), [r.stats for r in ordered],
