@@ -9,9 +9,10 @@ Physical layout per layer (what the attention kernels read):
   inv_norm  (P, Hkv, page)     fp32 1/|V| of each slot (ADSA redundancy needs v/|v|)
 Page 0 is a scratch page that is never handed out: padded batch rows write there.
 
-K and V are stored in the model's dtype, or in fp8 (e4m3, `kv_cache_dtype="fp8"`): half the bytes
-per slot, so half the bytes the attention reads per step and twice the slots per GiB. Values are
-stored unscaled and saturate at +-448 (vLLM's default fp8 KV format); attention math stays fp32.
+K and V are stored in the model's dtype, or in fp8 (e4m3, `kv_cache_dtype="fp8"`): K and V take
+half the bytes (position and 1/|V| do not), so the attention reads about half the bytes per step
+and a GiB holds ~1.9x the slots. Values are stored unscaled and saturate at +-448 (vLLM's default
+fp8 KV format); attention math stays fp32.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class KVPool:
         return [self.k, self.v, self.pos, self.inv_norm]
 
     def read_pages(self, pages: list[int]) -> list[list[torch.Tensor]]:
-        """Copies of the given pages of every tensor (for swap-out); same nesting as `tensors()`."""
+        """Copies of the given pages of every tensor (for swap-out; fp8 K/V as raw bytes); nesting of `tensors()`."""
         idx = torch.tensor(pages, device=self.k[0].device)
         return [[raw(t).index_select(0, idx) for t in group] for group in self.tensors()]
 
