@@ -23,7 +23,7 @@ import torch
 
 from ..config import ConfigError, EngineConfig, ResolvedCache
 from ..kv.policy import POLICY_MODE
-from ..kv.pool import FP8, PageAllocator, PoolGeometry, kv_storage_dtype, pages_for, raw
+from ..kv.pool import FP8, PageAllocator, PoolGeometry, kv_storage_dtype, pages_for
 from ..kv.spill import SpillArena, SpillRecord
 from ..loading import LoadedModels, limit_cpu_threads
 from ..sampling import cfg_combine, k_max_bucket, sample_tokens
@@ -520,7 +520,7 @@ class Engine:
         idx = self._staging.copy(torch.tensor([r for r, _ in spilling]))
         recs = [rec for _, rec in spilling]
         before = [rec.bytes for rec in recs]
-        self.spill.store(raw(rows.spill_k)[:, idx], raw(rows.spill_v)[:, idx], rows.spill_pos[:, idx], recs)
+        self.spill.store(rows.spill_k, rows.spill_v, rows.spill_pos, idx, recs)
         self.stats_.spilled_bytes_total += sum(rec.bytes - b for rec, b in zip(recs, before))
 
     def _swap_out(self, item: _Request) -> None:

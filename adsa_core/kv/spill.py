@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .pool import raw
-
 
 @dataclass
 class SpillBlock:
@@ -45,7 +43,7 @@ class SpillArena:
         self.step_bytes = self.kv_elems * elem + n_layer * kv_heads * 4
         self.capacity = max(0, capacity_bytes // self.step_bytes)  # in (sequence, step) units
         pin = device.type == "cuda" and self.capacity > 0
-        self.kv = raw(torch.empty(self.capacity, self.kv_elems, dtype=dtype, pin_memory=pin))  # fp8 as bytes
+        self.kv = torch.empty(self.capacity, self.kv_elems * elem, dtype=torch.uint8, pin_memory=pin)  # as bytes
         self.pos = torch.empty(self.capacity, n_layer * kv_heads, dtype=torch.int32, pin_memory=pin)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.blocks: list[SpillBlock] = []  # ring order, oldest first
@@ -69,16 +67,21 @@ class SpillArena:
             return 0 if rows <= tail else None
         return self.head if self.head + rows <= tail else None
 
-    def store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, owners: list[SpillRecord]) -> bool:
-        """k, v: (L, n, H, D) and pos: (L, n, H) on the device, row i belonging to owners[i] (fp8 K/V as
-        their `raw` bytes)."""
+    def store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor,
+              owners: list[SpillRecord]) -> bool:
+        """k, v: (L, R, H, D) and pos: (L, R, H) staging on the device; row idx[i] (idx on the device too)
+        belongs to owners[i]. One index_select per tensor, of whole (layer, row) slices as wide words."""
         n = len(owners)
         start = self._allocate(n) if n else None
         if start is None:
             self.dropped_steps += bool(n)
             return False
-        kv = torch.cat([k.permute(1, 0, 2, 3).reshape(n, -1), v.permute(1, 0, 2, 3).reshape(n, -1)], dim=1)
-        p = pos.permute(1, 0, 2).reshape(n, -1)  # (n, L*H)
+        kw, vw = _words(k), _words(v)
+        kv = torch.empty(n, 2, *kw.shape[1:], dtype=kw.dtype, device=kw.device)  # rows: K then V, each (L, H, D)
+        torch.index_select(kw, 0, idx, out=kv[:, 0])
+        torch.index_select(vw, 0, idx, out=kv[:, 1])
+        kv = kv.view(n, -1).view(torch.uint8)
+        p = _words(pos).index_select(0, idx).view(n, -1).view(torch.int32)  # (n, L*H)
         block = SpillBlock(start, n, n)
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -115,3 +118,11 @@ class SpillArena:
         idx = torch.tensor([b.start + i for b, i in rec.entries])
         kv = self.kv[idx].view(self.dtype).view(len(idx), 2, self.L, self.H, self.D)
         return kv[:, 0], kv[:, 1], self.pos[idx].view(len(idx), self.L, self.H)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """(L, R, ...) contiguous -> a (R, L, W) view of each (row, layer) slice as W of the widest words that divide it
+    (8 bytes for GPT-XL's 20 x 64 fp8 or bf16 slices, single bytes at worst): gathers move words, not bytes."""
+    b = t.view(torch.uint8).flatten(2)
+    w = next(w for w in (torch.int64, torch.int32, torch.int16, torch.uint8) if b.shape[-1] % w.itemsize == 0)
+    return b.view(w).transpose(0, 1)

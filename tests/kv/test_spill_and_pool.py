@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adsa_core.config import CacheConfig, ConfigError, GPTConfig
-from adsa_core.kv.pool import PageAllocator, PoolExhausted, PoolGeometry, pages_for
+from adsa_core.kv.pool import FP8, PageAllocator, PoolExhausted, PoolGeometry, pages_for
 from adsa_core.kv.spill import SpillArena, SpillRecord
 
 CFG = GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=32, block_size=64, num_classes=3)  # 8x8 grid
@@ -72,7 +72,7 @@ def test_spill_ring_wraps_reclaims_and_drops_when_full():
     def step(owners, fill):
         n = len(owners)
         k = torch.full((2, n, 3, 4), float(fill))
-        return arena.store(k, -k, torch.full((2, n, 3), fill, dtype=torch.int32), owners)
+        return arena.store(k, -k, torch.full((2, n, 3), fill, dtype=torch.int32), torch.arange(n), owners)
 
     assert step(recs[:2], 1) and step(recs[:2], 2)  # 4 of 5 units used
     assert not step(recs[:2], 3) and arena.dropped_steps == 1  # no room for 2 more
@@ -85,3 +85,27 @@ def test_spill_ring_wraps_reclaims_and_drops_when_full():
     assert step([recs[0], recs[1]], 6)  # wrapped around to the start
     assert arena.read(recs[2])[0][:, 0, 0, 0].tolist() == [4]
     assert arena.read(recs[1])[2][:, 0, 0].tolist() == [6]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8])
+@pytest.mark.parametrize("heads,dim", [(3, 4), (2, 8), (1, 3), (3, 1)])  # 8-, 4-, 2-byte words and bytes
+def test_spill_store_keeps_the_bytes_of_the_gathered_staging_rows(dtype, heads, dim):
+    L, R = 3, 6
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(L, R, heads, dim, generator=g).to(dtype) for _ in range(2))
+    pos = torch.randint(0, 1 << 30, (L, R, heads), generator=g, dtype=torch.int32)
+    arena = SpillArena(0, L, heads, dim, dtype, torch.device("cpu"))
+    arena = SpillArena(16 * arena.step_bytes, L, heads, dim, dtype, torch.device("cpu"))
+    steps = [[4, 1, 5], [0], [5, 2]]  # rows overwritten per step (a row's record spills each step it is listed)
+    recs = {r: SpillRecord() for r in range(R)}
+    for rows in steps:
+        assert arena.store(k, v, pos, torch.tensor(rows), [recs[r] for r in rows])
+    b = lambda t: t.view(torch.uint8)  # noqa: E731
+    for r, rec in recs.items():
+        got_k, got_v, got_pos = arena.read(rec)
+        n = sum(r in rows for rows in steps)
+        assert got_k.dtype == dtype and got_k.shape == (n, L, heads, dim) and got_pos.shape == (n, L, heads)
+        # the naive byte gather: row r of every layer, once per step that spilled it
+        assert torch.equal(b(got_k), b(k)[:, [r] * n].transpose(0, 1))
+        assert torch.equal(b(got_v), b(v)[:, [r] * n].transpose(0, 1))
+        assert torch.equal(got_pos, pos[:, [r] * n].transpose(0, 1))
