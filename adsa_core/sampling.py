@@ -1,4 +1,4 @@
-"""Token sampling shared by the reference sampler and the engine.
+"""Token sampling shared by the reference sampler and the engine (the engine's GPU path: sampling_kernel).
 
 Filtering reproduces LlamaGen's `sample()` (temperature, then top-k keeping ties, then
 top-p on what is left), vectorised so every row of a batch can carry its own settings.
@@ -101,12 +101,15 @@ def sample_tokens(
 ) -> torch.Tensor:
     """logits (B, V) fp32; per-row settings (B,). Returns tokens (B,) int64. No host sync, static shapes.
 
+    Filtering ranks tokens by value (ties by index); the draw is an inverse CDF over the kept
+    probabilities in vocabulary order, which needs no sort: the GPU kernel (adsa_core.sampling_kernel)
+    draws the same tokens with one scan.
+
     k_max > 0 promises every row's top_k is in 1..k_max: then only the k_max + TIE_MARGIN largest
     logits are sorted (torch.topk), not the whole vocabulary. Any k_max >= the rows' top_k (or 0)
     draws the same tokens, unless more than TIE_MARGIN logits tie exactly with a row's k-th largest:
-    the kept tokens are the same, in the same order (ties by index, as the stable full sort), and the
-    draw only sums them in sorted order (cumsum, never a reduction over the row whose rounding could
-    depend on the row's length), so the extra dropped candidates of a larger k_max add exact zeros.
+    the kept tokens and their probabilities are the same, and the extra dropped candidates of a larger
+    k_max add exact zeros to the sorted sums of top-p.
     """
     B, V = logits.shape
     scaled = logits / temperature.clamp_min(1e-5).view(B, 1)
@@ -118,19 +121,20 @@ def sample_tokens(
         order = order.gather(1, by_value)
     else:
         vals, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (B, V)
-    V = vals.shape[1]
+    K = vals.shape[1]
     # top-k: drop everything below the k-th largest value (ties with it are kept, as LlamaGen)
-    k = top_k.clamp(0, V).view(B, 1)
+    k = top_k.clamp(0, K).view(B, 1)
     kth = vals.gather(1, (k - 1).clamp_min(0))
-    drop = (vals < kth) & (k > 0)
-    p = torch.exp(vals - vals[:, :1]).masked_fill(drop, 0.0)  # unnormalised probabilities, (B, V) sorted
-    # top-p over what top-k left: drop tokens once the mass before them exceeds p; keep the first
+    p = torch.exp(vals - vals[:, :1]).masked_fill((vals < kth) & (k > 0), 0.0)  # unnormalised, (B, K) sorted
+    # top-p over what top-k left: drop tokens once the mass before them exceeds p; keep the first.
+    # Sums run in fp64: their rounding then never decides a token, whatever order a kernel adds in.
+    p = p.double()
     cum = p.cumsum(dim=-1)
     before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1) / cum[:, -1:]
     p = p.masked_fill((before > top_p.view(B, 1)) & (top_p.view(B, 1) < 1.0), 0.0)
-    # inverse-CDF draw over the sorted distribution (the arg-max is sorted position 0)
-    cdf = p.cumsum(dim=-1)
-    u = uniform_from(seeds, positions).to(cdf.device).view(B, 1) * cdf[:, -1:]
-    j = torch.searchsorted(cdf, u).clamp_max(V - 1)
-    j = torch.where(greedy.view(B, 1), torch.zeros_like(j), j)
-    return order.gather(1, j).view(B)
+    # inverse-CDF draw in vocabulary order; the smallest positive target is the first kept token
+    cdf = torch.zeros_like(p[:, :1]).expand(B, V).scatter(1, order, p).cumsum(dim=-1)  # (B, V) fp64
+    u = uniform_from(seeds, positions).to(cdf.device).view(B, 1)
+    target = (u * cdf[:, -1:]).clamp_min(torch.finfo(torch.float64).tiny)
+    j = torch.searchsorted(cdf, target).clamp_max(V - 1).view(B)
+    return torch.where(greedy, order[:, 0], j)  # arg-max: sorted position 0, the lowest index of a tie

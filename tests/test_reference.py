@@ -44,11 +44,10 @@ def llamagen_probs(logits, temperature: float = 1.0, top_k: int = 0, top_p: floa
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The token an inverse-CDF draw u picks from probs (B, V), tokens ordered by probability."""
-    p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    cdf = p.cumsum(-1)
-    j = torch.searchsorted(cdf, (u * cdf[:, -1]).view(-1, 1)).clamp_max(probs.shape[1] - 1)
-    return order.gather(1, j).view(-1)
+    """The token an inverse-CDF draw u picks from probs (B, V), walking the vocabulary in index order."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.view(-1, 1) * cdf[:, -1:]).clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.searchsorted(cdf, target).clamp_max(probs.shape[1] - 1).view(-1)
 
 
 def rows(n: int, **settings) -> tuple[torch.Tensor, ...]:
