@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, EngineConfig, ResolvedCache
+from ..kv.kernels import HAS_TRITON
 from ..kv.policy import POLICY_MODE
 from ..kv.pool import FP8, PageAllocator, PoolGeometry, kv_storage_dtype, pages_for
 from ..kv.spill import SpillArena, SpillRecord
 from ..loading import LoadedModels, limit_cpu_threads
-from ..sampling import cfg_combine, k_max_bucket, sample_tokens
+from ..sampling import cfg_combine, k_max_bucket, sample_tokens, uniform_from
 from .imaging import DoneImage, ImageStage
 from .request import (
     DeadlineExceeded,
@@ -116,10 +117,16 @@ def sample_and_feed(b: StepBatch, logits: torch.Tensor, k_max: int, codes: torch
     sampled (or forced), written to codes[slot, j] and fed to its rows for the next decode step; then j += 1.
     guided (W, V) receives the guided logits. Static shapes, no host sync: the decode CUDA graph captures it."""
     jc = b.j.clamp_max(codes.shape[1] - 1)  # an index: padding items (and capture warm-ups) count on past the end
-    cond, uncond = logits[b.cond], logits[b.uncond]  # (W, V)
     active = (b.cfg_scale > 1.0) & ((b.cfg_interval < 0) | (b.j <= b.cfg_interval + 1))
-    torch.where(active.view(-1, 1), cfg_combine(cond, uncond, b.cfg_scale), cond, out=guided)
-    tok = sample_tokens(guided, b.seed, b.j, b.temperature, b.top_k, b.top_p, b.greedy.bool(), k_max)
+    if logits.is_cuda and HAS_TRITON:  # one launch instead of ~20 kernels: the same tokens, see sampling_kernel
+        from ..sampling_kernel import sample_guided_triton
+
+        tok = sample_guided_triton(logits, b.cond, b.uncond, active, b.cfg_scale, b.temperature, b.top_k, b.top_p,
+                                   b.greedy, uniform_from(b.seed, b.j), guided)
+    else:
+        cond, uncond = logits[b.cond], logits[b.uncond]  # (W, V)
+        torch.where(active.view(-1, 1), cfg_combine(cond, uncond, b.cfg_scale), cond, out=guided)
+        tok = sample_tokens(guided, b.seed, b.j, b.temperature, b.top_k, b.top_p, b.greedy.bool(), k_max)
     tok = torch.where(b.forced.bool(), forced[b.slot, jc], tok)
     codes[b.slot, jc] = tok
     # both rows of a request get the same token, at position T_cond + j

@@ -1,0 +1,98 @@
+"""Fused Triton sampling: CFG, temperature, top-k, top-p and the draw of `sample_tokens`, one launch.
+
+One program per item (a request) holds its whole row of the vocabulary in registers:
+  - guided logits (CFG of its conditional and unconditional rows), written out for log-probs;
+  - top-k: the k-th largest value found by a radix select (32 counting passes over the bits of an
+    order-preserving integer key), no sort;
+  - top-p (rows with top_p < 1 only): the boundary value by the same bitwise search over the
+    probability mass, ties at it split by index with one scan;
+  - the draw: one scan of the kept probabilities in vocabulary order, the first index reaching u * total.
+Same contract and tokens as `adsa_core.sampling.sample_tokens` (the oracle), which sorts instead. Sums
+run in fp64 on both sides, so their order does not decide tokens; exp differs by an ulp or so from
+torch's, so a draw within that of a token boundary may (GPU test: the agreement rate). Every
+program reads only its own rows: a token never depends on batch neighbours.
+Import only when adsa_core.kv.kernels.HAS_TRITON is true.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_VOCAB = 65536  # one row in one program's registers
+
+
+@triton.jit
+def _radix_search(key, weight, ok, goal, MASS: tl.constexpr):
+    """The largest 32-bit key threshold t with sum(weight[key >= t]) >= goal (MASS: > goal); keys are
+    int32 in signed order, searched bit by bit from the top in the offset (unsigned) domain."""
+    found = tl.zeros([], dtype=tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        cand = found | (1 << bit)
+        t = (cand - 2147483648).to(tl.int32)
+        s = tl.sum(tl.where(ok & (key >= t), weight, 0), axis=0)
+        hit = (s > goal) if MASS else (s >= goal)
+        found = tl.where(hit, cand, found)
+    return (found - 2147483648).to(tl.int32)
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, cond_ptr, uncond_ptr, active_ptr, scale_ptr, temp_ptr, topk_ptr, topp_ptr, greedy_ptr, u_ptr,
+    guided_ptr, tok_ptr, stride_l, stride_g, V, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_V)
+    ok = offs < V
+    g = tl.load(logits_ptr + tl.load(cond_ptr + i).to(tl.int64) * stride_l + offs, mask=ok, other=0.0)
+    if tl.load(active_ptr + i) != 0:  # uncond + (cond - uncond) * scale, unfused as in torch
+        un = tl.load(logits_ptr + tl.load(uncond_ptr + i).to(tl.int64) * stride_l + offs, mask=ok, other=0.0)
+        g = un + (g - un) * tl.load(scale_ptr + i)
+    tl.store(guided_ptr + i * stride_g + offs, g, mask=ok)
+    x = tl.where(ok, tl.math.div_rn(g, tl.maximum(tl.load(temp_ptr + i), 1e-5)), float("-inf"))
+    top = tl.max(x, axis=0)
+    if tl.load(greedy_ptr + i) != 0:
+        tok = tl.min(tl.where(x == top, offs, BLOCK_V), axis=0)  # the lowest index of the largest
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed integer order == float order
+        keep = ok
+        k = tl.load(topk_ptr + i)
+        if (k > 0) & (k < V):
+            keep = ok & (key >= _radix_search(key, 1, ok, k, False))
+        p = tl.where(keep, tl.exp(x - top), 0.0).to(tl.float64)  # sums in fp64, as the oracle
+        top_p = tl.load(topp_ptr + i)
+        if top_p < 1.0:  # keep a token while the mass before it (value order, ties by index) <= top_p
+            limit = top_p * tl.sum(p, axis=0)
+            edge = _radix_search(key, p, ok, limit, True)  # the value whose tokens cross the limit
+            tie = tl.where(key == edge, p, 0.0)
+            before = tl.sum(tl.where(key > edge, p, 0.0), axis=0) + tl.cumsum(tie, axis=0) - tie
+            p = tl.where((key > edge) | ((key == edge) & (before <= limit)), p, 0.0)
+        cdf = tl.cumsum(p, axis=0)
+        total = tl.sum(tl.where(offs == V - 1, cdf, 0.0), axis=0)
+        target = tl.maximum(tl.load(u_ptr + i).to(tl.float64) * total, 2.2250738585072014e-308)  # fp64 tiny
+        tok = tl.min(tl.where(ok & (cdf >= target), offs, V - 1), axis=0)
+    tl.store(tok_ptr + i, tok.to(tl.int64))
+
+
+def sample_guided_triton(logits: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, active: torch.Tensor,
+                         cfg_scale: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                         top_p: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor,
+                         guided: torch.Tensor) -> torch.Tensor:
+    """logits (R, V) fp32; per item (W,): rows cond/uncond, CFG active, settings, uniforms u. Fills
+    guided (W, V) and returns tokens (W,) int64: `sample_tokens(guided, ...)` with u's seeds/positions."""
+    R, V = logits.shape
+    W = cond.shape[0]
+    if logits.dtype != torch.float32 or logits.stride(1) != 1 or guided.stride(1) != 1 or V > MAX_VOCAB:
+        raise ValueError(f"logits must be fp32 rows of at most {MAX_VOCAB} with a unit last stride")
+    tok = torch.empty(W, dtype=torch.long, device=logits.device)
+    if W == 0:
+        return tok
+    BLOCK_V = max(triton.next_power_of_2(V), 128)
+    _sample_kernel[(W,)](
+        logits, cond, uncond, active.to(torch.int32), cfg_scale.float(), temperature.float(), top_k, top_p.float(),
+        greedy.to(torch.int32), u.float(), guided, tok, logits.stride(0), guided.stride(0), V,
+        BLOCK_V=BLOCK_V, num_warps=min(16, max(4, BLOCK_V // 1024)), enable_fp_fusion=False,
+    )  # fmt: skip
+    return tok
