@@ -16,6 +16,30 @@ from adsa_core.config import CacheConfig, EngineConfig, VQConfig, gpt_preset
 from adsa_core.engine import Engine, GenerationRequest
 from adsa_core.sampling import SamplingParams
 
+# kernel name fragments -> the part of a step they belong to (first match wins)
+PARTS = (
+    ("pool attention", ("pool_",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "splitkreduce")),
+    ("sampling", ("topk", "sort", "scan", "radix", "searchsorted", "sample", "gather", "index", "cumsum")),
+    ("fused elementwise (Inductor)", ("triton_",)),
+)
+
+
+def print_by_part(prof: profile, steps: int) -> None:
+    """GPU time per step by part of the step, from the profiler's kernel events."""
+    by_part: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+        if ev.device_type.name != "CUDA" or not us:  # kernels only, not the CPU-side ops that launched them
+            continue
+        name = ev.key.lower()
+        part = next((p for p, keys in PARTS if any(k in name for k in keys)), "other")
+        by_part[part] = by_part.get(part, 0.0) + us
+    total = sum(by_part.values())
+    print(f"GPU time per step by part (of {total / steps / 1000:.2f} ms):")
+    for part, us in sorted(by_part.items(), key=lambda kv: -kv[1]):
+        print(f"  {part:32s} {us / steps / 1000:6.3f} ms  {100 * us / total:5.1f} %")
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -27,12 +51,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     a = p.parse_args()
     dev = torch.device("cuda")
     cfg = gpt_preset(a.preset, a.image_size)
     models = random_models(cfg, VQConfig(), a.preset, a.image_size, dev, torch.bfloat16)
-    eng = Engine(models, EngineConfig(device="cuda", max_batch_size=a.batch, cuda_graphs=not a.no_graphs,
-                                      compile_step=a.compile,
+    eng = Engine(models, EngineConfig(device="cuda", max_batch_size=a.batch, max_queue=max(256, a.batch),
+                                      cuda_graphs=not a.no_graphs,
+                                      compile_step=a.compile, kv_cache_dtype=a.kv_cache_dtype,
                                       default_cache=CacheConfig(policy=a.policy, budget=a.budget)))
     sp = SamplingParams(cfg_scale=4.0, top_k=2000)
     for i in range(a.batch):
@@ -51,6 +77,7 @@ def main() -> None:
         for _ in range(5):
             eng.step()
         torch.cuda.synchronize()
+    print_by_part(prof, 5)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
