@@ -3,19 +3,30 @@
 The engine decodes finished images in chunks on its own stream; that work shares the GPU with
 token decoding, so its cost per image counts directly against images/s.
 
+Variants: eager (NCHW), channels_last (eager, weights channels-last), cudnn_benchmark, compile
+(torch.compile of decode_code, dynamic=False) and compile_channels_last (a channels-last copy of the
+model, its latents made channels-last at the first conv, then compiled the same way). Before timing,
+each variant's images for the first chunk are compared with eager NCHW's: the run stops if they are
+not the same images (--tol).
+
     python tools/bench_vq_decode.py --image-size 384 --chunks 8,16 --out vq.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
 from adsa_core.config import VQConfig
 from adsa_core.model.checkpoint import load_vq
+from adsa_core.model.vq import VQModel
+
+VARIANTS = ("eager", "channels_last", "cudnn_benchmark", "compile", "compile_channels_last")
 
 
 def measure(fn, codes: torch.Tensor, chunk: int, reps: int) -> tuple[float, int]:
@@ -34,31 +45,82 @@ def measure(fn, codes: torch.Tensor, chunk: int, reps: int) -> tuple[float, int]
     return ms, torch.cuda.max_memory_allocated() - base
 
 
+def channels_last_decoder(vq: VQModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """decode_code of a copy of `vq` with its conv weights channels-last; the looked-up latents (the
+    decode path's first 4-D tensor, NCHW-contiguous out of quantize.lookup) are made channels-last
+    where they enter post_quant_conv, so no conv sees an NCHW activation."""
+    cl = copy.deepcopy(vq).to(memory_format=torch.channels_last)
+    cl.post_quant_conv.register_forward_pre_hook(
+        lambda _module, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    )
+    return cl.decode_code
+
+
+def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The decode function of a variant. channels_last converts `vq` in place (main converts it back)."""
+    torch.backends.cudnn.benchmark = variant == "cudnn_benchmark"
+    if variant == "channels_last":
+        vq.to(memory_format=torch.channels_last)
+    if variant == "compile":
+        return torch.compile(vq.decode_code, dynamic=False)
+    if variant == "compile_channels_last":
+        return torch.compile(channels_last_decoder(vq), dynamic=False)
+    return vq.decode_code
+
+
+def same_images(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> tuple[float, float]:
+    """(max, mean) |out - ref|; SystemExit unless the mean is <= tol and the max <= 10 tol.
+
+    decode_code returns unclamped images on the [-1, 1] scale (random weights: |x| up to ~3, std ~0.3).
+    bf16 rounding alone moves single pixels by ~0.1 (CPU, random VQ-16 weights: bf16 vs fp32 max 0.11,
+    mean 0.009; eager channels-last vs NCHW max 0.11, mean 0.010), so a bound on the max alone would
+    fail correct variants; a layout mix-up gives other images (mean ~0.3, max > 1)."""
+    diff = (out.float() - ref.float()).abs()
+    worst, mean = float(diff.max()), float(diff.mean())
+    print(f"{what}: max |diff| {worst:.4f}, mean {mean:.5f} vs eager NCHW (|ref| <= {float(ref.abs().max()):.2f})",
+          flush=True)
+    if out.shape != ref.shape or not (mean <= tol and worst <= 10 * tol):
+        raise SystemExit(f"{what}: not the same images as eager NCHW (shape {tuple(out.shape)} vs {tuple(ref.shape)}, "
+                         f"max |diff| {worst:.4f}, mean {mean:.5f}; limits: mean {tol}, max {10 * tol})")
+    return worst, mean
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--image-size", type=int, default=384)
     p.add_argument("--chunks", default="8,16")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--variants", default="eager,channels_last,cudnn_benchmark,compile")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--tol", type=float, default=0.05,
+                   help="largest mean |diff| from eager NCHW's images on the first chunk (the max may be 10x)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    variants = a.variants.split(",")
+    if unknown := sorted(set(variants) - set(VARIANTS)):
+        p.error(f"unknown variants {unknown}; known: {','.join(VARIANTS)}")
+    chunks = [int(c) for c in a.chunks.split(",")]
     torch.manual_seed(0)
     cfg = VQConfig()
     vq = load_vq(cfg, None, "cuda", torch.bfloat16)
     grid = a.image_size // cfg.downsample
     codes = torch.randint(0, cfg.codebook_size, (a.images, grid * grid), device="cuda")
+    torch.backends.cudnn.benchmark = False
+    with torch.no_grad():
+        ref = vq.decode_code(codes[: chunks[0]])  # eager NCHW: the images every variant must reproduce
     rows = []
-    for variant in a.variants.split(","):
-        torch.backends.cudnn.benchmark = variant == "cudnn_benchmark"
-        if variant == "channels_last":
-            vq.to(memory_format=torch.channels_last)
-        fn = torch.compile(vq.decode_code, dynamic=False) if variant == "compile" else vq.decode_code
-        for chunk in (int(c) for c in a.chunks.split(",")):
+    for variant in variants:
+        fn = build(vq, variant)
+        diff = {}
+        if variant != "eager":
+            with torch.no_grad():  # also the first compile, on the first timed shape
+                worst, mean = same_images(fn(codes[: chunks[0]]), ref, a.tol, variant)
+            diff = {"max_abs_diff": round(worst, 4), "mean_abs_diff": round(mean, 5)}
+        for chunk in chunks:
             with torch.no_grad():
                 ms, peak = measure(fn, codes, chunk, a.reps)
             rows.append({"variant": variant, "chunk": chunk, "ms_per_image": round(ms, 3),
-                         "peak_mib": round(peak / 2**20, 1), "card": torch.cuda.get_device_name()})
+                         "peak_mib": round(peak / 2**20, 1), **diff, "card": torch.cuda.get_device_name()})
             print(json.dumps(rows[-1]), flush=True)
         if variant == "channels_last":
             vq.to(memory_format=torch.contiguous_format)
