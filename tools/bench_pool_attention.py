@@ -7,13 +7,23 @@ n_slots in {144, 288, 576} (or --shapes), over a sweep of launch configurations.
 kernel must move: K + V of every valid slot, pos + inv_norm of every valid slot, q and out.
 Pages are scattered at random over the pool, as in serving.
 
+With --write, each shape also times what the engine launches per layer, `pool_decode_triton`: the
+same kernel with WRITE=True, which first writes the new token's K/V over the victim the previous
+pass chose (every row full: n_stored == budget == n_slots, mode adsa, the engine's steady state
+with adsa), staging the overwritten slot for the spill, then attends and picks the next victim.
+Its bytes are the read-only count plus the new token read, its slot written and the spill staged;
+both numbers are printed side by side. Each timed call writes the pool again (same bytes per call);
+the one correctness check, against pool_decode_torch on cloned state, runs first.
+
     PYTHONUNBUFFERED=1 python3 tools/bench_pool_attention.py --out $OUT
     PYTHONUNBUFFERED=1 python3 tools/bench_pool_attention.py --kv-dtype fp8 --shapes 512x144,1024x144 --out $OUT
+    PYTHONUNBUFFERED=1 python3 tools/bench_pool_attention.py --quick --write --shapes 512x144,512x288 --out $OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -25,8 +35,13 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from adsa_core.kv.attention import pool_attention_torch  # noqa: E402
-from adsa_core.kv.kernels.pool_attention import default_config, pool_attention_triton  # noqa: E402
+from adsa_core.kv.attention import DecodeRows, LayerState, pool_attention_torch, pool_decode_torch  # noqa: E402
+from adsa_core.kv.kernels.pool_attention import (  # noqa: E402
+    default_config,
+    pool_attention_triton,
+    pool_decode_triton,
+)
+from adsa_core.kv.pool import FP8, raw  # noqa: E402
 
 
 def copy_bandwidth(gib: float = 2.0) -> float:
@@ -73,6 +88,84 @@ def bytes_moved(case) -> int:
     return slots * (2 * D * elt + 4 + 4) + 2 * B * H * D * case["q"].element_size()
 
 
+def make_decode_step(case, victim):
+    """pool_decode_triton's arguments over `case`'s pool (shared, not copied: each call writes it): every
+    row full (n_stored == budget == n_slots), so the write goes over `victim`, the previous pass's
+    choice; mode adsa; candidates the read-only pass's [evict_lo, evict_hi]; the new token is newer
+    than every stored position (< 4 n); k_new and v_new are strided views, like the model's."""
+    q, kc = case["q"], case["k_cache"]
+    B, H, D = q.shape
+    Hkv = kc.shape[1]
+    g = torch.Generator(device=q.device).manual_seed(B * D + 1)
+    kv = torch.randn(B, 2, Hkv, D, device=q.device, dtype=q.dtype, generator=g)
+    n = case["n_slots"]
+    position = 4 * n.long()
+    rows = DecodeRows(
+        block_table=case["block_table"],
+        n_stored=n.clone(),
+        budget=n.clone(),
+        prefix=case["evict_lo"],
+        local=(position + 1 - case["evict_hi"]).int(),  # position + 1 - local == evict_hi
+        mode=torch.ones_like(case["mode"]),
+        position=position,
+    )
+    layer = LayerState(
+        k=kc,
+        v=case["v_cache"],
+        pos=case["pos_cache"],
+        inv_norm=case["inv_norm"],
+        vsum=case["vsum"],
+        victim=victim.clone(),
+        spill_k=torch.empty(B, Hkv, D, device=q.device, dtype=kc.dtype),
+        spill_v=torch.empty(B, Hkv, D, device=q.device, dtype=kc.dtype),
+        spill_pos=torch.empty(B, Hkv, device=q.device, dtype=torch.int32),
+    )
+    return q, kv[:, 0], kv[:, 1], layer, rows, case["scale"]
+
+
+def write_bytes(step) -> int:
+    """Bytes a decode step moves besides bytes_moved's: the new token's K/V read, its slot's K, V, pos
+    and 1/|V| written, the overwritten slot's K, V, pos staged, S written back (per row and kv head)."""
+    _, k_new, _, layer, _, _ = step
+    B, Hkv, D = k_new.shape
+    elt = layer.k.element_size()
+    return B * Hkv * (2 * D * k_new.element_size() + (2 * D * elt + 8) + (2 * D * elt + 4) + 4 * D)
+
+
+def beyond_rounding(got: torch.Tensor, want: torch.Tensor) -> int:
+    """Elements of two stored tensors that differ: any difference, except that an e4m3 value may round
+    a tie the other way (one step: 2**-3 relative, 2**-9 among subnormals)."""
+    bad = raw(got) != raw(want)
+    if got.dtype != FP8 or not bad.any():
+        return int(bad.sum())
+    g, w = raw(got)[bad].view(FP8).float(), raw(want)[bad].view(FP8).float()
+    return int(((g - w).abs() > 2**-9 + 2**-3 * torch.minimum(g.abs(), w.abs())).sum())  # not neighbours
+
+
+def check_write(step) -> tuple[float, int]:
+    """One decode step of pool_decode_triton (it writes `step`'s state) against pool_decode_torch on
+    a clone of that state: stored and staged values exact (e4m3: but for a tie rounded the other way),
+    1/|V| and S as the GPU tests bound them, victims and out as check() bounds the read-only launch.
+    Returns (relative error of out, victims that differ)."""
+    q, k_new, v_new, layer, rows, scale = step
+    ref_layer = LayerState(**{f.name: getattr(layer, f.name).clone() for f in dataclasses.fields(layer)})
+    ref_out = pool_decode_torch(q, k_new, v_new, ref_layer, rows, scale)
+    out = pool_decode_triton(q, k_new, v_new, layer, rows, scale)
+    for name in ("k", "v", "pos", "spill_k", "spill_v", "spill_pos"):  # the whole pool: nothing else written
+        got, want = getattr(layer, name), getattr(ref_layer, name)
+        if bad := beyond_rounding(got, want):
+            raise AssertionError(f"write path: {bad} of {got.numel()} {name} elements differ from pool_decode_torch")
+    torch.testing.assert_close(layer.inv_norm, ref_layer.inv_norm, rtol=1e-5, atol=0)
+    torch.testing.assert_close(layer.vsum, ref_layer.vsum, rtol=1e-4, atol=1e-3)
+    differ = int((layer.victim != ref_layer.victim).sum())
+    if differ > layer.victim.numel() // 1000:
+        raise AssertionError(f"write path: {differ} of {layer.victim.numel()} victims differ from the oracle")
+    err = float((out.float() - ref_out.float()).norm() / ref_out.float().norm())
+    if not err < 1e-2:
+        raise AssertionError(f"write path: relative error {err}")
+    return err, differ
+
+
 def check(case, cfg, ref) -> float:
     """Relative error of out against the oracle; victims must agree except for rare near-ties."""
     out, victim = pool_attention_triton(**case, **cfg)
@@ -106,7 +199,7 @@ def configs(G: int, D: int, quick: bool, fp8: bool = False):
         yield from (dict(base, num_stages=s) for s in (1, 3) if s != base["num_stages"])
 
 
-def bench_shape(B, n, H, Hkv, D, quick: bool, copy_gbs: float, kv_dtype=torch.bfloat16) -> dict:
+def bench_shape(B, n, H, Hkv, D, quick: bool, copy_gbs: float, kv_dtype=torch.bfloat16, write=False) -> dict:
     case = make_pool(B, n, H, Hkv, D, kv_dtype=kv_dtype)
     nbytes = bytes_moved(case)
     ref = pool_attention_torch(**case)
@@ -134,10 +227,22 @@ def bench_shape(B, n, H, Hkv, D, quick: bool, copy_gbs: float, kv_dtype=torch.bf
         best=best,
         sweep=results,
     )
-    print(
+    line = (
         f"B={B:4d} n={n:3d} H/Hkv={H}/{Hkv} D={D:3d} {row['kv_dtype']}: default {row['default_gbs']:6.0f} GB/s "
         f"({row['default_gbs'] / copy_gbs:.0%}), best {best['gbs']:6.0f} GB/s {best['cfg']}"
     )
+    if write:  # last: it writes the pool the read-only launches above read
+        step = make_decode_step(case, ref[1])  # the oracle's victims: what the previous pass chose
+        w_err, w_differ = check_write(step)
+        w_bytes = nbytes + write_bytes(step)
+        w_ms = do_bench(lambda: pool_decode_triton(*step), warmup=25, rep=200, return_mode="median")
+        row["write"] = dict(bytes=w_bytes, ms=w_ms, gbs=w_bytes / w_ms / 1e6, rel_err=w_err, victims_differ=w_differ)
+        line += (
+            f"\n    read-only {ms * 1e3:7.1f} us {row['default_gbs']:6.0f} GB/s ({row['default_gbs'] / copy_gbs:.1%})"
+            f" | write+attend {w_ms * 1e3:7.1f} us {row['write']['gbs']:6.0f} GB/s"
+            f" ({row['write']['gbs'] / copy_gbs:.1%}), {w_ms / ms:.2f}x the time"
+        )
+    print(line, flush=True)
     return row
 
 
@@ -160,6 +265,9 @@ def main() -> None:
     ap.add_argument("--shapes", type=parse_shapes, default=None,
                     help="BxN_SLOTS list for GPT-XL (H = Hkv = 20, D = 64), e.g. 512x144,1024x144,512x288; "
                          "default: B in {256, 512} x n in {144, 288, 576}, plus a D = 100 and a GQA shape")
+    ap.add_argument("--write", action="store_true",
+                    help="also time the engine's write + attention launch (pool_decode_triton, every row full, "
+                         "adsa) beside the read-only one; the report gets a _write suffix")
     args = ap.parse_args()
     kv_dtype = KV_DTYPES[args.kv_dtype]
     card = torch.cuda.get_device_name()
@@ -179,7 +287,7 @@ def main() -> None:
         shapes += [(256, 576, 32, 32, 100), (256, 576, 20, 4, 64)]
     rows = []
     for shape in shapes:
-        rows.append(bench_shape(*shape, args.quick, copy_gbs, kv_dtype))
+        rows.append(bench_shape(*shape, args.quick, copy_gbs, kv_dtype, args.write))
         torch.cuda.empty_cache()
     copy_after = copy_bandwidth()
     report = dict(
@@ -189,17 +297,20 @@ def main() -> None:
         copy_gbs=copy_gbs,
         copy_gbs_after=copy_after,
         kv_dtype=args.kv_dtype,
+        write=args.write,
         rows=rows,
         torch=torch.__version__,
         triton=__import__("triton").__version__,
     )
     os.makedirs(args.out, exist_ok=True)
-    name = "bench_pool_attention.json" if args.kv_dtype == "bf16" else f"bench_pool_attention_{args.kv_dtype}.json"
+    name = "bench_pool_attention" + ("" if args.kv_dtype == "bf16" else f"_{args.kv_dtype}")
+    name += "_write.json" if args.write else ".json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(report, f, indent=1)
 
     print(f"\ncopy bandwidth {copy_gbs:.0f} GB/s before, {copy_after:.0f} after; {card}; {stamp}; K/V {args.kv_dtype}")
     head = ("B", "n", "H/Hkv", "D", "MB", "cfg", "us", "GB/s", "%copy")
+    head += ("w us", "w GB/s", "w%copy") if args.write else ()  # w: write + attention (pool_decode_triton)
     print(" ".join(f"{h:>6}" for h in head), "| best in sweep: GB/s, config  (cfg = BLOCK_N/warps)")
     for r in rows:
         c = r["best"]["cfg"]
@@ -215,6 +326,9 @@ def main() -> None:
             f"{r['default_ms'] * 1e3:.1f}",
         )
         cells += (f"{r['default_gbs']:.0f}", f"{r['default_gbs'] / copy_gbs:.1%}")
+        if "write" in r:
+            w = r["write"]
+            cells += (f"{w['ms'] * 1e3:.1f}", f"{w['gbs']:.0f}", f"{w['gbs'] / copy_gbs:.1%}")
         print(" ".join(f"{c:>6}" for c in cells), "|", best)
 
 
