@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +29,8 @@ from .request import (
     QueueFull,
     RequestFailed,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,8 +137,12 @@ class AsyncEngine:
             raise error[0]
 
     def _warm_up(self) -> None:
-        """One tiny generation so first-request latency excludes lazy init (kernels, graphs)."""
+        """Every batch bucket's CUDA graph, then one tiny generation, so that no request waits for lazy
+        init (kernels, graph captures, compiles of new shapes)."""
         assert self.engine is not None
+        t0 = time.perf_counter()
+        if n := self.engine.capture_graphs():
+            log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t0)
         cfg = self.models.gpt_config
         cond = 0 if cfg.model_type == "c2i" else torch.zeros(cfg.cls_token_num, cfg.caption_dim)
         done = threading.Event()

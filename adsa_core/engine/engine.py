@@ -168,6 +168,7 @@ class Engine:
         self.gpt = models.gpt
         self.cfg = models.gpt_config
         self.device = models.device
+        self.sampling_kernel = self.device.type == "cuda" and HAS_TRITON  # as sample_and_feed decides
         self.max_rows = 2 * config.max_batch_size
         geo = self._pool_geometry()
         max_pages = pages_for(self.cfg.seq_len, config.page_size)
@@ -427,8 +428,16 @@ class Engine:
         f[:, n:] = np.array([0.0, 1.0, 1.0])[:, None]
         return torch.from_numpy(i), torch.from_numpy(f)
 
+    def capture_graphs(self) -> int:
+        """Capture the decode step's CUDA graph for every batch bucket before serving. Only with the Triton
+        sampler, whose graphs do not depend on the batch's top-k; the torch sampler's are captured on first use."""
+        return self.runner.capture_all(self.batch, 0) if self.sampling_kernel else 0
+
     def _k_max(self, items: list[_Request]) -> int:
-        """The batch's top-k bucket (host int): topk over this many logits instead of sorting them all."""
+        """The batch's top-k bucket (host int): topk over this many logits instead of sorting them all (the
+        torch sampler; the Triton one needs no bucket, so one graph per batch bucket serves every batch)."""
+        if self.sampling_kernel:
+            return 0
         top_k = [it.req.sampling.top_k for it in items]
         return k_max_bucket(max(top_k) if min(top_k) > 0 else 0, self.cfg.vocab_size)
 

@@ -206,6 +206,14 @@ class ModelRunner:
             g.replay()
         return self.rows.logits[:B]
 
+    def capture_all(self, then: StepHook | None = None, key: int = 0) -> int:
+        """Capture every bucket's graph for `key` now, so that no step waits mid-serving for a capture (or a
+        compile of a new shape). Returns how many were captured."""
+        todo = [B for B in self.buckets if (B, key) not in self.graphs] if self.use_graphs else []
+        for B in todo:
+            self._capture(B, then, key)
+        return len(todo)
+
     def _capture(self, B: int, then: StepHook | None, key: int) -> torch.cuda.CUDAGraph:
         # Warm up on a side stream (compiles Triton, allocates workspaces), then capture.
         # Warmed up on scratch rows and with the hook's state saved, so real rows and tokens are untouched

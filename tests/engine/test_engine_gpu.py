@@ -71,7 +71,8 @@ def test_cuda_graph_step_matches_the_eager_step(kv_cache_dtype):
     """Sampling and feeding captured in the decode step's CUDA graphs (one per batch bucket and top-k
     bucket, captured mid-run while other requests hold real state) draw exactly the eager engine's
     tokens: mixed CFG / no CFG / CFG interval, top-k buckets 240 / 1008 / full sort, requests joining and
-    leaving, one request with log-probs."""
+    leaving, one request with log-probs. Graphs captured up front (`capture_graphs`, the server's warm-up)
+    draw the same tokens, and none is captured mid-run."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -87,9 +88,11 @@ def test_cuda_graph_step_matches_the_eager_step(kv_cache_dtype):
     # step -> requests submitted then: the batch's top-k bucket moves through 0, 1008, 240, 0, 240
     joins = {0: [0, 1, 2], 7: [3, 4], 30: [5, 6], 70: [7], 75: [8], 80: [9]}
 
-    def run(graphs: bool) -> dict:
+    def run(graphs: bool, precapture: bool = False) -> dict:
         eng = Engine(models, EngineConfig(device="cuda", max_batch_size=8, page_size=16, cuda_graphs=graphs,
                                           kv_pool_tokens=16 * cfg.seq_len, kv_cache_dtype=kv_cache_dtype))
+        captured = eng.capture_graphs() if precapture else 0
+        buckets = len(eng.runner.buckets)
         done: dict = {}
         step = 0
         while step in joins or eng.has_work or step < max(joins):
@@ -105,14 +108,16 @@ def test_cuda_graph_step_matches_the_eager_step(kv_cache_dtype):
         torch.cuda.empty_cache()
         assert all(isinstance(ev, Finished) for ev in done.values()) and len(done) == 10
         return {"codes": {i: ev.codes.cpu() for i, ev in done.items()}, "logprobs": done[4].logprobs,
-                "graphs": n_graphs}
+                "graphs": n_graphs, "captured": captured, "buckets": buckets}
 
-    eager, graphed = run(False), run(True)
+    eager, graphed, precaptured = run(False), run(True), run(True, precapture=True)
     assert eager["graphs"] == 0 and graphed["graphs"] >= 3
-    for i in range(10):
-        assert torch.equal(graphed["codes"][i], eager["codes"][i]), (i, (graphed["codes"][i] != eager["codes"][i])
-                                                                     .nonzero()[:5].flatten().tolist())
-    assert torch.equal(graphed["logprobs"], eager["logprobs"])
+    assert precaptured["captured"] == precaptured["graphs"] == precaptured["buckets"]  # none captured mid-run
+    for run_ in (graphed, precaptured):
+        for i in range(10):
+            assert torch.equal(run_["codes"][i], eager["codes"][i]), (i, (run_["codes"][i] != eager["codes"][i])
+                                                                      .nonzero()[:5].flatten().tolist())
+        assert torch.equal(run_["logprobs"], eager["logprobs"])
 
 
 def test_captured_sampling_equals_eager_sampling():
