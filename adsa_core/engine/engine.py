@@ -111,6 +111,11 @@ _N_FLOATS = 3  # the last fields of StepBatch
 _N_INTS = len(StepBatch._fields) - _N_FLOATS
 
 
+def uses_sampling_kernel(device: torch.device) -> bool:
+    """Sampling runs as one Triton kernel (adsa_core.sampling_kernel) on CUDA, else as torch ops."""
+    return device.type == "cuda" and HAS_TRITON
+
+
 def sample_and_feed(b: StepBatch, logits: torch.Tensor, k_max: int, codes: torch.Tensor, forced: torch.Tensor,
                     rows: RowState, pos_offset: int, guided: torch.Tensor) -> None:
     """Image token j of every item of `b`, from its rows' logits (R, V): CFG-guided while its interval lasts,
@@ -118,7 +123,7 @@ def sample_and_feed(b: StepBatch, logits: torch.Tensor, k_max: int, codes: torch
     guided (W, V) receives the guided logits. Static shapes, no host sync: the decode CUDA graph captures it."""
     jc = b.j.clamp_max(codes.shape[1] - 1)  # an index: padding items (and capture warm-ups) count on past the end
     active = (b.cfg_scale > 1.0) & ((b.cfg_interval < 0) | (b.j <= b.cfg_interval + 1))
-    if logits.is_cuda and HAS_TRITON:  # one launch instead of ~20 kernels: the same tokens, see sampling_kernel
+    if uses_sampling_kernel(logits.device):  # one launch instead of ~20 kernels: the same tokens
         from ..sampling_kernel import sample_guided_triton
 
         tok = sample_guided_triton(logits, b.cond, b.uncond, active, b.cfg_scale, b.temperature, b.top_k, b.top_p,
@@ -168,7 +173,7 @@ class Engine:
         self.gpt = models.gpt
         self.cfg = models.gpt_config
         self.device = models.device
-        self.sampling_kernel = self.device.type == "cuda" and HAS_TRITON  # as sample_and_feed decides
+        self.sampling_kernel = uses_sampling_kernel(self.device)
         self.max_rows = 2 * config.max_batch_size
         geo = self._pool_geometry()
         max_pages = pages_for(self.cfg.seq_len, config.page_size)
