@@ -115,7 +115,7 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
     ec = EngineConfig(device=str(dev), max_batch_size=batch, kv_pool_tokens=pool_tokens, page_size=page,
                       max_queue=(waves + 1) * batch, spill_limit_bytes=spill_limit, cuda_graphs=graphs,
                       compile_step=compile_step,
-                      default_cache=cache, encode_png=False,  # the baseline decodes but does not encode PNGs
+                      default_cache=cache,  # the engine decodes to pixels, like the baseline (no PNG)
                       vq_decode_batch=vq_chunk, kv_cache_dtype=kv_cache_dtype)
     _sync(dev)
     _reset_peak(dev)

@@ -1,14 +1,16 @@
-"""Continuous-batching engine over the sparse KV pool."""
+"""Continuous-batching engine over the sparse KV pool (docs/ARCHITECTURE.md is the map)."""
 
-from .async_engine import AsyncEngine, ModelInfo, RequestHandle
+from .client import EngineClient, ProcessEngineClient, RequestHandle
 from .engine import Engine, EngineStats
 from .request import (
     DeadlineExceeded,
+    EngineDead,
     EngineDraining,
     EngineError,
     Finished,
     GenerationRequest,
     InvalidRequest,
+    ModelInfo,
     PartialImage,
     Progress,
     QueueFull,
@@ -18,7 +20,7 @@ from .request import (
 )
 
 __all__ = [
-    "AsyncEngine", "DeadlineExceeded", "Engine", "EngineDraining", "EngineError", "EngineStats", "Finished",
-    "GenerationRequest", "InvalidRequest", "ModelInfo", "PartialImage", "Progress", "QueueFull", "RequestCancelled",
-    "RequestFailed", "RequestHandle", "RequestStats",
+    "DeadlineExceeded", "Engine", "EngineClient", "EngineDead", "EngineDraining", "EngineError", "EngineStats",
+    "Finished", "GenerationRequest", "InvalidRequest", "ModelInfo", "PartialImage", "ProcessEngineClient",
+    "Progress", "QueueFull", "RequestCancelled", "RequestFailed", "RequestHandle", "RequestStats",
 ]

@@ -1,33 +1,32 @@
-"""The synchronous engine: schedule -> one decode step for every running sequence -> sample -> retire.
+"""The synchronous engine: each step is schedule -> execute -> update.
 
-Single-threaded by design (the AsyncEngine runs it on its own thread). Requests of any
-condition, sampling settings, policy and budget share one batch; a CFG request is two
-rows (conditional, unconditional) that share one sample per step.
+Single-threaded by design: the engine-core process (`core.py`) runs it in a busy loop, offline tools
+call it directly. Requests of any condition, sampling settings, policy and budget share one batch; a
+CFG request is two rows (conditional, unconditional) that share one sample per step.
 
-A decode step is the model step, then `sample_and_feed` over static per-batch inputs (refilled only
-when the batch changes): on the GPU both are one CUDA graph replay, and the host keeps only integer
-bookkeeping (the mirror of each sequence's stored slots, eviction stats, progress and retirement).
+  schedule  the scheduler returns a StepPlan over row, page and slot ids (plain Python);
+  execute   the runner applies it (the only writer of block tables and the KV pool), prefills the newly
+            admitted requests and runs the decode step: model + sampling, one CUDA graph replay on GPU;
+  update    host bookkeeping only: the mirror of each sequence's stored slots, eviction and spill stats,
+            progress, previews, retirement.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from ..config import ConfigError, EngineConfig, ResolvedCache
-from ..kv.kernels import HAS_TRITON
-from ..kv.policy import POLICY_MODE
 from ..kv.pool import FP8, PageAllocator, PoolGeometry, kv_storage_dtype, pages_for
 from ..kv.spill import SpillArena, SpillRecord
 from ..loading import LoadedModels, limit_cpu_threads
-from ..sampling import cfg_combine, k_max_bucket, sample_tokens, uniform_from
+from ..sampling import SamplingParams
 from .imaging import DoneImage, ImageStage
 from .request import (
     DeadlineExceeded,
@@ -41,168 +40,101 @@ from .request import (
     RequestFailed,
     RequestStats,
 )
-from .runner import ModelRunner, RowState
-from .scheduler import Schedulable, Scheduler
+from .runner import ModelRunner
+from .sampler import Sampler, uses_sampling_kernel
+from .scheduler import Schedulable, Scheduler, StepPlan
+from .step_clock import StepClock, StepTiming
 
 Sink = Callable[[Event | EngineError], None]
+log = logging.getLogger("adsa.engine")
 
 
 @dataclass
 class EngineStats:
+    """Counters and gauges of one engine (the server exports them; they cross the process boundary)."""
+
     running: int = 0  # requests with KV in the pool
     waiting: int = 0  # queued (including swapped out)
     kv_capacity_tokens: int = 0  # token slots in the pool (per layer and head)
     kv_used_tokens: int = 0  # slots allocated to running sequences
-    kv_pool_bytes: int = 0
-    evictions_total: int = 0
-    spilled_bytes_total: int = 0
-    swapped_out_total: int = 0
-    images_total: int = 0
-    tokens_total: int = 0
-    requests_total_by_status: dict[str, int] = field(default_factory=dict)
+    kv_pool_bytes: int = 0  # device bytes of the KV pool
+    max_batch_size: int = 0  # images decoded together at most
+    evictions_total: int = 0  # slot overwrites, summed over sequences, layers and heads
+    spilled_bytes_total: int = 0  # K/V bytes copied to pinned CPU memory
+    spill_dropped_steps_total: int = 0  # sequence steps whose evicted K/V was not kept: the spill arena was full
+    swapped_out_total: int = 0  # requests swapped out to CPU for higher-priority work
+    images_total: int = 0  # images finished
+    tokens_total: int = 0  # image tokens sampled
+    steps_total: int = 0  # decode steps run
+    host_busy_s_total: float = 0.0  # host seconds spent inside steps (the loop's busy time)
+    last_step_at: float = 0.0  # time.monotonic() of the last completed step (0: none yet)
+    requests_total_by_status: dict[str, int] = field(default_factory=dict)  # ended requests by outcome
 
 
-@dataclass(eq=False)
-class _Request(Schedulable):
-    req: GenerationRequest = None  # type: ignore[assignment]
-    sink: Sink = None  # type: ignore[assignment]
-    cache: ResolvedCache = None  # type: ignore[assignment]
-    request_id: str = ""
-    slot: int = -1  # row of the per-request token buffers
+@dataclass(eq=False, kw_only=True)
+class EngineRequest(Schedulable):
+    """A submitted request inside the engine: the scheduler's view plus the host's bookkeeping."""
+
+    req: GenerationRequest  # what was asked
+    sink: Sink  # receives its events (from the engine and the image stage)
+    request_id: str
     n_sampled: int = 0  # image tokens sampled so far
     n_stored: list[int] = field(default_factory=list)  # host mirror of each sequence's valid slots
-    started: float = 0.0
+    started: float = 0.0  # time.monotonic() of its prefill
     stats: RequestStats = field(default_factory=RequestStats)
-    cancelled: bool = False
-    swap_data: list | None = None
+    cancelled: bool = False  # cancel() was called: it ends at the next step
     spill: list[SpillRecord] = field(default_factory=list)  # per sequence: its evicted K/V in the arena
-    logprobs: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # per step, when req.want_logits
+
+    # what the sampler's packing reads (sampler.SampledItem)
+    @property
+    def seed(self) -> int:
+        return self.req.seed
 
     @property
-    def cfg_pair(self) -> bool:
-        return len(self.allocs) == 2
+    def sampling(self) -> SamplingParams:
+        return self.req.sampling
 
+    @property
+    def has_forced(self) -> bool:
+        return self.req.forced_tokens is not None
 
-class StepBatch(NamedTuple):
-    """Inputs of one sampling step: views of two packed tensors, ints (11, W) and floats (3, W).
-    Item k (a request, or padding) has the per-item fields; row r (a sequence) has `row` and `owner`."""
-
-    cond: torch.Tensor  # (W,) logits row of item k's conditional sequence
-    uncond: torch.Tensor  # (W,) and of its unconditional one (== cond without CFG)
-    seed: torch.Tensor
-    j: torch.Tensor  # image tokens sampled so far: the index of the one sampled now (advanced in place)
-    cfg_interval: torch.Tensor
-    top_k: torch.Tensor
-    greedy: torch.Tensor  # 0/1
-    forced: torch.Tensor  # 0/1: take forced[slot, j] instead of a sample
-    slot: torch.Tensor  # row of the engine's codes/forced
-    row: torch.Tensor  # (W,) a runner row to feed
-    owner: torch.Tensor  # (W,) the item whose token that row is fed
-    cfg_scale: torch.Tensor  # floats from here
-    temperature: torch.Tensor
-    top_p: torch.Tensor
-
-    @classmethod
-    def of(cls, ints: torch.Tensor, floats: torch.Tensor) -> StepBatch:
-        return cls(*ints.unbind(0), *floats.unbind(0))
-
-
-_N_FLOATS = 3  # the last fields of StepBatch
-_N_INTS = len(StepBatch._fields) - _N_FLOATS
-
-
-def uses_sampling_kernel(device: torch.device) -> bool:
-    """Sampling runs as one Triton kernel (adsa_core.sampling_kernel) on CUDA, else as torch ops."""
-    return device.type == "cuda" and HAS_TRITON
-
-
-def sample_and_feed(b: StepBatch, logits: torch.Tensor, k_max: int, codes: torch.Tensor, forced: torch.Tensor,
-                    rows: RowState, pos_offset: int, guided: torch.Tensor) -> None:
-    """Image token j of every item of `b`, from its rows' logits (R, V): CFG-guided while its interval lasts,
-    sampled (or forced), written to codes[slot, j] and fed to its rows for the next decode step; then j += 1.
-    guided (W, V) receives the guided logits. Static shapes, no host sync: the decode CUDA graph captures it."""
-    jc = b.j.clamp_max(codes.shape[1] - 1)  # an index: padding items (and capture warm-ups) count on past the end
-    active = (b.cfg_scale > 1.0) & ((b.cfg_interval < 0) | (b.j <= b.cfg_interval + 1))
-    if uses_sampling_kernel(logits.device):  # one launch instead of ~20 kernels: the same tokens
-        from ..sampling_kernel import sample_guided_triton
-
-        tok = sample_guided_triton(logits, b.cond, b.uncond, active, b.cfg_scale, b.temperature, b.top_k, b.top_p,
-                                   b.greedy, uniform_from(b.seed, b.j), guided)
-    else:
-        cond, uncond = logits[b.cond], logits[b.uncond]  # (W, V)
-        torch.where(active.view(-1, 1), cfg_combine(cond, uncond, b.cfg_scale), cond, out=guided)
-        tok = sample_tokens(guided, b.seed, b.j, b.temperature, b.top_k, b.top_p, b.greedy.bool(), k_max)
-    tok = torch.where(b.forced.bool(), forced[b.slot, jc], tok)
-    codes[b.slot, jc] = tok
-    # both rows of a request get the same token, at position T_cond + j
-    rows.tokens[b.row] = tok[b.owner]
-    rows.positions[b.row] = jc[b.owner] + pos_offset
-    b.j.add_(1)
-
-
-class _DecodeBatch:
-    """The running batch's step inputs in static device buffers of width max_rows (a step of bucket B
-    reads [:, :B]), refilled only when the batch changes. Called by the runner after the model step
-    (inside its CUDA graph, one per bucket and top-k bucket): samples and feeds one token per request."""
-
-    def __init__(self, max_rows: int, vocab: int, codes: torch.Tensor, forced: torch.Tensor, rows: RowState,
-                 pos_offset: int):
-        dev = codes.device
-        self.ints = torch.zeros(_N_INTS, max_rows, dtype=torch.long, device=dev)
-        self.floats = torch.zeros(_N_FLOATS, max_rows, device=dev)
-        self.guided = torch.zeros(max_rows, vocab, device=dev)  # (item, V): the last step's guided logits
-        self.codes, self.forced, self.rows, self.pos_offset = codes, forced, rows, pos_offset
-        self.k_max = 0  # top-k bucket of the batch: the graph key
-        self.want: tuple[torch.Tensor, list[int]] | None = None  # items that keep log-probs (device, host)
-
-    def __call__(self, B: int, k_max: int) -> None:
-        b = StepBatch.of(self.ints[:, :B], self.floats[:, :B])
-        sample_and_feed(b, self.rows.logits[:B], k_max, self.codes, self.forced, self.rows, self.pos_offset,
-                        self.guided[:B])
-
-    def state(self) -> list[torch.Tensor]:
-        return [self.ints, self.codes]
+    @property
+    def rows(self) -> list[int]:
+        return [a.row for a in self.allocs]
 
 
 class Engine:
     def __init__(self, models: LoadedModels, config: EngineConfig):
-        self.models = models
-        self.config = config
+        self.models, self.config = models, config
         if models.device.type == "cpu":
             limit_cpu_threads()  # torch's thread count is per OS thread: this is the engine's
-        self.gpt = models.gpt
-        self.cfg = models.gpt_config
-        self.device = models.device
-        self.sampling_kernel = uses_sampling_kernel(self.device)
-        self.max_rows = 2 * config.max_batch_size
-        geo = self._pool_geometry()
-        max_pages = pages_for(self.cfg.seq_len, config.page_size)
-        gpu_lock = threading.Lock()  # a CUDA graph capture and the image thread's GPU work exclude each other
-        self.runner = ModelRunner(self.gpt, geo, self.max_rows, max_pages, config.cuda_graphs,
-                                  config.compile_step and self.device.type == "cuda", gpu_lock)
-        self.scheduler = Scheduler(PageAllocator(geo.num_pages), self.max_rows, config.page_size, config.max_queue)
+        self.gpt, self.cfg, self.device = models.gpt, models.gpt_config, models.device
         self.default_cache = config.default_cache.resolve(self.cfg)
-        self.requests: dict[str, _Request] = {}
-        self._ids = itertools.count()
-        self._free_slots = list(range(config.max_batch_size - 1, -1, -1))
-        B, N = config.max_batch_size, self.cfg.block_size
-        self.scratch_slot = B  # padding items of a decode step write their tokens here
-        self.codes = torch.zeros(B + 1, N, dtype=torch.long, device=self.device)
-        self.forced = torch.zeros(B + 1, N, dtype=torch.long, device=self.device)
-        self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens,
-                                  kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
+        geo = self._pool_geometry()
+        self.max_batch_size = config.max_batch_size or default_max_batch(geo, self.default_cache, self.device)
+        self.max_rows = 2 * self.max_batch_size
+        gpu_lock = threading.Lock()  # a CUDA graph capture and the image thread's GPU work exclude each other
+        compiled = self.device.type == "cuda" and config.compile_step is not False  # None: auto, on for CUDA
+        self.runner = ModelRunner(self.gpt, geo, self.max_rows, pages_for(self.cfg.seq_len, config.page_size),
+                                  config.cuda_graphs, compiled, gpu_lock)
+        self.scheduler = Scheduler(PageAllocator(geo.num_pages), self.max_rows, self.max_batch_size,
+                                   config.page_size, config.max_queue)
+        self.sampler = Sampler(self.max_batch_size, self.max_rows, self.cfg.vocab_size, self.cfg.block_size,
+                               self.runner.rows, self.cfg.cls_token_num, self.device)
         self.images = ImageStage(models.vq if config.decode_images else None, self.device, config.vq_decode_batch,
-                                 config.encode_png, compile_decode=config.compile_step, gpu_lock=gpu_lock)
-        self._done: list[DoneImage] = []  # finished this step, handed to the image stage together
-        self.step_listeners: list[Callable[[float, int], None]] = []
-        self.fault_hook: Callable[[str], None] | None = None  # tests inject per-request failures here
+                                 compile_decode=compiled, gpu_lock=gpu_lock)
         self.spill = SpillArena(config.spill_arena_bytes, geo.n_layer, geo.kv_heads, geo.head_dim, geo.dtype,
                                 self.device)
         self.spill_steps_per_seq = config.spill_limit_bytes // self.spill.step_bytes
-        self._staging = _Staging(self.device)
-        self.batch = _DecodeBatch(self.max_rows, self.cfg.vocab_size, self.codes, self.forced, self.runner.rows,
-                                  self.cfg.cls_token_num)
-        self._batch_dirty = True  # the running batch changed: refill self.batch before the next step
+        self.requests: dict[str, EngineRequest] = {}
+        self._ids = itertools.count()
+        self._done: list[DoneImage] = []  # finished this step, handed to the image stage together
+        self.clock = StepClock(self.device)
+        self.step_listeners: list[Callable[[StepTiming], None]] = []
+        self.fault_hook: Callable[[str], None] | None = None  # tests inject per-request failures here
+        self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens, max_batch_size=self.max_batch_size,
+                                  kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
 
     def _pool_geometry(self) -> PoolGeometry:
         c = self.config
@@ -217,11 +149,45 @@ class Engine:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return PoolGeometry.fit_bytes(self.cfg, c.page_size, dtype, int(free * c.kv_pool_memory_fraction))
-        # CPU: enough for every row to hold a whole dense sequence
-        per_row = pages_for(self.cfg.seq_len, c.page_size)
-        return PoolGeometry.for_model(self.cfg, c.page_size, 1 + self.max_rows * per_row, dtype)
+        # CPU: enough for every row of the largest batch to hold a whole dense sequence
+        rows = 2 * (c.max_batch_size or CPU_MAX_BATCH)
+        return PoolGeometry.for_model(self.cfg, c.page_size, 1 + rows * pages_for(self.cfg.seq_len, c.page_size),
+                                      dtype)
 
-    # --- submission (engine thread) ---------------------------------------------------------------
+    # --- submission: validated once, all or nothing ------------------------------------------------
+    def submit(self, req: GenerationRequest, sink: Sink) -> str:
+        """Queue one request; raises InvalidRequest or QueueFull (nothing is changed then)."""
+        return self.submit_all([req], [sink])[0]
+
+    def submit_all(self, reqs: list[GenerationRequest], sinks: list[Sink]) -> list[str]:
+        """Queue requests together or not at all (one HTTP call's images). Raises InvalidRequest or QueueFull."""
+        if len(reqs) > self.scheduler.queue_room:
+            raise QueueFull(f"{self.scheduler.num_waiting} images are waiting (limit {self.config.max_queue})")
+        self._encode_prompts(reqs)  # after the queue check: a refused request costs no encoder work
+        caches = [self.validate(r) for r in reqs]
+        ids = []
+        for req, sink, cache in zip(reqs, sinks, caches):
+            rid = req.request_id or f"req-{next(self._ids)}"
+            item = EngineRequest(priority=req.priority, n_seqs=2 if req.sampling.uses_cfg else 1, cache=cache,
+                                 req=req, sink=sink, request_id=rid)
+            item.stats.kv_budget_tokens = cache.budget
+            self.scheduler.enqueue(item)
+            self.requests[rid] = item
+            ids.append(rid)
+        return ids
+
+    def _encode_prompts(self, reqs: list[GenerationRequest]) -> None:
+        todo = [r for r in reqs if r.prompt is not None]
+        if not todo:
+            return
+        if self.cfg.model_type != "t2i":
+            raise InvalidRequest("this is a class-conditional model: give a class label, not a prompt")
+        if self.models.text_encoder is None:
+            raise InvalidRequest("this text model was started without a text encoder: prompts are unavailable")
+        feats, masks = self.models.text_encoder.encode([r.prompt for r in todo])
+        for r, f, m in zip(todo, feats, masks):
+            r.condition, r.emb_mask, r.prompt = f, m, None
+
     def validate(self, req: GenerationRequest) -> ResolvedCache:
         cfg = self.cfg
         if cfg.model_type == "c2i":
@@ -246,233 +212,134 @@ class Engine:
         except ConfigError as e:
             raise InvalidRequest(str(e)) from None
         n_seqs = 2 if req.sampling.uses_cfg else 1
-        if not self.scheduler.fits_ever(Schedulable(req.priority, n_seqs, cache.budget)):
+        if not self.scheduler.fits_ever(n_seqs, cache.budget):
             raise InvalidRequest(f"kv budget {cache.budget} x {n_seqs} sequences does not fit the KV pool")
         return cache
 
-    def submit(self, req: GenerationRequest, sink: Sink) -> str:
-        """Queue a request; raises InvalidRequest or QueueFull (nothing is changed then)."""
-        cache = self.validate(req)
-        n_seqs = 2 if req.sampling.uses_cfg else 1
-        rid = req.request_id or f"req-{next(self._ids)}"
-        item = _Request(priority=req.priority, n_seqs=n_seqs, budget=cache.budget, req=req, sink=sink,
-                        cache=cache, request_id=rid)
-        item.stats.kv_budget_tokens = cache.budget
-        if not self.scheduler.enqueue(item):
-            raise QueueFull(f"{self.scheduler.num_waiting} requests are waiting (limit {self.config.max_queue})")
-        self.requests[rid] = item
-        return rid
-
     def cancel(self, request_id: str) -> None:
-        item = self.requests.get(request_id)
-        if item is not None:
+        if (item := self.requests.get(request_id)) is not None:
             item.cancelled = True
 
     @property
     def has_work(self) -> bool:
         return bool(self.requests)
 
-    # --- the step -----------------------------------------------------------------------------------
+    # --- the step ------------------------------------------------------------------------------------
     def step(self) -> None:
-        self._reap()
-        self._schedule()
-        self._compact_rows()  # a request that failed during prefill may have left a hole
-        running = [r for r in self.scheduler.running if isinstance(r, _Request)]
-        if running:
-            self._decode(running)
-        self.images.finish(self._done)
-        self._done = []
+        t0 = time.perf_counter()
+        try:
+            self._reap()
+            plan = self.scheduler.schedule()
+            self.runner.apply(plan)
+            for item, _ in plan.swap_out:
+                item.stats.swapped_out += 1  # type: ignore[attr-defined] - the engine enqueues EngineRequests
+                self.stats_.swapped_out_total += 1
+            if plan.admitted:
+                self._prefill(plan.admitted)
+                if self.scheduler.changed:  # a prefill failed, or a new request freed a row: plan again first
+                    return
+            if plan.running:
+                self._decode(plan)
+        finally:
+            self.images.finish(self._done)
+            self._done = []
+            self.stats_.host_busy_s_total += time.perf_counter() - t0
 
-    def _finish(self, item: _Request, outcome: Event | EngineError | None, status: str) -> None:
+    def _finish(self, item: EngineRequest, outcome: Event | EngineError | None, status: str) -> None:
         """Release everything a request holds and deliver its last event (if any)."""
-        if item.allocs:
-            for a in self.scheduler.release(item):
-                self.runner.clear_row(a.row)
-        else:
-            self.scheduler.remove_waiting(item)
-        if item.slot >= 0:
-            self._free_slots.append(item.slot)
-            item.slot = -1
+        self.scheduler.release(item)
         item.stats.spilled_bytes = sum(rec.bytes for rec in item.spill)
         for rec in item.spill:
             self.spill.release(rec)
         self.requests.pop(item.request_id, None)
-        self._batch_dirty = True
         by = self.stats_.requests_total_by_status
         by[status] = by.get(status, 0) + 1
         if outcome is not None:
             item.sink(outcome)
 
-    def _fail(self, item: _Request, err: EngineError, status: str) -> None:
-        self._finish(item, err, status)
-
     def fail_all(self, err: EngineError, status: str) -> None:
-        """Every request, waiting or running, ends with `err` (engine failure, shutdown)."""
+        """Every request, waiting or running, ends with `err` (shutdown)."""
         for item in list(self.requests.values()):
-            self._fail(item, err, status)
+            self._finish(item, err, status)
+
+    def fail_running(self, exc: BaseException) -> list[str]:
+        """A step raised: the requests in the batch end with a generic error naming their id (details are for
+        the log, not for clients); waiting requests stay queued. Returns the failed ids."""
+        ids = [it.request_id for it in list(self.scheduler.running)]
+        for rid in ids:
+            self._finish(self.requests[rid], RequestFailed(f"internal error in request {rid}"), "error")
+        self.clock.reset()
+        return ids
 
     def _reap(self) -> None:
         now = time.monotonic()
         for item in list(self.requests.values()):
             if item.cancelled:
-                self._fail(item, RequestCancelled("cancelled"), "cancelled")
+                self._finish(item, RequestCancelled("cancelled"), "cancelled")
             elif item.req.deadline is not None and now > item.req.deadline:
-                self._fail(item, DeadlineExceeded("deadline exceeded"), "deadline")
+                self._finish(item, DeadlineExceeded("deadline exceeded"), "deadline")
 
-    def _schedule(self) -> None:
-        admitted, swap_out = self.scheduler.schedule()
-        for item in swap_out:
-            self._swap_out(item)
-        if swap_out:
-            more, _ = self.scheduler.schedule()
-            admitted += more
-        self._compact_rows()
-        new = []
-        for item in admitted:
-            if item.swap_data is not None:
-                self._swap_in(item)
-            else:
-                new.append(item)
-        if new:
-            self._prefill(new)
-
-    def _compact_rows(self) -> None:
-        """Keep running rows at 0..n-1 so the decode step covers a dense prefix of rows."""
-        allocs = sorted((a for r in self.scheduler.running for a in r.allocs), key=lambda a: a.row)
-        n = len(allocs)
-        holes = sorted(r for r in self.scheduler.free_rows if r < n)
-        movers = [a for a in allocs if a.row >= n]
-        for hole, a in zip(holes, movers):
-            self.runner.move_row(a.row, hole)
-            self.scheduler.free_rows.remove(hole)
-            self.scheduler.free_rows.append(a.row)
-            a.row = hole
-            self._batch_dirty = True
-        self.scheduler.free_rows.sort(reverse=True)
-
-    def _setup_rows(self, item: _Request) -> None:
-        c = item.cache
-        mode = POLICY_MODE[c.policy] if c.evicts else 0
-        for a in item.allocs:
-            self.runner.assign_row(a.row, a.pages, c.budget, c.prefix, c.local, mode)
-        item.stats.kv_bytes = sum(len(a.pages) for a in item.allocs) * self.runner.geo.bytes_per_page
-        item.slot = self._free_slots.pop()
-        if item.req.forced_tokens is not None:
-            self.forced[item.slot] = item.req.forced_tokens.to(self.device)
-        item.started = time.monotonic()
-        item.stats.queue_s = item.started - item.req.arrival
-        item.spill = [SpillRecord() for _ in item.allocs]
-
-    def _prefill(self, items: list[_Request]) -> None:
-        gpt, cfg = self.gpt, self.cfg
+    def _prefill(self, items: list[EngineRequest]) -> None:
+        """Condition tokens of newly admitted requests into their rows, then their token 0. A failure fails
+        these requests only (the next plan compacts their rows)."""
         rows, conds, masks = [], [], []
         for item in items:
-            self._setup_rows(item)
+            item.started = time.monotonic()
+            item.stats.queue_s = item.started - item.req.arrival
+            item.stats.kv_bytes = sum(len(a.pages) for a in item.allocs) * self.runner.geo.bytes_per_page
+            item.spill = [SpillRecord() for _ in item.allocs]
+            if item.req.forced_tokens is not None:
+                self.sampler.forced[item.slot] = item.req.forced_tokens.to(self.device)
             c = item.req.condition
             cond = torch.tensor(c, device=self.device) if isinstance(c, int) else c.to(self.device)
-            mask = (item.req.emb_mask if item.req.emb_mask is not None else torch.ones(cfg.cls_token_num)).bool()
+            mask = (item.req.emb_mask if item.req.emb_mask is not None else torch.ones(self.cfg.cls_token_num)).bool()
             rows.append(item.allocs[0].row)
             conds.append(cond)
             masks.append(mask)
-            if item.cfg_pair:  # the unconditional branch uses the prompt's mask too, as LlamaGen
+            if len(item.allocs) == 2:  # the unconditional branch uses the prompt's mask too, as LlamaGen
                 rows.append(item.allocs[1].row)
-                conds.append(gpt.null_condition(cond.unsqueeze(0))[0])
+                conds.append(self.gpt.null_condition(cond.unsqueeze(0))[0])
                 masks.append(mask)
         try:
             with torch.no_grad():
-                emb = gpt.embed_condition(torch.stack(conds))  # (n, T_cond, dim)
+                emb = self.gpt.embed_condition(torch.stack(conds))  # (n, T_cond, dim)
                 valid = torch.stack(masks).to(self.device)
                 logits = self.runner.prefill(rows, emb, valid)  # (n, V)
-        except Exception as e:  # noqa: BLE001 - a bad prefill fails these requests, not the engine
+        except Exception:  # noqa: BLE001 - a bad prefill fails these requests, not the engine
+            log.exception("prefill failed for requests %s", ", ".join(it.request_id for it in items))
             for item in items:
-                self._fail(item, RequestFailed(f"prefill failed: {e}"), "error")
+                self._finish(item, RequestFailed(f"prefill failed for request {item.request_id}"), "error")
             return
-        counts = valid.sum(1).tolist()
-        i = 0
+        counts = iter(valid.sum(1).tolist())
         for item in items:
-            item.n_stored = counts[i: i + len(item.allocs)]
-            i += len(item.allocs)
-        self._batch_dirty = True
-        # token 0 of the new requests only, eagerly, with inputs of their own: the decode batch is refilled
-        ints, floats = self._pack(items, len(rows), by_row=False)  # prefill logits are in sequence order
-        b = StepBatch.of(self._staging.copy(ints), self._staging.copy(floats))
-        guided = torch.empty_like(logits)  # (n_rows, V): items padded to the rows' count
-        sample_and_feed(b, logits, self._k_max(items), self.codes, self.forced, self.runner.rows,
-                        self.cfg.cls_token_num, guided)
-        want = [k for k, it in enumerate(items) if it.req.want_logits]
-        if want:
-            self._keep_logprobs(items, guided, self._staging.copy(torch.tensor(want)), want)
+            item.n_stored = [next(counts) for _ in item.allocs]
+        for k, lp in self.sampler.first_tokens(items, logits, [k for k, it in enumerate(items) if it.req.want_logits]):
+            items[k].logprobs.append(lp)
         for it in items:
             it.n_sampled += 1
         self._after_tokens(items)
 
-    def _pack(self, items: list[_Request], width: int, by_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host tensors (11, width) int64 and (3, width) fp32 of StepBatch fields for `items`, padded to
-        `width` items with greedy ones writing to the scratch slot, and to `width` rows with rows
-        n_rows..width-1 (the scratch rows of a compact batch) fed by the first padding item.
-        by_row: logits are indexed by runner row (decode), else by sequence in the order of items (prefill).
-        Built with numpy: this runs on every batch change, and torch.tensor(list) is 4x slower."""
-        ints, floats, k = [], [], 0
-        for it in items:
-            s = it.req.sampling
-            cond, uncond = (it.allocs[0].row, it.allocs[-1].row) if by_row else (k, k + len(it.allocs) - 1)
-            k += len(it.allocs)
-            ints.append((cond, uncond, it.req.seed, it.n_sampled, s.cfg_interval, s.top_k, s.greedy,
-                         it.req.forced_tokens is not None, it.slot))
-            floats.append((s.cfg_scale, s.temperature, s.top_p))
-        n = len(items)
-        i = np.empty((_N_INTS, width), dtype=np.int64)
-        i[:9, :n] = np.array(ints, dtype=np.int64).T
-        i[:9, n:] = np.array([0, 0, 0, 0, -1, 1, 1, 0, self.scratch_slot])[:, None]
-        i[9, :k] = [a.row for it in items for a in it.allocs]
-        i[9, k:] = np.arange(k, width)
-        i[10, :k] = [m for m, it in enumerate(items) for _ in it.allocs]
-        i[10, k:] = n
-        f = np.empty((_N_FLOATS, width), dtype=np.float32)
-        f[:, :n] = np.array(floats, dtype=np.float32).T
-        f[:, n:] = np.array([0.0, 1.0, 1.0])[:, None]
-        return torch.from_numpy(i), torch.from_numpy(f)
+    def _decode(self, plan: StepPlan) -> None:
+        running: list[EngineRequest] = plan.running  # type: ignore[assignment] - the engine enqueues only these
+        if plan.batch_changed:
+            self.sampler.load(running, [k for k, it in enumerate(running) if it.req.want_logits])
+        t0 = self.clock.start()
+        self.runner.decode(plan.n_rows, self.sampler, self.sampler.k_max)  # model step + sampling + feeding
+        for timing in self.clock.end(t0, plan.n_rows):
+            for fn in self.step_listeners:
+                fn(timing)
+        self._account_kv(running)
+        for k, lp in self.sampler.logprobs():
+            running[k].logprobs.append(lp)
+        self.stats_.steps_total += 1
+        self.stats_.last_step_at = time.monotonic()
+        self._after_tokens(running)
 
-    def capture_graphs(self) -> int:
-        """Capture the decode step's CUDA graph for every batch bucket before serving. Only with the Triton
-        sampler, whose graphs do not depend on the batch's top-k; the torch sampler's are captured on first use."""
-        return self.runner.capture_all(self.batch, 0) if self.sampling_kernel else 0
-
-    def _k_max(self, items: list[_Request]) -> int:
-        """The batch's top-k bucket (host int): topk over this many logits instead of sorting them all (the
-        torch sampler; the Triton one needs no bucket, so one graph per batch bucket serves every batch)."""
-        if self.sampling_kernel:
-            return 0
-        top_k = [it.req.sampling.top_k for it in items]
-        return k_max_bucket(max(top_k) if min(top_k) > 0 else 0, self.cfg.vocab_size)
-
-    def _load_batch(self, items: list[_Request]) -> None:
-        """Refill the decode step's static inputs for a new batch: the only host-to-device copies of a step.
-        j restarts from each request's host count n_sampled, which the step advances in step with j."""
-        bt = self.batch
-        ints, floats = self._pack(items, self.max_rows, by_row=True)
-        self._staging.copy(ints, bt.ints)
-        self._staging.copy(floats, bt.floats)
-        bt.k_max = self._k_max(items)
-        want = [k for k, it in enumerate(items) if it.req.want_logits]
-        bt.want = (self._staging.copy(torch.tensor(want)), want) if want else None
-        self._batch_dirty = False
-
-    @staticmethod
-    def _keep_logprobs(items: list[_Request], guided: torch.Tensor, idx: torch.Tensor, want: list[int]) -> None:
-        logprobs = torch.log_softmax(guided[idx], dim=-1)  # one batched log-softmax, not one per request
-        for i, k in enumerate(want):
-            items[k].logprobs.append(logprobs[i])
-
-    def _decode(self, running: list[_Request]) -> None:
-        n_rows = sum(len(it.allocs) for it in running)
-        t0 = time.perf_counter()
-        if self._batch_dirty:
-            self._load_batch(running)
-        self.runner.decode(n_rows, self.batch, self.batch.k_max)  # model step + sampling + feeding
+    def _account_kv(self, running: list[EngineRequest]) -> None:
+        """Host mirror of the slots each sequence holds, eviction stats, and the spill of what was overwritten."""
         per_step = self.cfg.n_layer * self.cfg.kv_heads  # slots one full sequence overwrites per step
         spilling = []
-        for it in running:  # host mirror of the slots each sequence holds, and eviction stats
+        for it in running:
             it.n_sampled += 1  # as the step advanced j on the device
             for s, a in enumerate(it.allocs):
                 if it.n_stored[s] >= it.cache.budget:
@@ -483,16 +350,15 @@ class Engine:
                 else:
                     it.n_stored[s] += 1
                 it.stats.peak_kv_tokens = max(it.stats.peak_kv_tokens, it.n_stored[s])
-        if spilling:
-            self._spill_step(spilling)
-        if self.batch.want is not None:
-            self._keep_logprobs(running, self.batch.guided, *self.batch.want)
-        self._after_tokens(running)
-        dt = time.perf_counter() - t0
-        for fn in self.step_listeners:
-            fn(dt, n_rows)
+        if spilling:  # one gather + one async copy for every sequence that overwrote slots this step
+            rows = self.runner.rows
+            recs = [rec for _, rec in spilling]
+            before = sum(rec.bytes for rec in recs)
+            idx = self.sampler.staging.copy(torch.tensor([r for r, _ in spilling]))
+            self.spill.store(rows.spill_k, rows.spill_v, rows.spill_pos, idx, recs)
+            self.stats_.spilled_bytes_total += sum(rec.bytes for rec in recs) - before
 
-    def _after_tokens(self, items: list[_Request]) -> None:
+    def _after_tokens(self, items: list[EngineRequest]) -> None:
         grid, total = self.cfg.grid_size, self.cfg.block_size
         self.stats_.tokens_total += len(items)
         for it in items:
@@ -504,112 +370,62 @@ class Engine:
                     self._complete(it)
                     continue
                 if n % grid == 0:
-                    it.sink(Progress(n, total))
-                    rows_done = n // grid
-                    k = it.req.preview_every_rows
+                    if it.req.progress:
+                        it.sink(Progress(n, total))
+                    rows_done, k = n // grid, it.req.preview_every_rows
                     if k and rows_done % k == 0:
                         self._preview(it, rows_done)
                 sp = it.req.sampling
-                if it.cfg_pair and sp.cfg_interval >= 0 and not sp.cfg_active(n):
+                if len(it.allocs) == 2 and sp.cfg_interval >= 0 and not sp.cfg_active(n):
                     # guidance is over for this request: the unconditional branch is dead weight
-                    self.runner.clear_row(it.allocs[1].row)
                     self.scheduler.release(it, 1)
                     it.n_stored = it.n_stored[:1]
-                    self._batch_dirty = True
-            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
-                self._fail(it, RequestFailed(f"request failed: {e}"), "error")
+            except Exception:  # noqa: BLE001 - one request's failure must not stop the others
+                log.exception("request %s failed", it.request_id)  # details for the log, not for the client
+                self._finish(it, RequestFailed(f"internal error in request {it.request_id}"), "error")
 
     # --- results ---------------------------------------------------------------------------------
-    def _complete(self, it: _Request) -> None:
+    def _complete(self, it: EngineRequest) -> None:
         it.stats.run_s = time.monotonic() - it.started
         logprobs = torch.stack(it.logprobs).cpu() if it.logprobs else None
         # a device-side copy: the slot may be reused before the image stage reads it
-        self._done.append(DoneImage(it.sink, self.codes[it.slot].clone(), it.stats, logprobs))
+        self._done.append(DoneImage(it.sink, self.sampler.codes[it.slot].clone(), it.stats, logprobs))
         self.stats_.images_total += 1
         self._finish(it, None, "ok")
 
-    def _preview(self, it: _Request, rows_done: int) -> None:
+    def _preview(self, it: EngineRequest, rows_done: int) -> None:
         grid = self.cfg.grid_size
-        codes = self.codes[it.slot].clone()
+        codes = self.sampler.codes[it.slot].clone()
         codes[rows_done * grid:] = 0
         self.images.preview(it.sink, codes, it.n_sampled, rows_done, rows_done * (self.models.image_size // grid))
 
-    # --- spill and swap ----------------------------------------------------------------------------
-    def _spill_step(self, spilling: list[tuple[int, SpillRecord]]) -> None:
-        """One gather + one async copy for every sequence that overwrote slots this step."""
-        rows = self.runner.rows
-        idx = self._staging.copy(torch.tensor([r for r, _ in spilling]))
-        recs = [rec for _, rec in spilling]
-        before = [rec.bytes for rec in recs]
-        self.spill.store(rows.spill_k, rows.spill_v, rows.spill_pos, idx, recs)
-        self.stats_.spilled_bytes_total += sum(rec.bytes - b for rec, b in zip(recs, before))
-
-    def _swap_out(self, item: _Request) -> None:
-        saved = []
-        for a in item.allocs:
-            saved.append((self.runner.pool.read_pages(a.pages), self.runner.save_row(a.row)))
-        item.swap_data = [(_to_cpu(p), [t.cpu() for t in r]) for p, r in saved]
-        n_seqs = len(item.allocs)
-        for a in self.scheduler.release(item):
-            self.runner.clear_row(a.row)
-        item.n_seqs = n_seqs
-        item.stats.swapped_out += 1
-        self.stats_.swapped_out_total += 1
-        self.scheduler.enqueue(item, requeue=True)
-        self._batch_dirty = True
-
-    def _swap_in(self, item: _Request) -> None:
-        for a, (pages, row_state) in zip(item.allocs, item.swap_data):
-            self.runner.pool.write_pages(a.pages, pages)
-            self.runner.restore_row(a.row, row_state)
-            bt = self.runner.rows.block_table[a.row]
-            bt.zero_()
-            bt[: len(a.pages)] = torch.tensor(a.pages, dtype=torch.int32, device=self.device)
-        item.swap_data = None
-        self._batch_dirty = True
-
     # --- info ----------------------------------------------------------------------------------------
+    def capture_graphs(self) -> int:
+        """Capture the decode step's CUDA graph for every batch bucket before serving. Only with the Triton
+        sampler, whose graphs do not depend on the batch's top-k; the torch sampler's are captured on first use."""
+        return self.runner.capture_all(self.sampler, 0) if uses_sampling_kernel(self.device) else 0
+
     def stats(self) -> EngineStats:
         s = self.stats_
         s.running = len(self.scheduler.running)
         s.waiting = self.scheduler.num_waiting
-        used_pages = self.scheduler.allocator.num_usable - self.scheduler.allocator.num_free
-        s.kv_used_tokens = used_pages * self.config.page_size
+        s.kv_used_tokens = (self.scheduler.allocator.num_usable - self.scheduler.allocator.num_free) * \
+            self.config.page_size
+        s.spill_dropped_steps_total = self.spill.dropped_steps
         return EngineStats(**{**s.__dict__, "requests_total_by_status": dict(s.requests_total_by_status)})
 
     def close(self) -> None:
         self.images.close()
 
 
-class _Staging:
-    """Host-to-device copies without a host sync: a copy from pageable memory waits for the GPU, so
-    values go through a ring of pinned buffers, each reused only after its copy ran."""
-
-    def __init__(self, device: torch.device, n: int = 8):
-        self.device = device
-        self.ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
-        if device.type == "cuda":
-            self.ring = [(torch.empty(0, dtype=torch.uint8), None) for _ in range(n)]
-        self.next = 0
-
-    def copy(self, src: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
-        """src (host) into dst on the device (a new tensor if None); returns it."""
-        if self.device.type != "cuda":
-            return src.to(self.device) if dst is None else dst.copy_(src)
-        k = self.next = (self.next + 1) % len(self.ring)
-        buf, ev = self.ring[k]
-        if ev is not None:
-            ev.synchronize()  # only waits if the GPU is a whole ring behind
-        nbytes = src.numel() * src.element_size()
-        if buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 2 * buf.numel()), dtype=torch.uint8, pin_memory=True)
-        staged = buf[:nbytes].view(src.dtype).view(src.shape).copy_(src)
-        out = staged.to(self.device, non_blocking=True) if dst is None else dst.copy_(staged, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        self.ring[k] = (buf, ev)
-        return out
+CPU_MAX_BATCH = 8  # images decoded together on a CPU when not set: more only adds latency there
+MAX_AUTO_BATCH = 512  # the largest default batch (images): the CUDA-graph buckets are captured up to this
 
 
-def _to_cpu(groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    return [[t.to("cpu", non_blocking=False) for t in g] for g in groups]
+def default_max_batch(geo: PoolGeometry, cache: ResolvedCache, device: torch.device) -> int:
+    """Images decoded together when not set: as many CFG images at the default budget as the pool holds (at
+    adsa 1/4 the same pool holds four times dense's sequences: that is the point), at most MAX_AUTO_BATCH."""
+    if device.type != "cuda":
+        return CPU_MAX_BATCH
+    per_image = 2 * pages_for(cache.budget, geo.page_size)
+    return max(1, min(MAX_AUTO_BATCH, (geo.num_pages - 1) // per_image))

@@ -1,10 +1,14 @@
-"""Image stage: VQ decode and PNG encoding off the decode loop.
+"""Image stage: VQ decode off the decode loop.
 
-Finished requests of one engine step are decoded together, in chunks of `chunk` images so
-the decoder's activations never spike memory, on their own CUDA stream and thread, so
-decoding overlaps the next token steps. PNG encoding (zlib releases the GIL) runs on a
-small thread pool. The token buffer is read through a device-side copy ordered after the
-step that produced it, so the engine never waits for the GPU here.
+Finished requests of one engine step are decoded together, in chunks of `chunk` images so the
+decoder's activations never spike memory, on their own CUDA stream and thread, so decoding overlaps
+the next token steps. Every chunk is padded to the same static shape: a convolution's arithmetic
+can depend on the batch shape, never on the neighbours' values, so an image's pixels depend on its
+own tokens only (tests/engine/test_imaging.py). The token buffer is read through a device-side copy
+ordered after the step that produced it, so the engine never waits for the GPU here.
+
+The stage hands out uint8 pixels; PNG encoding happens in the engine client's worker threads, on
+neither the engine loop nor the HTTP event loop (`encode_png`).
 """
 
 from __future__ import annotations
@@ -41,21 +45,26 @@ def encode_png(pixels: torch.Tensor) -> bytes:
 
 
 class ImageStage:
-    def __init__(self, vq: VQModel | None, device: torch.device, chunk: int, png: bool, png_threads: int = 4,
-                 compile_decode: bool = False, gpu_lock: threading.Lock | None = None):
+    def __init__(self, vq: VQModel | None, device: torch.device, chunk: int | None, compile_decode: bool = False,
+                 gpu_lock: threading.Lock | None = None):
         self.vq = vq
         self.gpu_lock = gpu_lock or threading.Lock()  # shared with ModelRunner's graph capture
         self.device = device
-        self.chunk = max(1, chunk)
+        self.chunk = chunk or (16 if device.type == "cuda" else 1)
         # compiled VQ decode (GPU): GroupNorm + swish fused, ~2x faster and less memory per chunk on
-        # an H100 (tools/bench_vq_decode.py); one static chunk shape, so short chunks are padded
-        self.compiled = vq is not None and compile_decode and device.type == "cuda"
-        self._decode = torch.compile(vq.decode_code, dynamic=False) if self.compiled else None
-        self.png = png
+        # an H100 (tools/bench_vq_decode.py); one static chunk shape either way
+        compiled = vq is not None and compile_decode and device.type == "cuda"
+        self._decode = torch.compile(vq.decode_code, dynamic=False) if compiled else (vq and vq.decode_code)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq",
                                          initializer=limit_cpu_threads if device.type == "cpu" else None)
-        self.png_pool = ThreadPoolExecutor(max_workers=png_threads, thread_name_prefix="adsa-png")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @torch.no_grad()
+    def warm_up(self, block_size: int) -> None:
+        """Decode one chunk now, so the first finished images never wait for the decoder's compile."""
+        if self.vq is not None:
+            with self._on_stream(self._ready_event()):
+                self.decode(torch.zeros(1, block_size, dtype=torch.long, device=self.device))
 
     def _ready_event(self) -> torch.cuda.Event | None:
         if self.stream is None:
@@ -85,43 +94,40 @@ class ImageStage:
             with torch.cuda.stream(self.stream):
                 yield
 
-    def _decode_chunk(self, codes: torch.Tensor) -> torch.Tensor:
-        """(n, block_size) codes -> (n, H, W, 3) uint8 on the CPU."""
-        if not self.compiled:
-            return to_uint8(self.vq.decode_code(codes))
-        n = len(codes)
-        padded = torch.cat([codes, codes.new_zeros(self.chunk - n, codes.shape[1])]) if n < self.chunk else codes
-        return to_uint8(self._decode(padded)[:n])
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(n, block_size) codes -> (n, H, W, 3) uint8 on the CPU, `chunk` images per call, each call padded to
+        `chunk` images (one static shape: the same pixels for an image whatever finishes beside it)."""
+        out = []
+        for c in codes.split(self.chunk):
+            n = len(c)
+            padded = torch.cat([c, c.new_zeros(self.chunk - n, c.shape[1])]) if n < self.chunk else c
+            out.append(to_uint8(self._decode(padded)[:n]))
+        return torch.cat(out)
 
     @torch.no_grad()
     def _finish(self, done: list[DoneImage], ready: torch.cuda.Event | None) -> None:
         try:
             with self._on_stream(ready):
                 codes = torch.stack([d.codes for d in done])  # (n, block_size)
-                pixels = None
-                if self.vq is not None:  # (n, H, W, 3) uint8 on the CPU, `chunk` images at a time
-                    pixels = torch.cat([self._decode_chunk(c) for c in codes.split(self.chunk)])
+                pixels = self.decode(codes) if self.vq is not None else None  # (n, H, W, 3) uint8 on the CPU
                 codes = codes.cpu()
-            pngs = [None] * len(done)
-            if pixels is not None and self.png:
-                pngs = list(self.png_pool.map(encode_png, pixels))
-        except Exception as e:  # noqa: BLE001 - a decode failure fails these images, not the engine
+        except Exception:  # noqa: BLE001 - a decode failure fails these images, not the engine
+            log.exception("image decode failed")
             for d in done:
-                d.sink(RequestFailed(f"image decode failed: {e}"))
+                d.sink(RequestFailed("image decode failed"))
             return
         for i, d in enumerate(done):
-            d.sink(Finished(codes[i], pngs[i], d.stats, d.logprobs))
+            d.sink(Finished(codes[i], pixels[i] if pixels is not None else None, d.stats, d.logprobs))
 
     @torch.no_grad()
     def _preview(self, sink: Sink, codes: torch.Tensor, tokens_done: int, rows_done: int, px: int,
                  ready: torch.cuda.Event | None) -> None:
         try:
             with self._on_stream(ready):
-                pixels = to_uint8(self.vq.decode_code(codes[None]))[0, :px]
-            sink(PartialImage(tokens_done, rows_done, encode_png(pixels)))
+                pixels = to_uint8(self.vq.decode_code(codes[None]))[0, :px]  # eager, one image: only a preview
+            sink(PartialImage(tokens_done, rows_done, pixels))
         except Exception:  # noqa: BLE001 - a failed preview is skipped; the final image still comes
             log.exception("preview decode failed")
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
-        self.png_pool.shutdown(wait=True)

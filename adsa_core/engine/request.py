@@ -56,11 +56,17 @@ class RequestFailed(EngineError):
     kind = "internal_error"
 
 
+class EngineDead(EngineError):
+    """The engine-core process died: every request in flight ends with this; the server exits. HTTP 503."""
+
+    kind = "engine_dead"
+
+
 @dataclass
 class GenerationRequest:
     """One image. A request of n images is n of these with seeds seed, seed+1, ..."""
 
-    condition: int | torch.Tensor  # class label (c2i) or caption features (120, caption_dim) (t2i)
+    condition: int | torch.Tensor | None  # class label (c2i) or caption features (120, caption_dim) (t2i)
     seed: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     cache: CacheConfig | None = None  # None: the engine's default policy and budget
@@ -72,6 +78,8 @@ class GenerationRequest:
     want_logits: bool = False  # keep per-step fp32 log-probs of the chosen/forced token (fidelity)
     request_id: str = ""
     arrival: float = field(default_factory=time.monotonic)
+    prompt: str | None = None  # t2i: encoded into condition/emb_mask by the engine at submission
+    progress: bool = True  # send a Progress event per completed token row (streaming clients)
 
 
 @dataclass
@@ -84,7 +92,8 @@ class Progress:
 class PartialImage:
     tokens_done: int
     rows_done: int
-    png: bytes  # the completed rows only, cropped
+    pixels: torch.Tensor | None  # (rows_px, W, 3) uint8, the completed rows only (the engine's output)
+    png: bytes | None = None  # the same, PNG-encoded (by the engine client, off both loops)
 
 
 @dataclass
@@ -102,9 +111,31 @@ class RequestStats:
 @dataclass
 class Finished:
     codes: torch.Tensor  # (block_size,) int64 image tokens
-    png: bytes | None  # None when the engine runs without a VQ decoder
+    pixels: torch.Tensor | None  # (H, W, 3) uint8; None when the engine runs without a VQ decoder
     stats: RequestStats
     logprobs: torch.Tensor | None = None  # (block_size, vocab) fp32 when want_logits
+    png: bytes | None = None  # the image PNG-encoded (by the engine client, off both loops)
 
 
 Event = Progress | PartialImage | Finished
+
+
+@dataclass
+class ModelInfo:
+    """What the engine core tells the API process about what it serves (sent once, at ready)."""
+
+    name: str  # model id, e.g. "emoji-demo" or a checkpoint's file stem
+    model_type: str  # "c2i" or "t2i"
+    image_size: int  # pixels per side
+    num_classes: int  # class-conditional models' labels 0..num_classes-1 (0 for t2i)
+    classes: list[dict] | None  # [{"id", "name", "emoji"}] when the checkpoint names its classes
+    policies: tuple[str, ...]  # KV policies a request may ask for
+    default_policy: str
+    default_budget: int  # KV slots per sequence when a request asks for none
+    seq_len: int  # tokens a sequence holds without eviction
+    max_batch_size: int  # images decoded together at most
+    sampling_defaults: dict = field(default_factory=dict)  # the checkpoint's recommended sampling settings
+    kv_cache_dtype: str = ""  # storage dtype of the KV pool, e.g. "bfloat16", "float8_e4m3fn"
+    kv_pool_bytes: int = 0  # device bytes of the KV pool
+    device: str = ""  # e.g. "cuda:0", "cpu"
+    has_text_encoder: bool = False  # t2i: prompts can be encoded

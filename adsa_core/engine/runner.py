@@ -18,9 +18,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ..config import ResolvedCache
 from ..kv.attention import DecodeRows, LayerState, pool_decode
+from ..kv.policy import POLICY_MODE
 from ..kv.pool import KVPool, PoolGeometry, raw, to_kv_storage, zeros
 from ..model.llamagen import Transformer, prompt_attention_mask
+from .scheduler import SeqAlloc, StepPlan
 
 
 class StepHook(Protocol):
@@ -47,7 +50,6 @@ class RowState:
         self.positions = torch.zeros(R, dtype=torch.long, device=device)  # its position
         self.vsum = torch.zeros(L, R, Hkv, D, dtype=torch.float32, device=device)  # S per layer/head
         self.victim = torch.full((L, R, Hkv), -1, **i32)  # slot to overwrite next, per layer/head
-        self.evicted = torch.zeros(R, dtype=torch.bool, device=device)  # this step overwrote a slot
         self.logits = torch.zeros(R, vocab, dtype=torch.float32, device=device)
         # spill staging: what this step overwrote, (L, R, Hkv, D) and positions (L, R, Hkv)
         self.spill_k = zeros((L, R, Hkv, D), geo.dtype, device)
@@ -144,12 +146,37 @@ class ModelRunner:
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    # --- row bookkeeping -------------------------------------------------------------------------
-    def assign_row(self, row: int, pages: list[int], budget: int, prefix: int, local: int, mode: int) -> None:
-        r = self.rows
-        r.block_table[row].zero_()
-        r.block_table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32, device=self.device)
-        r.n_stored[row], r.budget[row], r.prefix[row], r.local[row], r.mode[row] = 0, budget, prefix, local, mode
+    # --- applying the scheduler's plan: the only writer of block tables and pool tensors -------------
+    def apply(self, plan: StepPlan) -> None:
+        """Swap-outs are saved before any released row or page is reused; then rows are cleared, moved,
+        assigned to admitted requests, and restored for swapped-in ones."""
+        for item, allocs in plan.swap_out:
+            item.swap_data = [(_to_cpu(self.pool.read_pages(a.pages)), self._save_row(a.row)) for a in allocs]
+        for row in plan.cleared_rows:
+            self.clear_row(row)
+        for src, dst in plan.moves:
+            self._move_row(src, dst)
+        for item in plan.admitted:
+            for a in item.allocs:
+                self._assign_row(a, item.cache)
+        for item in plan.swapped_in:
+            for a, (pages, row_state) in zip(item.allocs, item.swap_data):
+                self.pool.write_pages(a.pages, pages)
+                self._restore_row(a.row, row_state)
+                self._set_pages(a)  # the saved block table named the old pages
+            item.swap_data = None
+
+    def _set_pages(self, a: SeqAlloc) -> None:
+        bt = self.rows.block_table[a.row]
+        bt.zero_()
+        bt[: len(a.pages)] = torch.tensor(a.pages, dtype=torch.int32, device=self.device)
+
+    def _assign_row(self, a: SeqAlloc, cache: ResolvedCache) -> None:
+        r, row = self.rows, a.row
+        self._set_pages(a)
+        mode = POLICY_MODE[cache.policy] if cache.evicts else 0
+        r.n_stored[row], r.budget[row], r.prefix[row], r.local[row], r.mode[row] = (
+            0, cache.budget, cache.prefix, cache.local, mode)
         r.vsum[:, row].zero_()
         r.victim[:, row] = -1
 
@@ -159,15 +186,15 @@ class ModelRunner:
         r.block_table[row].zero_()
         r.n_stored[row], r.budget[row], r.mode[row] = 0, 1, 0
 
-    def move_row(self, src: int, dst: int) -> None:
+    def _move_row(self, src: int, dst: int) -> None:
         for t, dim in self.rows.per_row():
             t.select(dim, dst).copy_(t.select(dim, src))
         self.clear_row(src)
 
-    def save_row(self, row: int) -> list[torch.Tensor]:
-        return [t.select(dim, row).clone() for t, dim in self.rows.per_row()]
+    def _save_row(self, row: int) -> list[torch.Tensor]:
+        return [t.select(dim, row).to("cpu", copy=True) for t, dim in self.rows.per_row()]
 
-    def restore_row(self, row: int, saved: list[torch.Tensor]) -> None:
+    def _restore_row(self, row: int, saved: list[torch.Tensor]) -> None:
         for (t, dim), s in zip(self.rows.per_row(), saved):
             t.select(dim, row).copy_(s)
 
@@ -186,9 +213,8 @@ class ModelRunner:
         r = self.rows
         h = self.model.tok_embeddings(r.tokens[:B]).unsqueeze(1)  # (B, 1, dim)
         cache = PoolDecodeCache(self.pool, r, B, self.scale)
-        full, n_slots = cache.step.after_write()
+        _, n_slots = cache.step.after_write()
         r.logits[:B] = self.model.forward_embeddings(h, r.positions[:B, None], cache)[:, 0]
-        r.evicted[:B] = full
         r.n_stored[:B] = n_slots
 
     @torch.no_grad()
@@ -245,3 +271,7 @@ class ModelRunner:
         self._decode(B)
         if then is not None:
             then(B, key)
+
+
+def _to_cpu(groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    return [[t.to("cpu", copy=True) for t in g] for g in groups]

@@ -302,7 +302,8 @@ def test_a_failing_request_fails_alone():
     eng.fault_hook = fault
     ev = run_all(eng, [GenerationRequest(condition=i, seed=i, sampling=sp, request_id=rid)
                        for i, rid in enumerate(["a", "bad", "b"])])
-    assert isinstance(ev["bad"][-1], RequestFailed) and "injected" in str(ev["bad"][-1])
+    # the client learns which request failed, not the exception's text (that goes to the log)
+    assert isinstance(ev["bad"][-1], RequestFailed) and str(ev["bad"][-1]) == "internal error in request bad"
     for i, rid in ((0, "a"), (2, "b")):
         ref = generate(models.gpt, torch.tensor([i]), sp, seeds=torch.tensor([i]))[0]
         assert torch.equal(codes_of(ev, rid), ref)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adsa_core.config import GPTConfig
+from adsa_core.config import GPTConfig, ResolvedCache
 from adsa_core.engine import Finished, GenerationRequest, RequestCancelled, RequestFailed
-from adsa_core.engine.engine import StepBatch, _Request, sample_and_feed
+from adsa_core.engine.engine import EngineRequest
 from adsa_core.engine.runner import RowState
+from adsa_core.engine.sampler import INT_FIELDS, StepBatch, k_max_of, pack, sample_and_feed
 from adsa_core.engine.scheduler import SeqAlloc
 from adsa_core.kv.pool import PoolGeometry
 from adsa_core.sampling import SamplingParams, cfg_combine, k_max_bucket, sample_tokens
@@ -60,19 +61,20 @@ def test_top_k_buckets_draw_what_the_exact_top_k_draws(bf16):
             assert torch.equal(got, ref), k_max
 
 
-def fake_items(specs: list[dict], n_tokens: int) -> list[_Request]:
+def fake_items(specs: list[dict], n_tokens: int) -> list[EngineRequest]:
     items = []
+    cache = ResolvedCache("dense", n_tokens, 1, 1, n_tokens)
     for k, s in enumerate(specs):
         req = GenerationRequest(condition=0, seed=s["seed"], sampling=s["sp"], forced_tokens=s.get("forced"),
                                 request_id=str(k))
-        it = _Request(priority=0, n_seqs=len(s["rows"]), budget=n_tokens, req=req, slot=s["slot"],
-                      n_sampled=s["j"])
+        it = EngineRequest(priority=0, n_seqs=len(s["rows"]), cache=cache, req=req, slot=s["slot"],
+                           n_sampled=s["j"], sink=lambda ev: None, request_id=str(k))
         it.allocs = [SeqAlloc(r, []) for r in s["rows"]]
         items.append(it)
     return items
 
 
-def eager_step(items: list[_Request], logits: torch.Tensor, codes: torch.Tensor, forced: torch.Tensor,
+def eager_step(items: list[EngineRequest], logits: torch.Tensor, codes: torch.Tensor, forced: torch.Tensor,
                rows: RowState, pos_offset: int) -> torch.Tensor:
     """The engine's per-step path before the CUDA graph held it: one request at a time, exact top-k."""
     guided = []
@@ -116,9 +118,8 @@ def test_padded_static_step_equals_the_per_request_path():
     forced[6] = forced_toks
     ref_codes = codes.clone()
     items, ref_items = fake_items(specs, N), fake_items(specs, N)
-    eng = make_engine(tiny_models(WIDE), max_batch_size=n_slots - 1)  # packs for us; its scratch slot is 7
-    ints, floats = eng._pack(items, max_rows, by_row=True)
-    k_max = eng._k_max(items)
+    ints, floats = pack(items, max_rows, n_slots - 1, by_row=True)  # scratch slot 7
+    k_max = k_max_of(items, V, torch.device("cpu"))
     assert k_max == 240
     guided = torch.zeros(max_rows, V)
     for _ in range(4):
@@ -133,7 +134,7 @@ def test_padded_static_step_equals_the_per_request_path():
         assert (rows.tokens[B:] == -1).all() and (rows.positions[B:] == -1).all()  # beyond the bucket: untouched
         assert ((rows.positions[n_rows:B] >= T) & (rows.positions[n_rows:B] < T + N)).all()  # scratch rows
         assert torch.equal(guided[:3], ref_guided)
-        assert ints[3, :3].tolist() == [it.n_sampled for it in ref_items]  # j advanced in place
+        assert ints[INT_FIELDS.index("j"), :3].tolist() == [it.n_sampled for it in ref_items]  # j advanced in place
     assert (codes[6, 2:6] == forced_toks[2:6]).all()
 
 
@@ -164,7 +165,7 @@ def test_a_batch_change_mid_run_changes_no_request():
         if not eng.has_work:
             break
         eng.step()
-        keys.add(eng.batch.k_max)
+        keys.add(eng.sampler.k_max)
     eng.close()
     assert keys == {0, 48, 240}  # the batch moved between graph keys
     for rid in specs:
@@ -179,16 +180,17 @@ def test_static_inputs_follow_every_batch_change():
     eng = make_engine(models, kv_pool_tokens=5 * 40)  # five sequences at full budget (10 pages of 4 each)
     checked = [0]
     decode = eng._decode
+    j = INT_FIELDS.index("j")
 
-    def checked_decode(running):
-        if not eng._batch_dirty:
-            ints, floats = eng._pack(running, eng.max_rows, by_row=True)
-            got = eng.batch.ints.clone()
-            got[3, len(running):] = 0  # padding items count their j on from 0
-            assert torch.equal(got, ints) and torch.equal(eng.batch.floats, floats)
-            assert eng.batch.k_max == eng._k_max(running)
+    def checked_decode(plan):
+        if not plan.batch_changed:
+            ints, floats = pack(plan.running, eng.max_rows, eng.sampler.scratch_slot, by_row=True)
+            got = eng.sampler.ints.clone()
+            got[j, len(plan.running):] = 0  # padding items count their j on from 0
+            assert torch.equal(got, ints) and torch.equal(eng.sampler.floats, floats)
+            assert eng.sampler.k_max == k_max_of(plan.running, eng.cfg.vocab_size, eng.device)
             checked[0] += 1
-        decode(running)
+        decode(plan)
 
     def fault(rid: str) -> None:
         if rid == "bad" and eng.requests[rid].n_sampled == 9:

@@ -1,0 +1,261 @@
+"""The engine-core process: owns the GPU and runs schedule -> step -> update in a busy loop.
+
+Started by the engine client (`client.py`) as `python -m adsa_core.engine.core`, as vLLM v1's API
+server starts its EngineCore. It loads the models, warms up (every batch bucket's CUDA graph, compiled
+where configured, the VQ decoder, one tiny generation), says ready, then loops: take what arrived on
+the input socket without waiting while there is work, step, send the step's events and stats. It never
+waits on HTTP work: JSON, base64, PNG and sockets to clients live in the API process.
+
+Events of finished images come from the image stage's thread, which sends them on a socket of its
+own (zmq sockets are not thread-safe), so a finished image never waits for the loop.
+
+A step that raises fails the requests in its batch (logged with their ids) and the loop goes on;
+three failures in a row, or an error while failing them, end the process, which the client sees.
+The core ignores SIGINT and SIGTERM (the API process drains and then tells it to stop) and exits
+when its parent dies, so it never outlives the server holding the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import zmq
+
+from ..config import CacheConfig, EngineConfig
+from ..loading import LoadedModels, ModelSpec, load_models
+from . import wire
+from .engine import Engine
+from .request import EngineDraining, EngineError, Event, GenerationRequest, ModelInfo, Progress
+from .step_clock import StepTiming
+
+log = logging.getLogger("adsa.engine")
+
+IDLE_POLL_MS = 200  # how long an idle loop waits for input before checking on its parent
+STATS_EVERY_S = 0.05  # stats go out with events at most this often while busy (and whenever idle)
+MAX_FAILED_STEPS = 3  # consecutive failing steps that mean the engine is broken, not one batch
+
+
+class Outbox:
+    """Events for the client. The loop's events are batched per iteration; other threads' events (the image
+    stage) go out at once on a socket of their own thread."""
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self.ctx, self.address = ctx, address
+        self.loop_thread = threading.get_ident()
+        self.batch: list[list[Any]] = []
+        self._local = threading.local()
+
+    def socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = self._local.sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.connect(self.address)
+        return sock
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.socket().send(wire.dumps(msg), copy=False)
+
+    def sink(self, rid: str) -> Callable[[Event | EngineError], None]:
+        def deliver(ev: Event | EngineError) -> None:
+            item = wire.event_to_wire(rid, ev)
+            if threading.get_ident() == self.loop_thread:
+                self.batch.append(item)
+            else:
+                self.send({"t": "out", "events": [item], "stats": None, "steps": []})
+
+        return deliver
+
+
+class EngineCore:
+    def __init__(self, models: LoadedModels, config: EngineConfig, outbox: Outbox):
+        self.models, self.outbox = models, outbox
+        self.engine = Engine(models, config)
+        self.steps: list[StepTiming] = []
+        self.engine.step_listeners.append(self.steps.append)
+        self.last_stats = 0.0
+        self.failed_steps = 0
+
+    def warm_up(self) -> float:
+        """Every batch bucket's decode graph (and its compile), the VQ decoder, then one tiny generation, so
+        that no request waits for lazy initialisation. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        eng = self.engine
+        if n := eng.capture_graphs():
+            log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t0)
+        cfg = self.models.gpt_config
+        eng.images.warm_up(cfg.block_size)
+        cond: Any = 0 if cfg.model_type == "c2i" else None
+        prompt = None if cfg.model_type == "c2i" else "warm-up"
+        done = threading.Event()
+        req = GenerationRequest(condition=cond, prompt=prompt, seed=0, request_id="warm-up")
+        if prompt is not None and self.models.text_encoder is None:  # no encoder: zero caption features
+            import torch
+
+            req.condition, req.prompt = torch.zeros(cfg.cls_token_num, cfg.caption_dim), None
+        eng.submit(req, lambda ev: done.set() if not isinstance(ev, Progress) else None)
+        while eng.has_work:
+            eng.step()
+        done.wait(timeout=300)
+        eng.stats_.requests_total_by_status.clear()
+        eng.stats_.images_total = eng.stats_.tokens_total = eng.stats_.steps_total = 0
+        eng.stats_.host_busy_s_total = 0.0
+        self.steps.clear()
+        eng.clock.reset()
+        return time.perf_counter() - t0
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def run(self, inbox: zmq.Socket) -> None:
+        parent = os.getppid()
+        poller = zmq.Poller()
+        poller.register(inbox, zmq.POLLIN)
+        while True:
+            busy = self.engine.has_work
+            if poller.poll(0 if busy else IDLE_POLL_MS):
+                while True:
+                    try:
+                        msg = wire.loads(inbox.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    if not self.handle(msg):
+                        return
+            if self.engine.has_work:
+                self.step()
+            elif busy:
+                self.engine.clock.reset()  # went idle: the next step's period must not count the pause
+            self.flush(force=not self.engine.has_work)
+            if os.getppid() != parent:
+                log.error("the API process is gone: stopping")
+                return
+
+    def step(self) -> None:
+        try:
+            self.engine.step()
+            self.failed_steps = 0
+        except Exception:
+            failed = self.engine.fail_running(RuntimeError("step failed"))
+            self.failed_steps += 1
+            log.exception("engine step failed (%d in a row); failed requests: %s", self.failed_steps,
+                          ", ".join(failed) or "none")
+            if self.failed_steps >= MAX_FAILED_STEPS:
+                raise
+            _free_cached_device_memory()
+
+    def handle(self, msg: dict[str, Any]) -> bool:
+        """One client message; False means stop."""
+        t = msg["t"]
+        if t == "add":
+            reqs = [wire.request_from_wire(d) for d in msg["reqs"]]
+            error = None
+            try:
+                self.engine.submit_all(reqs, [self.outbox.sink(r.request_id) for r in reqs])
+            except EngineError as e:
+                error = wire.error_to_wire(e)
+            self.outbox.send({"t": "ack", "batch": msg["batch"], "error": error})
+        elif t == "abort":
+            for rid in msg["ids"]:
+                self.engine.cancel(rid)
+        elif t == "abort_all":
+            self.engine.fail_all(EngineDraining("the server shut down before this request finished"), "aborted")
+        elif t == "stop":
+            return False
+        return True
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        stats = None
+        if force or now - self.last_stats >= STATS_EVERY_S:
+            stats, self.last_stats = wire.stats_to_wire(self.engine.stats()), now
+        if self.outbox.batch or self.steps or stats is not None:
+            steps = [[t.device_s, t.period_s, t.rows] for t in self.steps]
+            self.outbox.send({"t": "out", "events": self.outbox.batch, "stats": stats, "steps": steps})
+            self.outbox.batch, self.steps[:] = [], []
+
+    def close(self) -> None:
+        self.engine.close()  # waits for the image stage: finished images still go out
+
+
+def model_info(models: LoadedModels, engine: Engine) -> ModelInfo:
+    from ..config import POLICIES
+
+    cfg = models.gpt_config
+    c = engine.default_cache
+    return ModelInfo(
+        name=models.name, model_type=cfg.model_type, image_size=models.image_size,
+        num_classes=cfg.num_classes if cfg.model_type == "c2i" else 0, classes=models.classes,
+        policies=tuple(POLICIES), default_policy=c.policy, default_budget=c.budget, seq_len=cfg.seq_len,
+        max_batch_size=engine.max_batch_size, sampling_defaults=dict(models.sampling_defaults),
+        kv_cache_dtype=str(engine.runner.geo.dtype).removeprefix("torch."),
+        kv_pool_bytes=engine.stats_.kv_pool_bytes, device=str(models.device),
+        has_text_encoder=models.text_encoder is not None,
+    )
+
+
+def _free_cached_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():  # after an OOM: hand cached blocks back before going on
+        torch.cuda.empty_cache()
+
+
+# --- process entry -------------------------------------------------------------------------------------
+def launch_args(spec: ModelSpec, config: EngineConfig, input_address: str, output_address: str) -> list[str]:
+    """The command line that starts a core (the client runs it with the same interpreter)."""
+    cfg = asdict(config)
+    return [sys.executable, "-m", "adsa_core.engine.core", "--spec", json.dumps(asdict(spec)),
+            "--config", json.dumps(cfg), "--input", input_address, "--output", output_address]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="adsa-serve's engine-core process (started by the server)")
+    p.add_argument("--spec", required=True, help="ModelSpec as JSON")
+    p.add_argument("--config", required=True, help="EngineConfig as JSON")
+    p.add_argument("--input", required=True, help="zmq address the client pushes requests to")
+    p.add_argument("--output", required=True, help="zmq address the core pushes events to")
+    a = p.parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the API process decides when the core stops
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(level=os.environ.get("ADSA_ENGINE_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = json.loads(a.config)
+    config = EngineConfig(**{**cfg, "default_cache": CacheConfig(**cfg["default_cache"])})
+    ctx = zmq.Context()
+    outbox = Outbox(ctx, a.output)
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(a.input)
+    try:
+        models = load_models(ModelSpec(**json.loads(a.spec)))
+        core = EngineCore(models, config, outbox)
+        if fault := os.environ.get("ADSA_FAULT_REQUEST_ID"):  # tests: requests whose id contains it fail mid-run
+            core.engine.fault_hook = lambda rid: _inject_fault(rid, fault)
+        warmup_s = core.warm_up()
+    except BaseException as e:  # noqa: BLE001 - reported to the client, then the process ends
+        log.exception("engine core failed to start")
+        outbox.send({"t": "fatal", "error": f"{type(e).__name__}: {e}"})
+        return 1
+    outbox.send({"t": "ready", "info": asdict(model_info(models, core.engine)), "warmup_s": warmup_s})
+    try:
+        core.run(inbox)
+    finally:
+        core.close()
+        ctx.destroy(linger=2000)
+    return 0
+
+
+def _inject_fault(rid: str, marker: str) -> None:
+    if marker in rid:
+        raise RuntimeError(f"injected fault for {rid}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
