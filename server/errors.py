@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adsa_core.config import ConfigError
 from adsa_core.engine.request import (
     DeadlineExceeded,
+    EngineDead,
     EngineDraining,
     EngineError,
     InvalidRequest,
@@ -49,6 +50,7 @@ _ENGINE_STATUS: dict[type[EngineError], int] = {
     InvalidRequest: 422,
     QueueFull: 429,
     EngineDraining: 503,
+    EngineDead: 503,
     DeadlineExceeded: 504,
     RequestFailed: 500,
     # nginx's "client closed request": only metrics and logs ever see it, the client is gone

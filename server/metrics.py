@@ -14,10 +14,20 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adsa_core.engine.engine import EngineStats
+from adsa_core.engine.step_clock import StepTiming
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -32,8 +42,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class EngineCollector(Collector):
     """Engine stats and device memory, read when Prometheus scrapes."""
 
-    def __init__(self, engine_stats: Callable[[], Any | None]):
-        self._engine_stats = engine_stats  # returns EngineStats, or None while the model loads
+    def __init__(self, engine_stats: Callable[[], EngineStats | None]):
+        self._engine_stats = engine_stats  # None while the model loads
         self._nvml = _nvml_handle()
 
     def collect(self) -> Iterable[Any]:
@@ -54,7 +64,18 @@ class EngineCollector(Collector):
             "K/V bytes spilled to pinned CPU memory",
             s.spilled_bytes_total if s else 0,
         )
+        yield c(
+            "adsa_kv_spill_dropped_steps",
+            "Sequence steps whose evicted K/V was not spilled (the pinned spill arena was full)",
+            s.spill_dropped_steps_total if s else 0,
+        )
         yield c("adsa_images_generated", "Images finished", s.images_total if s else 0)
+        yield c(
+            "adsa_engine_loop_busy_seconds",
+            "Host seconds the engine loop spent inside steps (rate near 1: the loop never idles)",
+            s.host_busy_s_total if s else 0,
+        )
+        yield c("adsa_engine_steps", "Decode steps run", s.steps_total if s else 0)
         yield c("adsa_tokens_generated", "Image tokens decoded", s.tokens_total if s else 0)
         requests = CounterMetricFamily("adsa_requests", "Engine requests (one per image) by outcome", labels=["status"])
         for status, n in sorted((s.requests_total_by_status if s else {}).items()):
@@ -105,7 +126,7 @@ def _nvml_handle() -> Any | None:
 class Metrics:
     """The app's registry and the histograms/counters the server itself feeds."""
 
-    def __init__(self, engine_stats: Callable[[], Any | None]):
+    def __init__(self, engine_stats: Callable[[], EngineStats | None]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_latency = Histogram(
@@ -128,9 +149,26 @@ class Metrics:
         )
         self.decode_step = Histogram(
             "adsa_decode_step_seconds",
-            "Wall time of one engine decode step",
+            "One decode step (model + sampling) as the device runs it (CUDA events; host time on a CPU)",
             buckets=_STEP_BUCKETS,
             registry=r,
+        )
+        self.step_period = Counter(
+            "adsa_engine_step_period_seconds",
+            "Sum of the times between the ends of consecutive decode steps: with adsa_engine_device_busy_seconds, "
+            "how much of the time the device waited for the host (busy/period near 1: device-bound)",
+            registry=r,
+        )
+        self.device_busy = Counter(
+            "adsa_engine_device_busy_seconds",
+            "Sum of the decode steps' device time",
+            registry=r,
+        )
+        self.warmup_seconds = Gauge(
+            "adsa_engine_warmup_seconds", "Warm-up at start: graph captures and compiles", registry=r
+        )
+        self.start_seconds = Gauge(
+            "adsa_engine_start_seconds", "Start of the engine process to ready (load + warm-up)", registry=r
         )
         self.batch_size = Histogram(
             "adsa_batch_size", "Rows (sequences) in one decode step", buckets=_BATCH_BUCKETS, registry=r
@@ -150,10 +188,13 @@ class Metrics:
         )
         r.register(EngineCollector(engine_stats))
 
-    def on_engine_step(self, seconds: float, rows: int) -> None:
-        """Engine step listener (engine thread)."""
-        self.decode_step.observe(seconds)
-        self.batch_size.observe(rows)
+    def on_engine_step(self, t: StepTiming) -> None:
+        """Engine step listener (the engine client's reader task)."""
+        self.decode_step.observe(t.device_s)
+        self.batch_size.observe(t.rows)
+        if t.period_s > 0:  # 0: the first step after a pause
+            self.step_period.inc(t.period_s)
+            self.device_busy.inc(t.device_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

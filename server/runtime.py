@@ -1,18 +1,22 @@
 """What one app instance owns: settings, metrics, the engine and its life cycle.
 
 Loading a real checkpoint takes minutes, so it runs in a background task: /healthz answers at
-once, /readyz and /v1/* say 503 until the engine is warm. The engine runs in its own thread
-(AsyncEngine), so the event loop stays free for health checks, metrics and streaming.
+once, /readyz and /v1/* say 503 until the engine is warm. The engine runs in its own process
+(adsa_core.engine.client.ProcessEngineClient), so the event loop stays free for health checks,
+metrics and streaming, and the engine loop never waits on HTTP work. If that process dies, requests
+in flight end with 503 engine_dead, /healthz fails, and the server exits non-zero (`on_fatal`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
 
-from adsa_core.engine.request import EngineDraining
+from adsa_core.engine.client import EngineClient
+from adsa_core.engine.engine import EngineStats
+from adsa_core.engine.request import EngineDead, EngineDraining
 
 from .errors import ApiError, NotReady
 from .metrics import Metrics
@@ -22,9 +26,9 @@ log = logging.getLogger("adsa.server")
 
 
 class Runtime:
-    def __init__(self, settings: Settings, engine: Any | None = None):
+    def __init__(self, settings: Settings, engine: EngineClient | None = None):
         self.settings = settings
-        self.engine = engine  # AsyncEngine once loaded (or the one handed to create_app)
+        self.engine = engine  # the engine client once started (or the one handed to create_app)
         self.metrics = Metrics(self.engine_stats)
         self.draining = False
         self.load_error: str | None = None
@@ -42,18 +46,22 @@ class Runtime:
             self._load_task = asyncio.create_task(self._load(), name="adsa-load")
 
     async def _load(self) -> None:
+        t0 = time.monotonic()
         try:
-            from adsa_core.engine.async_engine import AsyncEngine
-            from adsa_core.loading import load_models
+            from adsa_core.engine.client import ProcessEngineClient
 
             self.settings.cache_config()  # fail fast on a bad default policy, before minutes of loading
-            models = await asyncio.to_thread(load_models, self.settings.model_spec())
-            config = self.settings.engine_config(str(models.device), str(models.dtype).removeprefix("torch."))
-            engine = AsyncEngine(models, config)
+            engine = ProcessEngineClient(self.settings.model_spec(), self.settings.engine_config(),
+                                         env=self.settings.engine_env())
             await self._start_engine(engine)
             self.engine = engine
-            kv = config.kv_cache_dtype
-            log.info("model %s loaded on %s (%s, KV cache %s)", models.name, models.device, config.dtype, kv)
+            info = engine.info
+            assert info is not None
+            log.info("model %s on %s: KV cache %s, %.2f GiB pool, up to %d images a step; warm-up %.1f s",
+                     info.name, info.device, info.kv_cache_dtype, info.kv_pool_bytes / 2**30, info.max_batch_size,
+                     engine.warmup_s)
+            self.metrics.warmup_seconds.set(engine.warmup_s)
+            self.metrics.start_seconds.set(time.monotonic() - t0)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -61,9 +69,14 @@ class Runtime:
             log.exception("loading the model failed")
             self.on_fatal(self.load_error)
 
-    async def _start_engine(self, engine: Any) -> None:
+    async def _start_engine(self, engine: EngineClient) -> None:
         engine.add_step_listener(self.metrics.on_engine_step)
+        engine.on_dead = self._engine_died
         await engine.start()
+
+    def _engine_died(self, reason: str) -> None:
+        """The engine process is gone: requests in flight already failed; exit for the supervisor to restart."""
+        self.on_fatal(reason)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Refuse new work (readyz 503), let in-flight requests finish, stop the engine."""
@@ -83,8 +96,10 @@ class Runtime:
     def ready(self) -> bool:
         return self.engine is not None and bool(self.engine.ready) and not self.draining
 
-    def require_engine(self) -> Any:
+    def require_engine(self) -> EngineClient:
         """The engine, if it takes work now; else the 503 that explains why not."""
+        if self.engine is not None and not self.engine.alive:
+            raise EngineDead("the engine process died; the server is restarting")
         if self.draining or (self.engine is not None and self.engine.draining):
             raise EngineDraining("the server is shutting down")
         if self.load_error is not None:
@@ -93,7 +108,7 @@ class Runtime:
             raise NotReady()
         return self.engine
 
-    def engine_stats(self) -> Any | None:
+    def engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
 
     def observe_latency(self, seconds: float) -> None:

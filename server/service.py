@@ -1,8 +1,9 @@
 """Generation requests: from an HTTP body to engine requests, and from engine events to responses.
 
 This is the only place that knows both sides (API schemas, engine types); routes stay thin.
-A request for n images becomes n GenerationRequests with seeds seed .. seed+n-1, all submitted
-before the HTTP response starts (so queue-full and invalid-input errors get real statuses).
+A request for n images becomes n GenerationRequests with seeds seed .. seed+n-1, submitted together
+(all or nothing: the engine core validates and queues them in one place) before the HTTP response starts,
+so queue-full and invalid-input errors get real statuses.
 Whatever ends a job early (client disconnect, an error in one image, shutdown) cancels every
 unfinished image, so its KV pages are freed at the next engine step.
 """
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adsa_core.config import CacheConfig
+from adsa_core.engine.client import RequestHandle
 from adsa_core.engine.request import (
     EngineError,
     Finished,
     GenerationRequest,
     InvalidRequest,
+    ModelInfo,
     PartialImage,
     Progress,
     RequestCancelled,
@@ -50,7 +53,7 @@ class Job:
     request_id: str
     seed: int
     requests: list[GenerationRequest]
-    handles: list[Any]  # RequestHandle
+    handles: list[RequestHandle]
     created: int = field(default_factory=lambda: int(time.time()))
     finished: set[int] = field(default_factory=set)  # indexes whose Finished arrived
 
@@ -76,7 +79,7 @@ class GenerationService:
         info = engine.info
         if body.model is not None and body.model != info.name:
             raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; this is {info.name!r}")
-        conditions = await self._conditions(engine, info, body)
+        conditions = self._conditions(info, body)
         sampling = self._sampling(info, body)
         cache = self._cache(info, body)
         settings = self.rt.settings
@@ -87,11 +90,12 @@ class GenerationService:
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         job = Job(uuid.uuid4().hex, seed, [], [])
         deadline = time.monotonic() + timeout
-        for i, (cond, mask) in enumerate(conditions):
+        for i, (cond, prompt) in enumerate(conditions):
             job.requests.append(
                 GenerationRequest(
                     condition=cond,
-                    emb_mask=mask,
+                    prompt=prompt,
+                    progress=body.stream,
                     seed=seed + i,
                     sampling=sampling,
                     cache=cache,
@@ -100,31 +104,23 @@ class GenerationService:
                     request_id=f"{job.request_id}-{i}",
                 )
             )
-        try:
-            for r in job.requests:
-                job.handles.append(engine.submit(r))
-        except BaseException:
-            job.cancel_unfinished()  # all or nothing: a half-queued job would only waste KV
-            raise
+        job.handles = await engine.submit(job.requests)  # all or nothing
         return job
 
-    async def _conditions(self, engine: Any, info: Any, body: GenerateRequest) -> list[tuple[Any, Any]]:
+    @staticmethod
+    def _conditions(info: ModelInfo, body: GenerateRequest) -> list[tuple[int | None, str | None]]:
+        """(class label, prompt) per image; the engine core checks them against the model."""
         n = body.image_count
         if info.model_type == "t2i":
             if body.prompt is None:
                 raise InvalidRequest("this is a text-to-image model: give a prompt, not class labels")
-            # T5 on the accelerator takes a while: off the event loop
-            feats, masks = await asyncio.to_thread(engine.encode_prompts, [body.prompt])
-            return [(feats[0], masks[0])] * n
+            return [(None, body.prompt)] * n  # the core encodes the prompt (it owns the text encoder)
         if body.prompt is not None:
             raise InvalidRequest("this is a class-conditional model: give class_label or class_labels, not a prompt")
         labels = body.class_labels if body.class_labels is not None else [body.class_label] * n
-        for label in labels:
-            if info.num_classes is not None and not 0 <= label < info.num_classes:
-                raise InvalidRequest(f"class label {label} is out of range 0..{info.num_classes - 1}")
         return [(label, None) for label in labels]
 
-    def _sampling(self, info: Any, body: GenerateRequest) -> SamplingParams:
+    def _sampling(self, info: ModelInfo, body: GenerateRequest) -> SamplingParams:
         given = {k: getattr(body, k) for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")}
         merged = {k: v for k, v in (info.sampling_defaults or {}).items() if k in _SAMPLING_FIELDS}
         merged.update({k: v for k, v in given.items() if v is not None})
@@ -133,7 +129,7 @@ class GenerationService:
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
 
-    def _cache(self, info: Any, body: GenerateRequest) -> CacheConfig | None:
+    def _cache(self, info: ModelInfo, body: GenerateRequest) -> CacheConfig | None:
         if body.policy is None and body.kv_budget is None:
             return None  # the engine's default policy and budget
         if body.policy is not None and body.policy not in info.policies:
@@ -289,7 +285,7 @@ class GenerationService:
             policies=list(info.policies),
             default_policy=info.default_policy,
             default_budget=info.default_budget,
-            seq_len=getattr(info, "seq_len", None),
+            seq_len=info.seq_len,
             kv_cache_dtype=s.kv_cache_dtype,
             sampling_defaults=dict(info.sampling_defaults or {}),
             limits=ModelLimits(

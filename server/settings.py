@@ -57,13 +57,23 @@ class Settings(BaseSettings):
     )
     kv_prefix: int | None = Field(None, ge=1, description="Never-evicted prefix tokens (unset: policy default)")
     kv_local: int | None = Field(None, ge=1, description="Never-evicted local window (unset: policy default)")
-    max_batch_size: int = Field(_ENGINE.max_batch_size, ge=1, description="Images decoded together")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Images decoded together (unset: on CUDA as many CFG images at the default budget "
+        "as the KV pool holds, up to 512; 8 on a CPU)"
+    )
     kv_pool_tokens: int | None = Field(None, ge=1, description="KV pool size in token slots (unset: by memory)")
     kv_pool_memory_fraction: float = Field(
         _ENGINE.kv_pool_memory_fraction, gt=0, le=1, description="Share of free device memory for the KV pool"
     )
     max_queue: int = Field(_ENGINE.max_queue, ge=1, description="Waiting images beyond this get HTTP 429")
     cuda_graphs: bool = Field(_ENGINE.cuda_graphs, description="Capture the decode step in CUDA graphs")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the decode step and the VQ decoder for every batch bucket at warm-up. "
+        "auto: on for CUDA"
+    )
+    compile_cache_dir: str | None = Field(
+        None, description="Persistent torch.compile / Triton cache (a volume): a restart skips the compile"
+    )
     # the values of adsa_core.kv.pool.KV_CACHE_DTYPES (a test keeps them equal; pool imports torch)
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         _ENGINE.kv_cache_dtype,
@@ -101,7 +111,7 @@ class Settings(BaseSettings):
             return float(s) if any(c in s for c in ".e") else int(s)
         return v
 
-    @field_validator("log_level", "kv_cache_dtype", mode="before")
+    @field_validator("log_level", "kv_cache_dtype", "compile", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
@@ -127,16 +137,21 @@ class Settings(BaseSettings):
         """Raises adsa_core.config.ConfigError for an impossible policy/budget."""
         return CacheConfig(policy=self.kv_policy, budget=self.kv_budget, prefix=self.kv_prefix, local=self.kv_local)
 
-    def engine_config(self, device: str, dtype: str) -> EngineConfig:
-        """device/dtype are the resolved ones of the loaded models (settings may say "auto")."""
+    def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            device=device,
-            dtype=dtype,
             max_batch_size=self.max_batch_size,
             kv_pool_tokens=self.kv_pool_tokens,
             kv_pool_memory_fraction=self.kv_pool_memory_fraction,
             max_queue=self.max_queue,
             cuda_graphs=self.cuda_graphs,
             kv_cache_dtype=self.kv_cache_dtype,
+            compile_step={"auto": None, "on": True, "off": False}[self.compile],
             default_cache=self.cache_config(),
         )
+
+    def engine_env(self) -> dict[str, str]:
+        """Environment of the engine-core process: where torch.compile and Triton keep their caches."""
+        if not self.compile_cache_dir:
+            return {}
+        root = self.compile_cache_dir
+        return {"TORCHINDUCTOR_CACHE_DIR": f"{root}/inductor", "TRITON_CACHE_DIR": f"{root}/triton"}

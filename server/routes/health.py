@@ -13,9 +13,11 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", response_model=Health, responses=error_responses(503))
 async def healthz(rt: RuntimeDep) -> Health:
-    """The process is alive (503 only when the model failed to load: restarting may help)."""
+    """The process is alive (503 when the model failed to load or the engine process died: restarting helps)."""
     if rt.load_error is not None:
         raise ApiError(503, "load_failed", rt.load_error)
+    if rt.engine is not None and not rt.engine.alive:
+        raise ApiError(503, "engine_dead", "the engine process died")
     return Health(status="ok")
 
 

@@ -1,9 +1,10 @@
-"""An in-process stand-in for adsa_core's AsyncEngine, for fast unit tests of the HTTP layer.
+"""An in-process stand-in for the engine client (adsa_core.engine.client.EngineClient), for fast unit tests
+of the HTTP layer. The type checker holds it to the same Protocol as the real ProcessEngineClient.
 
-It honours the engine contract the server relies on (submit errors, events, cancel, deadlines,
-stats, step listeners, drain) with a tiny batched "decode" loop on the event loop: each step
-advances every running image by one token. Images are small PNGs that depend only on
-(label, seed), like the real engine's.
+It honours the engine contract the server relies on (all-or-nothing submit errors, events, cancel,
+deadlines, stats, step listeners, drain, death) with a tiny batched "decode" loop on the event loop: each
+step advances every running image by one token. Images are small PNGs that depend only on (label, seed),
+like the real engine's.
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import torch
 from PIL import Image
 
+from adsa_core.engine.client import EngineClient, RequestHandle
+from adsa_core.engine.engine import EngineStats
 from adsa_core.engine.request import (
     DeadlineExceeded,
+    EngineDead,
     EngineDraining,
     Finished,
     GenerationRequest,
     InvalidRequest,
+    ModelInfo,
     PartialImage,
     Progress,
     QueueFull,
@@ -36,6 +40,7 @@ from adsa_core.engine.request import (
     RequestFailed,
     RequestStats,
 )
+from adsa_core.engine.step_clock import StepTiming
 from server import Settings, create_app
 
 
@@ -49,30 +54,11 @@ def png_for(label: int, seed: int, rows: int, grid: int) -> bytes:
 @dataclass
 class _Seq:
     req: GenerationRequest
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    handle: RequestHandle
     done: int = 0
     started: float | None = None
     cancelled: bool = False
     finished: bool = False
-
-
-class FakeHandle:
-    def __init__(self, engine: FakeEngine, seq: _Seq):
-        self.engine, self.seq = engine, seq
-        self.request_id = seq.req.request_id
-
-    async def events(self) -> AsyncIterator[Any]:
-        while True:
-            ev = await self.seq.queue.get()
-            if isinstance(ev, BaseException):
-                raise ev
-            yield ev
-            if isinstance(ev, Finished):
-                return
-
-    def cancel(self) -> None:
-        if not self.seq.finished:
-            self.seq.cancelled = True
 
 
 class FakeEngine:
@@ -87,27 +73,32 @@ class FakeEngine:
         fail_labels: tuple[int, ...] = (),
     ):
         self.grid = math.isqrt(tokens)
-        self.tokens, self.step_s, self.max_queue = tokens, step_s, max_queue
+        self.tokens, self.step_s, self.max_queue, self.max_batch_size = tokens, step_s, max_queue, max_batch_size
         self.fail_labels = fail_labels
-        self.info = SimpleNamespace(
+        self.info: ModelInfo | None = ModelInfo(
             name="fake-demo",
             model_type=model_type,
             image_size=self.grid * 16,
-            num_classes=num_classes if model_type == "c2i" else None,
+            num_classes=num_classes if model_type == "c2i" else 0,
             classes=[{"id": i, "name": f"class{i}", "emoji": "*"} for i in range(num_classes)]
             if model_type == "c2i"
             else None,
-            policies=["dense", "adsa", "window"],
+            policies=("dense", "adsa", "window"),
             default_policy="adsa",
-            default_budget=0.5,
+            default_budget=8,
+            seq_len=tokens + 1,
             max_batch_size=max_batch_size,
             sampling_defaults={"cfg_scale": 4.0, "temperature": 1.0},
+            has_text_encoder=model_type == "t2i",
         )
         self.ready = False
         self.draining = False
+        self.alive = True
+        self.warmup_s = 0.0
+        self.on_dead: Callable[[str], None] = lambda reason: None
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
-        self.listeners: list[Callable[[float, int], None]] = []
+        self.listeners: list[Callable[[StepTiming], None]] = []
         self.by_status: dict[str, int] = {}
         self.images = self.tokens_total = 0
         self.batch_sizes: list[int] = []
@@ -135,40 +126,53 @@ class FakeEngine:
         if self._task is not None:
             self._task.cancel()
 
-    def submit(self, req: GenerationRequest) -> FakeHandle:
+    async def submit(self, reqs: list[GenerationRequest]) -> list[RequestHandle]:
+        """All or nothing, like the real engine core."""
+        assert self.info is not None
+        if not self.alive:
+            raise EngineDead("the engine process is not running")
         if self.draining:
             raise EngineDraining("draining")
-        if self.info.model_type == "c2i" and not (
-            isinstance(req.condition, int) and 0 <= req.condition < self.info.num_classes
-        ):
-            raise InvalidRequest(f"bad class label {req.condition!r}")
-        if req.cache is not None and req.cache.budget == 7:  # a budget the fake engine calls impossible
-            raise InvalidRequest("kv budget 7 tokens must be larger than prefix + local window")
-        if len(self.waiting) >= self.max_queue:
+        if len(self.waiting) + len(reqs) > self.max_queue:
             raise QueueFull(f"{len(self.waiting)} requests waiting")
-        seq = _Seq(req)
-        self.waiting.append(seq)
-        return FakeHandle(self, seq)
+        for req in reqs:
+            if self.info.model_type == "c2i" and not (
+                isinstance(req.condition, int) and 0 <= req.condition < self.info.num_classes
+            ):
+                raise InvalidRequest(f"class label {req.condition!r} is outside 0..{self.info.num_classes - 1}")
+            if self.info.model_type == "c2i" and req.prompt is not None:
+                raise InvalidRequest("this is a class-conditional model: give a class label, not a prompt")
+            if req.cache is not None and req.cache.budget == 7:  # a budget the fake engine calls impossible
+                raise InvalidRequest("kv budget 7 tokens must be larger than prefix + local window")
+        seqs = [_Seq(req, RequestHandle(req.request_id, self._cancel)) for req in reqs]
+        self.waiting.extend(seqs)
+        return [s.handle for s in seqs]
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.info.model_type != "t2i":
-            raise InvalidRequest("not a text model")
-        return torch.zeros(len(prompts), 120, 8), torch.ones(len(prompts), 120, dtype=torch.bool)
+    def _cancel(self, request_id: str) -> None:
+        for s in self.waiting + self.running:
+            if s.req.request_id == request_id and not s.finished:
+                s.cancelled = True
 
-    def stats(self) -> SimpleNamespace:
-        return SimpleNamespace(
+    def die(self, reason: str = "the engine process exited with code -9") -> None:
+        """What the real client does when the core process dies."""
+        self.alive = self.ready = False
+        for s in self.running + self.waiting:
+            self._end(s, "dead", EngineDead(reason))
+        self.running, self.waiting = [], []
+        self.on_dead(reason)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
             running=len(self.running),
             waiting=len(self.waiting),
             kv_capacity_tokens=1024,
             kv_used_tokens=sum(s.done for s in self.running),
-            evictions_total=0,
-            spilled_bytes_total=0,
             images_total=self.images,
             tokens_total=self.tokens_total,
             requests_total_by_status=dict(self.by_status),
         )
 
-    def add_step_listener(self, fn: Callable[[float, int], None]) -> None:
+    def add_step_listener(self, fn: Callable[[StepTiming], None]) -> None:
         self.listeners.append(fn)
 
     # --- the "decode loop"
@@ -176,7 +180,7 @@ class FakeEngine:
     def _end(self, s: _Seq, status: str, ev: Any) -> None:
         s.finished = True
         self.by_status[status] = self.by_status.get(status, 0) + 1
-        s.queue.put_nowait(ev)
+        s.handle.deliver(ev)
 
     async def _loop(self) -> None:
         while True:
@@ -189,7 +193,7 @@ class FakeEngine:
                     self._end(s, "deadline_exceeded", DeadlineExceeded("deadline passed"))
             self.waiting = [s for s in self.waiting if not s.finished]
             self.running = [s for s in self.running if not s.finished]
-            while self.waiting and len(self.running) < self.info.max_batch_size:
+            while self.waiting and len(self.running) < self.max_batch_size:
                 s = self.waiting.pop(0)
                 s.started = now
                 self.running.append(s)
@@ -197,16 +201,17 @@ class FakeEngine:
                 continue
             self.batch_sizes.append(len(self.running))
             for fn in self.listeners:
-                fn(self.step_s, len(self.running))
+                fn(StepTiming(self.step_s, self.step_s, len(self.running)))
             for s in list(self.running):
                 s.done += 1
                 self.tokens_total += 1
                 label = s.req.condition if isinstance(s.req.condition, int) else 0
-                s.queue.put_nowait(Progress(s.done, self.tokens))
+                if s.req.progress:
+                    s.handle.deliver(Progress(s.done, self.tokens))
                 k = s.req.preview_every_rows
                 if k and s.done % (k * self.grid) == 0 and s.done < self.tokens:
                     rows = s.done // self.grid
-                    s.queue.put_nowait(PartialImage(s.done, rows, png_for(label, s.req.seed, rows, self.grid)))
+                    s.handle.deliver(PartialImage(s.done, rows, None, png_for(label, s.req.seed, rows, self.grid)))
                 if s.done == self.tokens:
                     self.running.remove(s)
                     if label in self.fail_labels:
@@ -224,8 +229,11 @@ class FakeEngine:
                     self._end(
                         s,
                         "finished",
-                        Finished(codes, png_for(label, s.req.seed, self.grid, self.grid), stats),
+                        Finished(codes, None, stats, png=png_for(label, s.req.seed, self.grid, self.grid)),
                     )
+
+
+_: type[EngineClient] = FakeEngine  # the type checker holds the fake to the server's Protocol
 
 
 @asynccontextmanager

@@ -75,10 +75,17 @@ def test_engine_config_mapping():
         cuda_graphs=False,
         kv_cache_dtype="fp8",
     )
-    e = s.engine_config("cpu", "float32")
+    e = s.engine_config()
     assert e.kv_cache_dtype == "fp8"
     assert e.default_cache == CacheConfig(policy="window", budget=128, local=20)
-    assert (e.device, e.dtype, e.max_batch_size, e.kv_pool_tokens, e.cuda_graphs) == ("cpu", "float32", 4, 4096, False)
+    assert (e.max_batch_size, e.kv_pool_tokens, e.cuda_graphs) == (4, 4096, False)
+    assert e.compile_step is None  # compile auto: the engine turns it on for CUDA
+    assert Settings(_env_file=None).engine_config().max_batch_size is None  # from the KV pool
+    assert Settings(_env_file=None, compile="OFF").engine_config().compile_step is False
+    assert Settings(_env_file=None, compile="on").engine_config().compile_step is True
+    assert Settings(_env_file=None).engine_env() == {}
+    env = Settings(_env_file=None, compile_cache_dir="/cache").engine_env()
+    assert env == {"TORCHINDUCTOR_CACHE_DIR": "/cache/inductor", "TRITON_CACHE_DIR": "/cache/triton"}
     with pytest.raises(ConfigError):
         Settings(_env_file=None, kv_policy="nope").cache_config()
 
@@ -89,7 +96,7 @@ def test_kv_cache_dtype(monkeypatch, capsys):
     monkeypatch.setenv("ADSA_KV_CACHE_DTYPE", "FP8")  # case-insensitive, like the log level
     assert Settings(_env_file=None).kv_cache_dtype == "fp8"
     assert load_settings(["--kv-cache-dtype", "auto"]).kv_cache_dtype == "auto"  # the flag wins
-    assert load_settings([]).engine_config("cpu", "float32").kv_cache_dtype == "fp8"
+    assert load_settings([]).engine_config().kv_cache_dtype == "fp8"
     with pytest.raises(SystemExit) as e:
         load_settings(["--kv-cache-dtype", "int8"])  # argparse choices from the Literal
     assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
