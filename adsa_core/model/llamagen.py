@@ -186,11 +186,25 @@ class Transformer(nn.Module):
 
     def compile_blocks(self) -> None:
         """Fuse each block's elementwise work around attention with torch.compile (GPU decode), and its
-        w1/w3 matmuls into one. Attention itself stays outside: it is the pool's Triton kernel."""
+        w1/w3 matmuls into one. Attention itself stays outside: it is the pool's Triton kernel.
+        Only decode steps (one token per row: static shapes, one per batch bucket, compiled at warm-up) run
+        compiled; a prefill's shape depends on how many requests arrived together, and compiling each new
+        one would stall serving, so prefills run eagerly."""
         for block in self.layers:
             block.feed_forward.fuse()
-        pre = torch.compile(block_pre, dynamic=False)
-        post = torch.compile(block_post, dynamic=False)
+        # one compile per batch bucket (up to 11): past dynamo's default limit of 8 it would fall back to eager
+        dyn = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+        setattr(dyn, limit, max(getattr(dyn, limit), 32))
+        pre_c = torch.compile(block_pre, dynamic=False)
+        post_c = torch.compile(block_post, dynamic=False)
+
+        def pre(block, x, freqs_cis):  # x: (B, T, dim)
+            return (pre_c if x.shape[1] == 1 else block_pre)(block, x, freqs_cis)
+
+        def post(block, x, attn):
+            return (post_c if x.shape[1] == 1 else block_post)(block, x, attn)
+
         for block in self.layers:
             block.pre, block.post = pre, post
 
