@@ -26,6 +26,7 @@ from . import reference
 from .config import CacheConfig, ConfigError, VQConfig
 from .engine.offline import run_offline
 from .images import make_grid, save_pngs, to_uint8
+from .kv.policy import policy_names
 from .kv.pool import KV_CACHE_DTYPES
 from .loading import LoadedModels, ModelSpec, load_models, read_json_arg, resolve_device, resolve_dtype
 from .model.checkpoint import load_vq
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on cuda, fp32 on cpu")
 
     k = p.add_argument_group("KV cache")
-    k.add_argument("--policy", choices=("dense", "adsa", "window"), default="dense",
+    k.add_argument("--policy", choices=policy_names(), default="dense",
                    help="default dense (the reference sampler); adsa and window run in the engine")
     k.add_argument("--kv-budget", type=_budget, metavar="N|F",
                    help="slots per sequence: tokens (256) or a fraction (0.5)")

@@ -1,7 +1,7 @@
 """Frozen configuration: model presets, KV-cache policy settings, engine settings.
 
-This module is a leaf: it imports nothing from the rest of the project, so every
-layer (model, kv, engine, server) can share these types.
+This module imports nothing from the rest of the project but the torch-free policy registry
+(kv.policy), so every layer (model, kv, engine, server) can share these types.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+
+from .kv.policy import get_policy
 
 # (n_layer, n_head, dim) of the official LlamaGen GPT presets (arXiv 2406.06525, table 1).
 GPT_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -18,9 +20,6 @@ GPT_PRESETS: dict[str, tuple[int, int, int]] = {
     "GPT-XXL": (48, 24, 1536),
     "GPT-3B": (24, 32, 3200),
 }
-
-POLICIES = ("dense", "adsa", "window")
-
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message names the offending field."""
@@ -216,7 +215,7 @@ class CacheConfig:
     given.
     """
 
-    policy: str = "adsa"
+    policy: str = "adsa"  # a name registered in kv.policy
     # Slots per sequence per layer per head. int: tokens; float in (0, 1]: fraction of the
     # sequence length; None: the whole sequence (no eviction ever happens).
     budget: int | float | None = 0.5
@@ -224,8 +223,10 @@ class CacheConfig:
     local: int | None = None  # positions p > t - local are never evicted; None: default_regions
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ConfigError(f"unknown KV policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        try:
+            get_policy(self.policy)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         b = self.budget
         if isinstance(b, bool):
             raise ConfigError("kv budget must be a token count or a fraction, not a boolean")
@@ -237,7 +238,8 @@ class CacheConfig:
     def resolve(self, gpt: GPTConfig) -> ResolvedCache:
         """Concrete slot counts for one model; raises ConfigError for impossible combinations."""
         seq_len = gpt.seq_len
-        if self.policy == "dense" or self.budget is None:
+        evicts = get_policy(self.policy).evicts
+        if not evicts or self.budget is None:
             budget = seq_len
         elif isinstance(self.budget, float):
             budget = max(1, int(round(self.budget * seq_len)))
@@ -245,8 +247,8 @@ class CacheConfig:
             budget = int(self.budget)
         budget = min(budget, seq_len)
         prefix, local = default_regions(gpt, budget, self.prefix, self.local)
-        if self.policy == "dense":
-            return ResolvedCache("dense", seq_len, prefix, local, seq_len)
+        if not evicts:
+            return ResolvedCache(self.policy, seq_len, prefix, local, seq_len)
         if prefix < gpt.cls_token_num:
             raise ConfigError(f"kv prefix {prefix} must cover the {gpt.cls_token_num} condition tokens")
         if local < 1:

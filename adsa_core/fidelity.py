@@ -50,7 +50,7 @@ from .cli import (
     model_spec_from_args,
     run_main,
 )
-from .config import POLICIES, CacheConfig, ConfigError, GPTConfig, ResolvedCache
+from .config import CacheConfig, ConfigError, GPTConfig, ResolvedCache
 from .engine.offline import run_requests
 from .engine.request import (
     Finished,
@@ -58,6 +58,7 @@ from .engine.request import (
     RequestStats,
 )
 from .images import to_uint8
+from .kv.policy import policy_names
 from .kv.pool import KV_CACHE_DTYPES
 from .loading import DEMO_DIR, LoadedModels, ModelSpec, load_models
 from .sampling import SamplingParams
@@ -907,10 +908,10 @@ def _short(xs: list[int]) -> str:
 
 def _policies(text: str) -> list[str]:
     items = [t for t in text.replace(" ", "").split(",") if t]
-    bad = [t for t in items if t not in POLICIES]
+    bad = [t for t in items if t not in policy_names()]
     if bad or not items:
         raise argparse.ArgumentTypeError(
-            f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES)}"
+            f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(policy_names())}"
         )
     return items
 

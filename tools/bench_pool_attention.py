@@ -35,7 +35,8 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from adsa_core.kv.attention import DecodeRows, LayerState, pool_attention_torch, pool_decode_torch  # noqa: E402
+from adsa_core.kv.attention import pool_attention_torch, pool_decode_torch  # noqa: E402
+from adsa_core.kv.decode_state import DecodeRows, LayerState  # noqa: E402
 from adsa_core.kv.kernels.pool_attention import (  # noqa: E402
     default_config,
     pool_attention_triton,

@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from ..config import CacheConfig, EngineConfig
+from ..kv.policy import policy_names
 from ..loading import LoadedModels, ModelSpec, load_models
 from . import wire
 from .engine import Engine
@@ -186,14 +187,12 @@ class EngineCore:
 
 
 def model_info(models: LoadedModels, engine: Engine) -> ModelInfo:
-    from ..config import POLICIES
-
     cfg = models.gpt_config
     c = engine.default_cache
     return ModelInfo(
         name=models.name, model_type=cfg.model_type, image_size=models.image_size,
         num_classes=cfg.num_classes if cfg.model_type == "c2i" else 0, classes=models.classes,
-        policies=tuple(POLICIES), default_policy=c.policy, default_budget=c.budget, seq_len=cfg.seq_len,
+        policies=policy_names(), default_policy=c.policy, default_budget=c.budget, seq_len=cfg.seq_len,
         max_batch_size=engine.max_batch_size, sampling_defaults=dict(models.sampling_defaults),
         kv_cache_dtype=str(engine.runner.geo.dtype).removeprefix("torch."),
         kv_pool_bytes=engine.stats_.kv_pool_bytes, device=str(models.device),

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ResolvedCache
-from ..kv.attention import DecodeRows, LayerState, pool_decode
-from ..kv.policy import POLICY_MODE
+from ..kv.attention import pool_decode
+from ..kv.decode_state import DecodeRows, LayerState
+from ..kv.policy import policy_mode
 from ..kv.pool import KVPool, PoolGeometry, raw, to_kv_storage, zeros
 from ..model.llamagen import Transformer, prompt_attention_mask
 from .scheduler import SeqAlloc, StepPlan
@@ -174,7 +175,7 @@ class ModelRunner:
     def _assign_row(self, a: SeqAlloc, cache: ResolvedCache) -> None:
         r, row = self.rows, a.row
         self._set_pages(a)
-        mode = POLICY_MODE[cache.policy] if cache.evicts else 0
+        mode = policy_mode(cache.policy if cache.evicts else "dense")
         r.n_stored[row], r.budget[row], r.prefix[row], r.local[row], r.mode[row] = (
             0, cache.budget, cache.prefix, cache.local, mode)
         r.vsum[:, row].zero_()

@@ -6,8 +6,10 @@ block table and the softmax runs over slots 0..n_slots-1. While the values are r
 each slot's redundancy v̂_i·S (S = the row's running sum of unit values, `vsum`) is formed
 and the eviction victim for the next step is picked, so the cache is read exactly once per step.
 
-`pool_attention_torch` is the plain-torch oracle (CPU or GPU, fp32 math); `pool_attention`
-dispatches to the fused Triton kernel on CUDA tensors when Triton imports, else to the oracle.
+`pool_attention_torch` is the plain-torch oracle (CPU or GPU, fp32 math); it ranks each row's
+candidates by the victim key of the row's policy (kv.policy). `pool_attention` dispatches to the
+fused Triton kernel on CUDA tensors when Triton imports and implements every registered policy,
+else to the oracle.
 
 `pool_decode` is one engine decode step of one layer: it first writes each row's new token
 (into the next free slot, or over the victim the previous step picked, staging what it
@@ -17,11 +19,10 @@ attention are one kernel launch per layer; `pool_decode_torch` is its oracle and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .policy import MODE_ADSA, MODE_NONE
+from .decode_state import DecodeRows, LayerState
+from .policy import DENSE, evicting_policies, kernel_covers_registry
 from .pool import raw, to_kv_storage
 
 
@@ -73,12 +74,17 @@ def pool_attention_torch(
     out = torch.einsum("bhgn,bhnd->bhgd", p, v).reshape(B, H, D).to(q.dtype)
 
     red = inv * torch.einsum("bhnd,bhd->bhn", v, vsum.float())  # v̂_i·S, orders slots like r_i
-    key = torch.where((mode == MODE_ADSA)[:, None, None], red, -pos.float())  # window: oldest first
+    key = torch.full_like(red, float("-inf"))
+    evicting = torch.zeros_like(mode, dtype=torch.bool)  # rows of a registered policy that evicts
+    for policy in evicting_policies():
+        rows = mode == policy.mode
+        key = torch.where(rows[:, None, None], policy.victim_key(red, pos).float(), key)
+        evicting |= rows
     cand = (
         valid[:, None, :]
         & (pos >= evict_lo[:, None, None])
         & (pos <= evict_hi[:, None, None])
-        & (mode != MODE_NONE)[:, None, None]
+        & evicting[:, None, None]
     )  # (B, Hkv, N)
     key = key.masked_fill(~cand, float("-inf"))
     best = key.amax(dim=-1, keepdim=True)
@@ -107,47 +113,20 @@ def pool_attention(
     See `pool_attention_torch` for the contract; both return identical victims (ties: lowest slot).
     """
     args = (q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n_slots, evict_lo, evict_hi, mode)
-    if q.is_cuda:
-        from .kernels import HAS_TRITON
+    if _use_kernel(q):
+        from .kernels.pool_attention import pool_attention_triton
 
-        if HAS_TRITON:
-            from .kernels.pool_attention import pool_attention_triton
-
-            return pool_attention_triton(*args, scale)
+        return pool_attention_triton(*args, scale)
     return pool_attention_torch(*args, scale)
 
 
-@dataclass
-class DecodeRows:
-    """Per-row state of the B rows of a decode step (all (B,) int32 unless noted)."""
+def _use_kernel(q: torch.Tensor) -> bool:
+    """The Triton kernel runs CUDA tensors when Triton imports and implements every registered policy."""
+    if not q.is_cuda or not kernel_covers_registry():
+        return False
+    from .kernels import HAS_TRITON
 
-    block_table: torch.Tensor  # (B, max_pages) page ids; 0 = scratch
-    n_stored: torch.Tensor  # valid slots before this step's token is written
-    budget: torch.Tensor  # slots the row may hold
-    prefix: torch.Tensor  # positions < prefix are never evicted
-    local: torch.Tensor  # positions > position - local are never evicted
-    mode: torch.Tensor  # policy.MODE_*
-    position: torch.Tensor  # (B,) int64: position of this step's token
-
-    def after_write(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(full, n_slots): whether the step overwrites a victim, and valid slots after the write."""
-        return self.n_stored >= self.budget, torch.minimum(self.n_stored + 1, self.budget)
-
-
-@dataclass
-class LayerState:
-    """One layer's pool tensors (P, Hkv, page, ...) and its per-row ADSA state for B rows.
-    vsum and victim are read and updated in place; spill_* receive what this step overwrote."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: torch.Tensor
-    inv_norm: torch.Tensor
-    vsum: torch.Tensor  # (B, Hkv, D) fp32: S = sum of the row's unit values
-    victim: torch.Tensor  # (B, Hkv) int32: slot to overwrite next, -1 = none
-    spill_k: torch.Tensor  # (B, Hkv, D)
-    spill_v: torch.Tensor  # (B, Hkv, D)
-    spill_pos: torch.Tensor  # (B, Hkv) int32
+    return HAS_TRITON
 
 
 def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, layer: LayerState,
@@ -185,7 +164,7 @@ def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     vf.index_copy_(0, flat, raw(v_st).reshape(-1, D))
     pf.index_copy_(0, flat, rows.position.to(torch.int32).repeat_interleave(Hkv))
     nf.index_copy_(0, flat, inv.view(-1))
-    mode = torch.where(n_slots >= rows.budget, rows.mode, torch.zeros_like(rows.mode))
+    mode = torch.where(n_slots >= rows.budget, rows.mode, DENSE.mode)  # a victim only where full after the write
     hi = (rows.position + 1 - rows.local).to(torch.int32)
     out, victim = pool_attention_torch(q, layer.k, layer.v, layer.pos, layer.inv_norm, layer.vsum,
                                        rows.block_table, n_slots, rows.prefix, hi, mode, scale)
@@ -196,11 +175,8 @@ def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
 def pool_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, layer: LayerState,
                 rows: DecodeRows, scale: float) -> torch.Tensor:
     """One layer's decode step (see `pool_decode_torch`): one Triton launch on CUDA, else torch."""
-    if q.is_cuda:
-        from .kernels import HAS_TRITON
+    if _use_kernel(q):
+        from .kernels.pool_attention import pool_decode_triton
 
-        if HAS_TRITON:
-            from .kernels.pool_attention import pool_decode_triton
-
-            return pool_decode_triton(q, k_new, v_new, layer, rows, scale)
+        return pool_decode_triton(q, k_new, v_new, layer, rows, scale)
     return pool_decode_torch(q, k_new, v_new, layer, rows, scale)

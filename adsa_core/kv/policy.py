@@ -1,24 +1,104 @@
-"""KV policies: which slot a full sequence overwrites next.
+"""KV policies: which slot a full sequence overwrites next. A policy is one `KVPolicy`, registered here.
 
-Every policy is the same mechanism with a different victim rule, evaluated by the
-attention pass over the pool (see `attention.pool_attention`):
-  dense   budget = whole sequence, never evicts
-  adsa    evict the "previous"-region slot whose value vector is most redundant,
-          i.e. has the largest mean cosine similarity to the other cached values
-          (argmax of v_i/|v_i| . S with S the sum of normalised values; DESIGN.md section 4)
-  window  evict the oldest previous-region slot (StreamingLLM: prefix + recent tokens)
-Prefix (p < n) and local (p > t - m) slots are never candidates.
+Every policy is the same mechanism with a different victim rule, evaluated by the attention pass
+over the pool (`attention.pool_attention`): among a full row's candidate slots, the victim is the one
+with the largest key, the lowest slot on ties. Candidates are the valid slots whose position p lies in
+[prefix, t - local]: prefix (p < n) and local (p > t - m) slots are never candidates.
+  dense   never evicts (its budget is the whole sequence)
+  adsa    key = v̂_i·S: the slot whose value vector is most redundant, i.e. has the largest mean cosine
+          similarity to the other cached values (S = the sum of normalised values; DESIGN.md section 4)
+  window  key = -p: the oldest candidate (StreamingLLM: prefix + recent tokens)
+
+Adding a policy is `register(KVPolicy(...))`: CacheConfig accepts its name, the engine gives its rows
+its `mode`, and the torch path ranks candidates by its `victim_key`. The fused Triton kernel implements
+the rules of the policies marked `in_kernel` and takes their modes from here; while a registered
+policy that evicts has no kernel rule, CUDA decode runs every row on the torch path.
+
+Torch-free on purpose: config.py imports it, and the victim keys only call tensor methods.
 """
 
 from __future__ import annotations
 
-MODE_NONE = 0
-MODE_ADSA = 1
-MODE_WINDOW = 2
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-POLICY_MODE = {"dense": MODE_NONE, "adsa": MODE_ADSA, "window": MODE_WINDOW}
+if TYPE_CHECKING:
+    import torch
+
+# (redundancy v̂·S fp32, position int32), both (B, Hkv, N) over the row's slots -> the eviction key (B, Hkv, N)
+VictimKey = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
-def candidate_range(position: int, prefix: int, local: int) -> tuple[int, int]:
-    """Positions that may be evicted when the token at `position` arrives: [prefix, position - local]."""
-    return prefix, position - local
+@dataclass(frozen=True)
+class KVPolicy:
+    name: str
+    mode: int  # the id a row of this policy carries (DecodeRows.mode) and the kernel compares against
+    victim_key: VictimKey | None  # None: never evicts
+    in_kernel: bool = False  # the Triton kernel (kv/kernels/pool_attention.py) implements this rule
+
+    @property
+    def evicts(self) -> bool:
+        return self.victim_key is not None
+
+
+_REGISTRY: dict[str, KVPolicy] = {}
+
+
+def register(policy: KVPolicy) -> KVPolicy:
+    """Adds a policy; its name and mode must be new (modes are int32 row state, 0..2**31-1)."""
+    if policy.name in _REGISTRY:
+        raise ValueError(f"KV policy {policy.name!r} is already registered")
+    if not 0 <= policy.mode < 2**31:
+        raise ValueError(f"KV policy mode {policy.mode} is outside 0..2**31-1")
+    taken = next((p.name for p in _REGISTRY.values() if p.mode == policy.mode), None)
+    if taken is not None:
+        raise ValueError(f"KV policy mode {policy.mode} is already {taken!r}'s")
+    if policy.evicts and not policy.in_kernel:
+        warnings.warn(
+            f"KV policy {policy.name!r} has no Triton kernel rule: CUDA decode uses the torch path "
+            "for every row while it is registered",
+            stacklevel=2,
+        )
+    _REGISTRY[policy.name] = policy
+    return policy
+
+
+def unregister(name: str) -> None:
+    """Removes a policy added with `register`; the built-in ones stay (the kernel is compiled against them)."""
+    if name in BUILT_IN:
+        raise ValueError(f"KV policy {name!r} is built in and cannot be removed")
+    del _REGISTRY[get_policy(name).name]
+
+
+def get_policy(name: str) -> KVPolicy:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown KV policy {name!r}; choose one of {', '.join(policy_names())}") from None
+
+
+def policy_names() -> tuple[str, ...]:
+    """Registered policy names, in registration order (dense, adsa, window first)."""
+    return tuple(_REGISTRY)
+
+
+def policy_mode(name: str) -> int:
+    return get_policy(name).mode
+
+
+def evicting_policies() -> tuple[KVPolicy, ...]:
+    return tuple(p for p in _REGISTRY.values() if p.evicts)
+
+
+def kernel_covers_registry() -> bool:
+    """Whether the Triton kernel implements every registered policy that evicts (else CUDA decode takes the torch
+    path; a row of a policy that never evicts runs in dense's mode)."""
+    return all(p.in_kernel for p in evicting_policies())
+
+
+DENSE = register(KVPolicy("dense", 0, None, in_kernel=True))
+ADSA = register(KVPolicy("adsa", 1, lambda redundancy, position: redundancy, in_kernel=True))
+WINDOW = register(KVPolicy("window", 2, lambda redundancy, position: -position.float(), in_kernel=True))
+BUILT_IN = policy_names()

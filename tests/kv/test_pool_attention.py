@@ -10,7 +10,12 @@ import math
 import pytest
 import torch
 
-from adsa_core.kv.attention import pool_attention, pool_attention_torch
+from adsa_core.kv.attention import pool_attention, pool_attention_torch, pool_decode
+from adsa_core.kv.decode_state import DecodeRows, LayerState
+from adsa_core.kv.policy import KVPolicy, register, unregister
+
+# a toy policy, registered only by the tests that ask for it: evict the newest candidate
+NEWEST = KVPolicy("newest", 3, lambda redundancy, position: position.float())
 
 
 def make_case(B, H, Hkv, D, page=16, max_slots=96, dtype=torch.float32, device="cpu", seed=0, n_slots=None):
@@ -87,7 +92,8 @@ def naive_redundancy(v):
 
 
 def check_victims(case, victim, rel_tie=1e-5):
-    """Every (row, head) victim against a naive recomputation; near-ties (< rel_tie) accept either."""
+    """Every (row, head) victim against a naive recomputation; near-ties (< rel_tie) accept either.
+    Modes: 0 dense (no victim), 1 adsa, 2 window (oldest), 3 the toy NEWEST (newest)."""
     B, Hkv = victim.shape
     for b in range(B):
         m, lo, hi = (int(case[name][b]) for name in ("mode", "evict_lo", "evict_hi"))
@@ -99,8 +105,8 @@ def check_victims(case, victim, rel_tie=1e-5):
                 assert got == -1, (b, h, m)
                 continue
             assert got in cand.tolist(), (b, h, got)
-            if m == 2:
-                want = cand[pos[cand].argmin()]
+            if m in (2, 3):  # positions are unique per head: no ties
+                want = cand[pos[cand].argmin() if m == 2 else pos[cand].argmax()]
                 assert got == int(want), (b, h, got, int(want))
                 continue
             r = naive_redundancy(v)
@@ -191,3 +197,51 @@ def test_dispatch_on_cpu_is_the_oracle():
     out, victim = pool_attention(**case)
     ref_out, ref_victim = pool_attention_torch(**case)
     assert torch.equal(out, ref_out) and torch.equal(victim, ref_victim)
+
+
+@pytest.fixture
+def newest():
+    with pytest.warns(UserWarning, match="no Triton kernel rule"):
+        register(NEWEST)
+    yield NEWEST
+    unregister(NEWEST.name)
+
+
+def test_a_registered_toy_policy_picks_its_victims_beside_the_built_in_ones(newest):
+    case = make_case(B=24, H=4, Hkv=2, D=64, seed=17)
+    case["mode"] = torch.arange(24, dtype=torch.int32) % 4  # dense, adsa, window, newest
+    _, victim = pool_attention(**case)  # the CPU dispatch: the oracle, ranking by each row's policy
+    check_victims(case, victim)
+    assert (victim[case["mode"] == 3] >= 0).any()
+
+
+def test_a_mode_nobody_registered_never_evicts():
+    case = make_case(B=8, H=4, Hkv=2, D=64, seed=17)
+    case["mode"] = torch.tensor([NEWEST.mode, 2] * 4, dtype=torch.int32)
+    _, victim = pool_attention(**case)
+    assert (victim[0::2] == -1).all() and (victim[1::2] >= 0).any()
+
+
+def test_decode_overwrites_the_toy_policys_victim(newest):
+    """Two decode steps of full rows (newest, window): the first writes its token over slot 0 (no victim
+    yet) and picks the next victim, the newest candidate being that token; the second overwrites it."""
+    B, Hkv, D = 2, 2, 16
+    case = make_case(B, H=2, Hkv=Hkv, D=D, max_slots=40, n_slots=[40, 40], seed=19)
+    rows = DecodeRows(case["block_table"], case["n_slots"].clone(), case["n_slots"].clone(),
+                      prefix=torch.zeros(B, dtype=torch.int32), local=torch.ones(B, dtype=torch.int32),
+                      mode=torch.tensor([newest.mode, 2], dtype=torch.int32),
+                      position=torch.full((B,), 10**6))  # newer than every stored position
+    layer = LayerState(case["k_cache"], case["v_cache"], case["pos_cache"], case["inv_norm"], case["vsum"],
+                       torch.full((B, Hkv), -1, dtype=torch.int32), torch.zeros(B, Hkv, D), torch.zeros(B, Hkv, D),
+                       torch.zeros(B, Hkv, dtype=torch.int32))  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    step = lambda: pool_decode(case["q"], *torch.randn(2, B, Hkv, D, generator=g), layer, rows, 0.25)  # noqa: E731
+
+    step()
+    # the pool tensors are the case's, written in place: the victims against the naive rules
+    check_victims({**case, "evict_lo": rows.prefix, "evict_hi": rows.position.int(), "mode": rows.mode}, layer.victim)
+    assert layer.victim[0].tolist() == [0, 0]
+    rows.position += 1
+    step()
+    assert layer.spill_pos[0].tolist() == [10**6] * Hkv  # newest: the token written one step ago
+    assert (layer.spill_pos[1] < 10**6).all()  # window: the oldest one

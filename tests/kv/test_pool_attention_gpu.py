@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from adsa_core.kv.attention import (
-    DecodeRows,
-    LayerState,
     gather_slots,
     pool_attention,
     pool_attention_torch,
@@ -24,6 +22,7 @@ try:  # the CPU test module beside this one: its case generator and tie planting
 except ImportError:  # tests/kv became a package
     from .test_pool_attention import make_case, plant_ties  # noqa: E402
 
+from adsa_core.kv.decode_state import DecodeRows, LayerState  # noqa: E402
 from adsa_core.kv.kernels.pool_attention import pool_attention_triton, pool_decode_triton  # noqa: E402
 from adsa_core.kv.pool import FP8, FP8_MAX, raw, to_kv_storage  # noqa: E402
 

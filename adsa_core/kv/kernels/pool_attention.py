@@ -8,6 +8,10 @@ gathering each slot's page through the block table, and for every block:
 Every K/V byte of a valid slot is read exactly once; nothing past n_slots is touched. The
 grid depends only on (B, Hkv) and there is no host sync, so the launch can be captured in a
 CUDA graph. Contract and oracle: adsa_core.kv.attention.pool_attention_torch.
+
+The kernel implements the victim rules of the policies marked `in_kernel` in adsa_core.kv.policy
+(dense, adsa, window); their modes come from there as compile-time constants. A row of any other
+mode gets no eviction candidate, and adsa_core.kv.attention never sends one here.
 """
 
 from __future__ import annotations
@@ -18,11 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention import DecodeRows, LayerState
-
-# jit code reads only constexpr globals; 2 = window (any other nonzero mode ranks by -pos)
-MODE_NONE = tl.constexpr(0)
-MODE_ADSA = tl.constexpr(1)
+from ..decode_state import DecodeRows, LayerState
+from ..policy import ADSA, DENSE, WINDOW
 
 
 @triton.jit
@@ -37,6 +38,7 @@ def _pool_attention_kernel(
     HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WRITE: tl.constexpr, FP8: tl.constexpr,
+    MODE_NONE: tl.constexpr, MODE_ADSA: tl.constexpr, MODE_WINDOW: tl.constexpr,  # from kv.policy
 ):  # fmt: skip
     # The pool tensors are contiguous (P, HKV, PAGE, D) / (P, HKV, PAGE): compile-time strides
     # let the compiler prove each slot row's alignment and issue wide loads (also for D = 100).
@@ -83,11 +85,12 @@ def _pool_attention_kernel(
         tl.debug_barrier()  # the attention below reads the new slot: make the stores visible
         n = tl.minimum(n_old + 1, budget)
         hi = (position + 1 - tl.load(hi_ptr + b)).to(tl.int32)
-        mode = tl.where(n >= budget, tl.load(mode_ptr + b), 0)  # a victim only where full after this
+        mode = tl.where(n >= budget, tl.load(mode_ptr + b), MODE_NONE)  # a victim only where full after this
     else:
         n = tl.load(n_ptr + b)
         hi = tl.load(hi_ptr + b)
         mode = tl.load(mode_ptr + b)
+    evicting = (mode == MODE_ADSA) | (mode == MODE_WINDOW)
     q_row = q_ptr + b * stride_qb + hk * G * stride_qh
     if G == 1:  # MHA: one query row is too small for a matrix unit, so scores are multiply-adds
         q = tl.load(q_row + offs_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale  # (D_PAD,)
@@ -160,8 +163,8 @@ def _pool_attention_kernel(
 
         # --- next victim: largest v̂·S (adsa) or smallest position (window) among candidates
         red = inv * tl.sum(vf * svec[None, :], axis=1)  # (BLOCK_N,)
-        key = tl.where(mode == MODE_ADSA, red, -pos.to(tl.float32))
-        cand = s_ok & (pos >= lo) & (pos <= hi) & (mode != MODE_NONE)
+        key = tl.where(mode == MODE_ADSA, red, -pos.to(tl.float32))  # else MODE_WINDOW
+        cand = s_ok & (pos >= lo) & (pos <= hi) & evicting
         key = tl.where(cand, key, float("-inf"))
         take = key > best  # strict: a lane keeps its earlier (lower) slot on ties
         best = tl.where(take, key, best)
@@ -280,6 +283,6 @@ def _launch(q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n, lo, 
         HKV=Hkv, PAGE=page, D=D, D_PAD=max(16, triton.next_power_of_2(D)),
         G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n or cfg["block_n"],
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write is not None,
-        FP8=k_cache.dtype == torch.float8_e4m3fn,
+        FP8=k_cache.dtype == torch.float8_e4m3fn, MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode, MODE_WINDOW=WINDOW.mode,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )  # fmt: skip
