@@ -5,7 +5,10 @@ still under their spill limit) are gathered on the device into one contiguous te
 and copied to the arena with a single asynchronous copy on a side stream, so spilling
 costs one launch per step and never waits for the host. Blocks live in a ring and are
 reclaimed once every sequence that owns rows in them has ended; when the ring is full
-the step is not spilled (counted as dropped), never stalling decode.
+the step is not spilled (counted in `dropped_steps` / `dropped_bytes`), never stalling decode.
+
+Production never reads the arena back: evicted K/V is kept in pinned CPU memory (DESIGN.md) and
+accounted per request (`SpillRecord.bytes`); the tests read the ring's bytes directly.
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ class SpillArena:
     def __init__(self, capacity_bytes: int, n_layer: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
         self.device = device
-        self.L, self.H, self.D = n_layer, kv_heads, head_dim
-        self.dtype = dtype
         elem = torch.tensor([], dtype=dtype).element_size()
         # per spilled (sequence, step): K and V (L, H, D) plus int32 positions (L, H) stored as raw bytes
         self.kv_elems = 2 * n_layer * kv_heads * head_dim
@@ -48,7 +49,18 @@ class SpillArena:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.blocks: list[SpillBlock] = []  # ring order, oldest first
         self.head = 0  # next free unit
-        self.dropped_steps = 0
+        self._dropped_steps = 0
+        self._dropped_bytes = 0
+
+    @property
+    def dropped_steps(self) -> int:
+        """Steps not spilled because the ring was full (a monotonic counter, as a metric exports it)."""
+        return self._dropped_steps
+
+    @property
+    def dropped_bytes(self) -> int:
+        """K/V and position bytes those steps would have spilled (monotonic)."""
+        return self._dropped_bytes
 
     def _reclaim(self) -> None:
         while self.blocks and self.blocks[0].refs == 0:
@@ -72,9 +84,12 @@ class SpillArena:
         """k, v: (L, R, H, D) and pos: (L, R, H) staging on the device; row idx[i] (idx on the device too)
         belongs to owners[i]. One index_select per tensor, of whole (layer, row) slices as wide words."""
         n = len(owners)
-        start = self._allocate(n) if n else None
+        if n == 0:
+            return True
+        start = self._allocate(n)
         if start is None:
-            self.dropped_steps += bool(n)
+            self._dropped_steps += 1
+            self._dropped_bytes += n * self.step_bytes
             return False
         kw, vw = _words(k), _words(v)
         kv = torch.empty(n, 2, *kw.shape[1:], dtype=kw.dtype, device=kw.device)  # rows: K then V, each (L, H, D)
@@ -106,18 +121,6 @@ class SpillArena:
         for block, _ in rec.entries:
             block.refs -= 1
         rec.entries.clear()
-
-    def read(self, rec: SpillRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The sequence's spilled (K, V, positions): (steps, L, H, D) x2 and (steps, L, H)."""
-        if not rec.entries:
-            e = torch.empty(0, self.L, self.H, self.D, dtype=self.dtype)
-            return e, e.clone(), torch.empty(0, self.L, self.H, dtype=torch.int32)
-        for block, _ in rec.entries:
-            if block.event is not None:
-                block.event.synchronize()
-        idx = torch.tensor([b.start + i for b, i in rec.entries])
-        kv = self.kv[idx].view(self.dtype).view(len(idx), 2, self.L, self.H, self.D)
-        return kv[:, 0], kv[:, 1], self.pos[idx].view(len(idx), self.L, self.H)
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from adsa_core.engine import (
     RequestFailed,
 )
 from adsa_core.kv.attention import gather_slots
+from adsa_core.kv.policy import KVPolicy, register, unregister
 from adsa_core.loading import LoadedModels
 from adsa_core.model import load_gpt
 from adsa_core.reference import generate
@@ -127,8 +128,17 @@ def naive_mean_cosine(v: torch.Tensor) -> torch.Tensor:
     return (sim.sum(1) - sim.diagonal()) / (len(v) - 1)
 
 
-@pytest.mark.parametrize("policy", ["adsa", "window"])
-def test_victims_spill_and_protected_regions_step_by_step(policy):
+@pytest.fixture
+def newest_policy():
+    """A toy policy that evicts the newest candidate, registered for one test: config, engine and oracle see it."""
+    with pytest.warns(UserWarning, match="no Triton kernel rule"):
+        register(KVPolicy("newest", 3, lambda redundancy, position: position.float()))
+    yield
+    unregister("newest")
+
+
+@pytest.mark.parametrize("policy", ["adsa", "window", "newest"])
+def test_victims_spill_and_protected_regions_step_by_step(policy, newest_policy):
     models = tiny_models(UNSEEN, seed=1)
     prefix, local = 3, 7
     eng = make_engine(models, policy, 16, prefix=prefix, local=local, spill_limit_bytes=1 << 30)
@@ -140,6 +150,7 @@ def test_victims_spill_and_protected_regions_step_by_step(policy):
                                      sampling=SamplingParams(cfg_scale=2.0, temperature=1.0)),
                    lambda ev, i=i: events.setdefault(i, []).append(ev))
     checked_victims = checked_spills = 0
+    lhd = (UNSEEN.n_layer, UNSEEN.kv_heads, UNSEEN.head_dim)
     while eng.has_work:
         n_rows = sum(len(it.allocs) for it in eng.scheduler.running)
         before_k = [k.clone() for k in pool.k]
@@ -167,10 +178,12 @@ def test_victims_spill_and_protected_regions_step_by_step(policy):
                     t = int(pos_now[r])
                     assert prefix <= p <= t - local, "a prefix or local token was evicted"
                     if records[r].entries:  # and the arena holds exactly that (released once finished)
-                        k_s, v_s, pos_s = eng.spill.read(records[r])
-                        assert torch.equal(k_s[-1, layer, h], before_k[layer][page, h, off])
-                        assert torch.equal(v_s[-1, layer, h], before_v[layer][page, h, off])
-                        assert int(pos_s[-1, layer, h]) == p
+                        block, i = records[r].entries[-1]  # this step's ring unit: K then V (L, H, D) as bytes
+                        unit = block.start + i
+                        k_s, v_s = eng.spill.kv[unit].view(torch.float32).view(2, *lhd)
+                        assert torch.equal(k_s[layer, h], before_k[layer][page, h, off])
+                        assert torch.equal(v_s[layer, h], before_v[layer][page, h, off])
+                        assert int(eng.spill.pos[unit].view(lhd[:2])[layer, h]) == p
                         checked_spills += 1
         # the victim chosen for the next step equals a naive recomputation on the current cache
         for r in range(n_rows):
@@ -183,7 +196,10 @@ def test_victims_spill_and_protected_regions_step_by_step(policy):
                 pos = gather_slots(pool.pos[layer], rows.block_table[r: r + 1])[0, :, :n]
                 for h in range(UNSEEN.kv_heads):
                     cand = (pos[h] >= prefix) & (pos[h] <= t_next - local)
-                    key = naive_mean_cosine(v[h]) if policy == "adsa" else -pos[h].double()
+                    if policy == "adsa":
+                        key = naive_mean_cosine(v[h])
+                    else:  # window: the oldest first; newest: the newest first
+                        key = pos[h].double() * (-1 if policy == "window" else 1)
                     key[~cand] = float("-inf")
                     got = int(rows.victim[layer, r, h])
                     if got < 0:

@@ -74,8 +74,9 @@ def test_fp8_pool_round_trips_swap_and_spill_bytes():
     for _ in range(24):  # past the budget: "low" has evicted and spilled fp8 slots
         eng.step()
     item = eng.requests["low"]
-    k, v, pos = eng.spill.read(item.spill[0])
-    assert k.dtype == FP8 and len(k) > 0 and torch.isfinite(k.float()).all()
+    units = [block.start + i for block, i in item.spill[0].entries]  # its spilled steps in the ring
+    kv = eng.spill.kv[units].view(FP8)  # each unit: K then V (L, H, D) as stored
+    assert len(units) > 0 and torch.isfinite(kv.float()).all()
     eng.submit(high, lambda ev: events.setdefault("high", []).append(ev))
     eng.step()  # "high" swaps "low" out
     assert eng.requests["low"].swap_data is not None

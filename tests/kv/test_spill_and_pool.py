@@ -63,6 +63,14 @@ def test_budget_must_exceed_prefix_plus_local_and_fractions_resolve():
     assert not CacheConfig(policy="window", budget=None).resolve(CFG).evicts
 
 
+def stored(arena: SpillArena, rec: SpillRecord, shape: tuple[int, int, int], dtype: torch.dtype):
+    """A record's spilled (K, V, positions), (steps, L, H, D) x2 and (steps, L, H), read from the ring by hand:
+    step j of the record is unit block.start + row of its j-th entry; a unit holds K then V as bytes."""
+    units = [block.start + row for block, row in rec.entries]
+    kv = arena.kv[units].view(dtype).view(len(units), 2, *shape)
+    return kv[:, 0], kv[:, 1], arena.pos[units].view(len(units), *shape[:2])
+
+
 def test_spill_ring_wraps_reclaims_and_drops_when_full():
     arena = SpillArena(capacity_bytes=0, n_layer=2, kv_heads=3, head_dim=4, dtype=torch.float32,
                        device=torch.device("cpu"))
@@ -74,17 +82,22 @@ def test_spill_ring_wraps_reclaims_and_drops_when_full():
         k = torch.full((2, n, 3, 4), float(fill))
         return arena.store(k, -k, torch.full((2, n, 3), fill, dtype=torch.int32), torch.arange(n), owners)
 
+    read = lambda rec: stored(arena, rec, (2, 3, 4), torch.float32)  # noqa: E731
     assert step(recs[:2], 1) and step(recs[:2], 2)  # 4 of 5 units used
+    assert (arena.dropped_steps, arena.dropped_bytes) == (0, 0)
     assert not step(recs[:2], 3) and arena.dropped_steps == 1  # no room for 2 more
+    assert arena.dropped_bytes == 2 * (2 * 2 * 3 * 4 * 4 + 2 * 3 * 4)  # 2 rows of fp32 K, V and int32 positions
     assert step([recs[2]], 4)
-    k, v, pos = arena.read(recs[0])
+    assert arena.store(torch.empty(2, 0, 3, 4), torch.empty(2, 0, 3, 4), torch.empty(2, 0, 3), torch.arange(0), [])
+    k, v, pos = read(recs[0])
     assert k[:, 0, 0, 0].tolist() == [1, 2] and torch.equal(v, -k) and pos[:, 1, 2].tolist() == [1, 2]
     arena.release(recs[0])
     assert not step([recs[0], recs[1]], 5)  # block 1 still owned by recs[1]
+    assert arena.dropped_steps == 2  # a step with nothing to spill drops nothing
     arena.release(recs[1])
     assert step([recs[0], recs[1]], 6)  # wrapped around to the start
-    assert arena.read(recs[2])[0][:, 0, 0, 0].tolist() == [4]
-    assert arena.read(recs[1])[2][:, 0, 0].tolist() == [6]
+    assert read(recs[2])[0][:, 0, 0, 0].tolist() == [4]
+    assert read(recs[1])[2][:, 0, 0].tolist() == [6]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8])
@@ -102,7 +115,7 @@ def test_spill_store_keeps_the_bytes_of_the_gathered_staging_rows(dtype, heads, 
         assert arena.store(k, v, pos, torch.tensor(rows), [recs[r] for r in rows])
     b = lambda t: t.view(torch.uint8)  # noqa: E731
     for r, rec in recs.items():
-        got_k, got_v, got_pos = arena.read(rec)
+        got_k, got_v, got_pos = stored(arena, rec, (L, heads, dim), dtype)
         n = sum(r in rows for rows in steps)
         assert got_k.dtype == dtype and got_k.shape == (n, L, heads, dim) and got_pos.shape == (n, L, heads)
         # the naive byte gather: row r of every layer, once per step that spilled it
