@@ -23,6 +23,17 @@ import torch
 from tqdm import tqdm
 
 from . import reference
+from .cli_common import (
+    DTYPE_CHOICES,
+    Parser,
+    UsageError,
+    add_model_args,
+    budget_arg,
+    int_list,
+    model_spec_from_args,
+    positive_int,
+    run_main,
+)
 from .config import CacheConfig, ConfigError, VQConfig
 from .engine.offline import run_offline
 from .images import make_grid, save_pngs, to_uint8
@@ -34,16 +45,6 @@ from .model.vq import VQModel
 from .sampling import SamplingParams
 
 PROG = "adsa-generate"
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
-
-
-class UsageError(Exception):
-    """A bad command line; reported as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,68 +253,13 @@ def check_codes(codes: torch.Tensor, vq: VQModel) -> None:
 # Command line
 
 
-def _labels(text: str) -> list[int]:
-    try:
-        labels = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not labels:
-        raise argparse.ArgumentTypeError("no labels given")
-    return labels
-
-
-def _budget(text: str) -> int | float:
-    """'256' -> 256 tokens; '0.5' -> half of the sequence."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a token count or a fraction, got {text!r}") from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model flags shared by adsa-generate and adsa-fidelity; `model_spec_from_args` reads them back."""
-    m = p.add_argument_group("model (no model flags: the embedded demo model)")
-    arch = m.add_mutually_exclusive_group()
-    arch.add_argument("--gpt-model", metavar="NAME", help="preset: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B")
-    arch.add_argument("--gpt-config", metavar="JSON", help="LlamaGen-style GPT config, file or inline JSON")
-    m.add_argument("--image-size", type=int, metavar="PX", help="pixels per side (presets: default 384)")
-    m.add_argument("--gpt-ckpt", metavar="PATH", help="GPT checkpoint (official format); none: random")
-    m.add_argument("--vq-ckpt", metavar="PATH", help="VQ tokenizer checkpoint; needed for images")
-    m.add_argument("--vq-config", metavar="JSON", help="VQ config JSON (file or inline); default VQ-16")
-    m.add_argument("--num-classes", type=int, metavar="N", help="classes of a c2i model (default 1000)")
-
-
-def model_spec_from_args(a: argparse.Namespace) -> ModelSpec:
-    """The ModelSpec of `add_model_args` flags (plus --text-encoder, --device, --dtype where the parser has them)."""
-    return ModelSpec(
-        gpt_model=a.gpt_model, gpt_config=a.gpt_config, gpt_ckpt=a.gpt_ckpt, vq_ckpt=a.vq_ckpt,
-        vq_config=a.vq_config, image_size=a.image_size, num_classes=a.num_classes,
-        text_encoder=getattr(a, "text_encoder", None), device=getattr(a, "device", "auto"),
-        dtype=getattr(a, "dtype", "auto"),
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Generate images with a LlamaGen model (dense reference sampler).")
+    p = Parser(prog=PROG, description="Generate images with a LlamaGen model (dense reference sampler).")
     add_model_args(p)
 
     c = p.add_argument_group("conditions")
     cond = c.add_mutually_exclusive_group()
-    cond.add_argument("--class-labels", type=_labels, metavar="L,L,...",
+    cond.add_argument("--class-labels", type=int_list, metavar="L,L,...",
                       help="comma-separated labels, one image each: 1,7,3")
     cond.add_argument("--prompts", nargs="+", metavar="TEXT",
                       help="text prompts, one image each (needs --text-encoder)")
@@ -330,15 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, help="default 1.0 (off)")
     s.add_argument("--greedy", action="store_true", default=None, help="arg-max decoding")
     s.add_argument("--seed", type=int, default=0, help="image i gets seed SEED+i (default 0)")
-    s.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default 16)")
+    s.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on cuda, fp32 on cpu")
 
     k = p.add_argument_group("KV cache")
     k.add_argument("--policy", choices=policy_names(), default="dense",
                    help="default dense (the reference sampler); adsa and window run in the engine")
-    k.add_argument("--kv-budget", type=_budget, metavar="N|F",
-                   help="slots per sequence: tokens (256) or a fraction (0.5)")
+    k.add_argument("--kv-budget", type=budget_arg, default=CacheConfig().budget, metavar="N|F",
+                   help="slots per sequence: tokens (256), a fraction (0.5, 1/4) or none (default 0.5)")
     k.add_argument("--kv-prefix", type=int, metavar="N",
                    help="never-evicted first positions (default: condition tokens + up to one image row, by budget)")
     k.add_argument("--kv-local", type=int, metavar="M",
@@ -353,22 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--codes-in", metavar="FILE", help="decode only: codes JSON from --codes-out")
     o.add_argument("--progress", action="store_true", help="progress bar on stderr even when not a TTY")
     return p
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def run_main(prog: str, body: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
-    """A tool's entry point: every error one line on stderr with status 2, never a traceback."""
-    try:
-        return body(argv)
-    except (UsageError, ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
-        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,8 +317,7 @@ def _main(argv: list[str] | None) -> int:
                               top_k=a.top_k, top_p=a.top_p, greedy=a.greedy).items() if v is not None
     }
     SamplingParams(**sampling_overrides)  # fail fast on bad values, before loading any weights
-    cache_config = CacheConfig(policy=a.policy, budget=a.kv_budget if a.kv_budget is not None else 0.5,
-                               prefix=a.kv_prefix, local=a.kv_local)
+    cache_config = CacheConfig(policy=a.policy, budget=a.kv_budget, prefix=a.kv_prefix, local=a.kv_local)
     show_progress = a.progress or sys.stderr.isatty()
 
     if a.list_classes:

@@ -1,7 +1,7 @@
 """Frozen configuration: model presets, KV-cache policy settings, engine settings.
 
 This module imports nothing from the rest of the project but the torch-free policy registry
-(kv.policy), so every layer (model, kv, engine, server) can share these types.
+(kv.policy), so every layer (model, kv, engine, server, loadtest) can share these types.
 """
 
 from __future__ import annotations
@@ -206,6 +206,42 @@ def default_regions(
     return prefix, local
 
 
+def check_budget(budget: object) -> None:
+    """A KV budget is slots per sequence per layer per head: an int is tokens (>= 1), a float a fraction of the
+    sequence length in (0, 1], None the whole sequence (no eviction ever happens). Raises ConfigError."""
+    if budget is None:
+        return
+    if isinstance(budget, bool):
+        raise ConfigError("kv budget must be a token count or a fraction, not a boolean")
+    if not isinstance(budget, (int, float)):
+        raise ConfigError(f"kv budget must be a token count, a fraction or none, not {budget!r}")
+    if isinstance(budget, float) and not (0.0 < budget <= 1.0):  # NaN fails this too
+        raise ConfigError(f"kv budget fraction {budget} is outside (0, 1]")
+    if isinstance(budget, int) and budget <= 0:
+        raise ConfigError(f"kv budget {budget} tokens must be positive")
+
+
+def parse_budget(text: str) -> int | float | None:
+    """The one reading of a KV budget written as text (command lines, environment variables):
+    '256' -> 256 tokens; '0.25', '2.5e-1' or '1/4' -> a fraction; 'none' or 'full' -> None (no eviction).
+    Case and surrounding spaces are ignored; anything else, or a value check_budget refuses, is a ConfigError."""
+    s = text.strip().lower()
+    if s in ("none", "full"):
+        return None
+    num, slash, den = s.partition("/")
+    try:
+        if slash:
+            value: int | float = float(num) / float(den)
+        else:
+            value = int(s) if s.lstrip("+-").isdigit() else float(s)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(
+            f"kv budget {text!r} is not a token count (256), a fraction (0.25, 1/4) or none"
+        ) from None
+    check_budget(value)
+    return value
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """What a sequence keeps in its KV cache. Budget and policy may differ per request.
@@ -216,9 +252,7 @@ class CacheConfig:
     """
 
     policy: str = "adsa"  # a name registered in kv.policy
-    # Slots per sequence per layer per head. int: tokens; float in (0, 1]: fraction of the
-    # sequence length; None: the whole sequence (no eviction ever happens).
-    budget: int | float | None = 0.5
+    budget: int | float | None = 0.5  # see check_budget; text becomes one through parse_budget
     prefix: int | None = None  # positions p < prefix are never evicted; None: default_regions
     local: int | None = None  # positions p > t - local are never evicted; None: default_regions
 
@@ -227,13 +261,7 @@ class CacheConfig:
             get_policy(self.policy)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        b = self.budget
-        if isinstance(b, bool):
-            raise ConfigError("kv budget must be a token count or a fraction, not a boolean")
-        if isinstance(b, float) and not (0.0 < b <= 1.0):
-            raise ConfigError(f"kv budget fraction {b} is outside (0, 1]")
-        if isinstance(b, int) and b <= 0:
-            raise ConfigError(f"kv budget {b} tokens must be positive")
+        check_budget(self.budget)
 
     def resolve(self, gpt: GPTConfig) -> ResolvedCache:
         """Concrete slot counts for one model; raises ConfigError for impossible combinations."""

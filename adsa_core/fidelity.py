@@ -37,17 +37,17 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from .cli import (
+from .cli import decode_images
+from .cli_common import (
     DTYPE_CHOICES,
+    Parser,
     UsageError,
-    _budget,
-    _labels,
-    _one_line,
-    _Parser,
-    _positive,
     add_model_args,
-    decode_images,
+    budget_arg,
+    int_list,
     model_spec_from_args,
+    one_line,
+    positive_int,
     run_main,
 )
 from .config import CacheConfig, ConfigError, GPTConfig, ResolvedCache
@@ -202,7 +202,7 @@ class TorchScriptFeatures(FeatureExtractor):
         try:
             self.model = torch.jit.load(str(p), map_location=device).eval()
         except Exception as e:  # noqa: BLE001 - any load problem is one clear line
-            raise ConfigError(f"--inception {path} is not a TorchScript file: {_one_line(e)}") from None
+            raise ConfigError(f"--inception {path} is not a TorchScript file: {one_line(e)}") from None
         self.device, self.input_range, self.size = device, input_range, size
         self.name = f"torchscript:{p.name}"
         self._kw: bool | None = None
@@ -259,7 +259,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"cannot read reference {path}: {_one_line(e)}") from None
+        raise ConfigError(f"cannot read reference {path}: {one_line(e)}") from None
 
 
 def load_reference(
@@ -916,19 +916,8 @@ def _policies(text: str) -> list[str]:
     return items
 
 
-def _budgets(text: str) -> list[int | float]:
-    out = []
-    for t in text.replace(" ", "").split(","):
-        if not t:
-            continue
-        if "/" in t:  # "1/6"
-            num, _, den = t.partition("/")
-            try:
-                out.append(float(num) / float(den))
-            except (ValueError, ZeroDivisionError):
-                raise argparse.ArgumentTypeError(f"bad budget {t!r}") from None
-        else:
-            out.append(_budget(t))
+def _budgets(text: str) -> list[int | float | None]:
+    out = [budget_arg(t) for t in text.split(",") if t.strip()]
     if not out:
         raise argparse.ArgumentTypeError("no budgets given")
     return out
@@ -972,7 +961,7 @@ def _sampling_list(text: str) -> list[dict]:
 
 
 def _batch(text: str) -> int | None:
-    return None if text == "auto" else _positive(text)
+    return None if text == "auto" else positive_int(text)
 
 
 def _classes(text: str) -> list[int]:
@@ -990,7 +979,7 @@ def _classes(text: str) -> list[int]:
                 raise argparse.ArgumentTypeError(f"empty class range {t!r}")
             out.extend(range(lo, hi + 1, st))
         elif t:
-            out.extend(_labels(t))
+            out.extend(int_list(t))
     if not out:
         raise argparse.ArgumentTypeError("no classes given")
     if len(set(out)) != len(out):
@@ -999,7 +988,7 @@ def _classes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Fidelity of sparse KV-cache policies against the dense cache "
         "(teacher-forced KL/agreement/NLL; free-running recognition, FID, PSNR).",
@@ -1032,8 +1021,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="local window m (default: CacheConfig's, two image rows, less at small budgets)",
     )
-    e.add_argument("--sweep-prefix", type=_labels, metavar="N,N,...", help="extra rows: these prefixes ...")
-    e.add_argument("--sweep-local", type=_labels, metavar="M,M,...", help="... x these local windows ...")
+    e.add_argument("--sweep-prefix", type=int_list, metavar="N,N,...", help="extra rows: these prefixes ...")
+    e.add_argument("--sweep-local", type=int_list, metavar="M,M,...", help="... x these local windows ...")
     e.add_argument(
         "--sweep-budget",
         type=_budgets,
@@ -1054,7 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="C,C-C:S",
         help="class labels, e.g. 0,5,9 or 0-23 or 0-1892:30 (default: 8 spread over the model's)",
     )
-    e.add_argument("--seeds", type=_positive, default=2, metavar="N", help="seeds per class: SEED..SEED+N-1")
+    e.add_argument("--seeds", type=positive_int, default=2, metavar="N", help="seeds per class: SEED..SEED+N-1")
     e.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
 
     s = p.add_argument_group("sampling (defaults: LlamaGen's, or the demo model's)")
@@ -1098,7 +1087,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="uint8",
         help="what the TorchScript takes (default uint8 0..255)",
     )
-    f.add_argument("--inception-size", type=_positive, metavar="PX", help="resize to PX first (default: no resize)")
+    f.add_argument("--inception-size", type=positive_int, metavar="PX", help="resize to PX first (default: no resize)")
     f.add_argument("--no-fid", action="store_true", help="skip FID")
     f.add_argument(
         "--no-dense-check",
@@ -1114,7 +1103,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="fidelity.json, fidelity.md, grid.png (with --sampling-sweep: sampling.json, sampling.md, grid.png)",
     )
-    o.add_argument("--grid-max", type=_positive, default=16, help="images per row in grid.png (default 16)")
+    o.add_argument("--grid-max", type=positive_int, default=16, help="images per row in grid.png (default 16)")
     o.add_argument("--progress", action="store_true", help="progress bar on stderr even when not a TTY")
     return p
 

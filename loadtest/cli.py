@@ -10,6 +10,8 @@ from pathlib import Path
 
 import httpx
 
+from adsa_core.config import parse_budget
+
 from .runner import RunConfig, Stage, run_sync
 from .workload import COMMON_FIELDS, Workload, WorkloadError, load_workload_file, parse_csv
 
@@ -57,8 +59,10 @@ def _positive_int(text: str) -> int:
 
 
 def _budget(text: str) -> int | float:
-    """'256' -> 256 tokens, '0.25' -> a fraction of the sequence (the API's two kinds of kv_budget)."""
-    return float(text) if any(c in text for c in ".eE") else int(text)
+    """A kv_budget for the request body (config.parse_budget's rules). Its 'full' (no eviction) is sent as 1.0:
+    the API's null is the server's default budget, which parse_csv's 'default' already stands for."""
+    budget = parse_budget(text)
+    return 1.0 if budget is None else budget
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -137,7 +141,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     w.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     w.add_argument("--policies", default=None, help="KV policies to mix, e.g. adsa,dense,window,default")
     w.add_argument(
-        "--budgets", default=None, help="kv_budget values to mix: tokens or fractions, e.g. 256,0.25,default"
+        "--budgets",
+        default=None,
+        help="kv_budget values to mix: tokens, fractions (0.25, 1/4) or full (no eviction), e.g. 256,0.25,default",
     )
     w.add_argument("--n", default="1", help="images per request to mix (default 1)")
     w.add_argument("--cfg-scale", type=float, default=None)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from adsa_core.config import CacheConfig, EngineConfig
+from adsa_core.config import CacheConfig, EngineConfig, parse_budget
 
 if TYPE_CHECKING:
     from adsa_core.loading import ModelSpec
@@ -103,13 +103,7 @@ class Settings(BaseSettings):
     @field_validator("kv_budget", mode="before")
     @classmethod
     def _budget(cls, v: object) -> object:
-        # "256" is a token count, "0.25" a fraction; "" / "none" / "full" means no eviction.
-        if isinstance(v, str):
-            s = v.strip().lower()
-            if s in ("", "none", "full"):
-                return None
-            return float(s) if any(c in s for c in ".e") else int(s)
-        return v
+        return parse_budget(v) if isinstance(v, str) else v  # env vars and flags are text
 
     @field_validator("log_level", "kv_cache_dtype", "compile", mode="before")
     @classmethod

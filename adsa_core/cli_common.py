@@ -1,0 +1,92 @@
+"""Command-line plumbing shared by the tools (adsa-generate, adsa-fidelity): the model flags, argument types,
+and the entry-point wrapper that turns every error into one line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .config import ConfigError, parse_budget
+from .loading import ModelSpec
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+
+
+class UsageError(Exception):
+    """A bad command line; reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Reports a bad command line as a UsageError (one line through `run_main`) instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def run_main(prog: str, body: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """A tool's entry point: every error one line on stderr with status 2, never a traceback."""
+    try:
+        return body(argv)
+    except (UsageError, ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def int_list(text: str) -> list[int]:
+    """'1,7, 3' -> [1, 7, 3]."""
+    try:
+        labels = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not labels:
+        raise argparse.ArgumentTypeError("no labels given")
+    return labels
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def budget_arg(text: str) -> int | float | None:
+    """A KV budget flag: config.parse_budget, its message shown by argparse."""
+    try:
+        return parse_budget(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags shared by adsa-generate and adsa-fidelity; `model_spec_from_args` reads them back."""
+    m = p.add_argument_group("model (no model flags: the embedded demo model)")
+    arch = m.add_mutually_exclusive_group()
+    arch.add_argument("--gpt-model", metavar="NAME", help="preset: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B")
+    arch.add_argument("--gpt-config", metavar="JSON", help="LlamaGen-style GPT config, file or inline JSON")
+    m.add_argument("--image-size", type=int, metavar="PX", help="pixels per side (presets: default 384)")
+    m.add_argument("--gpt-ckpt", metavar="PATH", help="GPT checkpoint (official format); none: random")
+    m.add_argument("--vq-ckpt", metavar="PATH", help="VQ tokenizer checkpoint; needed for images")
+    m.add_argument("--vq-config", metavar="JSON", help="VQ config JSON (file or inline); default VQ-16")
+    m.add_argument("--num-classes", type=int, metavar="N", help="classes of a c2i model (default 1000)")
+
+
+def model_spec_from_args(a: argparse.Namespace) -> ModelSpec:
+    """The ModelSpec of `add_model_args` flags (plus --text-encoder, --device, --dtype where the parser has them)."""
+    return ModelSpec(
+        gpt_model=a.gpt_model, gpt_config=a.gpt_config, gpt_ckpt=a.gpt_ckpt, vq_ckpt=a.vq_ckpt,
+        vq_config=a.vq_config, image_size=a.image_size, num_classes=a.num_classes,
+        text_encoder=getattr(a, "text_encoder", None), device=getattr(a, "device", "auto"),
+        dtype=getattr(a, "dtype", "auto"),
+    )
