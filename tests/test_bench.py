@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adsa_core import bench
+from adsa_core.eval import bench
 
 
 def test_smoke_writes_every_field(tmp_path: Path) -> None:

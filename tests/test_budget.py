@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from adsa_core import cli, fidelity
+from adsa_core import cli
 from adsa_core.config import CacheConfig, ConfigError, parse_budget
+from adsa_core.eval import fidelity
 from loadtest.cli import build_run_parser, workload_from_args
 from server.__main__ import load_settings
 from server.settings import Settings

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adsa_core.classifier import EmojiClassifier, load_classifier
 from adsa_core.config import GPTConfig, VQConfig
+from adsa_core.eval.classifier import EmojiClassifier, load_classifier
 from adsa_core.model.checkpoint import load_gpt, load_vq
 from adsa_core.reference import generate
 from adsa_core.sampling import SamplingParams

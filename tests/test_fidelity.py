@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from adsa_core import fidelity
-from adsa_core.classifier import ClassifierConfig, EmojiClassifier, save_classifier
-from adsa_core.cli import model_spec_from_args
+from adsa_core.cli_common import model_spec_from_args
 from adsa_core.config import CacheConfig, ConfigError, GPTConfig
 from adsa_core.engine.offline import run_offline
+from adsa_core.eval import features, fidelity, harness, metrics
+from adsa_core.eval.classifier import ClassifierConfig, EmojiClassifier, save_classifier
 from adsa_core.loading import DEMO_DIR, load_models
 from adsa_core.sampling import SamplingParams
 
@@ -38,61 +38,61 @@ def test_frechet_distance_diagonal_closed_form() -> None:
     mu1, mu2 = torch.randn(d, **f64), torch.randn(d, **f64)
     s1, s2 = torch.rand(d, **f64) + 0.1, torch.rand(d, **f64) * 3
     expected = (mu1 - mu2).pow(2).sum() + (s1 + s2 - 2 * (s1 * s2).sqrt()).sum()
-    got = fidelity.frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2))
+    got = metrics.frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2))
     assert got == pytest.approx(float(expected), rel=1e-9, abs=1e-9)
     # A common rotation of both Gaussians changes nothing: exercises the full (non-diagonal) path.
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     rot = lambda s: q @ torch.diag(s) @ q.T
-    got_rot = fidelity.frechet_distance(q @ mu1, rot(s1), q @ mu2, rot(s2))
+    got_rot = metrics.frechet_distance(q @ mu1, rot(s1), q @ mu2, rot(s2))
     assert got_rot == pytest.approx(float(expected), rel=1e-9)
 
 
 def test_frechet_distance_identity_and_rank_deficient() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 16, generator=g)  # 5 samples in 16-d: a rank-4 covariance
-    mu, sigma = fidelity.feature_stats(x)
-    assert fidelity.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+    mu, sigma = metrics.feature_stats(x)
+    assert metrics.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
     y = x + torch.tensor([1.0] + [0.0] * 15)  # shifted by a unit vector: FID = 1
-    assert fidelity.frechet_distance(*fidelity.feature_stats(y), mu, sigma) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.frechet_distance(*metrics.feature_stats(y), mu, sigma) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError):
-        fidelity.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
+        metrics.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
 
 
 def test_frechet_distance_matches_scipy_sqrtm() -> None:
     linalg = pytest.importorskip("scipy.linalg")
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(50, 8, generator=g, dtype=torch.float64), torch.randn(60, 8, generator=g, dtype=torch.float64)
-    (mu1, s1), (mu2, s2) = fidelity.feature_stats(a * 2 + 1), fidelity.feature_stats(b)
+    (mu1, s1), (mu2, s2) = metrics.feature_stats(a * 2 + 1), metrics.feature_stats(b)
     covmean = linalg.sqrtm(s1.numpy() @ s2.numpy()).real
     expected = float((mu1 - mu2).pow(2).sum()) + float(np.trace(s1.numpy() + s2.numpy() - 2 * covmean))
-    assert fidelity.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
 
 
 def test_feature_stats_match_numpy_and_class_balance() -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(40, 6, generator=g, dtype=torch.float64)
-    mu, sigma = fidelity.feature_stats(x)
+    mu, sigma = metrics.feature_stats(x)
     assert torch.allclose(mu, x.mean(0)) and np.allclose(sigma.numpy(), np.cov(x.numpy(), rowvar=False))
     # Class-balanced: a class with 3 copies of one row weighs the same as a class with that row once.
     labels = torch.tensor([0, 0, 0, 1])
     rows = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    mu_b, _ = fidelity.feature_stats(rows, fidelity.class_balance_weights(labels))
+    mu_b, _ = metrics.feature_stats(rows, metrics.class_balance_weights(labels))
     assert torch.allclose(mu_b, torch.tensor([0.5, 0.5], dtype=torch.float64))
 
 
 def test_token_metrics() -> None:
     lp = torch.log_softmax(torch.randn(7, 11, generator=torch.Generator().manual_seed(3)), -1)
     tokens = torch.randint(0, 11, (7,))
-    same = fidelity.token_metrics(lp, lp.clone(), tokens)
+    same = metrics.token_metrics(lp, lp.clone(), tokens)
     assert same["kl"].abs().max() == 0 and same["agree"].min() == 1
     assert torch.allclose(same["nll"], -lp.gather(1, tokens[:, None]).view(-1))
-    other = fidelity.token_metrics(lp, torch.log_softmax(lp.flip(-1), -1), tokens)
+    other = metrics.token_metrics(lp, torch.log_softmax(lp.flip(-1), -1), tokens)
     assert other["kl"].min() > 0
 
 
 def test_plan_settings_dedupes_and_checks() -> None:
     gpt = GPTConfig(**TINY_GPT)  # seq_len 16, grid 4: at budget 8 the default regions shrink to n = 2, m = 5
-    plan = fidelity.plan_settings(
+    plan = harness.plan_settings(
         ["dense", "adsa", "window"], [8, 0.5], gpt, sweep_budget=10, sweep_prefix=[1, 2], sweep_local=[5, 6]
     )
     keys = [(r.policy, r.budget, r.prefix, r.local) for _, r in plan]
@@ -101,26 +101,26 @@ def test_plan_settings_dedupes_and_checks() -> None:
     assert len([k for k in keys if k[:2] == ("adsa", 10)]) == 4
     assert len([k for k in keys if k[:2] == ("window", 10)]) == 2  # window does not depend on m
     with pytest.raises(ConfigError):
-        fidelity.plan_settings(["adsa"], [4], gpt)  # 4 <= prefix 1 + local 5 (the floors)
+        harness.plan_settings(["adsa"], [4], gpt)  # 4 <= prefix 1 + local 5 (the floors)
     # several sweep budgets; pairs that do not fit one of them are skipped there, not an error
-    plan = fidelity.plan_settings(["adsa"], [8], gpt, sweep_budget=[10, 8], sweep_prefix=[1, 3], sweep_local=[5])
+    plan = harness.plan_settings(["adsa"], [8], gpt, sweep_budget=[10, 8], sweep_prefix=[1, 3], sweep_local=[5])
     keys = [(r.policy, r.budget, r.prefix, r.local) for _, r in plan]
     assert ("adsa", 10, 3, 5) in keys and ("adsa", 10, 1, 5) in keys and ("adsa", 8, 1, 5) in keys
     assert ("adsa", 8, 3, 5) not in keys  # 8 <= 3 + 5
     with pytest.raises(ConfigError):  # a single impossible sweep point is still refused
-        fidelity.plan_settings(["adsa"], [8], gpt, sweep_budget=8, sweep_prefix=[3], sweep_local=[5])
+        harness.plan_settings(["adsa"], [8], gpt, sweep_budget=8, sweep_prefix=[3], sweep_local=[5])
 
 
 def test_default_regions_follow_cache_config() -> None:
     """Rows without --kv-prefix/--kv-local use CacheConfig's budget-dependent defaults (config.default_regions)."""
     gpt = GPTConfig(**{**TINY_GPT, "block_size": 256})  # the demo's geometry: grid 16, 256 KV tokens
-    plan = fidelity.plan_settings(["adsa", "window"], [0.5, 0.25, 1 / 6], gpt)
+    plan = harness.plan_settings(["adsa", "window"], [0.5, 0.25, 1 / 6], gpt)
     got = {(r.policy, r.budget): (r.prefix, r.local) for _, r in plan}
     assert got[("adsa", 128)] == (17, 33) and got[("adsa", 64)] == (17, 33) and got[("adsa", 43)] == (4, 33)
     assert got[("window", 43)] == (4, 33)
     for (_, budget), (n, m) in got.items():
         assert n + m <= budget - budget / 8
-    explicit = fidelity.plan_settings(["adsa"], [1 / 6], gpt, prefix=1, local=32)
+    explicit = harness.plan_settings(["adsa"], [1 / 6], gpt, prefix=1, local=32)
     assert (explicit[1][1].prefix, explicit[1][1].local) == (1, 32)  # as given
 
 
@@ -128,9 +128,9 @@ def test_seed_diversity() -> None:
     px = torch.zeros(4, 2, 2, 3, dtype=torch.uint8)
     px[1] = 255  # class 0: black vs white; class 1: two identical black images
     codes = torch.tensor([[1, 2], [1, 3], [5, 5], [5, 5]])
-    d = fidelity.seed_diversity(px, codes, torch.tensor([0, 0, 1, 1]))
+    d = metrics.seed_diversity(px, codes, torch.tensor([0, 0, 1, 1]))
     assert d["seed_diversity"] == pytest.approx(0.5) and d["seed_token_overlap"] == pytest.approx(0.75)
-    assert fidelity.seed_diversity(px, codes, torch.tensor([0, 1, 2, 3])) == {}
+    assert metrics.seed_diversity(px, codes, torch.tensor([0, 1, 2, 3])) == {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_end_to_end_tiny(tiny, tmp_path, capsys) -> None:
     alone = run_offline(
         models, labels, sampling, seeds, CacheConfig("adsa", 8), 6, forced=dense_run.codes, want_logits=True
     )
-    kl = [fidelity.token_metrics(d, q, c)["kl"] for d, q, c in zip(dense_run.logprobs, alone.logprobs, dense_run.codes)]
+    kl = [metrics.token_metrics(d, q, c)["kl"] for d, q, c in zip(dense_run.logprobs, alone.logprobs, dense_run.codes)]
     assert torch.cat(kl).mean().item() == pytest.approx(rows[("adsa", 8, 2, 5)]["kl"], rel=1e-4, abs=1e-7)
     free = run_offline(models, labels, sampling, seeds, CacheConfig("adsa", 8), 6)
     token_agree = (free.codes == dense_run.codes).double().mean().item()
@@ -276,8 +276,8 @@ def test_sampling_sweep(tiny, tmp_path, capsys) -> None:
     labels, seeds = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 0, 1, 0, 1])
     sp = SamplingParams(cfg_scale=1.5, temperature=0.7, top_k=20)
     codes = run_offline(models, labels, sp, seeds, CacheConfig("dense", None), 6).codes
-    px = fidelity._pixels(models, codes, 6)
-    expected = fidelity.seed_diversity(px, codes, labels)
+    px = harness.pixels(models, codes, 6)
+    expected = metrics.seed_diversity(px, codes, labels)
     assert report["rows"][1]["seed_diversity"] == pytest.approx(expected["seed_diversity"], rel=1e-5)
     assert report["rows"][1]["seed_token_overlap"] == pytest.approx(expected["seed_token_overlap"])
     # the default sampling is always measured, first, when the candidates do not list it
@@ -369,15 +369,15 @@ def test_reference_npz_with_foreign_class_list_is_refused(tmp_path) -> None:
         classes=np.asarray(json.dumps(classes)),
     )
 
-    class Mean(fidelity.FeatureExtractor):
+    class Mean(features.FeatureExtractor):
         def features(self, images: torch.Tensor) -> torch.Tensor:
             return images.mean(dim=(2, 3))
 
-    ref = fidelity.load_reference(path, Mean(), [1, 2], 4, classes)
+    ref = features.load_reference(path, Mean(), [1, 2], 4, classes)
     assert ref.class_restricted and ref.n == 4 and ref.mu.shape == (3,)
     moved = classes[1:] + classes[:1]
     with pytest.raises(ConfigError, match="another class list"):
-        fidelity.load_reference(path, Mean(), [1, 2], 4, moved)
+        features.load_reference(path, Mean(), [1, 2], 4, moved)
 
 
 def test_class_lists() -> None:

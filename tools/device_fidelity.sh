@@ -114,7 +114,7 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); batch $B
 # ---- 1. sampling candidates (dense only) --------------------------------------------------------------
 if [[ ",$STEPS," == *",1,"* ]]; then
 stamp "1. sampling sweep: $CANDIDATES"
-"$PY" -m adsa_core.fidelity --device "$DEVICE" --kv-cache-dtype "$KV" --sampling-sweep "$CANDIDATES" \
+"$PY" -m adsa_core.eval.fidelity --device "$DEVICE" --kv-cache-dtype "$KV" --sampling-sweep "$CANDIDATES" \
     --classes "$(spread "$SAMPLING_CLASSES")" --seeds 2 --seed 1000 --batch-size "$BATCH" \
     "${REF_ARGS[@]}" --grid-max 20 --progress --out "$OUT/sampling" || FAILED+=("sampling sweep")
 fi
@@ -127,7 +127,7 @@ echo "sampling for the table: ${SAMPLING_FLAGS:-the default of the model}"
 if [[ ",$STEPS," == *",2,"* ]]; then
 stamp "2+3. fidelity table + n/m sweep"
 # shellcheck disable=SC2086  # SAMPLING_FLAGS is a list of flags
-"$PY" -m adsa_core.fidelity --device "$DEVICE" --kv-cache-dtype "$KV" $SAMPLING_FLAGS --policies dense,adsa,window \
+"$PY" -m adsa_core.eval.fidelity --device "$DEVICE" --kv-cache-dtype "$KV" $SAMPLING_FLAGS --policies dense,adsa,window \
     --budgets 1/2,1/4,1/6 --sweep-budget 1/4,1/6 --sweep-prefix "$SWEEP_PREFIX" --sweep-local "$SWEEP_LOCAL" \
     --classes "$(spread "$TABLE_CLASSES")" --seeds 1 --seed 2000 --batch-size "$BATCH" \
     "${REF_ARGS[@]}" --grid-max 10 --progress --out "$OUT/fidelity" || FAILED+=("fidelity table")

@@ -11,9 +11,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from adsa_core.bench import random_models
 from adsa_core.config import CacheConfig, EngineConfig, VQConfig, gpt_preset
 from adsa_core.engine import Engine, GenerationRequest
+from adsa_core.eval.bench import random_models
 from adsa_core.sampling import SamplingParams
 
 # kernel name fragments -> the part of a step they belong to (first match wins)

@@ -7,7 +7,7 @@ scales 0.9-1.1, white fill), drawn on the GPU from a seeded generator.
 - VQ: LlamaGen's VQModel at 8x downsampling (128 px -> 16 x 16 = 256 tokens), l2-normalised
   8-d codebook; loss L1 + L2 reconstruction + codebook + 0.25 * commitment, straight-through;
   codes unused for `--vq-reinit-every` steps are re-initialised to random encoder outputs.
-- classifier (adsa_core/classifier.py): cross-entropy with label smoothing on augmented renders,
+- classifier (adsa_core/eval/classifier.py): cross-entropy with label smoothing on augmented renders,
   a fraction of them passed through the VQ (encode -> decode) so it also recognises the
   tokenizer's reconstructions, which is what generated images are.
 - GPT: LlamaGen's Transformer (c2i) on the VQ codes of a bank of augmented renders, sampled
@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import emoji_data  # noqa: E402
 
-from adsa_core.classifier import ClassifierConfig, EmojiClassifier, load_classifier, save_classifier  # noqa: E402
 from adsa_core.config import GPTConfig, VQConfig  # noqa: E402
+from adsa_core.eval.classifier import ClassifierConfig, EmojiClassifier, load_classifier, save_classifier  # noqa: E402
 from adsa_core.model.checkpoint import init_gpt_weights, load_gpt, load_vq  # noqa: E402
 from adsa_core.model.llamagen import Transformer  # noqa: E402
 from adsa_core.model.vq import VQModel  # noqa: E402

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from . import reference
-from .config import CacheConfig, EngineConfig, GPTConfig, VQConfig, gpt_preset
-from .engine import Engine, Finished, GenerationRequest
-from .kv.pool import pages_for
-from .loading import LoadedModels, resolve_device, resolve_dtype
-from .model.checkpoint import load_gpt, load_vq
-from .reference import generate
-from .sampling import SamplingParams
+from .. import reference
+from ..config import CacheConfig, EngineConfig, GPTConfig, VQConfig, gpt_preset
+from ..engine import Engine, Finished, GenerationRequest
+from ..kv.pool import pages_for
+from ..loading import LoadedModels, resolve_device, resolve_dtype
+from ..model.checkpoint import load_gpt, load_vq
+from ..reference import generate
+from ..sampling import SamplingParams
 
 
 @dataclass
