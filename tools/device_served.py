@@ -112,7 +112,9 @@ def loadtest(url: str, out: Path, a: argparse.Namespace, concurrency: int | None
 
 def bench_row(cfg: dict, a: argparse.Namespace, batch: int, tree: Path, out: Path) -> dict | None:
     policy, budget = cfg["policy"], cfg["budget"]
-    cmd = [sys.executable, "-m", "adsa_core.bench", "--presets", a.gpt_model, "--image-sizes", str(a.image_size),
+    # --bench-old trees from before adsa_core/eval/ have adsa_core/bench.py
+    module = "adsa_core.eval.bench" if (tree / "adsa_core/eval/bench.py").is_file() else "adsa_core.bench"
+    cmd = [sys.executable, "-m", module, "--presets", a.gpt_model, "--image-sizes", str(a.image_size),
            "--no-reference", "--compile", "--waves", "2", "--kv-cache-dtypes", cfg["kv"], "--out", str(out)]
     if policy == "dense":
         cmd += ["--batches", str(batch), "--policies", ""]
