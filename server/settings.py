@@ -97,6 +97,12 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated allowed CORS origins; empty: CORS off"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object each (with request_id) for log pipelines"
+    )
+    health_stall_s: float = Field(
+        120.0, gt=0, description="/healthz fails after this long without engine progress while images are pending"
+    )
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
 
@@ -111,7 +117,7 @@ class Settings(BaseSettings):
             return float(s) if any(c in s for c in ".e") else int(s)
         return v
 
-    @field_validator("log_level", "kv_cache_dtype", "compile", mode="before")
+    @field_validator("log_level", "log_format", "kv_cache_dtype", "compile", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
