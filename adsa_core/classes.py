@@ -45,7 +45,7 @@ def _key(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def class_names(entry: dict) -> list[str]:
+def _names(entry: dict) -> list[str]:
     """Every name a prompt may use for this class entry ({"name", "synonyms", "emoji"}, all optional)."""
     names = [entry.get("name"), *entry.get("synonyms", ()), entry.get("emoji")]
     return [n for n in dict.fromkeys(names) if n]
@@ -59,7 +59,7 @@ class ClassNames:
         self.display = {c["id"]: c.get("name") for c in classes or ()}
         self.by_name: dict[str, list[int]] = {}
         for c in classes or ():
-            for name in class_names(c):
+            for name in _names(c):
                 ids = self.by_name.setdefault(_key(name), [])
                 if c["id"] not in ids:
                     ids.append(c["id"])

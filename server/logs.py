@@ -16,6 +16,7 @@ import uuid
 from contextvars import ContextVar
 from typing import Literal
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -49,9 +50,11 @@ def configure_logging(level: str, log_format: Literal["text", "json"]) -> None:
     if log_format == "json":
         handler.setFormatter(
             JsonFormatter(
-                "{asctime}{levelname}{name}{message}",
+                "{levelname}{name}{message}",
                 style="{",
-                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                timestamp="time",  # ISO 8601, UTC
+                rename_fields={"levelname": "level", "name": "logger"},
+                reserved_attrs=[*RESERVED_ATTRS, "color_message"],  # uvicorn's ANSI-coloured copy of the message
             )
         )
     else:

@@ -231,7 +231,7 @@ class ImagesUsage(BaseModel):
 
     input_tokens: int = Field(description="Condition tokens: 1 class token per image, or the prompt's T5 tokens")
     input_tokens_details: InputTokensDetails
-    output_tokens: int = Field(description="Image tokens sampled: (image_size / 16)^2 per image for LlamaGen")
+    output_tokens: int = Field(description="Image tokens sampled: the token grid per image (24x24 for 384 px LlamaGen)")
     output_tokens_details: OutputTokensDetails
     total_tokens: int
 

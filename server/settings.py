@@ -80,6 +80,9 @@ class Settings(BaseSettings):
         description="KV cache storage. auto: the model's dtype; fp8: e4m3 K/V, half the KV memory and bandwidth, "
         "GPUs with compute capability >= 8.9 (H100, L4)",
     )
+    health_stall_s: float = Field(
+        120.0, gt=0, description="/healthz fails after this long without engine progress while images are pending"
+    )
 
     # --- requests
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline of a generate request (HTTP 504)")
@@ -99,9 +102,6 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or one JSON object each (with request_id) for log pipelines"
-    )
-    health_stall_s: float = Field(
-        120.0, gt=0, description="/healthz fails after this long without engine progress while images are pending"
     )
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
