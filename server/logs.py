@@ -16,10 +16,10 @@ import uuid
 from contextvars import ContextVar
 from typing import Literal
 
-from pythonjsonlogger.core import RESERVED_ATTRS
-from pythonjsonlogger.json import JsonFormatter
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adsa_core.logfmt import log_formatter
 
 from .errors import to_api_error
 
@@ -44,21 +44,11 @@ class RequestIdFilter(logging.Filter):
 
 
 def configure_logging(level: str, log_format: Literal["text", "json"]) -> None:
-    """The root handler (stderr) for the server's, uvicorn's and the engine's loggers alike."""
+    """The root handler (stderr) for the server's and uvicorn's loggers alike (the engine-core process
+    formats its own lines the same way: Settings.engine_env passes ADSA_LOG_FORMAT on)."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    if log_format == "json":
-        handler.setFormatter(
-            JsonFormatter(
-                "{levelname}{name}{message}",
-                style="{",
-                timestamp="time",  # ISO 8601, UTC
-                rename_fields={"levelname": "level", "name": "logger"},
-                reserved_attrs=[*RESERVED_ATTRS, "color_message"],  # uvicorn's ANSI-coloured copy of the message
-            )
-        )
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    handler.setFormatter(log_formatter(log_format))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 

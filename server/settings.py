@@ -156,8 +156,10 @@ class Settings(BaseSettings):
         )
 
     def engine_env(self) -> dict[str, str]:
-        """Environment of the engine-core process: where torch.compile and Triton keep their caches."""
-        if not self.compile_cache_dir:
-            return {}
-        root = self.compile_cache_dir
-        return {"TORCHINDUCTOR_CACHE_DIR": f"{root}/inductor", "TRITON_CACHE_DIR": f"{root}/triton"}
+        """Environment of the engine-core process: its log format, and where torch.compile and Triton keep
+        their caches."""
+        env = {"ADSA_LOG_FORMAT": self.log_format}
+        if self.compile_cache_dir:
+            root = self.compile_cache_dir
+            env.update(TORCHINDUCTOR_CACHE_DIR=f"{root}/inductor", TRITON_CACHE_DIR=f"{root}/triton")
+        return env
