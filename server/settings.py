@@ -81,7 +81,10 @@ class Settings(BaseSettings):
         "GPUs with compute capability >= 8.9 (H100, L4)",
     )
     health_stall_s: float = Field(
-        120.0, gt=0, description="/healthz fails after this long without engine progress while images are pending"
+        120.0,
+        gt=0,
+        description="/healthz fails after this long without a report from the engine (it reports after every "
+        "step and every 0.2 s while idle: silence is a step that hangs)",
     )
 
     # --- requests
