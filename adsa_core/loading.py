@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .classes import default_classes
 from .config import ConfigError, GPTConfig, VQConfig, gpt_preset
 from .model.checkpoint import load_gpt, load_vq, parse_dtype
 from .model.llamagen import Transformer
@@ -53,7 +54,7 @@ class LoadedModels:
     image_size: int
     device: torch.device
     dtype: torch.dtype
-    classes: list[dict] | None = None  # [{"id", "name", "emoji"}] when known
+    classes: list[dict] | None = None  # [{"id", "name", ...}] when known (classes.py: emoji, synonyms)
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     text_encoder: Any = None  # CaptionEncoder for t2i models with a local T5
 
@@ -144,7 +145,10 @@ def load_models(spec: ModelSpec) -> LoadedModels:
         text_encoder = CaptionEncoder(spec.text_encoder, device=device, max_length=gpt_cfg.cls_token_num,
                                       dtype=dtype)
     name = Path(spec.gpt_ckpt).stem if spec.gpt_ckpt else (spec.gpt_model or "GPT-custom") + "-random"
-    return LoadedModels(name, gpt, vq, gpt_cfg, vq_cfg, image_size, device, dtype, text_encoder=text_encoder)
+    classes = default_classes(gpt_cfg.model_type, gpt_cfg.num_classes)
+    return LoadedModels(
+        name, gpt, vq, gpt_cfg, vq_cfg, image_size, device, dtype, classes=classes, text_encoder=text_encoder
+    )
 
 
 def _load_demo(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> LoadedModels:

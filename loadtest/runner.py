@@ -155,6 +155,15 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return a - b if a is not None and b is not None else None
 
 
+def _read_error(rec: RequestRecord, body: Any, fallback: str) -> None:
+    """The server's error body, OpenAI's shape `{"error": {"message", "code", ...}}`, into the record."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        raise ValueError(f"not an API error body: {str(body)[:200]}")
+    rec.error = str(err.get("code") or fallback)
+    rec.error_message = str(err.get("message", ""))[:500]
+
+
 def _absorb_image(rec: RequestRecord, item: Any) -> None:
     """Fold one image's server-reported timings and KV stats into the record."""
     if not isinstance(item, dict):
@@ -384,10 +393,8 @@ class LoadRunner:
             rec.ok = False
             rec.retry_after = resp.headers.get("retry-after")
             try:
-                err = json.loads(body)
-                rec.error = str(err.get("type") or resp.status_code)
-                rec.error_message = str(err.get("error", ""))[:500]
-            except (ValueError, AttributeError):
+                _read_error(rec, json.loads(body), str(resp.status_code))
+            except ValueError:
                 rec.error = str(resp.status_code)
                 rec.error_message = body[:200].decode("utf-8", "replace")
             return
@@ -443,10 +450,8 @@ class LoadRunner:
                 _absorb_image(rec, json.loads(data))
         elif event == "error":
             try:
-                err = json.loads(data)
-                rec.error = str(err.get("type") or "stream_error")
-                rec.error_message = str(err.get("error", ""))[:500]
-            except (ValueError, AttributeError):
+                _read_error(rec, json.loads(data), "stream_error")
+            except ValueError:
                 rec.error, rec.error_message = "stream_error", data[:200]
         return event == "done"
 

@@ -20,6 +20,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from .app import create_app
+from .logs import configure_logging
 from .runtime import Runtime
 from .settings import Settings
 
@@ -101,7 +102,7 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         log_level=settings.log_level,
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-        access_log=settings.log_level == "debug",
+        log_config=None,  # uvicorn's loggers go through ours (format, request ids)
+        access_log=False,  # server.logs writes the access line, with the request id
     )
     server = DrainingServer(config, app.state.runtime, settings.drain_timeout_s)
     server.run()

@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, install_error_handlers
+from .logs import RequestContextMiddleware
 from .metrics import HTTPMetricsMiddleware
 from .routes import routers
 from .runtime import Runtime
@@ -47,12 +48,13 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> F
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["X-Seed"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Seed", "X-Request-Id"],
         )
     # added last = outermost: metrics also count 413s from the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(HTTPMetricsMiddleware, metrics=lambda: runtime.metrics)
+    app.add_middleware(RequestContextMiddleware)  # every response (413s, preflights) carries X-Request-Id
     return app
 
 

@@ -1,5 +1,8 @@
-"""The one mapping from failures to HTTP: status, `{"error": message, "type": kind}`, headers.
+"""The one mapping from failures to HTTP: status, OpenAI's error body, headers.
 
+Every error body is OpenAI's `{"error": {"message", "type", "param", "code"}}`: `code` is this
+API's stable machine-readable kind (invalid_request, queue_full, ...), `type` its OpenAI category
+(invalid_request_error, authentication_error, ...), `param` the request field at fault, if one is.
 Engine errors (adsa_core.engine.request), the server's own `ApiError`s, FastAPI validation
 errors, malformed JSON and unknown routes all leave through here, so clients see one shape.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,16 +32,38 @@ from adsa_core.engine.request import (
 
 log = logging.getLogger("adsa.server")
 
+# OpenAI's error categories by status (its SDK raises one exception class per status as well)
+_TYPE_BY_STATUS = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
 
 class ApiError(Exception):
     """An HTTP error with the API's body shape. Raise it (or an engine error) anywhere in the server."""
 
-    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+        self.status, self.code, self.message, self.headers, self.param = status, code, message, headers or {}, param
+
+    @property
+    def type(self) -> str:
+        return _TYPE_BY_STATUS.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.message, "type": self.kind}, self.status, headers=self.headers)
+        return JSONResponse(self.body(), self.status, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None) -> ApiError:
+    """A request the loaded model cannot serve (422; 400 on the OpenAI routes)."""
+    return ApiError(422, "invalid_request", message, param=param)
 
 
 class NotReady(ApiError):
@@ -57,8 +83,8 @@ _ENGINE_STATUS: dict[type[EngineError], int] = {
     RequestCancelled: 499,
 }
 
-# HTTP status -> error type for errors Starlette raises itself (404 route, 405 method, ...)
-_HTTP_KIND = {
+# HTTP status -> error code for errors Starlette raises itself (404 route, 405 method, ...)
+_HTTP_CODE = {
     400: "bad_request",
     401: "unauthorized",
     404: "not_found",
@@ -79,30 +105,37 @@ def to_api_error(exc: BaseException, retry_after_s: float = 1.0) -> ApiError:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
         elif status == 503:
             headers["Retry-After"] = "5"
+        if status in (500, 504):  # the engine failed the request (503s are refusals: loading, draining)
+            log.warning("request failed: %s: %s", exc.kind, exc)
         return ApiError(status, exc.kind, str(exc) or exc.kind, headers)
     if isinstance(exc, ConfigError):
         # adsa_core validates its config dataclasses (CacheConfig) with this
-        return ApiError(422, "invalid_request", str(exc))
+        return invalid(str(exc))
     if isinstance(exc, StarletteHTTPException):
-        kind = _HTTP_KIND.get(exc.status_code, "http_error")
-        return ApiError(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
+        code = _HTTP_CODE.get(exc.status_code, "http_error")
+        return ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
     log.exception("unhandled error", exc_info=exc)
     return ApiError(500, "internal_error", "internal server error")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
-    """One readable line per problem, e.g. "body.n: Input should be less than or equal to 16"."""
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """One readable line per problem, e.g. "n: Input should be less than or equal to 16"; `param` is the
+    first field at fault."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return "invalid_json", "request body is not valid JSON: " + "; ".join(
-            str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors
+        return ApiError(
+            422,
+            "invalid_json",
+            "request body is not valid JSON: "
+            + "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors),
         )
-    parts = []
+    parts, params = [], []
     for e in errors:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return "invalid_request", "; ".join(parts)
+        parts.append(f"{loc or 'body'}: {msg}")
+        params.append(loc or None)
+    return invalid("; ".join(parts), params[0] if params else None)
 
 
 def install_error_handlers(app: FastAPI, retry_after=lambda: 1.0) -> None:
@@ -113,8 +146,7 @@ def install_error_handlers(app: FastAPI, retry_after=lambda: 1.0) -> None:
 
     async def validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        kind, message = _validation_message(exc)
-        return ApiError(422, kind, message).response()
+        return validation_error(exc).response()
 
     app.add_exception_handler(RequestValidationError, validation)
     for cls in (ApiError, EngineError, ConfigError, StarletteHTTPException, Exception):

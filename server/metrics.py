@@ -1,6 +1,8 @@
 """Prometheus metrics: one registry per app (tests build many apps in one process).
 
-Names follow DESIGN.md section 7 (prefix adsa_, base units, counters end in _total).
+Names follow DESIGN.md section 7 (prefix adsa_, base units, counters end in _total), plus
+Prometheus's default process_* / python_* collectors and two info metrics (the model; the KV
+cache configuration, like vLLM's cache_config_info) to join on by `model`.
 Engine counters and gauges are read from `engine.stats()` at scrape time by a collector,
 so there is no second copy of the engine's bookkeeping to drift; distributions that the
 engine does not keep (latency, queue time, previews, step time, batch size) are histograms
@@ -15,6 +17,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -22,11 +27,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adsa_core.engine.engine import EngineStats
+from adsa_core.engine.request import ModelInfo
 from adsa_core.engine.step_clock import StepTiming
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -40,10 +46,11 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class EngineCollector(Collector):
-    """Engine stats and device memory, read when Prometheus scrapes."""
+    """Engine stats, the model and cache configuration, and device memory, read when Prometheus scrapes."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats | None]):
+    def __init__(self, engine_stats: Callable[[], EngineStats | None], engine_info: Callable[[], ModelInfo | None]):
         self._engine_stats = engine_stats  # None while the model loads
+        self._engine_info = engine_info  # likewise
         self._nvml = _nvml_handle()
 
     def collect(self) -> Iterable[Any]:
@@ -69,6 +76,11 @@ class EngineCollector(Collector):
             "Sequence steps whose evicted K/V was not spilled (the pinned spill arena was full)",
             s.spill_dropped_steps_total if s else 0,
         )
+        yield c(
+            "adsa_num_preemptions",
+            "Images swapped out to CPU memory to make room for higher-priority work",
+            s.swapped_out_total if s else 0,
+        )
         yield c("adsa_images_generated", "Images finished", s.images_total if s else 0)
         yield c(
             "adsa_engine_loop_busy_seconds",
@@ -81,7 +93,28 @@ class EngineCollector(Collector):
         for status, n in sorted((s.requests_total_by_status if s else {}).items()):
             requests.add_metric([str(status)], float(n))
         yield requests
+        if (info := self._engine_info()) is not None:
+            yield from self._info(info)
         yield from self._memory()
+
+    def _info(self, info: ModelInfo) -> Iterable[Any]:
+        yield InfoMetricFamily(
+            "adsa_model",
+            "The served model",
+            value={"model": info.name, "model_type": info.model_type, "image_size": str(info.image_size)},
+        )
+        yield InfoMetricFamily(
+            "adsa_cache_config",
+            "KV cache configuration: default policy and budget (tokens per sequence), K/V storage, pool size",
+            value={
+                "model": info.name,
+                "policy": info.default_policy,
+                "budget": str(info.default_budget),
+                "kv_cache_dtype": info.kv_cache_dtype,
+                "pool_bytes": str(info.kv_pool_bytes),
+                "max_batch_size": str(info.max_batch_size),
+            },
+        )
 
     def _memory(self) -> Iterable[Any]:
         alloc = reserved = peak = 0
@@ -126,9 +159,11 @@ def _nvml_handle() -> Any | None:
 class Metrics:
     """The app's registry and the histograms/counters the server itself feeds."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats | None]):
+    def __init__(self, engine_stats: Callable[[], EngineStats | None], engine_info: Callable[[], ModelInfo | None]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        for default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # process_*, python_*
+            r.register(default)
         self.request_latency = Histogram(
             "adsa_request_latency_seconds",
             "Arrival to finished image (per image)",
@@ -186,7 +221,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(EngineCollector(engine_stats))
+        r.register(EngineCollector(engine_stats, engine_info))
 
     def on_engine_step(self, t: StepTiming) -> None:
         """Engine step listener (the engine client's reader task)."""

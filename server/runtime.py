@@ -29,7 +29,8 @@ class Runtime:
     def __init__(self, settings: Settings, engine: EngineClient | None = None):
         self.settings = settings
         self.engine = engine  # the engine client once started (or the one handed to create_app)
-        self.metrics = Metrics(self.engine_stats)
+        self.metrics = Metrics(self.engine_stats, lambda: self.engine.info if self.engine is not None else None)
+        self.model_loaded_at = 0  # Unix time the engine became ready (the model object's `created`)
         self.draining = False
         self.load_error: str | None = None
         self.on_fatal: Callable[[str], None] = lambda msg: None  # set by __main__: exit when loading fails
@@ -73,6 +74,7 @@ class Runtime:
         engine.add_step_listener(self.metrics.on_engine_step)
         engine.on_dead = self._engine_died
         await engine.start()
+        self.model_loaded_at = int(time.time())
 
     def _engine_died(self, reason: str) -> None:
         """The engine process is gone: requests in flight already failed; exit for the supervisor to restart."""
@@ -110,6 +112,22 @@ class Runtime:
 
     def engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None else None
+
+    def liveness_error(self) -> ApiError | None:
+        """Why /healthz fails (a restart may help): the model failed to load, the engine died, or it has
+        gone silent. The engine reports after every step and every 0.2 s while idle, so no report for
+        ADSA_HEALTH_STALL_S means a step that hangs (work pending, no progress) or a wedged loop."""
+        if self.load_error is not None:
+            return ApiError(503, "load_failed", self.load_error)
+        engine = self.engine
+        if engine is None:  # still loading
+            return None
+        if not engine.alive:
+            return ApiError(503, EngineDead.kind, "the engine process died")
+        silent_s = time.monotonic() - engine.last_heard_at
+        if engine.ready and silent_s > self.settings.health_stall_s:
+            return ApiError(503, "engine_stalled", f"the engine has reported nothing for {silent_s:.0f} s")
+        return None
 
     def observe_latency(self, seconds: float) -> None:
         self._latency_ewma_s += 0.2 * (seconds - self._latency_ewma_s)

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 MAX_IMAGES = 16  # per request; larger jobs should be split so one client cannot fill the queue alone
 MAX_SEED = 2**63 - 1 - MAX_IMAGES  # image i uses seed + i, which must stay a signed 64-bit integer
@@ -17,42 +24,45 @@ MAX_SEED = 2**63 - 1 - MAX_IMAGES  # image i uses seed + i, which must stay a si
 ClassLabel = Annotated[int, Field(ge=0, le=1_000_000)]
 
 
-class ErrorBody(BaseModel):
-    """Every error response."""
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, for humans")
+    type: str = Field(
+        description="OpenAI's category: invalid_request_error, authentication_error, not_found_error, "
+        "rate_limit_error or server_error"
+    )
+    param: str | None = Field(description="The request field at fault, when one is (e.g. n, size, prompt)")
+    code: str = Field(description="Stable machine-readable kind, e.g. invalid_request, queue_full, not_ready")
 
-    error: str = Field(description="What went wrong, for humans")
-    type: str = Field(description="Stable machine-readable kind, e.g. invalid_request, queue_full")
+
+class ErrorBody(BaseModel):
+    """Every error response (OpenAI's shape)."""
+
+    error: ErrorDetail
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"error": "n: Input should be less than or equal to 16", "type": "invalid_request"}]
+            "examples": [
+                {
+                    "error": {
+                        "message": "n: Input should be less than or equal to 16",
+                        "type": "invalid_request_error",
+                        "param": "n",
+                        "code": "invalid_request",
+                    }
+                }
+            ]
         }
     )
 
 
-class GenerateRequest(BaseModel):
-    """Generate `n` images for a class label (class models) or a prompt (text models)."""
+class GenerationOptions(BaseModel):
+    """What both generate routes take besides the condition: seeds, sampling, the KV cache, a deadline.
+    strict: "5" is not a number and true is not 1; floats reject NaN and infinities."""
 
-    # strict: "5" is not a number and true is not 1; floats reject NaN and infinities
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        allow_inf_nan=False,
-        json_schema_extra={
-            "examples": [
-                {"class_label": 3, "n": 2, "seed": 42, "cfg_scale": 4.0, "policy": "adsa", "kv_budget": 0.5},
-                {"prompt": "a red fox in the snow", "seed": 7, "response_format": "png"},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str | None = Field(None, max_length=200, description="Served model id; optional (one model per server)")
-    class_label: ClassLabel | None = Field(None, description="Class-conditional models: one label for all n images")
-    class_labels: list[ClassLabel] | None = Field(
-        None, min_length=1, max_length=MAX_IMAGES, description="One image per label (n = len(class_labels))"
-    )
-    prompt: str | None = Field(None, min_length=1, max_length=4000, description="Text-conditional models")
-    n: int | None = Field(None, ge=1, le=MAX_IMAGES, description="Images; default 1 (or len(class_labels))")
+    n: int | None = Field(None, ge=1, le=MAX_IMAGES, description="Images; default 1")
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Image i uses seed + i; default random. Same seed, same bytes"
     )
@@ -65,6 +75,33 @@ class GenerateRequest(BaseModel):
     kv_budget: Annotated[int, Field(ge=1, le=1_000_000)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="KV slots per sequence: int tokens or float fraction of the sequence"
     )
+    timeout_s: float | None = Field(None, gt=0, le=86400, description="Deadline; capped at the server's")
+
+
+_CONDITIONS = ("class_label", "class_labels", "prompt")
+
+
+def _generate_schema(schema: dict[str, Any]) -> None:
+    # "exactly one of" in the schema itself, so that schema-valid bodies are ones the server takes
+    # (a field sent as null counts as not given, as in the validator below)
+    schema["oneOf"] = [{"required": [k], "properties": {k: {"not": {"type": "null"}}}} for k in _CONDITIONS]
+    schema["examples"] = [
+        {"class_label": 3, "n": 2, "seed": 42, "cfg_scale": 4.0, "policy": "adsa", "kv_budget": 0.5},
+        {"prompt": "a red fox in the snow", "seed": 7, "response_format": "png"},
+    ]
+
+
+class GenerateRequest(GenerationOptions):
+    """Generate `n` images for a class label (class models) or a prompt (text models): exactly one of
+    class_label, class_labels, prompt."""
+
+    model_config = ConfigDict(json_schema_extra=_generate_schema)
+
+    class_label: ClassLabel | None = Field(None, description="Class-conditional models: one label for all n images")
+    class_labels: list[ClassLabel] | None = Field(
+        None, min_length=1, max_length=MAX_IMAGES, description="One image per label (n = len(class_labels))"
+    )
+    prompt: str | None = Field(None, min_length=1, max_length=4000, description="Text-conditional models")
     response_format: Literal["b64_json", "png"] | None = Field(
         None,
         description="b64_json (default) or png: raw image/png bytes (n = 1 only). "
@@ -77,11 +114,10 @@ class GenerateRequest(BaseModel):
         le=1024,
         description="Streamed previews every k token rows (0: none); server default if unset",
     )
-    timeout_s: float | None = Field(None, gt=0, le=86400, description="Deadline; capped at the server's")
 
     @model_validator(mode="after")
     def _one_condition(self) -> GenerateRequest:
-        given = [k for k in ("class_label", "class_labels", "prompt") if getattr(self, k) is not None]
+        given = [k for k in _CONDITIONS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of class_label, class_labels or prompt")
         if self.class_labels is not None and self.n is not None and self.n != len(self.class_labels):
@@ -95,6 +131,30 @@ class GenerateRequest(BaseModel):
     @property
     def image_count(self) -> int:
         return len(self.class_labels) if self.class_labels is not None else (self.n or 1)
+
+
+class ImagesRequest(GenerationOptions):
+    """OpenAI's `POST /v1/images/generations`. Class-conditional models read the prompt as a class name
+    (GET /v1/models/{id}: `class_prompt`). This server's own options (seed, policy, kv_budget, cfg_scale,
+    ...) are extra body fields (the openai SDK's `extra_body`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "emoji-demo", "prompt": "fox face", "n": 2, "size": "128x128", "response_format": "b64_json"},
+                {"prompt": "golden retriever", "seed": 42, "cfg_scale": 4.0, "policy": "adsa", "kv_budget": 0.25},
+            ]
+        }
+    )
+
+    prompt: str = Field(min_length=1, max_length=4000, description="Text models: the caption; class models: a class")
+    size: str | None = Field(
+        None, max_length=32, description="WIDTHxHEIGHT: the served model's size (GET /v1/models), or auto"
+    )
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (default); url is refused: this server returns images inline only"
+    )
+    user: str | None = Field(None, max_length=256, description="End-user id; accepted for compatibility, unused")
 
 
 class KVStats(BaseModel):
@@ -152,6 +212,38 @@ class GenerateResponse(BaseModel):
     )
 
 
+class ImageObject(BaseModel):
+    b64_json: str = Field(description="Base64 PNG")
+
+
+class InputTokensDetails(BaseModel):
+    text_tokens: int = Field(description="Condition tokens read from the prompt (all of them)")
+    image_tokens: int = Field(0, description="Always 0: no image input")
+
+
+class OutputTokensDetails(BaseModel):
+    image_tokens: int = Field(description="Image tokens sampled (all of them)")
+    text_tokens: int = Field(0, description="Always 0: no text output")
+
+
+class ImagesUsage(BaseModel):
+    """Tokens in the model's own units, summed over the n images."""
+
+    input_tokens: int = Field(description="Condition tokens: 1 class token per image, or the prompt's T5 tokens")
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = Field(description="Image tokens sampled: the token grid per image (24x24 for 384 px LlamaGen)")
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time")
+    data: list[ImageObject]
+    size: str = Field(description="WIDTHxHEIGHT of every image")
+    output_format: Literal["png"] = "png"
+    usage: ImagesUsage
+
+
 class ModelLimits(BaseModel):
     max_images_per_request: int
     max_batch_size: int
@@ -162,18 +254,33 @@ class ModelLimits(BaseModel):
 
 
 class ClassInfo(BaseModel):
+    """A class and the names a prompt may use for it; fields a model does not have are left out."""
+
     id: int
     name: str
-    emoji: str | None = None
+    emoji: str | None = Field(None, description="The demo model's classes")
+    synonyms: list[str] | None = Field(None, description="ImageNet classes: the WordNet lemmas, name first")
+    wnid: str | None = Field(None, description="ImageNet classes: the WordNet id")
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object (id, object, created, owned_by) plus what a client needs to build requests."""
+
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the server loaded the model")
+    owned_by: str = Field("adsa-serve", description="Who serves it")
     model_type: str = Field(description="c2i (class label) or t2i (text prompt)")
     image_size: int
     num_classes: int | None = None
     classes: list[ClassInfo] | None = None
+    class_prompt: str | None = Field(
+        None, description="Class models: how a prompt (POST /v1/images/generations) names a class"
+    )
     policies: list[str]
     default_policy: str
     default_budget: int | float | None = Field(description="Default KV budget in tokens per sequence")

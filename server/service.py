@@ -1,6 +1,8 @@
 """Generation requests: from an HTTP body to engine requests, and from engine events to responses.
 
 This is the only place that knows both sides (API schemas, engine types); routes stay thin.
+`POST /v1/images/generations` (OpenAI) is turned into the same GenerateRequest (a class model reads
+its prompt as a class name, adsa_core.classes) and answered in OpenAI's shape.
 A request for n images becomes n GenerationRequests with seeds seed .. seed+n-1, submitted together
 (all or nothing: the engine core validates and queues them in one place) before the HTTP response starts,
 so queue-full and invalid-input errors get real statuses.
@@ -18,17 +20,18 @@ import math
 import secrets
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from adsa_core.classes import ClassNames, UnknownClass
 from adsa_core.config import CacheConfig
 from adsa_core.engine.client import RequestHandle
 from adsa_core.engine.request import (
     EngineError,
     Finished,
     GenerationRequest,
-    InvalidRequest,
     ModelInfo,
     PartialImage,
     Progress,
@@ -37,20 +40,37 @@ from adsa_core.engine.request import (
 )
 from adsa_core.sampling import SamplingParams
 
-from .errors import ApiError, to_api_error
+from .errors import ApiError, invalid, to_api_error
+from .logs import current_request_id
 from .runtime import Runtime
-from .schemas import MAX_IMAGES, GenerateRequest, GenerateResponse, ImageData, ModelCard, ModelLimits
+from .schemas import (
+    MAX_IMAGES,
+    GenerateRequest,
+    GenerateResponse,
+    GenerationOptions,
+    ImageData,
+    ImageObject,
+    ImagesRequest,
+    ImagesResponse,
+    ImagesUsage,
+    InputTokensDetails,
+    ModelCard,
+    ModelLimits,
+    OutputTokensDetails,
+)
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _KEEPALIVE_S = 15.0  # SSE comment while nothing happens, so proxies keep the stream open
 _DISCONNECT_POLL_S = 0.25
+# per engine, built on first use: thousands of names (ImageNet's synonyms, the demo's emoji)
+_class_names: weakref.WeakKeyDictionary[Any, ClassNames] = weakref.WeakKeyDictionary()
 
 
 @dataclass
 class Job:
     """One HTTP generate call: n submitted images."""
 
-    request_id: str
+    request_id: str  # the HTTP request's (X-Request-Id)
     seed: int
     requests: list[GenerationRequest]
     handles: list[RequestHandle]
@@ -59,7 +79,7 @@ class Job:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"X-Seed": str(self.seed), "X-Request-Id": self.request_id}
+        return {"X-Seed": str(self.seed)}  # X-Request-Id: RequestContextMiddleware, on every response
 
     def cancel_unfinished(self) -> None:
         for i, h in enumerate(self.handles):
@@ -78,7 +98,9 @@ class GenerationService:
         engine = self.rt.require_engine()
         info = engine.info
         if body.model is not None and body.model != info.name:
-            raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; this is {info.name!r}")
+            raise ApiError(
+                404, "model_not_found", f"model {body.model!r} is not served here; this is {info.name!r}", param="model"
+            )
         conditions = self._conditions(info, body)
         sampling = self._sampling(info, body)
         cache = self._cache(info, body)
@@ -88,7 +110,9 @@ class GenerationService:
         if body.stream:
             preview = settings.preview_every_rows if body.preview_every_rows is None else body.preview_every_rows
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        job = Job(uuid.uuid4().hex, seed, [], [])
+        job = Job(current_request_id(), seed, [], [])
+        # engine ids stay unique when clients reuse an X-Request-Id, and start with it for the logs
+        engine_id = f"{job.request_id}-{uuid.uuid4().hex[:8]}"
         deadline = time.monotonic() + timeout
         for i, (cond, prompt) in enumerate(conditions):
             job.requests.append(
@@ -101,7 +125,7 @@ class GenerationService:
                     cache=cache,
                     deadline=deadline,
                     preview_every_rows=preview,
-                    request_id=f"{job.request_id}-{i}",
+                    request_id=f"{engine_id}-{i}",
                 )
             )
         job.handles = await engine.submit(job.requests)  # all or nothing
@@ -111,12 +135,17 @@ class GenerationService:
     def _conditions(info: ModelInfo, body: GenerateRequest) -> list[tuple[int | None, str | None]]:
         """(class label, prompt) per image; the engine core checks them against the model."""
         n = body.image_count
+        param = "class_labels" if body.class_labels is not None else "class_label"
         if info.model_type == "t2i":
             if body.prompt is None:
-                raise InvalidRequest("this is a text-to-image model: give a prompt, not class labels")
+                raise invalid("this is a text-to-image model: give a prompt, not class labels", param)
             return [(None, body.prompt)] * n  # the core encodes the prompt (it owns the text encoder)
         if body.prompt is not None:
-            raise InvalidRequest("this is a class-conditional model: give class_label or class_labels, not a prompt")
+            raise invalid(
+                "this is a class-conditional model: give class_label or class_labels, not a prompt "
+                "(POST /v1/images/generations takes a class name as the prompt)",
+                "prompt",
+            )
         labels = body.class_labels if body.class_labels is not None else [body.class_label] * n
         return [(label, None) for label in labels]
 
@@ -127,13 +156,13 @@ class GenerationService:
         try:
             return SamplingParams(**merged)
         except ValueError as e:
-            raise InvalidRequest(str(e)) from None
+            raise invalid(str(e)) from None
 
     def _cache(self, info: ModelInfo, body: GenerateRequest) -> CacheConfig | None:
         if body.policy is None and body.kv_budget is None:
             return None  # the engine's default policy and budget
         if body.policy is not None and body.policy not in info.policies:
-            raise InvalidRequest(f"unknown policy {body.policy!r}; choose one of {', '.join(info.policies)}")
+            raise invalid(f"unknown policy {body.policy!r}; choose one of {', '.join(info.policies)}", "policy")
         default = self.rt.settings.cache_config()
         changes: dict[str, Any] = {}
         if body.policy is not None:
@@ -169,8 +198,9 @@ class GenerationService:
 
     async def collect(
         self, job: Job, is_disconnected: Callable[[], Awaitable[bool]]
-    ) -> tuple[GenerateResponse, list[bytes | None]]:
-        """Wait for all images; a client disconnect cancels them. Returns the response and raw PNGs."""
+    ) -> tuple[GenerateResponse, list[Finished]]:
+        """Wait for all images; a client disconnect cancels them. Returns the response and the engine's
+        results (raw PNGs, token ids)."""
         results: list[Finished | None] = [None] * len(job.handles)
 
         async def one(i: int) -> None:
@@ -197,9 +227,10 @@ class GenerationService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # retrieve, so nothing logs "never retrieved"
-        data = [self._on_finished(job, i, ev) for i, ev in enumerate(results) if ev is not None]
-        response = GenerateResponse(created=job.created, seed=job.seed, data=data)
-        return response, [ev.png if ev is not None else None for ev in results]
+        finished = [ev for ev in results if ev is not None]
+        assert len(finished) == len(results)  # every task ended with its Finished, or the wait raised
+        data = [self._on_finished(job, i, ev) for i, ev in enumerate(finished)]
+        return GenerateResponse(created=job.created, seed=job.seed, data=data), finished
 
     async def stream(self, job: Job) -> AsyncIterator[str]:
         """Server-sent events of all n images, interleaved as they happen; then done (or error)."""
@@ -226,7 +257,7 @@ class GenerationService:
                     continue
                 if isinstance(ev, BaseException):
                     err = to_api_error(ev, self.rt.retry_after_s())
-                    yield sse("error", {"error": err.message, "type": err.kind, "index": i})
+                    yield sse("error", {**err.body(), "index": i})
                     return
                 if isinstance(ev, Progress):
                     # one event per completed token row is plenty (engines may report every token)
@@ -271,6 +302,53 @@ class GenerationService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    # --- OpenAI Images
+
+    def images_request(self, body: ImagesRequest) -> GenerateRequest:
+        """The native request an OpenAI images request stands for: its size and format checked, its prompt
+        read as a class name by class models."""
+        engine = self.rt.require_engine()
+        info = engine.info
+        size = f"{info.image_size}x{info.image_size}"
+        if body.size not in (None, "auto", size):
+            raise invalid(f"size {body.size!r} is not served: this model makes {size} images (or give auto)", "size")
+        if body.response_format == "url":
+            raise invalid("this server returns images inline only: use response_format b64_json", "response_format")
+        options = body.model_dump(include=set(GenerationOptions.model_fields), exclude_none=True)
+        if info.model_type == "t2i":
+            return GenerateRequest(**options, prompt=body.prompt)
+        names = _class_names.get(engine)
+        if names is None:
+            names = _class_names[engine] = ClassNames(info.classes, info.num_classes)
+        try:
+            label = names.resolve(body.prompt)
+        except UnknownClass as e:
+            raise invalid(f"{e} (GET /v1/models/{info.name} lists the classes)", "prompt") from None
+        return GenerateRequest(**options, class_label=label)
+
+    def images_response(self, job: Job, result: GenerateResponse, finished: list[Finished]) -> ImagesResponse:
+        """OpenAI's answer; usage counts the model's own tokens, summed over the images: the condition
+        positions it read (seq_len + 1 - image tokens: 1 class token, or 120 caption positions) and the
+        image tokens it sampled."""
+        info = self.rt.require_engine().info
+        if any(d.b64_json is None for d in result.data):
+            raise ApiError(501, "no_decoder", "this server runs without a VQ decoder: POST /v1/generate returns tokens")
+        sampled = sum(ev.codes.numel() for ev in finished)
+        read = len(finished) * (info.seq_len + 1) - sampled
+        size = info.image_size
+        return ImagesResponse(
+            created=job.created,
+            data=[ImageObject(b64_json=d.b64_json) for d in result.data],
+            size=f"{size}x{size}",
+            usage=ImagesUsage(
+                input_tokens=read,
+                input_tokens_details=InputTokensDetails(text_tokens=read),
+                output_tokens=sampled,
+                output_tokens_details=OutputTokensDetails(image_tokens=sampled),
+                total_tokens=read + sampled,
+            ),
+        )
+
     # --- models
 
     def model_card(self) -> ModelCard:
@@ -278,10 +356,12 @@ class GenerationService:
         info, s = engine.info, self.rt.settings
         return ModelCard(
             id=info.name,
+            created=self.rt.model_loaded_at,
             model_type=info.model_type,
             image_size=info.image_size,
             num_classes=info.num_classes,
             classes=info.classes,
+            class_prompt=_class_prompt(info),
             policies=list(info.policies),
             default_policy=info.default_policy,
             default_budget=info.default_budget,
@@ -297,6 +377,18 @@ class GenerationService:
                 preview_every_rows=s.preview_every_rows,
             ),
         )
+
+
+def _class_prompt(info: Any) -> str | None:
+    if info.model_type != "c2i":
+        return None
+    ids = f"the class id as digits (0..{info.num_classes - 1})"
+    if not info.classes:
+        return f"{ids}: this model's classes have no names"
+    return (
+        "a class name, case-insensitive: any of a class's name, synonyms or emoji in `classes`; "
+        f"or {ids}, which also picks one of several classes that share a name"
+    )
 
 
 def sse(event: str, data: dict[str, Any]) -> str:

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         description="KV cache storage. auto: the model's dtype; fp8: e4m3 K/V, half the KV memory and bandwidth, "
         "GPUs with compute capability >= 8.9 (H100, L4)",
     )
+    health_stall_s: float = Field(
+        120.0,
+        gt=0,
+        description="/healthz fails after this long without a report from the engine (it reports after every "
+        "step and every 0.2 s while idle: silence is a step that hangs)",
+    )
 
     # --- requests
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline of a generate request (HTTP 504)")
@@ -97,6 +103,9 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated allowed CORS origins; empty: CORS off"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object each (with request_id) for log pipelines"
+    )
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
 
@@ -105,7 +114,7 @@ class Settings(BaseSettings):
     def _budget(cls, v: object) -> object:
         return parse_budget(v) if isinstance(v, str) else v  # env vars and flags are text
 
-    @field_validator("log_level", "kv_cache_dtype", "compile", mode="before")
+    @field_validator("log_level", "log_format", "kv_cache_dtype", "compile", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
@@ -144,8 +153,10 @@ class Settings(BaseSettings):
         )
 
     def engine_env(self) -> dict[str, str]:
-        """Environment of the engine-core process: where torch.compile and Triton keep their caches."""
-        if not self.compile_cache_dir:
-            return {}
-        root = self.compile_cache_dir
-        return {"TORCHINDUCTOR_CACHE_DIR": f"{root}/inductor", "TRITON_CACHE_DIR": f"{root}/triton"}
+        """Environment of the engine-core process: its log format, and where torch.compile and Triton keep
+        their caches."""
+        env = {"ADSA_LOG_FORMAT": self.log_format}
+        if self.compile_cache_dir:
+            root = self.compile_cache_dir
+            env.update(TORCHINDUCTOR_CACHE_DIR=f"{root}/inductor", TRITON_CACHE_DIR=f"{root}/triton")
+        return env

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -103,6 +104,9 @@ class EngineClient(Protocol):
     ready: bool  # loaded and warmed up, taking work
     draining: bool  # shutting down: takes no new work
     alive: bool  # False once the engine died (the server's /healthz fails then)
+    # time.monotonic() of the engine's last report: it reports after every step and every 0.2 s while idle,
+    # so a long silence means a step that hangs or a wedged loop (the server's /healthz fails then too)
+    last_heard_at: float
     warmup_s: float  # seconds of warm-up (graph captures, compiles) at start
     on_dead: Callable[[str], None]  # called once, with the reason, when the engine dies
 
@@ -128,6 +132,7 @@ class ProcessEngineClient:
         self.info: ModelInfo | None = None
         self.ready = self.draining = False
         self.alive = True
+        self.last_heard_at = 0.0
         self.warmup_s = 0.0
         self.on_dead: Callable[[str], None] = lambda reason: None
         self._stats = EngineStats()
@@ -248,6 +253,7 @@ class ProcessEngineClient:
     async def _read(self) -> None:
         while True:
             msg = wire.loads(await self._from_core.recv(copy=True))
+            self.last_heard_at = time.monotonic()
             try:
                 self._dispatch(msg)
             except Exception:  # noqa: BLE001 - one bad message must not stop the reader

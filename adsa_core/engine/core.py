@@ -34,6 +34,7 @@ import zmq
 from ..config import CacheConfig, EngineConfig
 from ..kv.policy import policy_names
 from ..loading import LoadedModels, ModelSpec, load_models
+from ..logfmt import log_formatter
 from . import wire
 from .engine import Engine
 from .request import EngineDraining, EngineError, Event, GenerationRequest, ModelInfo, Progress
@@ -224,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGTERM):  # the API process decides when the core stops
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(level=os.environ.get("ADSA_ENGINE_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter(os.environ.get("ADSA_LOG_FORMAT", "text")))  # as the server's lines
+    logging.basicConfig(level=os.environ.get("ADSA_ENGINE_LOG_LEVEL", "INFO").upper(), handlers=[handler])
     cfg = json.loads(a.config)
     config = EngineConfig(**{**cfg, "default_cache": CacheConfig(**cfg["default_cache"])})
     ctx = zmq.Context()

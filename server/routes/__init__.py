@@ -1,5 +1,5 @@
 """One router per resource."""
 
-from . import generate, health, metrics, models
+from . import generate, health, images, metrics, models
 
-routers = [generate.router, models.router, health.router, metrics.router]
+routers = [generate.router, images.router, models.router, health.router, metrics.router]

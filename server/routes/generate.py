@@ -62,7 +62,7 @@ async def generate(
     job = await service.submit(body)
     if body.stream:
         return JobStream(job, service)
-    result, pngs = await service.collect(job, request.is_disconnected)
-    if wants_png(body, accept) and pngs[0] is not None:
-        return Response(pngs[0], media_type="image/png", headers=job.headers)
+    result, finished = await service.collect(job, request.is_disconnected)
+    if wants_png(body, accept) and finished[0].png is not None:
+        return Response(finished[0].png, media_type="image/png", headers=job.headers)
     return JSONResponse(result.model_dump(mode="json"), headers=job.headers)

@@ -5,19 +5,18 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..deps import RuntimeDep
-from ..errors import ApiError
 from ..schemas import Health, error_responses
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health, responses=error_responses(503))
+@router.get("/health", response_model=Health, responses=error_responses(503))
 async def healthz(rt: RuntimeDep) -> Health:
-    """The process is alive (503 when the model failed to load or the engine process died: restarting helps)."""
-    if rt.load_error is not None:
-        raise ApiError(503, "load_failed", rt.load_error)
-    if rt.engine is not None and not rt.engine.alive:
-        raise ApiError(503, "engine_dead", "the engine process died")
+    """The server is alive: 503 when restarting may help (the model failed to load, the engine died, or it
+    has gone silent: no step and no idle report for ADSA_HEALTH_STALL_S). /health is an alias (vLLM's name)."""
+    if (err := rt.liveness_error()) is not None:
+        raise err
     return Health(status="ok")
 
 

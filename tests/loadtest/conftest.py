@@ -133,8 +133,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _error(self, status: int, kind: str, msg: str, headers=None) -> None:
-        self._send(status, json.dumps({"error": msg, "type": kind}).encode(), headers=headers)
+    def _error(self, status: int, code: str, msg: str, headers=None) -> None:
+        body = {"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": code}}
+        self._send(status, json.dumps(body).encode(), headers=headers)
 
     def do_GET(self) -> None:
         st = self.state

@@ -22,10 +22,17 @@ def anyio_backend() -> str:
 def _live_servers():
     """Both subprocess servers, started together so their (import + load + warm-up) overlap."""
     servers = {
-        # the main one: API keys on, default queue, previews every row when streamed
+        # the main one: API keys on, default queue, previews every row when streamed; 1,000 classes, so
+        # the ImageNet names apply (prompts of the OpenAI route); JSON logs
         "live": LiveServer(
             "live",
-            {"ADSA_API_KEYS": f"{API_KEY},other-key", "ADSA_MAX_BATCH_SIZE": "16", "ADSA_PREVIEW_EVERY_ROWS": "1"},
+            {
+                "ADSA_API_KEYS": f"{API_KEY},other-key",
+                "ADSA_MAX_BATCH_SIZE": "16",
+                "ADSA_PREVIEW_EVERY_ROWS": "1",
+                "ADSA_NUM_CLASSES": "1000",
+                "ADSA_LOG_FORMAT": "json",
+            },
         ),
         # a one-image-at-a-time server with a short queue and an fp8 KV cache: 429s and the SIGTERM drain test
         "small": LiveServer(

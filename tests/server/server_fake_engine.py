@@ -2,9 +2,9 @@
 of the HTTP layer. The type checker holds it to the same Protocol as the real ProcessEngineClient.
 
 It honours the engine contract the server relies on (all-or-nothing submit errors, events, cancel,
-deadlines, stats, step listeners, drain, death) with a tiny batched "decode" loop on the event loop: each
-step advances every running image by one token. Images are small PNGs that depend only on (label, seed),
-like the real engine's.
+deadlines, stats, step listeners, drain, death, `last_heard_at`) with a tiny batched "decode" loop on the
+event loop: each step advances every running image by one token. Images are small PNGs that depend only
+on (label, seed), like the real engine's.
 """
 
 from __future__ import annotations
@@ -86,9 +86,11 @@ class FakeEngine:
             policies=("dense", "adsa", "window"),
             default_policy="adsa",
             default_budget=8,
-            seq_len=tokens + 1,
+            seq_len=(1 if model_type == "c2i" else 120) + tokens - 1,  # condition + image tokens - 1, as the real one
             max_batch_size=max_batch_size,
             sampling_defaults={"cfg_scale": 4.0, "temperature": 1.0},
+            kv_cache_dtype="float32",
+            kv_pool_bytes=65536,
             has_text_encoder=model_type == "t2i",
         )
         self.ready = False
@@ -103,6 +105,8 @@ class FakeEngine:
         self.images = self.tokens_total = 0
         self.batch_sizes: list[int] = []
         self.started_at: float | None = None
+        self.stalled = False  # True: the loop stops reporting (a step that hangs)
+        self.last_heard_at = time.monotonic()  # like the real client's: refreshed every turn of the loop
         self._task: asyncio.Task | None = None
         self._idle = asyncio.Event()
 
@@ -167,6 +171,7 @@ class FakeEngine:
             waiting=len(self.waiting),
             kv_capacity_tokens=1024,
             kv_used_tokens=sum(s.done for s in self.running),
+            swapped_out_total=2,
             images_total=self.images,
             tokens_total=self.tokens_total,
             requests_total_by_status=dict(self.by_status),
@@ -185,7 +190,9 @@ class FakeEngine:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.step_s)
-            now = time.monotonic()
+            if self.stalled:
+                continue
+            now = self.last_heard_at = time.monotonic()
             for s in list(self.waiting) + list(self.running):
                 if s.cancelled:
                     self._end(s, "cancelled", RequestCancelled("cancelled"))

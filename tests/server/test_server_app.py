@@ -26,12 +26,16 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
     return events
 
 
-def assert_error(r, status: int, kind: str) -> None:
+def assert_error(r, status: int, code: str, param: str | None = None) -> dict:
+    """OpenAI's error body; returns its `error` object."""
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error", "type"}, body
-    assert body["type"] == kind, body
-    assert body["error"]
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    err = body["error"]
+    assert err["code"] == code and err["message"], body
+    assert err["param"] == param, body
+    assert r.headers["x-request-id"]  # errors carry the request id too
+    return err
 
 
 async def test_health_ready_models_openapi():
@@ -155,8 +159,10 @@ async def test_stream_without_previews_by_default_setting():
 async def test_invalid_requests_are_422(body, fragment):
     async with fake_client() as (c, _):
         r = await c.post("/v1/generate", json=body)
-        assert_error(r, 422, "invalid_request")
-        assert fragment in r.json()["error"], r.json()
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_request" and err["type"] == "invalid_request_error"
+        assert fragment in err["message"], err
 
 
 async def test_malformed_json_wrong_method_unknown_route_oversized():
@@ -217,7 +223,8 @@ async def test_engine_failure_is_500_and_sse_error_event():
         assert_error(await c.post("/v1/generate", json={"class_label": 7}), 500, "internal_error")
         r = await c.post("/v1/generate", json={"class_labels": [1, 7], "stream": True})
         events = parse_sse(r.text)
-        assert events[-1][0] == "error" and events[-1][1]["type"] == "internal_error"
+        assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "internal_error"
+        assert events[-1][1]["error"]["type"] == "server_error" and events[-1][1]["index"] == 1
 
 
 async def test_not_ready_and_draining_are_503():
@@ -258,7 +265,7 @@ async def test_text_model_prompts():
     async with fake_client(model_type="t2i") as (c, _):
         r = await c.post("/v1/generate", json={"prompt": "a red fox", "n": 2, "seed": 1})
         assert r.status_code == 200 and len(r.json()["data"]) == 2
-        assert_error(await c.post("/v1/generate", json={"class_label": 1}), 422, "invalid_request")
+        assert_error(await c.post("/v1/generate", json={"class_label": 1}), 422, "invalid_request", "class_label")
 
 
 async def test_client_disconnect_cancels_images():
@@ -315,6 +322,14 @@ async def test_metrics_exposition():
         assert "adsa_time_to_first_preview_seconds_count 3.0" in text
         assert "adsa_batch_size_count" in text and "adsa_decode_step_seconds_count" in text
         assert "_created" not in text
+        # Prometheus's default collectors, the engine's swap-outs, the model and cache-configuration info
+        assert "\nprocess_cpu_seconds_total " in text and "\npython_gc_objects_collected_total{" in text
+        assert "\nadsa_num_preemptions_total 2.0" in text  # the fake engine reports 2 swap-outs
+        assert 'adsa_model_info{image_size="64",model="fake-demo",model_type="c2i"} 1.0' in text
+        assert (
+            'adsa_cache_config_info{budget="8",kv_cache_dtype="float32",max_batch_size="8",model="fake-demo",'
+            'policy="adsa",pool_bytes="65536"} 1.0'
+        ) in text
 
 
 def test_error_mapping_table():

@@ -65,7 +65,8 @@ def test_probes_models_docs(live_server):
         assert c.get("/healthz").json() == {"status": "ok"}
         assert c.get("/readyz").json() == {"status": "ready"}
         card = c.get("/v1/models", headers=AUTH).json()["data"][0]
-        assert card["model_type"] == "c2i" and card["num_classes"] == 10 and card["image_size"] == 32
+        assert card["model_type"] == "c2i" and card["num_classes"] == 1000 and card["image_size"] == 32
+        assert card["classes"][207]["name"] == "golden retriever"  # a 1,000-class model gets ImageNet's names
         assert card["default_policy"] == "adsa" and card["seq_len"] == 64
         assert c.get("/docs").status_code == 200
         assert "/v1/generate" in c.get("/openapi.json").json()["paths"]
@@ -75,7 +76,7 @@ def test_api_keys(live_server):
     with live_server.client() as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
             r = c.post("/v1/generate", json={"class_label": 1}, headers=headers)
-            assert r.status_code == 401 and r.json()["type"] == "unauthorized"
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         assert c.get("/v1/models", headers={"Authorization": "Bearer other-key"}).status_code == 200
         assert c.get("/metrics").status_code == 200  # scrapes need no key
 
@@ -157,7 +158,7 @@ def test_disconnect_cancels_and_frees_kv(live_server):
 def test_deadline_is_504(live_server):
     with live_server.client(headers=AUTH) as c:
         r = c.post("/v1/generate", json={"class_label": 1, "n": 16, "timeout_s": 0.02})
-    assert r.status_code == 504 and r.json()["type"] == "deadline_exceeded"
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
     wait_for(lambda: idle(live_server))
 
 
@@ -165,7 +166,7 @@ def test_deadline_is_504(live_server):
     "body",
     [
         {"prompt": "a cat"},  # text prompt on a class model
-        {"class_label": 10},  # out of range for this model
+        {"class_label": 1000},  # out of range for this model
         {"class_label": 1, "kv_budget": 3},  # budget smaller than prefix + local window: the engine refuses
         {"class_label": 1, "n": 17},
         {"class_label": "1"},
@@ -175,16 +176,18 @@ def test_deadline_is_504(live_server):
 def test_invalid_inputs_are_422(live_server, body):
     with live_server.client(headers=AUTH) as c:
         r = c.post("/v1/generate", json=body)
-    assert r.status_code == 422 and r.json()["type"] == "invalid_request", r.text
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
 
 
 def test_malformed_unknown_oversized(live_server):
     with live_server.client(headers=AUTH) as c:
         r = c.post("/v1/generate", content=b"{nope", headers={"Content-Type": "application/json"})
-        assert r.status_code == 422 and r.json()["type"] == "invalid_json"
-        assert c.get("/v1/nothing").json() == {"error": "Not Found", "type": "not_found"}
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"
+        assert c.get("/v1/nothing").json() == {
+            "error": {"message": "Not Found", "type": "not_found_error", "param": None, "code": "not_found"}
+        }
         r = c.post("/v1/generate", content=b"[" + b"1," * 600_000 + b"1]", headers={"Content-Type": "application/json"})
-        assert r.status_code == 413 and r.json()["type"] == "payload_too_large"
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
 def test_metrics_has_every_design_name(live_server):
@@ -193,6 +196,13 @@ def test_metrics_has_every_design_name(live_server):
     assert not missing, missing
     assert gauge(live_server, "adsa_images_generated_total") > 0
     assert gauge(live_server, "adsa_kv_cache_capacity_tokens") > 0
+    assert gauge(live_server, "process_resident_memory_bytes") > 0  # Prometheus's process collector
+    assert ("adsa_num_preemptions_total", ()) in live_server.metrics()  # the engine's swap-outs
+    info = {name: dict(labels) for name, labels in live_server.metrics() if name.endswith("_info")}
+    assert info["adsa_model_info"] == {"model": "GPT-custom-random", "model_type": "c2i", "image_size": "32"}
+    cache = info["adsa_cache_config_info"]
+    assert cache["model"] == "GPT-custom-random" and cache["policy"] == "adsa" and cache["budget"] == "32"
+    assert cache["kv_cache_dtype"] == "float32" and int(cache["pool_bytes"]) > 0  # as the engine stores K/V
 
 
 # --- the small server (one image at a time, queue of 4, fp8 KV cache); the drain test ends it, so it runs last
@@ -212,7 +222,7 @@ def test_fp8_kv_cache(small_server, live_server):
 def test_queue_full_is_429(small_server):
     with small_server.client() as c:
         r = c.post("/v1/generate", json={"class_label": 1, "n": 16})
-    assert r.status_code == 429 and r.json()["type"] == "queue_full"
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
     assert int(r.headers["retry-after"]) >= 1
     wait_for(lambda: idle(small_server))  # the admitted part of the job was withdrawn
 
@@ -230,9 +240,9 @@ def test_sigterm_drains_then_exits_0(small_server):
     small_server.proc.send_signal(signal.SIGTERM)
     with small_server.client() as c:
         wait_for(lambda: c.get("/readyz").status_code == 503, timeout=5)
-        assert c.get("/readyz").json()["type"] == "draining"
+        assert c.get("/readyz").json()["error"]["code"] == "draining"
         refused = c.post("/v1/generate", json={"class_label": 1})
-        assert refused.status_code == 503 and refused.json()["type"] == "draining"
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
     t.join(60)
     r = result["r"]
     assert r.status_code == 200 and len(r.json()["data"]) == 4  # in-flight work finished

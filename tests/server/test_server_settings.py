@@ -83,9 +83,13 @@ def test_engine_config_mapping():
     assert Settings(_env_file=None).engine_config().max_batch_size is None  # from the KV pool
     assert Settings(_env_file=None, compile="OFF").engine_config().compile_step is False
     assert Settings(_env_file=None, compile="on").engine_config().compile_step is True
-    assert Settings(_env_file=None).engine_env() == {}
-    env = Settings(_env_file=None, compile_cache_dir="/cache").engine_env()
-    assert env == {"TORCHINDUCTOR_CACHE_DIR": "/cache/inductor", "TRITON_CACHE_DIR": "/cache/triton"}
+    assert Settings(_env_file=None).engine_env() == {"ADSA_LOG_FORMAT": "text"}
+    env = Settings(_env_file=None, compile_cache_dir="/cache", log_format="json").engine_env()
+    assert env == {
+        "ADSA_LOG_FORMAT": "json",
+        "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor",
+        "TRITON_CACHE_DIR": "/cache/triton",
+    }
     with pytest.raises(ConfigError):
         Settings(_env_file=None, kv_policy="nope").cache_config()
 
