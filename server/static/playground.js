@@ -85,7 +85,7 @@ export function describe(err) {
     case 429: return `The server is busy (queue full): ${err.message}.${retry}`;
     case 503: return `The server is not available right now: ${err.message}.${retry}`;
     case 504: return `The request ran past its deadline: ${err.message}.`;
-    case null: return `The server stopped the request: ${err.message} (${err.kind}).`;
+    case null: return `The server stopped the request: ${err.message}${err.kind ? ` (${err.kind})` : ''}.`;
     default: return `The server answered HTTP ${err.status}: ${err.message}.`;
   }
 }
@@ -139,8 +139,11 @@ async function loadModel() {
   } catch (err) {
     $('model-line').textContent = 'model unavailable';
     showError(err);
+    // 503 while the model loads or warms up: try again when the server says to
+    if (err.status === 503) setTimeout(loadModel, 1000 * (Number(err.retryAfter) || 5));
     return;
   }
+  clearError();
   state.card = card;
   const kvDtype = card.kv_cache_dtype === 'fp8' ? 'fp8 KV' : 'KV in model dtype';
   $('model-line').textContent =
@@ -160,7 +163,8 @@ async function setupConditions(card) {
   if (card.classes) {
     state.classes = card.classes;
   } else if (card.num_classes === IMAGENET_CLASSES) {
-    // LlamaGen's class-conditional checkpoints are ImageNet-1k; the server has no names for them
+    // LlamaGen's class-conditional checkpoints are ImageNet-1k and the server has no names for them.
+    // imagenet_classes.json: torchvision 0.29.1's _IMAGENET_CATEGORIES (BSD-3-Clause), the usual short names.
     const names = await fetch('/static/imagenet_classes.json').then((r) => r.json());
     state.classes = names.map((name, id) => ({ id, name }));
   } else {
@@ -257,7 +261,7 @@ function requestBody(policy = $('policy').value) {
     cfg_scale: Number($('cfg').value),
     policy,
   };
-  if (state.card.model_type === 't2i') body.prompt = $('prompt').value.trim() || $('prompt').placeholder;
+  if (state.card.model_type === 't2i') body.prompt = $('prompt').value; // an empty one gets the server's 422
   else body.class_label = state.classId;
   if (policy !== 'dense') body.kv_budget = Number($('budget').value);
   return body;
@@ -296,14 +300,12 @@ class Pane {
 
   preview(i, b64) {
     const img = this.figures[i].querySelector('img');
-    img.src = `data:image/png;base64,${b64}`;
-    img.classList.add('partial');
+    img.src = `data:image/png;base64,${b64}`; // the finished rows only: the picture grows downwards
   }
 
   image(data) {
     const fig = this.figures[data.index];
     const img = fig.querySelector('img');
-    img.classList.remove('partial');
     if (data.b64_json) {
       img.src = `data:image/png;base64,${data.b64_json}`;
       img.alt = `image ${data.index}, seed ${data.seed}`;
@@ -319,7 +321,8 @@ class Pane {
   finish(stats, timing) {
     this.stat('ttfp', timing.firstPreviewMs == null ? 'no preview' : seconds(timing.firstPreviewMs));
     this.stat('total', seconds(timing.totalMs));
-    this.stat('budget', state.card.seq_len ? `${stats.kv_budget_tokens} / ${state.card.seq_len}` : stats.kv_budget_tokens);
+    const seqLen = state.card.seq_len;
+    this.stat('budget', seqLen ? `${stats.kv_budget_tokens} / ${seqLen}` : String(stats.kv_budget_tokens));
     this.stat('peak', fmt.format(stats.peak_kv_tokens));
     this.stat('evictions', fmt.format(stats.evictions));
     this.stat('kv-bytes', bytesText(stats.kv_bytes));

@@ -2,8 +2,8 @@
 daemon serving the embedded emoji demo model on the CPU, with an API key set.
 
 In CI (`CI=true`, which .ci/run sets after installing chromium) a missing browser fails these tests;
-elsewhere they skip and say why. Screenshots go to $PYTEST_ARTIFACTS/playground (default: pytest's
-temp directory); the path is printed.
+elsewhere they skip and say why. Screenshots go to $PYTEST_ARTIFACTS/playground (default: a pytest
+temp directory, printed: `pytest -s` shows it).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def browser() -> Iterator:
 
 @pytest.fixture(scope="module")
 def demo_server(browser) -> Iterator[LiveServer]:
+    # after `browser`: no server starts when the browser is missing.
     # max queue 4: a 16-image request is refused with 429 at once (all or nothing)
     server = LiveServer(
         "playground",
