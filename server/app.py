@@ -7,13 +7,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, install_error_handlers
 from .metrics import HTTPMetricsMiddleware
 from .routes import routers
-from .routes.playground import STATIC_DIR
 from .runtime import Runtime
 from .settings import Settings
 
@@ -44,7 +42,6 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> F
     install_error_handlers(app, runtime.retry_after_s)
     for router in routers:
         app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
