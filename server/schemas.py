@@ -163,6 +163,7 @@ class KVStats(BaseModel):
     evictions: int = Field(description="Slot overwrites, summed over sequences, layers and heads")
     spilled_bytes: int = Field(description="K/V bytes copied to pinned CPU memory")
     swapped_out: int = Field(description="Times the image was swapped out to CPU")
+    kv_bytes: int = Field(description="KV pool bytes reserved for the image (all its sequences: two with CFG)")
 
 
 class Timings(BaseModel):
@@ -202,6 +203,7 @@ class GenerateResponse(BaseModel):
                                 "evictions": 4096,
                                 "spilled_bytes": 1048576,
                                 "swapped_out": 0,
+                                "kv_bytes": 2097152,
                             },
                             "timings": {"queue_s": 0.01, "run_s": 1.2},
                         }

@@ -192,6 +192,7 @@ class GenerationService:
                 evictions=s.evictions,
                 spilled_bytes=s.spilled_bytes,
                 swapped_out=s.swapped_out,
+                kv_bytes=s.kv_bytes,
             ),
             timings=dict(queue_s=s.queue_s, run_s=s.run_s),
         )
@@ -293,6 +294,8 @@ class GenerationService:
                         "evictions": sum(d.kv_stats.evictions for d in data),
                         "spilled_bytes": sum(d.kv_stats.spilled_bytes for d in data),
                         "peak_kv_tokens": max((d.kv_stats.peak_kv_tokens for d in data), default=0),
+                        "kv_budget_tokens": max((d.kv_stats.kv_budget_tokens for d in data), default=0),
+                        "kv_bytes": sum(d.kv_stats.kv_bytes for d in data),
                     },
                 },
             )

@@ -44,6 +44,14 @@ TINY_VQ = {
 }
 
 
+CPU_ENV = {
+    "ADSA_DEVICE": "cpu",
+    # one thread: the test machine has 2 cores shared by two servers and pytest, and OpenMP
+    # spinning under oversubscription makes a tiny model ~20x slower
+    "OMP_NUM_THREADS": "1",
+}
+
+
 def tiny_model_env() -> dict[str, str]:
     if not (TESTDATA / "vq.pt").is_file():
         pytest.skip(f"shared test data missing: {TESTDATA}")
@@ -51,10 +59,7 @@ def tiny_model_env() -> dict[str, str]:
         "ADSA_GPT_CONFIG": json.dumps(TINY_GPT),
         "ADSA_VQ_CKPT": str(TESTDATA / "vq.pt"),
         "ADSA_VQ_CONFIG": json.dumps(TINY_VQ),
-        "ADSA_DEVICE": "cpu",
-        # one thread: the test machine has 2 cores shared by two servers and pytest, and OpenMP
-        # spinning under oversubscription makes a tiny model ~20x slower
-        "OMP_NUM_THREADS": "1",
+        **CPU_ENV,
     }
 
 
@@ -67,13 +72,15 @@ def free_port() -> int:
 class LiveServer:
     """`python -m server` in a subprocess; logs go to a temp file shown when a test fails."""
 
-    def __init__(self, name: str, env: dict[str, str]):
+    def __init__(self, name: str, env: dict[str, str], model_env: dict[str, str] | None = None):
+        """model_env: the model's variables; None: the tiny random model. `CPU_ENV` alone serves the
+        embedded emoji demo model."""
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         fd, self.log_path = tempfile.mkstemp(prefix=f"adsa-{name}-", suffix=".log")
         self.log = os.fdopen(fd, "wb")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("ADSA_")}
-        full_env.update(tiny_model_env())
+        full_env.update(tiny_model_env() if model_env is None else model_env)
         full_env.update(env)
         full_env.update({"ADSA_HOST": "127.0.0.1", "ADSA_PORT": str(self.port), "PYTHONPATH": str(REPO)})
         self.proc = subprocess.Popen(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 
 import pytest
 from server_fake_engine import FakeEngine, fake_client
@@ -367,3 +368,32 @@ async def test_cors_when_configured():
     async with fake_client() as (c, _):  # off by default
         r = await c.get("/healthz", headers={"Origin": "https://ui.example"})
         assert "access-control-allow-origin" not in r.headers
+
+
+async def test_playground_page_and_its_files_are_open():
+    """GET / and every file it references (and their module imports) load without a key; the page is not
+    an API route, and its files count under one metrics route, not one series per path."""
+    async with fake_client(S(api_keys=["k"])) as (c, _):
+        page = await c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        pending = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text)
+        assert "/static/playground.js" in pending and "/static/playground.css" in pending
+        seen = set()
+        while pending:
+            path = pending.pop()
+            seen.add(path)
+            r = await c.get(path)
+            assert r.status_code == 200, path
+            base = path.rsplit("/", 1)[0]
+            pending += [f"{base}/{m.removeprefix('./')}" for m in re.findall(r"from '(\./[^']+)'", r.text)]
+        assert "/static/vendor/eventsource-parser/parse.js" in seen
+        assert (await c.get("/static/imagenet_classes.json")).json()[207] == "golden retriever"
+        assert_error(await c.get("/static/missing.js"), 404, "not_found")
+        assert (await c.get("/static/..%2Froutes%2Fplayground.py")).status_code == 404  # nothing outside static/
+        assert "/" not in (await c.get("/openapi.json")).json()["paths"]
+        metrics = (await c.get("/metrics")).text
+        assert 'adsa_http_requests_total{route="/",status="200"}' in metrics
+        assert set(re.findall(r'route="(/static[^"]*)",status="(\d+)"', metrics)) == {
+            ("/static/{path:path}", "200"),
+            ("/static/{path:path}", "404"),
+        }

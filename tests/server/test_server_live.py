@@ -96,6 +96,8 @@ def test_same_seed_same_bytes_and_png(live_server):
         assert ia[0]["kv_stats"]["kv_budget_tokens"] == 32 and ia[0]["kv_stats"]["evictions"] > 0
         dense = c.post("/v1/generate", json={"class_label": 4, "seed": 9, "policy": "dense"}).json()
         assert dense["data"][0]["kv_stats"]["evictions"] == 0
+        # half the budget reserves less of the pool than dense
+        assert 0 < ia[0]["kv_stats"]["kv_bytes"] < dense["data"][0]["kv_stats"]["kv_bytes"]
 
 
 def test_concurrent_requests_share_decode_steps(live_server):
@@ -126,6 +128,9 @@ def test_stream_with_partial_previews(live_server):
     preview = next(d for k, d in events if k == "partial_image")
     assert base64.b64decode(preview["b64_json"]).startswith(b"\x89PNG") and preview["rows_done"] == 2
     assert any(k == "progress" and d["total"] == 64 for k, d in events)
+    image, done = next(d for k, d in events if k == "image"), events[-1][1]["stats"]
+    assert done["kv_budget_tokens"] == image["kv_stats"]["kv_budget_tokens"] == 32
+    assert done["kv_bytes"] == image["kv_stats"]["kv_bytes"] > 0
 
 
 def test_disconnect_cancels_and_frees_kv(live_server):

@@ -1,0 +1,315 @@
+"""The playground page at `/` in a real browser: Debian's chromium driven by Playwright, against the real
+daemon serving the embedded emoji demo model on the CPU, with an API key set.
+
+In CI (`CI=true`, which .ci/run sets after installing chromium) a missing browser fails these tests;
+elsewhere they skip and say why. Screenshots go to $PYTEST_ARTIFACTS/playground (default: a pytest
+temp directory, printed: `pytest -s` shows it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from server_live import CPU_ENV, LiveServer
+
+API_KEY = "playground-key"
+IMAGE_SIZE = 128  # the demo model's
+SEED = 7
+TIMEOUT_MS = 120_000  # a 2-core CI machine decodes a demo image in ~4-8 s; leave room for a busy one
+
+
+def chromium_path() -> str:
+    missing = None
+    if importlib.util.find_spec("playwright") is None:
+        missing = "playwright is not installed (pip install -e '.[dev]')"
+    elif shutil.which("chromium") is None:
+        missing = "Debian's chromium is not installed (apt-get install -y chromium)"
+    if missing is None:
+        return shutil.which("chromium")
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"the browser tests must run in CI: {missing}")
+    pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    executable = chromium_path()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # Playwright runs chromium without its sandbox (root in CI containers); small /dev/shm in containers
+        b = p.chromium.launch(executable_path=executable, args=["--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def demo_server(browser) -> Iterator[LiveServer]:
+    # after `browser`: no server starts when the browser is missing.
+    # max queue 4: a 16-image request is refused with 429 at once (all or nothing)
+    server = LiveServer(
+        "playground",
+        {"ADSA_API_KEYS": API_KEY, "ADSA_PREVIEW_EVERY_ROWS": "2", "ADSA_MAX_QUEUE": "4"},
+        model_env=CPU_ENV,
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    root = os.environ.get("PYTEST_ARTIFACTS")
+    path = Path(root) / "playground" if root else tmp_path_factory.mktemp("playground")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"playground screenshots: {path}")
+    return path
+
+
+def open_playground(browser, server: LiveServer, card_changes: dict | None = None) -> tuple[Any, list[str]]:
+    """A fresh tab (empty sessionStorage) on the playground, the API key typed in once, and the list its
+    JavaScript errors go to. card_changes: fields of GET /v1/models to change on the way to the page
+    (model kinds this suite cannot serve)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    if card_changes:
+
+        def change_card(route):
+            response = route.fetch()
+            if not response.ok:  # the 401 before the key is typed
+                route.fulfill(response=response)
+                return
+            body = response.json()
+            body["data"][0].update(card_changes)
+            route.fulfill(response=response, json=body)
+
+        context.route("**/v1/models", change_card)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.goto(server.url + "/")
+    # the server has keys: the page's first GET /v1/models gets 401 and asks for one
+    tab.wait_for_selector("#key-form:not([hidden])")
+    tab.fill("#key-input", API_KEY)
+    tab.click("#key-form button[type=submit]")
+    tab.wait_for_selector("#generate:enabled")  # the model card is loaded
+    return tab, errors
+
+
+@pytest.fixture
+def page(browser, demo_server):
+    tab, errors = open_playground(browser, demo_server)
+    yield tab
+    tab.context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def choose_fox(tab) -> None:
+    tab.fill("#class-search", "fox")
+    option = tab.locator("#class-list li[data-id]").first
+    assert option.inner_text() == "🦊 fox face (#539)"  # the demo's classes.json, emoji and name
+    option.click()
+    assert "fox face" in tab.inner_text("#class-chosen")
+    tab.fill("#seed", str(SEED))
+
+
+def set_range(tab, selector: str, value: float) -> None:
+    tab.eval_on_selector(
+        selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }", value
+    )
+
+
+# what a <img> decoded to: its natural size and how much of it is not blank
+PIXELS_JS = """img => {
+    const c = document.createElement('canvas');
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const ctx = c.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    const d = ctx.getImageData(0, 0, c.width, c.height).data;
+    let lo = 255, hi = 0, inked = 0;
+    for (let i = 0; i < d.length; i += 4) {
+        const v = (d[i] + d[i + 1] + d[i + 2]) / 3;
+        lo = Math.min(lo, v); hi = Math.max(hi, v);
+        if (v < 230) inked++;
+    }
+    return {width: c.width, height: c.height, range: hi - lo, inked: inked / (c.width * c.height)};
+}"""
+
+
+def final_images(tab) -> list[dict]:
+    imgs = tab.locator("img.final")
+    return [imgs.nth(i).evaluate(PIXELS_JS) for i in range(imgs.count())]
+
+
+def assert_real_image(pixels: dict) -> None:
+    assert (pixels["width"], pixels["height"]) == (IMAGE_SIZE, IMAGE_SIZE)
+    assert pixels["range"] > 100 and pixels["inked"] > 0.05, pixels  # an emoji on white, not a blank
+
+
+def stat(pane, name: str) -> str:
+    return pane.locator(f'[data-stat="{name}"]').inner_text()
+
+
+def mib(text: str) -> float:
+    value, unit = text.split()
+    return float(value) * {"KiB": 2**-10, "MiB": 1, "GiB": 2**10}[unit]
+
+
+def wait_for_metrics_strip(tab, server: LiveServer) -> None:
+    """The live strip's images counter catches up with the server's own count within a few refreshes."""
+    scraped = int(server.metrics()[("adsa_images_generated_total", ())])
+    tab.wait_for_function(f"() => document.getElementById('m-images').textContent === '{scraped}'", timeout=15_000)
+
+
+def api_image(server: LiveServer, body: dict) -> str:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        return c.post("/v1/generate", json=body).json()["data"][0]["b64_json"]
+
+
+def test_generate_streams_rows_and_shows_kv_figures(page, demo_server):
+    choose_fox(page)
+    set_range(page, "#cfg", 1)  # CFG off: one sequence per image, twice as fast on the CPU
+    assert page.inner_text("#cfg-out") == "off"
+    # every <img> load on the page, so the row-by-row previews can be checked afterwards
+    page.evaluate("""() => { window.loads = [];
+        document.addEventListener('load', e => e.target.tagName === 'IMG' &&
+            window.loads.push([e.target.naturalWidth, e.target.naturalHeight]), true); }""")
+    # the same settings through the API, at the same time (an image depends only on its own seed)
+    body = {"class_label": 539, "seed": SEED, "cfg_scale": 1.0, "policy": "adsa", "kv_budget": 128}
+    with ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(api_image, demo_server, body)
+        page.click("#generate")
+        page.wait_for_selector("img.final", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => !document.body.classList.contains('running')", timeout=TIMEOUT_MS)
+
+    [pixels] = final_images(page)
+    assert_real_image(pixels)
+    loads = page.evaluate("window.loads")
+    partial = [h for w, h in loads if w == IMAGE_SIZE and h < IMAGE_SIZE]
+    assert partial and partial == sorted(partial), loads  # previews of the finished rows, growing
+
+    pane = page.locator(".pane")
+    assert re.fullmatch(r"\d+\.\d\d s", stat(pane, "ttfp")) and re.fullmatch(r"\d+\.\d\d s", stat(pane, "total"))
+    assert stat(pane, "budget") == "128 / 256" and stat(pane, "peak") == "128"  # the demo's default: half
+    assert int(stat(pane, "evictions").replace(",", "")) > 0 and mib(stat(pane, "kv-bytes")) > 0
+
+    # the page asked for exactly these settings: the API gave the same bytes for them
+    assert page.get_attribute("img.final", "src") == f"data:image/png;base64,{reference.result()}"
+
+    wait_for_metrics_strip(page, demo_server)
+    assert page.inner_text("#m-waiting") == "0" and re.match(r"\d+\.\d %", page.inner_text("#m-kv"))
+
+    # the key is kept for the tab: a reload goes straight to the model
+    page.reload()
+    page.wait_for_selector("#class-list li[data-id]")
+    assert page.is_hidden("#key-form") and page.inner_text("#model-line").startswith("emoji-demo")
+
+
+def test_compare_dense_with_sparse(page, demo_server, artifacts):
+    choose_fox(page)
+    assert page.inner_text("#compare") == "Compare adsa with dense"
+    page.click("#compare")
+    page.wait_for_selector("#verdict:not([hidden])", timeout=2 * TIMEOUT_MS)
+
+    images = final_images(page)
+    assert len(images) == 2
+    for pixels in images:
+        assert_real_image(pixels)
+    dense, sparse = page.locator(".pane").nth(0), page.locator(".pane").nth(1)
+    assert page.inner_text(".pane:nth-child(1) .pane-title") == "dense"
+    assert page.inner_text(".pane:nth-child(2) .pane-title") == "adsa · 128 tokens"
+    assert stat(dense, "budget") == "256 / 256" and stat(dense, "evictions") == "0"
+    assert stat(sparse, "budget") == "128 / 256" and stat(sparse, "evictions") != "0"
+    # half the budget reserves half the pool pages: the two memory figures say so
+    assert mib(stat(sparse, "kv-bytes")) == pytest.approx(mib(stat(dense, "kv-bytes")) / 2, rel=0.02)
+    assert "50 % of dense's KV memory" in page.inner_text("#verdict")
+
+    wait_for_metrics_strip(page, demo_server)
+    page.screenshot(path=artifacts / "compare-desktop.png", full_page=True)
+    # phone width: one column, nothing wider than the screen
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=artifacts / "compare-phone.png", full_page=True)
+
+
+def test_errors_are_readable(page, artifacts):
+    choose_fox(page)
+    # 422: a budget the model cannot run (the slider goes down to 1 token; the server decides)
+    set_range(page, "#budget", 1)
+    assert page.inner_text("#budget-out") == "1 of 256 tokens (0 %)"
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.get_attribute("#error", "data-status") == "422"
+    assert re.fullmatch(
+        r"The server rejected these settings: kv budget 1 tokens must be larger than prefix \d+ \+ local window \d+\.",
+        page.inner_text("#error"),
+    )
+    # 429: more images than the queue takes
+    set_range(page, "#budget", 128)
+    page.fill("#n", "16")
+    page.click("#generate")
+    page.wait_for_selector("#error[data-status='429']")
+    assert re.fullmatch(
+        r"The server is busy \(queue full\): .+ \(limit 4\)\. Try again in \d+ s\.",  # the server's words
+        page.inner_text("#error"),
+    )
+    assert page.locator(".pane").count() == 0  # the refused request left no empty frames behind
+    page.screenshot(path=artifacts / "error-429.png")
+    # 401: a wrong key is refused and the page asks again
+    page.click("#key-button")
+    page.fill("#key-input", "wrong-key")
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#error[data-status='401']")
+    assert page.inner_text("#error").startswith("The server needs a valid API key: missing or invalid API key")
+    assert page.is_visible("#key-form") and page.inner_text("#key-reason") == "The key was refused; enter another."
+
+
+def test_error_bodies_of_both_shapes_read_the_same(page):
+    """The API's {"error", "type"} and the OpenAI-style {"error": {"message", "type"}} read alike."""
+    messages = page.evaluate("""async () => {
+        const m = await import('/static/playground.js');
+        return [
+            m.describe(m.errorFromBody(429, {error: 'queue is full', type: 'queue_full'}, '3')),
+            m.describe(m.errorFromBody(429, {error: {message: 'queue is full', type: 'queue_full'}}, '3')),
+            m.describe(m.errorFromBody(503, {error: {message: 'the server is shutting down', code: 'draining'}})),
+            m.describe(m.errorFromBody(null, {error: 'deadline exceeded', type: 'deadline_exceeded', index: 0})),
+        ];
+    }""")
+    assert messages == [
+        "The server is busy (queue full): queue is full. Try again in 3 s.",
+        "The server is busy (queue full): queue is full. Try again in 3 s.",
+        "The server is not available right now: the server is shutting down.",
+        "The server stopped the request: deadline exceeded (deadline_exceeded).",
+    ]
+
+
+def test_imagenet_names_and_text_prompts(browser, demo_server):
+    """ImageNet checkpoints come without class names and text models take a prompt: the demo's own card
+    with those fields changed drives the page's other branches against the real server."""
+    tab, errors = open_playground(browser, demo_server, {"num_classes": 1000, "classes": None})
+    tab.fill("#class-search", "golden retriever")
+    assert tab.locator("#class-list li[data-id]").all_inner_texts() == ["golden retriever (#207)"]
+    tab.fill("#class-search", "")
+    assert tab.inner_text("#class-list li.more") == "… 940 more: refine the search"  # 60 listed of 1,000
+    tab.context.close()
+
+    tab, more_errors = open_playground(browser, demo_server, {"model_type": "t2i"})
+    assert tab.is_hidden("#class-field") and tab.is_visible("#prompt")
+    tab.fill("#prompt", "a red fox in the snow")
+    tab.click("#generate")
+    tab.wait_for_selector("#error[data-status='422']")  # the prompt reached the (class-conditional) server
+    assert "this is a class-conditional model: give class_label or class_labels, not a prompt" in tab.inner_text(
+        "#error"
+    )
+    tab.context.close()
+    assert errors + more_errors == []
