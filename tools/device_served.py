@@ -99,7 +99,8 @@ class Server:
 def loadtest(url: str, out: Path, a: argparse.Namespace, concurrency: int | None = None,
              rates: str | None = None, duration: float = 30.0) -> dict:
     cmd = [sys.executable, "-m", "loadtest", "--url", url, "--out", str(out), "--response-format", "png",
-           "--cfg-scale", "4", "--top-k", "2000", "--classes", "207,360,387,974,88,979,417,279", "--duration", str(duration),
+           "--cfg-scale", "4", "--top-k", "2000", "--classes", "207,360,387,974,88,979,417,279",
+           "--duration", str(duration),
            "--requests", "100000", "--timeout", "300", "--drain-timeout", "120", "--slo-ms", "60000", "--quiet",
            "--max-duration", str(duration + 150)]
     if concurrency:

@@ -52,6 +52,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
     unpacker.feed(data)
     dtype, shape = unpacker.unpack()
     body = data[unpacker.tell():]
+    if not body:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
     arr = np.frombuffer(body, dtype=np.uint8).copy()  # writable, owned: torch may keep it
     return torch.from_numpy(arr).view(getattr(torch, dtype)).reshape(shape)
 

@@ -125,8 +125,8 @@ def test_captured_sampling_equals_eager_sampling():
     included) gives the eager call's tokens, codes, fed rows and j, for each top-k bucket."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from adsa_core.engine.sampler import StepBatch, sample_and_feed
     from adsa_core.engine.runner import RowState
+    from adsa_core.engine.sampler import StepBatch, sample_and_feed
     from adsa_core.kv.pool import PoolGeometry
 
     dev = torch.device("cuda")

@@ -1,0 +1,79 @@
+"""What crosses the process boundary (msgpack frames, tensors as raw bytes) comes back equal, and the image
+stage's padded static chunks keep an image's pixels independent of the images finishing beside it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from adsa_core.config import CacheConfig
+from adsa_core.engine import request as rq
+from adsa_core.engine import wire
+from adsa_core.engine.engine import EngineStats
+from adsa_core.engine.imaging import ImageStage
+from adsa_core.images import to_uint8
+from adsa_core.sampling import SamplingParams
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bfloat16, torch.float32, torch.bool])
+def test_tensors_cross_as_raw_bytes(dtype):
+    t = (torch.randn(3, 5, 2) * 100).to(dtype)
+    back = wire.loads(wire.dumps({"x": t, "scalar": torch.tensor(7), "empty": torch.zeros(0, 4)}))
+    assert back["x"].dtype == dtype and torch.equal(back["x"], t)
+    assert back["scalar"].shape == () and int(back["scalar"]) == 7 and back["empty"].shape == (0, 4)
+
+
+def test_requests_events_and_stats_round_trip():
+    req = rq.GenerationRequest(condition=3, seed=2**62, sampling=SamplingParams(cfg_scale=2.5, top_k=40),
+                               cache=CacheConfig(policy="window", budget=0.25, local=9), priority=2, deadline=123.5,
+                               preview_every_rows=2, progress=False, request_id="abc-0")
+    back = wire.request_from_wire(wire.loads(wire.dumps(wire.request_to_wire(req))))
+    assert back == req
+    t2i = rq.GenerationRequest(condition=None, prompt="a red fox", seed=1, emb_mask=torch.ones(4, dtype=torch.bool))
+    back = wire.request_from_wire(wire.loads(wire.dumps(wire.request_to_wire(t2i))))
+    assert back.prompt == "a red fox" and torch.equal(back.emb_mask, t2i.emb_mask)
+    with pytest.raises(ValueError, match="offline"):
+        wire.request_to_wire(dataclasses.replace(req, want_logits=True))
+
+    pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8)
+    stats = rq.RequestStats(queue_s=0.5, evictions=7, kv_bytes=1024)
+    events = [rq.Progress(3, 9), rq.PartialImage(3, 1, pixels[:2]),
+              rq.Finished(torch.arange(9), pixels, stats), rq.QueueFull("9 waiting"), rq.EngineDead("gone")]
+    for ev in events:
+        rid, kind, payload = wire.loads(wire.dumps({"e": wire.event_to_wire("r", ev)}))["e"]
+        got = wire.event_from_wire(kind, payload)
+        assert rid == "r" and type(got) is type(ev)
+        if isinstance(ev, rq.EngineError):
+            assert str(got) == str(ev)
+        elif isinstance(ev, rq.Finished):
+            assert torch.equal(got.codes, ev.codes) and torch.equal(got.pixels, ev.pixels) and got.stats == stats
+        elif isinstance(ev, rq.PartialImage):
+            assert torch.equal(got.pixels, ev.pixels) and (got.tokens_done, got.rows_done) == (3, 1)
+        else:
+            assert got == ev
+    s = EngineStats(running=2, evictions_total=5, requests_total_by_status={"ok": 3})
+    assert wire.stats_from_wire(wire.loads(wire.dumps(wire.stats_to_wire(s)))) == s
+
+
+def test_padded_chunks_give_each_image_its_own_pixels(vq_model, vq_io):
+    """Decoded in chunks of 4 padded to 4, an image's pixels are those it gets decoded alone (batch of 1 padded
+    to 4) and do not depend on its neighbours or its place in the chunk."""
+    grid = vq_io["codes"].shape[-1] if vq_io["codes"].dim() == 3 else int(vq_io["codes"].shape[-1] ** 0.5)
+    codebook = vq_model.config.codebook_size
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, codebook, (6, grid * grid), generator=gen)
+    stage = ImageStage(vq_model, torch.device("cpu"), chunk=4)
+    try:
+        together = stage.decode(codes)  # chunks [0..3], [4, 5 + padding]
+        assert together.shape[0] == 6 and together.dtype == torch.uint8
+        for i in range(6):
+            alone = stage.decode(codes[i: i + 1])
+            assert torch.equal(together[i], alone[0]), i
+        shuffled = stage.decode(codes.flip(0))
+        assert torch.equal(shuffled.flip(0), together)
+        with torch.no_grad():  # and it is the VQ decoder's image, converted as LlamaGen does
+            assert torch.equal(together[0], to_uint8(vq_model.decode_code(codes[:1]))[0])
+    finally:
+        stage.close()
