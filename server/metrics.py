@@ -31,8 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adsa_core.engine.engine import EngineStats
-from adsa_core.engine.request import ModelInfo
+from adsa_core.engine.request import EngineStats, ModelInfo
 from adsa_core.engine.step_clock import StepTiming
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

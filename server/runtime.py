@@ -15,8 +15,7 @@ import time
 from collections.abc import Callable
 
 from adsa_core.engine.client import EngineClient
-from adsa_core.engine.engine import EngineStats
-from adsa_core.engine.request import EngineDead, EngineDraining
+from adsa_core.engine.request import EngineDead, EngineDraining, EngineStats
 
 from .errors import ApiError, NotReady
 from .metrics import Metrics

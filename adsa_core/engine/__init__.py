@@ -1,12 +1,13 @@
 """Continuous-batching engine over the sparse KV pool (docs/ARCHITECTURE.md is the map)."""
 
 from .client import EngineClient, ProcessEngineClient, RequestHandle
-from .engine import Engine, EngineStats
+from .engine import Engine
 from .request import (
     DeadlineExceeded,
     EngineDead,
     EngineDraining,
     EngineError,
+    EngineStats,
     Finished,
     GenerationRequest,
     InvalidRequest,

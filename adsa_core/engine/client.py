@@ -38,12 +38,12 @@ from ..config import EngineConfig
 from ..loading import ModelSpec
 from . import wire
 from .core import launch_args
-from .engine import EngineStats
 from .imaging import encode_png
 from .request import (
     EngineDead,
     EngineDraining,
     EngineError,
+    EngineStats,
     Event,
     Finished,
     GenerationRequest,

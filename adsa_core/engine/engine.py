@@ -18,90 +18,35 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ConfigError, EngineConfig, ResolvedCache
-from ..kv.pool import FP8, PageAllocator, PoolGeometry, kv_storage_dtype, pages_for
+from ..config import EngineConfig
+from ..kv.pool import PageAllocator, pages_for
 from ..kv.spill import SpillArena, SpillRecord
 from ..loading import LoadedModels, limit_cpu_threads
-from ..sampling import SamplingParams
+from .capacity import default_max_batch, pool_geometry
 from .imaging import DoneImage, ImageStage
 from .request import (
     DeadlineExceeded,
     EngineError,
+    EngineRequest,
+    EngineStats,
     Event,
     GenerationRequest,
-    InvalidRequest,
     Progress,
     QueueFull,
     RequestCancelled,
     RequestFailed,
-    RequestStats,
+    Sink,
 )
 from .runner import ModelRunner
 from .sampler import Sampler, uses_sampling_kernel
-from .scheduler import Schedulable, Scheduler, StepPlan
+from .scheduler import Scheduler, StepPlan
 from .step_clock import StepClock, StepTiming
+from .validation import encode_prompts, validate_request
 
-Sink = Callable[[Event | EngineError], None]
 log = logging.getLogger("adsa.engine")
-
-
-@dataclass
-class EngineStats:
-    """Counters and gauges of one engine (the server exports them; they cross the process boundary)."""
-
-    running: int = 0  # requests with KV in the pool
-    waiting: int = 0  # queued (including swapped out)
-    kv_capacity_tokens: int = 0  # token slots in the pool (per layer and head)
-    kv_used_tokens: int = 0  # slots allocated to running sequences
-    kv_pool_bytes: int = 0  # device bytes of the KV pool
-    max_batch_size: int = 0  # images decoded together at most
-    evictions_total: int = 0  # slot overwrites, summed over sequences, layers and heads
-    spilled_bytes_total: int = 0  # K/V bytes copied to pinned CPU memory
-    spill_dropped_steps_total: int = 0  # sequence steps whose evicted K/V was not kept: the spill arena was full
-    swapped_out_total: int = 0  # requests swapped out to CPU for higher-priority work
-    images_total: int = 0  # images finished
-    tokens_total: int = 0  # image tokens sampled
-    steps_total: int = 0  # decode steps run
-    host_busy_s_total: float = 0.0  # host seconds spent inside steps (the loop's busy time)
-    last_step_at: float = 0.0  # time.monotonic() of the last completed step (0: none yet)
-    requests_total_by_status: dict[str, int] = field(default_factory=dict)  # ended requests by outcome
-
-
-@dataclass(eq=False, kw_only=True)
-class EngineRequest(Schedulable):
-    """A submitted request inside the engine: the scheduler's view plus the host's bookkeeping."""
-
-    req: GenerationRequest  # what was asked
-    sink: Sink  # receives its events (from the engine and the image stage)
-    request_id: str
-    n_sampled: int = 0  # image tokens sampled so far
-    n_stored: list[int] = field(default_factory=list)  # host mirror of each sequence's valid slots
-    started: float = 0.0  # time.monotonic() of its prefill
-    stats: RequestStats = field(default_factory=RequestStats)
-    cancelled: bool = False  # cancel() was called: it ends at the next step
-    spill: list[SpillRecord] = field(default_factory=list)  # per sequence: its evicted K/V in the arena
-    logprobs: list[torch.Tensor] = field(default_factory=list)  # per step, when req.want_logits
-
-    # what the sampler's packing reads (sampler.SampledItem)
-    @property
-    def seed(self) -> int:
-        return self.req.seed
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return self.req.sampling
-
-    @property
-    def has_forced(self) -> bool:
-        return self.req.forced_tokens is not None
-
-    @property
-    def rows(self) -> list[int]:
-        return [a.row for a in self.allocs]
 
 
 class Engine:
@@ -111,7 +56,7 @@ class Engine:
             limit_cpu_threads()  # torch's thread count is per OS thread: this is the engine's
         self.gpt, self.cfg, self.device = models.gpt, models.gpt_config, models.device
         self.default_cache = config.default_cache.resolve(self.cfg)
-        geo = self._pool_geometry()
+        geo = pool_geometry(config, self.cfg, self.gpt.dtype, self.device)
         self.max_batch_size = config.max_batch_size or default_max_batch(geo, self.default_cache, self.device)
         self.max_rows = 2 * self.max_batch_size
         gpu_lock = threading.Lock()  # a CUDA graph capture and the image thread's GPU work exclude each other
@@ -136,24 +81,6 @@ class Engine:
         self.stats_ = EngineStats(kv_capacity_tokens=geo.capacity_tokens, max_batch_size=self.max_batch_size,
                                   kv_pool_bytes=geo.num_pages * geo.bytes_per_page)
 
-    def _pool_geometry(self) -> PoolGeometry:
-        c = self.config
-        try:
-            dtype = kv_storage_dtype(c.kv_cache_dtype, self.gpt.dtype)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if dtype == FP8 and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
-            raise ConfigError("kv_cache_dtype fp8 needs a GPU with fp8 support (compute capability 8.9+: L4, H100)")
-        if c.kv_pool_tokens is not None:
-            return PoolGeometry.for_model(self.cfg, c.page_size, 1 + pages_for(c.kv_pool_tokens, c.page_size), dtype)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return PoolGeometry.fit_bytes(self.cfg, c.page_size, dtype, int(free * c.kv_pool_memory_fraction))
-        # CPU: enough for every row of the largest batch to hold a whole dense sequence
-        rows = 2 * (c.max_batch_size or CPU_MAX_BATCH)
-        return PoolGeometry.for_model(self.cfg, c.page_size, 1 + rows * pages_for(self.cfg.seq_len, c.page_size),
-                                      dtype)
-
     # --- submission: validated once, all or nothing ------------------------------------------------
     def submit(self, req: GenerationRequest, sink: Sink) -> str:
         """Queue one request; raises InvalidRequest or QueueFull (nothing is changed then)."""
@@ -163,8 +90,8 @@ class Engine:
         """Queue requests together or not at all (one HTTP call's images). Raises InvalidRequest or QueueFull."""
         if len(reqs) > self.scheduler.queue_room:
             raise QueueFull(f"{self.scheduler.num_waiting} images are waiting (limit {self.config.max_queue})")
-        self._encode_prompts(reqs)  # after the queue check: a refused request costs no encoder work
-        caches = [self.validate(r) for r in reqs]
+        encode_prompts(reqs, self.cfg, self.models.text_encoder)  # after the queue check: refusals cost no encoding
+        caches = [validate_request(r, self.cfg, self.default_cache, self.scheduler.fits_ever) for r in reqs]
         ids = []
         for req, sink, cache in zip(reqs, sinks, caches):
             rid = req.request_id or f"req-{next(self._ids)}"
@@ -175,46 +102,6 @@ class Engine:
             self.requests[rid] = item
             ids.append(rid)
         return ids
-
-    def _encode_prompts(self, reqs: list[GenerationRequest]) -> None:
-        todo = [r for r in reqs if r.prompt is not None]
-        if not todo:
-            return
-        if self.cfg.model_type != "t2i":
-            raise InvalidRequest("this is a class-conditional model: give a class label, not a prompt")
-        if self.models.text_encoder is None:
-            raise InvalidRequest("this text model was started without a text encoder: prompts are unavailable")
-        feats, masks = self.models.text_encoder.encode([r.prompt for r in todo])
-        for r, f, m in zip(todo, feats, masks):
-            r.condition, r.emb_mask, r.prompt = f, m, None
-
-    def validate(self, req: GenerationRequest) -> ResolvedCache:
-        cfg = self.cfg
-        if cfg.model_type == "c2i":
-            if not isinstance(req.condition, int) or isinstance(req.condition, bool):
-                raise InvalidRequest("this is a class-conditional model: give an integer class label")
-            if not 0 <= req.condition < cfg.num_classes:
-                raise InvalidRequest(f"class label {req.condition} is outside 0..{cfg.num_classes - 1}")
-        else:
-            c = req.condition
-            if not torch.is_tensor(c) or tuple(c.shape) != (cfg.cls_token_num, cfg.caption_dim):
-                raise InvalidRequest(f"text model: caption features must be ({cfg.cls_token_num}, {cfg.caption_dim})")
-            if req.emb_mask is not None and tuple(req.emb_mask.shape) != (cfg.cls_token_num,):
-                raise InvalidRequest(f"caption mask must have shape ({cfg.cls_token_num},)")
-        if req.sampling.uses_cfg and cfg.model_type == "c2i" and not cfg.has_null_class:
-            raise InvalidRequest("this checkpoint has no 'no class' embedding: use cfg_scale <= 1")
-        if not 0 <= req.seed < 2**63:
-            raise InvalidRequest("seed must be in [0, 2**63)")
-        if req.forced_tokens is not None and tuple(req.forced_tokens.shape) != (cfg.block_size,):
-            raise InvalidRequest(f"forced tokens must have shape ({cfg.block_size},)")
-        try:
-            cache = req.cache.resolve(cfg) if req.cache is not None else self.default_cache
-        except ConfigError as e:
-            raise InvalidRequest(str(e)) from None
-        n_seqs = 2 if req.sampling.uses_cfg else 1
-        if not self.scheduler.fits_ever(n_seqs, cache.budget):
-            raise InvalidRequest(f"kv budget {cache.budget} x {n_seqs} sequences does not fit the KV pool")
-        return cache
 
     def cancel(self, request_id: str) -> None:
         if (item := self.requests.get(request_id)) is not None:
@@ -416,16 +303,3 @@ class Engine:
 
     def close(self) -> None:
         self.images.close()
-
-
-CPU_MAX_BATCH = 8  # images decoded together on a CPU when not set: more only adds latency there
-MAX_AUTO_BATCH = 512  # the largest default batch (images): the CUDA-graph buckets are captured up to this
-
-
-def default_max_batch(geo: PoolGeometry, cache: ResolvedCache, device: torch.device) -> int:
-    """Images decoded together when not set: as many CFG images at the default budget as the pool holds (at
-    adsa 1/4 the same pool holds four times dense's sequences: that is the point), at most MAX_AUTO_BATCH."""
-    if device.type != "cuda":
-        return CPU_MAX_BATCH
-    per_image = 2 * pages_for(cache.budget, geo.page_size)
-    return max(1, min(MAX_AUTO_BATCH, (geo.num_pages - 1) // per_image))

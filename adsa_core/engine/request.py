@@ -1,4 +1,5 @@
-"""What crosses the engine boundary: requests in, events out, typed errors.
+"""What crosses the engine boundary (requests in, events out, typed errors, stats) and the engine's own record
+of a request (`EngineRequest`).
 
 The server maps these errors onto HTTP status codes; nothing here knows about HTTP.
 """
@@ -6,12 +7,15 @@ The server maps these errors onto HTTP status codes; nothing here knows about HT
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import CacheConfig
+from ..kv.spill import SpillRecord
 from ..sampling import SamplingParams
+from .scheduler import Schedulable
 
 
 class EngineError(Exception):
@@ -139,3 +143,61 @@ class ModelInfo:
     kv_pool_bytes: int = 0  # device bytes of the KV pool
     device: str = ""  # e.g. "cuda:0", "cpu"
     has_text_encoder: bool = False  # t2i: prompts can be encoded
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges of one engine (the server exports them; they cross the process boundary)."""
+
+    running: int = 0  # requests with KV in the pool
+    waiting: int = 0  # queued (including swapped out)
+    kv_capacity_tokens: int = 0  # token slots in the pool (per layer and head)
+    kv_used_tokens: int = 0  # slots allocated to running sequences
+    kv_pool_bytes: int = 0  # device bytes of the KV pool
+    max_batch_size: int = 0  # images decoded together at most
+    evictions_total: int = 0  # slot overwrites, summed over sequences, layers and heads
+    spilled_bytes_total: int = 0  # K/V bytes copied to pinned CPU memory
+    spill_dropped_steps_total: int = 0  # sequence steps whose evicted K/V was not kept: the spill arena was full
+    swapped_out_total: int = 0  # requests swapped out to CPU for higher-priority work
+    images_total: int = 0  # images finished
+    tokens_total: int = 0  # image tokens sampled
+    steps_total: int = 0  # decode steps run
+    host_busy_s_total: float = 0.0  # host seconds spent inside steps (the loop's busy time)
+    last_step_at: float = 0.0  # time.monotonic() of the last completed step (0: none yet)
+    requests_total_by_status: dict[str, int] = field(default_factory=dict)  # ended requests by outcome
+
+
+Sink = Callable[[Event | EngineError], None]
+
+
+@dataclass(eq=False, kw_only=True)
+class EngineRequest(Schedulable):
+    """A submitted request inside the engine: the scheduler's view plus the host's bookkeeping."""
+
+    req: GenerationRequest  # what was asked
+    sink: Sink  # receives its events (from the engine and the image stage)
+    request_id: str
+    n_sampled: int = 0  # image tokens sampled so far
+    n_stored: list[int] = field(default_factory=list)  # host mirror of each sequence's valid slots
+    started: float = 0.0  # time.monotonic() of its prefill
+    stats: RequestStats = field(default_factory=RequestStats)
+    cancelled: bool = False  # cancel() was called: it ends at the next step
+    spill: list[SpillRecord] = field(default_factory=list)  # per sequence: its evicted K/V in the arena
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # per step, when req.want_logits
+
+    # what the sampler's packing reads (sampler.SampledItem)
+    @property
+    def seed(self) -> int:
+        return self.req.seed
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.req.sampling
+
+    @property
+    def has_forced(self) -> bool:
+        return self.req.forced_tokens is not None
+
+    @property
+    def rows(self) -> list[int]:
+        return [a.row for a in self.allocs]

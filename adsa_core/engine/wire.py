@@ -25,7 +25,7 @@ import torch
 from ..config import CacheConfig
 from ..sampling import SamplingParams
 from . import request as rq
-from .engine import EngineStats
+from .request import EngineStats
 from .step_clock import StepTiming
 
 _TENSOR = 1  # msgpack extension type code

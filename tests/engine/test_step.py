@@ -10,7 +10,7 @@ import torch
 
 from adsa_core.config import GPTConfig, ResolvedCache
 from adsa_core.engine import Finished, GenerationRequest, RequestCancelled, RequestFailed
-from adsa_core.engine.engine import EngineRequest
+from adsa_core.engine.request import EngineRequest
 from adsa_core.engine.runner import RowState
 from adsa_core.engine.sampler import INT_FIELDS, StepBatch, k_max_of, pack, sample_and_feed
 from adsa_core.engine.scheduler import SeqAlloc

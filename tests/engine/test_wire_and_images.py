@@ -11,8 +11,8 @@ import torch
 from adsa_core.config import CacheConfig
 from adsa_core.engine import request as rq
 from adsa_core.engine import wire
-from adsa_core.engine.engine import EngineStats
 from adsa_core.engine.imaging import ImageStage
+from adsa_core.engine.request import EngineStats
 from adsa_core.images import to_uint8
 from adsa_core.sampling import SamplingParams
 

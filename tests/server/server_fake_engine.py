@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 from adsa_core.engine.client import EngineClient, RequestHandle
-from adsa_core.engine.engine import EngineStats
 from adsa_core.engine.request import (
     DeadlineExceeded,
     EngineDead,
     EngineDraining,
+    EngineStats,
     Finished,
     GenerationRequest,
     InvalidRequest,
