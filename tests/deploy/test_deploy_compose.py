@@ -107,6 +107,11 @@ def test_server_service(base, repo):
     assert "gpu" in dev["capabilities"] and dev["count"] == 1
     (vol,) = [v for v in svc["volumes"] if v["target"] == "/models"]
     assert vol["read_only"] is True
+    # the compile cache on a named volume, where ADSA_COMPILE_CACHE_DIR points: a restart skips the compile
+    (cache,) = [v for v in svc["volumes"] if v["type"] == "volume"]
+    assert cache["source"] in base["volumes"] and not cache.get("read_only")
+    cache_dir = re.search(r":-([^}]+)\}", svc["environment"]["ADSA_COMPILE_CACHE_DIR"]).group(1)
+    assert cache_dir.startswith(cache["target"] + "/")
     hc = svc["healthcheck"]
     assert _duration_s(hc["start_period"]) >= 600, "loading + warm-up take minutes"
     assert any("/readyz" in str(part) for part in hc["test"]) and "curl" not in str(hc["test"])

@@ -129,14 +129,14 @@ def test_deployment(repo, objs):
         assert c[probe]["httpGet"]["port"] in ports
     s = c["startupProbe"]
     assert s["periodSeconds"] * s["failureThreshold"] >= 600, "loading + warm-up take minutes"
-    # weights from the PVC, read-only
-    (vol,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
-    assert (
-        vol["persistentVolumeClaim"]["claimName"]
-        == objs[("PersistentVolumeClaim", "adsa-models")]["metadata"]["name"]
-    )
-    assert {"name": vol["name"], "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
+    # weights from the PVC, read-only; the compile cache on its own (writable) PVC, where ADSA_COMPILE_CACHE_DIR is
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert set(claims) == {"adsa-models", "adsa-compile-cache"}
+    assert all(("PersistentVolumeClaim", name) in objs for name in claims)
+    assert {"name": claims["adsa-models"]["name"], "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
+    (cache_mount,) = [m for m in c["volumeMounts"] if m["name"] == claims["adsa-compile-cache"]["name"]]
     env = _env_file(repo)
+    assert env["ADSA_COMPILE_CACHE_DIR"].startswith(cache_mount["mountPath"] + "/") and not cache_mount.get("readOnly")
     assert env["ADSA_GPT_CKPT"].startswith("/models/") and env["ADSA_VQ_CKPT"].startswith("/models/")
     # grace period > preStop + drain, and the drain lets the longest request finish
     drain, timeout = float(env["ADSA_DRAIN_TIMEOUT_S"]), float(env["ADSA_REQUEST_TIMEOUT_S"])
