@@ -135,6 +135,8 @@ class Engine:
     def _finish(self, item: EngineRequest, outcome: Event | EngineError | None, status: str) -> None:
         """Release everything a request holds and deliver its last event (if any)."""
         self.scheduler.release(item)
+        # stored slots only grow, and the conditional sequence holds the most: its count is the peak
+        item.stats.peak_kv_tokens = item.n_stored[0] if item.n_stored else 0
         item.stats.spilled_bytes = sum(rec.bytes for rec in item.spill)
         for rec in item.spill:
             self.spill.release(rec)
@@ -223,26 +225,29 @@ class Engine:
         self._after_tokens(running)
 
     def _account_kv(self, running: list[EngineRequest]) -> None:
-        """Host mirror of the slots each sequence holds, eviction stats, and the spill of what was overwritten."""
+        """Host mirror of the slots each sequence holds, eviction stats, and the spill of what was overwritten.
+        Runs every step over every sequence: kept to plain int work (the peak is read at the end)."""
         per_step = self.cfg.n_layer * self.cfg.kv_heads  # slots one full sequence overwrites per step
-        spilling = []
+        limit = self.spill_steps_per_seq
+        rows, recs, evicting = [], [], 0
         for it in running:
             it.n_sampled += 1  # as the step advanced j on the device
-            for s, a in enumerate(it.allocs):
-                if it.n_stored[s] >= it.cache.budget:
-                    it.stats.evictions += per_step
-                    self.stats_.evictions_total += per_step
-                    if len(it.spill[s].entries) < self.spill_steps_per_seq:
-                        spilling.append((a.row, it.spill[s]))
-                else:
-                    it.n_stored[s] += 1
-                it.stats.peak_kv_tokens = max(it.stats.peak_kv_tokens, it.n_stored[s])
-        if spilling:  # one gather + one async copy for every sequence that overwrote slots this step
-            rows = self.runner.rows
-            recs = [rec for _, rec in spilling]
+            budget, stored = it.cache.budget, it.n_stored
+            for s in range(len(stored)):
+                if stored[s] < budget:
+                    stored[s] += 1
+                    continue
+                evicting += 1
+                it.stats.evictions += per_step
+                rec = it.spill[s]
+                if len(rec.entries) < limit:
+                    rows.append(it.allocs[s].row)
+                    recs.append(rec)
+        self.stats_.evictions_total += evicting * per_step
+        if recs:  # one gather + one async copy for every sequence that overwrote slots this step
             before = sum(rec.bytes for rec in recs)
-            idx = self.sampler.staging.copy(torch.tensor([r for r, _ in spilling]))
-            self.spill.store(rows.spill_k, rows.spill_v, rows.spill_pos, idx, recs)
+            r = self.runner.rows
+            self.spill.store(r.spill_k, r.spill_v, r.spill_pos, self.sampler.staging.copy(torch.tensor(rows)), recs)
             self.stats_.spilled_bytes_total += sum(rec.bytes for rec in recs) - before
 
     def _after_tokens(self, items: list[EngineRequest]) -> None:

@@ -74,13 +74,15 @@ def pack(items: Sequence[SampledItem], width: int, scratch_slot: int, by_row: bo
     by_row: logits are indexed by runner row (decode), else by sequence in the order of items (prefill).
     Built with numpy: this runs on every batch change, and torch.tensor(list) is 4x slower."""
     n = len(items)
-    first = np.cumsum([0] + [len(it.rows) for it in items])  # each item's first sequence, in item order
+    rows_of = [it.rows for it in items]  # read once: properties may build them
+    sampling = [it.sampling for it in items]
+    first = np.cumsum([0] + [len(r) for r in rows_of])  # each item's first sequence, in item order
     values = {
-        "cond": [it.rows[0] for it in items] if by_row else first[:-1],
-        "uncond": [it.rows[-1] for it in items] if by_row else first[1:] - 1,
+        "cond": [r[0] for r in rows_of] if by_row else first[:-1],
+        "uncond": [r[-1] for r in rows_of] if by_row else first[1:] - 1,
         "seed": [it.seed for it in items], "j": [it.n_sampled for it in items],
         "forced": [it.has_forced for it in items], "slot": [it.slot for it in items],
-        **{f: [getattr(it.sampling, f) for it in items]
+        **{f: [getattr(sp, f) for sp in sampling]
            for f in ("cfg_interval", "top_k", "greedy", "cfg_scale", "temperature", "top_p")},
     }
     pad = {**PADDING, "slot": scratch_slot}
@@ -90,12 +92,11 @@ def pack(items: Sequence[SampledItem], width: int, scratch_slot: int, by_row: bo
         for i, name in enumerate(names):
             out[i, :n] = values[name]
             out[i, n:] = pad[name]
-    rows = [r for it in items for r in it.rows]
-    k = len(rows)
+    k = int(first[-1])
     r_i, o_i = INT_FIELDS.index("row"), INT_FIELDS.index("owner")
-    ints[r_i, :k] = rows
+    ints[r_i, :k] = [r for rows in rows_of for r in rows]
     ints[r_i, k:] = np.arange(k, width)
-    ints[o_i, :k] = [m for m, it in enumerate(items) for _ in it.rows]
+    ints[o_i, :k] = np.repeat(np.arange(n), np.diff(first))
     ints[o_i, k:] = n
     return torch.from_numpy(ints), torch.from_numpy(floats)
 
