@@ -3,7 +3,7 @@
 Every Settings field is a flag (`kv_budget` -> `--kv-budget`), generated from the class so flags
 and ADSA_* variables cannot drift; a flag beats the variable. SIGTERM drains: /readyz turns 503,
 new requests get 503, in-flight ones finish (up to drain_timeout_s), then the process exits 0.
-A second SIGTERM or Ctrl-C stops at once.
+A second SIGTERM or Ctrl-C stops at once: requests in flight end with 503 draining; exit 0.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import sys
 from types import FrameType
 from typing import Any, Literal, get_args, get_origin
 
+import h11
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import create_app
 from .logs import configure_logging
@@ -60,7 +62,10 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn closes its listener on the first signal; Kubernetes wants readyz 503 while draining."""
+    """Signals as docs/OPERATIONS.md says: SIGTERM drains (readyz 503, new requests 503, in-flight ones
+    finish); Ctrl-C or a second SIGTERM stops now (requests in flight end with 503 `draining`, JSON like
+    every error); a third signal exits without waiting. uvicorn's own handling closes the listener on the
+    first signal and re-raises it at exit (a KeyboardInterrupt traceback, exit -15): not used."""
 
     def __init__(self, config: uvicorn.Config, runtime: Runtime, drain_timeout_s: float):
         super().__init__(config)
@@ -68,6 +73,8 @@ class DrainingServer(uvicorn.Server):
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
+        self._stop_task: asyncio.Task | None = None
+        self._signals = 0
         runtime.on_fatal = self._fatal
 
     async def serve(self, sockets: Any = None) -> None:
@@ -75,29 +82,80 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self._drain_task is None and not self.should_exit and self._loop is not None:
-            # not recorded in _captured_signals: uvicorn would re-raise it after shutdown (exit -15, not 0)
-            self._loop.call_soon_threadsafe(self._start_drain)
+        if self._loop is None:  # not serving yet
+            self.should_exit = True
             return
-        super().handle_exit(sig, frame)
+        self._signals += 1
+        if self._signals == 1 and sig == signal.SIGTERM:
+            self._loop.call_soon_threadsafe(self._start_drain)
+        elif self._signals <= 2 and self._stop_task is None:
+            self._loop.call_soon_threadsafe(self._start_stop, signal.Signals(sig).name)
+        else:
+            self.should_exit = self.force_exit = True
 
     def _start_drain(self) -> None:
-        if self._drain_task is None:
-            log.info("SIGTERM: draining (up to %.0f s)", self.drain_timeout_s)
-            self._drain_task = asyncio.create_task(self._drain())
+        log.info("SIGTERM: draining (up to %.0f s)", self.drain_timeout_s)
+        self._drain_task = asyncio.create_task(self._drain())
 
-    async def _drain(self) -> None:
+    def _start_stop(self, name: str) -> None:
+        if self._stop_task is not None:
+            return
+        log.info("%s: stopping now; requests in flight end with 503 draining", name)
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+        self._stop_task = asyncio.create_task(self._drain(stop_now=True))
+
+    async def _drain(self, stop_now: bool = False) -> None:
         try:
-            await self.runtime.drain(self.drain_timeout_s)
+            await self.runtime.drain(self.drain_timeout_s, now=stop_now)
+        except asyncio.CancelledError:  # a second signal: _start_stop took over
+            return
         except Exception:
-            log.exception("drain failed")
-        finally:
-            self.should_exit = True  # uvicorn now waits for open responses, then runs lifespan shutdown
+            log.exception("shutdown failed")
+        self.should_exit = True  # uvicorn now waits for open responses, then runs lifespan shutdown
 
     def _fatal(self, message: str) -> None:
         log.error("exiting: %s", message)
         self.exit_code = 1
         self.should_exit = True
+
+
+def header_timeout_h11(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head within `seconds`
+    of connecting or of its previous response (uvicorn's keep-alive timeout stops at the first byte, so a
+    client sending a header a byte at a time would hold its connection forever)."""
+
+    class HeaderTimeoutH11(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._arm()
+
+        def _arm(self) -> None:
+            self._head_timer = self.loop.call_later(seconds, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE and self._head_timer is not None:
+                self._head_timer.cancel()  # the head arrived; the body has BodyLimitMiddleware's timeout
+                self._head_timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._head_timer is None:
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         log_config=None,  # uvicorn's loggers go through ours (format, request ids)
         access_log=False,  # server.logs writes the access line, with the request id
+        http=header_timeout_h11(settings.read_timeout_s),
     )
     server = DrainingServer(config, app.state.runtime, settings.drain_timeout_s)
     server.run()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -9,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .deps import api_key_error, bearer_token
 from .errors import ApiError, install_error_handlers
 from .logs import RequestContextMiddleware
 from .metrics import HTTPMetricsMiddleware
@@ -52,34 +55,51 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> F
             expose_headers=["X-Seed", "X-Request-Id"],
         )
     # added last = outermost: metrics also count 413s from the body limit
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, api_keys=settings.api_keys,
+                       read_timeout_s=settings.read_timeout_s)
     app.add_middleware(HTTPMetricsMiddleware, metrics=lambda: runtime.metrics)
     app.add_middleware(RequestContextMiddleware)  # every response (413s, preflights) carries X-Request-Id
     return app
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over max_bytes, before anything parses them (declared or streamed length).
+    """413 for bodies over max_bytes, before anything parses them (declared or streamed length); 408 for a body
+    not sent within read_timeout_s. With API keys set, a body is read only after its request showed a valid key
+    (every POST route takes one): a client without a key gets its 401 at once and cannot make the server hold
+    its body (the routes' own key check is the same function, deps.api_key_error).
 
     Also reads a POST body without a JSON content type as JSON: `curl -d '{...}'` sends
     application/x-www-form-urlencoded, and the API only ever takes JSON bodies."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, api_keys: list[str] | None = None,
+                 read_timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.api_keys, self.read_timeout_s = app, max_bytes, api_keys or [], read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = dict(scope["headers"])
+        if scope["method"] == "POST":
+            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+            if (err := api_key_error(self.api_keys, bearer_token(authorization))) is not None:
+                await err.response()(scope, receive, send)
+                return
         too_large = ApiError(413, "payload_too_large", f"request body is larger than {self.max_bytes} bytes")
-        length = dict(scope["headers"]).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await too_large.response()(scope, receive, send)
             return
-        # JSON bodies are small: buffer them (bounded), then replay to the app
+        # JSON bodies are small: buffer them (bounded in size and time), then replay to the app
         chunks, size, more = [], 0, True
+        deadline = time.monotonic() + self.read_timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                slow = ApiError(408, "request_timeout", f"request body not received within {self.read_timeout_s:g} s")
+                await slow.response()(scope, receive, send)
+                return
             if message["type"] != "http.request":  # disconnected while sending the body
                 return
             chunks.append(message.get("body", b""))
@@ -89,7 +109,6 @@ class BodyLimitMiddleware:
                 await too_large.response()(scope, receive, send)
                 return
         body, replayed = b"".join(chunks), False
-        headers = dict(scope["headers"])
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if scope["method"] == "POST" and ctype in (b"", b"application/x-www-form-urlencoded"):
             headers[b"content-type"] = b"application/json"

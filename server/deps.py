@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from .errors import ApiError
 from .runtime import Runtime
@@ -38,17 +39,27 @@ ServiceDep = Annotated[GenerationService, Depends(get_service)]
 _bearer = HTTPBearer(auto_error=False, description="One of the keys in ADSA_API_KEYS (when set)")
 
 
+def api_key_error(keys: list[str], token: str | None) -> ApiError | None:
+    """The 401 for a request whose bearer token is not one of `keys` (None: no keys configured, or a match)."""
+    if not keys:
+        return None
+    given = (token or "").encode()
+    # compare against every key (constant time per key) so timing does not reveal which prefix matched
+    if any([secrets.compare_digest(given, k.encode()) for k in keys]):
+        return None
+    return ApiError(
+        401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
+    )
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, as HTTPBearer reads it."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def require_api_key(
     settings: SettingsDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    if not settings.api_keys:
-        return
-    given = creds.credentials.encode() if creds is not None else b""
-    # compare against every key (constant time per key) so timing does not reveal which prefix matched
-    if not any([secrets.compare_digest(given, k.encode()) for k in settings.api_keys]):
-        raise ApiError(
-            401,
-            "unauthorized",
-            "missing or invalid API key (Authorization: Bearer <key>)",
-            {"WWW-Authenticate": "Bearer"},
-        )
+    if (err := api_key_error(settings.api_keys, creds.credentials if creds is not None else None)) is not None:
+        raise err

@@ -30,6 +30,8 @@ from adsa_core.engine.request import (
     RequestFailed,
 )
 
+from .schemas import MAX_ERRORS
+
 log = logging.getLogger("adsa.server")
 
 # OpenAI's error categories by status (its SDK raises one exception class per status as well)
@@ -89,6 +91,7 @@ _HTTP_CODE = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
@@ -111,6 +114,10 @@ def to_api_error(exc: BaseException, retry_after_s: float = 1.0) -> ApiError:
     if isinstance(exc, ConfigError):
         # adsa_core validates its config dataclasses (CacheConfig) with this
         return invalid(str(exc))
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's 400 for a body json.loads raised on other than JSONDecodeError (nesting deeper than the
+        # recursion limit, an integer of > 4300 digits, bytes that are not UTF-8): invalid JSON like the rest
+        return ApiError(422, "invalid_json", f"request body is not valid JSON: {type(exc.__cause__).__name__}")
     if isinstance(exc, StarletteHTTPException):
         code = _HTTP_CODE.get(exc.status_code, "http_error")
         return ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
@@ -119,8 +126,8 @@ def to_api_error(exc: BaseException, retry_after_s: float = 1.0) -> ApiError:
 
 
 def validation_error(exc: RequestValidationError) -> ApiError:
-    """One readable line per problem, e.g. "n: Input should be less than or equal to 16"; `param` is the
-    first field at fault."""
+    """One readable line per problem (the first MAX_ERRORS), e.g. "n: Input should be less than or equal to 16";
+    `param` is the first field at fault."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return ApiError(
@@ -130,7 +137,9 @@ def validation_error(exc: RequestValidationError) -> ApiError:
             + "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors),
         )
     parts, params = [], []
-    for e in errors:
+    if len(errors) > MAX_ERRORS:
+        parts.append(f"{len(errors)} problems, the first {MAX_ERRORS}")
+    for e in errors[:MAX_ERRORS]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{loc or 'body'}: {msg}")

@@ -79,14 +79,15 @@ class Runtime:
         """The engine process is gone: requests in flight already failed; exit for the supervisor to restart."""
         self.on_fatal(reason)
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Refuse new work (readyz 503), let in-flight requests finish, stop the engine."""
+    async def drain(self, timeout: float | None = None, now: bool = False) -> None:
+        """Refuse new work (readyz 503), let in-flight requests finish, stop the engine. now: end the requests
+        in flight at once (503 draining), also when a drain is under way (it is cancelled, its engine runs)."""
         self.draining = True
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        if self.engine is not None and not self._stopped:
+        if self.engine is not None and (now or not self._stopped):
             self._stopped = True
-            await self.engine.shutdown(drain=True, timeout=timeout)
+            await self.engine.shutdown(drain=not now, timeout=timeout)
 
     async def stop(self) -> None:
         await self.drain(self.settings.drain_timeout_s)

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 MAX_IMAGES = 16  # per request; larger jobs should be split so one client cannot fill the queue alone
+MAX_ERRORS = 20  # validation problems reported one by one; beyond this a request gets one summary
 MAX_SEED = 2**63 - 1 - MAX_IMAGES  # image i uses seed + i, which must stay a signed 64-bit integer
 
 ClassLabel = Annotated[int, Field(ge=0, le=1_000_000)]
@@ -76,6 +77,17 @@ class GenerationOptions(BaseModel):
         None, description="KV slots per sequence: int tokens or float fraction of the sequence"
     )
     timeout_s: float | None = Field(None, gt=0, le=86400, description="Deadline; capped at the server's")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _many_unknown_fields(cls, data: Any) -> Any:
+        """One error for many unknown fields: 100,000 of them would cost seconds of event-loop time to report
+        one by one (pydantic itself is fast; turning its errors into Python objects is not)."""
+        if isinstance(data, dict) and len(data) > len(cls.model_fields) + MAX_ERRORS:  # so many are unknown
+            unknown = [k for k in data if k not in cls.model_fields]
+            names = ", ".join(repr(str(k)[:40]) for k in unknown[:MAX_ERRORS])
+            raise ValueError(f"{len(unknown)} unknown fields, e.g. {names}")
+        return data
 
 
 _CONDITIONS = ("class_label", "class_labels", "prompt")

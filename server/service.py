@@ -235,7 +235,9 @@ class GenerationService:
 
     async def stream(self, job: Job) -> AsyncIterator[str]:
         """Server-sent events of all n images, interleaved as they happen; then done (or error)."""
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        # bounded: while the client does not read, events wait in the handles, which cancel a reader
+        # that falls too far behind (adsa_core.engine.client.MAX_PENDING_EVENTS)
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=len(job.handles))
 
         async def pump(i: int) -> None:
             try:

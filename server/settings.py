@@ -93,6 +93,10 @@ class Settings(BaseSettings):
         4, ge=0, description="Default partial-preview interval of streamed requests, in token rows (0: off)"
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get HTTP 413")
+    read_timeout_s: float = Field(
+        30.0, gt=0, description="A client must send a request's headers, then its body, within this long "
+        "(else the connection is closed, or HTTP 408 for a body)"
+    )
     drain_timeout_s: float = Field(60.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
 
     # --- access and logging

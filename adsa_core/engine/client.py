@@ -12,6 +12,11 @@ queue) is an exception here, before any HTTP response starts. Finished images ar
 are PNG-encoded on a thread pool (zlib releases the GIL): on neither the engine loop nor the event loop.
 If the core process dies, every request in flight ends with EngineDead at once, `alive` turns False and
 `on_dead` tells the server to exit so its supervisor restarts it.
+
+Two guards live here, on the API side, because they must hold even when the core is stalled or a
+client stops reading: a request's deadline (the core's reaper enforces it; if the core says nothing by
+DEADLINE_GRACE_S after it, the handle ends it itself and cancels it) and a bound on the events waiting
+for a reader (MAX_PENDING_EVENTS: a reader that falls further behind is cancelled, its KV freed).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from . import wire
 from .core import launch_args
 from .imaging import encode_png
 from .request import (
+    DeadlineExceeded,
     EngineDead,
     EngineDraining,
     EngineError,
@@ -49,29 +55,56 @@ from .request import (
     GenerationRequest,
     ModelInfo,
     PartialImage,
+    RequestCancelled,
     RequestFailed,
 )
 from .step_clock import StepTiming
 
 log = logging.getLogger("adsa.engine")
 
+# An image sends at most 2 events per token row (progress, preview) and its result; a reader this far
+# behind has stopped reading (a legitimately slow one is absorbed by the socket buffers first).
+MAX_PENDING_EVENTS = 16
+# The core's reaper ends a request at its deadline within a step; the handle steps in only after this
+# much more silence (a stalled or wedged core), so the normal path keeps the core's accounting.
+DEADLINE_GRACE_S = 1.0
+
+
+def _seconds_left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline + DEADLINE_GRACE_S - time.monotonic())
+
 
 class RequestHandle:
     """One submitted image: iterate `events()` until Finished (or an EngineError is raised)."""
 
-    def __init__(self, request_id: str, cancel: Callable[[str], None]):
-        self.request_id = request_id
+    def __init__(self, request_id: str, cancel: Callable[[str], None], deadline: float | None = None):
+        self.request_id, self.deadline = request_id, deadline
         self._cancel = cancel
         self._queue: asyncio.Queue[Event | EngineError | Awaitable[Event]] = asyncio.Queue()
         self.done = False
+        self._overflowed = False
 
     def deliver(self, item: Event | EngineError | Awaitable[Event]) -> None:
-        """An event, an error, or an event still being encoded (delivered in order all the same)."""
+        """An event, an error, or an event still being encoded (delivered in order all the same). A reader
+        more than MAX_PENDING_EVENTS behind is cancelled: what waits is dropped, its KV freed."""
+        if self._overflowed:
+            return
+        if self._queue.qsize() >= MAX_PENDING_EVENTS:
+            self._overflowed = True
+            log.warning("request %s: the client stopped reading; cancelling it", self.request_id)
+            self.cancel()
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            item = RequestCancelled("the client stopped reading")
         self._queue.put_nowait(item)
 
     async def events(self) -> AsyncIterator[Event]:
         while not self.done:
-            item = await self._queue.get()
+            try:
+                item = await asyncio.wait_for(self._queue.get(), _seconds_left(self.deadline))
+            except asyncio.TimeoutError:  # the core did not end it: stalled or wedged
+                self.cancel()
+                item = DeadlineExceeded("deadline exceeded (the engine did not answer)")
             if isinstance(item, Awaitable):
                 try:
                     item = await item
@@ -228,12 +261,17 @@ class ProcessEngineClient:
             raise EngineDraining("the server is shutting down" if self.draining else "the engine is not started")
         batch = next(self._batches)
         ack = self._acks[batch] = asyncio.get_running_loop().create_future()
-        handles = [RequestHandle(r.request_id, self._cancel) for r in reqs]
+        handles = [RequestHandle(r.request_id, self._cancel, r.deadline) for r in reqs]
         for h in handles:  # registered before the core can answer, so no early event is lost
             self._handles[h.request_id] = h
         try:
             self._send({"t": "add", "batch": batch, "reqs": [wire.request_to_wire(r) for r in reqs]})
-            await ack
+            try:
+                await asyncio.wait_for(ack, _seconds_left(min((h.deadline for h in handles if h.deadline),
+                                                              default=None)))
+            except asyncio.TimeoutError:  # a stalled core: if it ever adds them, the abort follows the add
+                self._send({"t": "abort", "ids": [h.request_id for h in handles]})
+                raise DeadlineExceeded("deadline exceeded (the engine did not take the request)") from None
         except BaseException:
             for h in handles:
                 self._handles.pop(h.request_id, None)

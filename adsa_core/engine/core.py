@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         core = EngineCore(models, config, outbox)
         if fault := os.environ.get("ADSA_FAULT_REQUEST_ID"):  # tests: requests whose id contains it fail mid-run
             core.engine.fault_hook = lambda rid: _inject_fault(rid, fault)
+        if step_fault := os.environ.get("ADSA_FAULT_STEP_REQUEST_ID"):  # tests: whole steps fail while it runs
+            core.engine.step = _failing_steps(core.engine, step_fault)  # type: ignore[method-assign]
         warmup_s = core.warm_up()
     except BaseException as e:  # noqa: BLE001 - reported to the client, then the process ends
         log.exception("engine core failed to start")
@@ -256,6 +258,19 @@ def main(argv: list[str] | None = None) -> int:
 def _inject_fault(rid: str, marker: str) -> None:
     if marker in rid:
         raise RuntimeError(f"injected fault for {rid}")
+
+
+def _failing_steps(engine: Engine, marker: str) -> Callable[[], None]:
+    """Test hook: engine.step, raising after every step whose batch holds a request with `marker` in its id
+    (as a CUDA OOM would): the core must fail that batch only."""
+    step = engine.step
+
+    def failing_step() -> None:
+        step()
+        if any(marker in item.request_id for item in engine.scheduler.running):  # type: ignore[attr-defined]
+            raise RuntimeError("injected step failure")
+
+    return failing_step
 
 
 if __name__ == "__main__":

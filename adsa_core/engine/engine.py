@@ -34,6 +34,7 @@ from .request import (
     EngineStats,
     Event,
     GenerationRequest,
+    InvalidRequest,
     Progress,
     QueueFull,
     RequestCancelled,
@@ -88,10 +89,16 @@ class Engine:
 
     def submit_all(self, reqs: list[GenerationRequest], sinks: list[Sink]) -> list[str]:
         """Queue requests together or not at all (one HTTP call's images). Raises InvalidRequest or QueueFull."""
+        by = self.stats_.requests_total_by_status  # refusals are outcomes too (adsa_requests_total)
         if len(reqs) > self.scheduler.queue_room:
+            by["rejected"] = by.get("rejected", 0) + len(reqs)
             raise QueueFull(f"{self.scheduler.num_waiting} images are waiting (limit {self.config.max_queue})")
-        encode_prompts(reqs, self.cfg, self.models.text_encoder)  # after the queue check: refusals cost no encoding
-        caches = [validate_request(r, self.cfg, self.default_cache, self.scheduler.fits_ever) for r in reqs]
+        try:
+            encode_prompts(reqs, self.cfg, self.models.text_encoder)  # after the queue check: refusals cost nothing
+            caches = [validate_request(r, self.cfg, self.default_cache, self.scheduler.fits_ever) for r in reqs]
+        except InvalidRequest:
+            by["invalid"] = by.get("invalid", 0) + len(reqs)
+            raise
         ids = []
         for req, sink, cache in zip(reqs, sinks, caches):
             rid = req.request_id or f"req-{next(self._ids)}"

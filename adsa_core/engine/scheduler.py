@@ -83,7 +83,9 @@ class Scheduler:
 
     @property
     def queue_room(self) -> int:
-        return self.max_queue - len(self._waiting)
+        """Images that may still be queued: max_queue waiting, beyond those the batch's free slots will
+        take at the next plan (a burst into an idle engine of capacity max_batch + max_queue fits)."""
+        return self.max_queue + len(self._free_slots) - len(self._waiting)
 
     def pages_needed(self, n_seqs: int, budget: int) -> int:
         return n_seqs * pages_for(budget, self.page_size)

@@ -279,12 +279,19 @@ def test_swap_out_and_in_gives_the_same_output():
 
 
 def test_full_queue_refuses_and_changes_nothing():
-    eng = make_engine(tiny_models(UNSEEN), max_queue=2)
-    for i in range(2):
+    """Capacity is max_queue waiting plus the batch's free slots: a burst of 2 + 2 into an idle engine fits
+    (the first two start at the next step, they do not wait); one more is refused and counted."""
+    eng = make_engine(tiny_models(UNSEEN), max_queue=2, max_batch_size=2)
+    for i in range(4):
         eng.submit(GenerationRequest(condition=i, seed=i, request_id=str(i)), lambda ev: None)
     with pytest.raises(QueueFull):
-        eng.submit(GenerationRequest(condition=3, seed=3, request_id="3"), lambda ev: None)
-    assert sorted(eng.requests) == ["0", "1"] and eng.scheduler.num_waiting == 2
+        eng.submit(GenerationRequest(condition=4, seed=4, request_id="4"), lambda ev: None)
+    assert sorted(eng.requests) == ["0", "1", "2", "3"] and eng.scheduler.num_waiting == 4
+    assert eng.stats().requests_total_by_status == {"rejected": 1}
+    eng.step()  # two run, two wait: the queue is full again
+    assert len(eng.scheduler.running) == 2 and eng.scheduler.num_waiting == 2
+    with pytest.raises(QueueFull):
+        eng.submit(GenerationRequest(condition=4, seed=4, request_id="4"), lambda ev: None)
 
 
 @pytest.mark.parametrize("bad", [

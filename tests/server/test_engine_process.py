@@ -36,9 +36,10 @@ def engine_pid(srv: LiveServer) -> int:
 
 @pytest.fixture(scope="module")
 def faulty_server():
-    """Two images at a time; requests whose id contains 'fault-me' raise inside the engine step."""
+    """Two images at a time; requests whose id contains 'fault-me' raise inside the engine step; a whole
+    step raises while a request whose id contains 'step-fault' runs."""
     srv = LiveServer("faulty", {"ADSA_MAX_BATCH_SIZE": "2", "ADSA_FAULT_REQUEST_ID": "fault-me",
-                                "ADSA_PREVIEW_EVERY_ROWS": "1"})
+                                "ADSA_FAULT_STEP_REQUEST_ID": "step-fault", "ADSA_PREVIEW_EVERY_ROWS": "1"})
     try:
         srv.wait_ready()
         yield srv
@@ -67,6 +68,41 @@ def test_a_request_whose_step_raises_fails_alone(faulty_server):
     assert "injected fault for fault-me" in faulty_server.logs()
     for rid in ("fine-1", "fine-2"):
         assert results[rid].status_code == 200 and len(results[rid].json()["data"]) == 2
+    wait_for(lambda: metric(faulty_server, "adsa_kv_cache_used_tokens") == 0)
+
+
+def test_a_failing_step_fails_its_batch_only_and_queued_requests_survive(faulty_server):
+    """The core is stopped while three requests arrive, so it takes them in order: 'step-fault' and 'co-runner'
+    make the batch (two images), 'queued' waits. The step raises: the batch fails with a generic message naming
+    each request, the exception and the ids go to the log, the queued request runs."""
+    core = engine_pid(faulty_server)
+    results: dict[str, httpx.Response] = {}
+
+    def post(rid: str) -> None:
+        with faulty_server.client() as c:
+            results[rid] = c.post("/v1/generate", json={"class_label": 1, "seed": 3}, headers={"X-Request-Id": rid})
+
+    os.kill(core, signal.SIGSTOP)
+    threads = []
+    try:
+        for rid in ("step-fault", "co-runner", "queued"):
+            threads.append(threading.Thread(target=post, args=(rid,)))
+            threads[-1].start()
+            time.sleep(0.3)  # in this order into the core's socket
+    finally:
+        os.kill(core, signal.SIGCONT)
+    for t in threads:
+        t.join(60)
+    for rid in ("step-fault", "co-runner"):
+        r = results[rid]
+        assert r.status_code == 500, (rid, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "internal_error" and rid in err["message"] and "injected" not in err["message"]
+    assert results["queued"].status_code == 200 and len(results["queued"].json()["data"]) == 1
+    log = faulty_server.logs()
+    failed_line = next(line for line in log.splitlines() if "engine step failed" in line)
+    assert "step-fault" in failed_line and "co-runner" in failed_line and "queued" not in failed_line
+    assert "injected step failure" in log
     wait_for(lambda: metric(faulty_server, "adsa_kv_cache_used_tokens") == 0)
 
 

@@ -16,7 +16,7 @@ from server_fake_engine import fake_client
 from server_live import TINY_GPT
 
 from adsa_core.config import EngineConfig
-from adsa_core.engine.client import ProcessEngineClient
+from adsa_core.engine.client import DEADLINE_GRACE_S, ProcessEngineClient
 from adsa_core.loading import ModelSpec
 from server import Settings, create_app
 
@@ -87,3 +87,30 @@ async def test_real_engine_process_stopped_then_killed():
             await wait_probe(c, [(503, "engine_dead")] * 2)
             r = await c.post("/v1/generate", json={"class_label": 1})
             assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+
+
+async def test_requests_end_by_their_deadline_when_the_engine_process_is_stalled():
+    """The core's reaper enforces deadlines; with the core stopped (SIGSTOP) the API side ends requests
+    itself, within the grace after their deadline: one the core never acknowledged and one it was running."""
+    spec = ModelSpec(gpt_config=json.dumps(TINY_GPT), device="cpu")
+    engine = ProcessEngineClient(spec, EngineConfig(max_batch_size=1), env={"OMP_NUM_THREADS": "1"})
+    app = create_app(Settings(_env_file=None), engine=engine)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            loop = asyncio.get_running_loop()
+            core = engine._proc.pid
+            running = asyncio.create_task(c.post("/v1/generate", json={"class_label": 1, "n": 16, "timeout_s": 2}))
+            while engine.stats().running == 0:
+                await asyncio.sleep(0.01)
+            os.kill(core, signal.SIGSTOP)
+            try:
+                t0 = loop.time()
+                unacknowledged = await c.post("/v1/generate", json={"class_label": 2, "timeout_s": 1})
+                assert loop.time() - t0 < 1 + DEADLINE_GRACE_S + 1
+                accepted = await running
+            finally:
+                os.kill(core, signal.SIGCONT)
+            for r in (unacknowledged, accepted):
+                assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+            assert (await c.post("/v1/generate", json={"class_label": 1})).status_code == 200  # it goes on
