@@ -1,4 +1,4 @@
-"""Shared fixtures: the LlamaGen compatibility vectors in ../shared/testdata/llamagen."""
+"""Shared fixtures: the LlamaGen compatibility vectors in tests/data/llamagen (see its README)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from adsa_core.config import GPTConfig, VQConfig
 from adsa_core.model import Transformer, VQModel, load_gpt, load_vq
 
-TESTDATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "testdata" / "llamagen"
+TESTDATA = Path(__file__).resolve().parent / "data" / "llamagen"
 
 # Tiny models on a small shared CPU: extra threads only contend with each other.
 torch.set_num_threads(1)
@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def testdata() -> Path:
-    assert (TESTDATA / "MANIFEST.json").is_file(), f"shared test vectors not found at {TESTDATA.resolve()}"
+    assert (TESTDATA / "MANIFEST.json").is_file(), f"test vectors not found at {TESTDATA}"
     return TESTDATA
 
 

@@ -23,7 +23,7 @@ from adsa_core.eval.classifier import ClassifierConfig, EmojiClassifier, save_cl
 from adsa_core.loading import DEMO_DIR, load_models
 from adsa_core.sampling import SamplingParams
 
-TESTDATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "testdata" / "llamagen"
+TESTDATA = Path(__file__).resolve().parent / "data" / "llamagen"
 TINY_GPT = dict(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10)
 
 
@@ -140,7 +140,7 @@ def test_seed_diversity() -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     manifest = TESTDATA / "MANIFEST.json"
-    assert manifest.is_file(), f"shared test vectors not found at {TESTDATA.resolve()}"
+    assert manifest.is_file(), f"test vectors not found at {TESTDATA}"
     d = tmp_path_factory.mktemp("fidelity_tiny")
     vq_cfg = json.loads(manifest.read_text())["vq.pt"]["config"]
     torch.manual_seed(0)

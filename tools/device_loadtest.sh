@@ -84,7 +84,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 DEV="${ADSA_LT_DEVICE:-cuda}"
-TINY_VQ_CKPT="$REPO/../shared/testdata/llamagen/vq.pt"
+TINY_VQ_CKPT="$REPO/tests/data/llamagen/vq.pt"
 if [[ "$DEV" == cpu ]]; then
     if [[ -f "$TINY_VQ_CKPT" ]]; then d_model=tiny; else d_model=demo; fi
     d_batch=4 d_stage=3 d_probe=3 d_warm=2 d_scale=4 d_ramp=0.5 d_fracs=0.5,0.9,1.3 d_ready=120 d_budget=170

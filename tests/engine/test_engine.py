@@ -31,7 +31,7 @@ from adsa_core.model import load_gpt
 from adsa_core.reference import generate
 from adsa_core.sampling import SamplingParams
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "testdata" / "llamagen"
+DATA = Path(__file__).resolve().parents[1] / "data" / "llamagen"
 
 
 def tiny_models(cfg: GPTConfig | None = None, ckpt: Path | None = None, seed: int = 0) -> LoadedModels:

@@ -1,5 +1,5 @@
 """The REAL daemon (`python -m server`: uvicorn + the real AsyncEngine) in a subprocess on 127.0.0.1,
-with a tiny random-weight GPT and the small VQ tokenizer from ../shared/testdata/llamagen, so tests
+with a tiny random-weight GPT and the small VQ tokenizer from tests/data/llamagen, so tests
 exercise real HTTP, batching and KV accounting in seconds on a CPU.
 """
 
@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
-TESTDATA = REPO.parent / "shared" / "testdata" / "llamagen"
+TESTDATA = REPO / "tests" / "data" / "llamagen"
 API_KEY = "test-key-1"
 
 # A 2-layer GPT over an 8x8 token grid (64 tokens, 32 px images) with random weights; the VQ is the
@@ -53,8 +52,7 @@ CPU_ENV = {
 
 
 def tiny_model_env() -> dict[str, str]:
-    if not (TESTDATA / "vq.pt").is_file():
-        pytest.skip(f"shared test data missing: {TESTDATA}")
+    assert (TESTDATA / "vq.pt").is_file(), f"test vectors not found at {TESTDATA}"
     return {
         "ADSA_GPT_CONFIG": json.dumps(TINY_GPT),
         "ADSA_VQ_CKPT": str(TESTDATA / "vq.pt"),
