@@ -57,7 +57,10 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> F
     # added last = outermost: metrics also count 413s from the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, api_keys=settings.api_keys,
                        read_timeout_s=settings.read_timeout_s)
-    app.add_middleware(HTTPMetricsMiddleware, metrics=lambda: runtime.metrics)
+    # every route with its full template, for requests answered before the router runs (413) and for
+    # FastAPI's own /docs and /openapi.json (app.routes may hold the included routers, not their routes)
+    route_table = (*app.routes, *(route for router in routers for route in router.routes))
+    app.add_middleware(HTTPMetricsMiddleware, metrics=lambda: runtime.metrics, routes=route_table)
     app.add_middleware(RequestContextMiddleware)  # every response (413s, preflights) carries X-Request-Id
     return app
 
@@ -112,7 +115,9 @@ class BodyLimitMiddleware:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if scope["method"] == "POST" and ctype in (b"", b"application/x-www-form-urlencoded"):
             headers[b"content-type"] = b"application/json"
-            scope = {**scope, "headers": list(headers.items())}
+            # in place, not a copy: the router records the matched route in this same dict, and the
+            # metrics middleware outside reads it from there (a copy counted these as "unmatched")
+            scope["headers"] = list(headers.items())
 
         async def replay() -> Message:
             nonlocal replayed

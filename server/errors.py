@@ -142,9 +142,20 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     for e in errors[:MAX_ERRORS]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{loc or 'body'}: {msg}")
         params.append(loc or None)
-    return invalid("; ".join(parts), params[0] if params else None)
+        if loc:
+            parts.append(f"{loc}: {msg}")
+        elif e.get("type") == "value_error":  # the request model's own checks name their fields
+            parts.append(msg)
+        elif e.get("type") in _NOT_AN_OBJECT:  # no body, or a JSON list, string or number
+            parts.append("the request body must be a JSON object")
+        else:
+            parts.append(f"request body: {msg}")
+    return invalid("; ".join(dict.fromkeys(parts)), params[0] if params else None)
+
+
+# pydantic error types for a body that is absent or not an object at all
+_NOT_AN_OBJECT = {"missing", "model_type", "model_attributes_type", "dict_type"}
 
 
 def install_error_handlers(app: FastAPI, retry_after=lambda: 1.0) -> None:

@@ -29,6 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adsa_core.engine.request import EngineStats, ModelInfo
@@ -234,11 +235,37 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class HTTPMetricsMiddleware:
-    """Pure ASGI (not BaseHTTPMiddleware, which breaks streaming disconnect detection)."""
+def route_template(scope: Scope, routes: Iterable[BaseRoute] = ()) -> str:
+    """The label for a request: the matched route's template ("/v1/models/{model_id}"), never the raw
+    path, so unknown paths cannot create new series; "unmatched" when no route takes the path.
 
-    def __init__(self, app: ASGIApp, metrics: Callable[[], Metrics]):
-        self.app, self.metrics = app, metrics
+    The router leaves the route it picked in the scope for the API's own routes. Requests it never
+    saw (refused by an outer middleware: 413) and FastAPI's built-in /docs, /redoc and /openapi.json
+    (plain Starlette routes, which it may not record there) are matched again against `routes`: a
+    full match first, then a method-only one, as the router does (a 405 counts under its route)."""
+    route = scope.get("route")
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if path:
+        return str(path)
+    partial = None
+    for r in routes:
+        if not isinstance(r, Route):  # included routers, mounts: `routes` lists their routes too
+            continue
+        match, _ = r.matches(scope)
+        if match is Match.FULL:
+            return r.path
+        if match is Match.PARTIAL and partial is None:
+            partial = r.path
+    return partial or "unmatched"
+
+
+class HTTPMetricsMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware, which breaks streaming disconnect detection).
+
+    routes: every route of the app with its full template (see `route_template`)."""
+
+    def __init__(self, app: ASGIApp, metrics: Callable[[], Metrics], routes: Iterable[BaseRoute] = ()):
+        self.app, self.metrics, self.routes = app, metrics, tuple(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -255,8 +282,7 @@ class HTTPMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            # the route template, not the raw path: unknown paths must not create new series
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = route_template(scope, self.routes)
             m = self.metrics()
             m.http_requests.labels(route, str(status)).inc()
             m.http_duration.labels(route).observe(time.perf_counter() - start)

@@ -154,7 +154,7 @@ async def test_stream_without_previews_by_default_setting():
         ({"prompt": "a red fox"}, "class-conditional"),
         ({"class_label": 1, "preview_every_rows": -1}, "preview_every_rows"),
         ({"class_label": 1, "timeout_s": 0}, "timeout_s"),
-        ([1, 2], "body"),
+        ([1, 2], "JSON object"),
     ],
 )
 async def test_invalid_requests_are_422(body, fragment):
@@ -164,6 +164,31 @@ async def test_invalid_requests_are_422(body, fragment):
         err = r.json()["error"]
         assert err["code"] == "invalid_request" and err["type"] == "invalid_request_error"
         assert fragment in err["message"], err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        # the request model's own checks: the message alone, no location prefix
+        (
+            '{"class_label": 1, "n": 2, "response_format": "png"}',
+            "response_format png returns one image; use b64_json for n > 1",
+        ),
+        ("{}", "give exactly one of class_label, class_labels or prompt"),
+        ('{"class_labels": [1, 2], "n": 3}', "n=3 but 2 class_labels were given"),
+        # a field's own check: the field, then the message
+        ('{"class_label": 1, "n": 17}', "n: Input should be less than or equal to 16"),
+        # a body that is not an object at all, or none (curl -d '' sends an empty body)
+        ("[1, 2]", "the request body must be a JSON object"),
+        ('"x"', "the request body must be a JSON object"),
+        ("", "the request body must be a JSON object"),
+    ],
+)
+async def test_validation_messages_are_exact(content, message):
+    async with fake_client() as (c, _):
+        r = await c.post("/v1/generate", content=content)  # no Content-Type, as `curl -d` sends it
+        assert_error(r, 422, "invalid_request")
+        assert r.json()["error"] == message
 
 
 async def test_malformed_json_wrong_method_unknown_route_oversized():
@@ -331,6 +356,53 @@ async def test_metrics_exposition():
             'adsa_cache_config_info{budget="8",kv_cache_dtype="float32",max_batch_size="8",model="fake-demo",'
             'policy="adsa",pool_bytes="65536"} 1.0'
         ) in text
+
+
+def http_counts(text: str) -> dict[tuple[str, str], float]:
+    """{(route, status): count} of adsa_http_requests_total in one scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.labels["route"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "adsa_http_requests_total"
+    }
+
+
+async def test_route_label_for_every_way_of_sending_a_request():
+    """The label is the route template whatever the client sends: with or without a Content-Type
+    (curl -d sends a form type, which the body middleware rewrites), refused before the router
+    (413), a wrong method (405), FastAPI's own pages; only unknown paths are "unmatched"."""
+    body = b'{"class_label": 3}'
+    async with fake_client(S(max_body_bytes=2048)) as (c, _):
+        sent = [
+            await c.post("/v1/generate", json={"class_label": 3}),
+            await c.post("/v1/generate", content=body),  # no Content-Type at all
+            await c.post("/v1/generate", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"}),
+            await c.post("/v1/generate", content=body, headers={"Content-Type": "application/json; charset=utf-8"}),
+            await c.post("/generate", content=body),
+            await c.post("/v1/generate", content=b" " * 4096),  # 413 from the body limit, before routing
+            await c.get("/v1/generate"),
+            await c.get("/v1/models/other"),
+            await c.get("/docs"),
+            await c.get("/openapi.json"),
+            await c.get("/redoc"),
+            await c.get("/nope"),
+        ]
+        assert [r.status_code for r in sent] == [200, 200, 200, 200, 200, 413, 405, 404, 200, 200, 200, 404]
+        counts = http_counts((await c.get("/metrics")).text)
+    assert counts == {
+        ("/v1/generate", "200"): 4,
+        ("/generate", "200"): 1,
+        ("/v1/generate", "413"): 1,
+        ("/v1/generate", "405"): 1,
+        ("/v1/models/{model_id}", "404"): 1,
+        ("/docs", "200"): 1,
+        ("/openapi.json", "200"): 1,
+        ("/redoc", "200"): 1,
+        ("unmatched", "404"): 1,
+    }
 
 
 def test_error_mapping_table():

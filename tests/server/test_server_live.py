@@ -195,6 +195,21 @@ def test_malformed_unknown_oversized(live_server):
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
+def test_curl_style_post_is_counted_under_its_route(live_server):
+    """`curl -d '{...}'` (a form Content-Type, rewritten to JSON by the body middleware) is served and
+    counted under /v1/generate, not "unmatched"."""
+    key = ("adsa_http_requests_total", (("route", "/v1/generate"), ("status", "200")))
+    before = live_server.metrics().get(key, 0.0)
+    with live_server.client(headers=AUTH) as c:
+        r = c.post(
+            "/v1/generate",
+            content=b'{"class_label": 2, "seed": 5}',
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+    assert r.status_code == 200 and r.json()["data"][0]["seed"] == 5
+    assert live_server.metrics()[key] == before + 1
+
+
 def test_metrics_has_every_design_name(live_server):
     text = httpx.get(live_server.url + "/metrics").text
     missing = [name for name in DESIGN_METRICS if f"\n{name}" not in text]
