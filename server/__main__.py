@@ -81,6 +81,12 @@ class DrainingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        bound = [sock.getsockname() for server in self.servers for sock in server.sockets]
+        if bound and isinstance(bound[0], tuple):  # an IP listener (not a unix socket): the real port
+            self.runtime.address = (self.runtime.address[0], bound[0][1])
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None:  # not serving yet
             self.should_exit = True

@@ -36,6 +36,8 @@ class Runtime:
         self._latency_ewma_s = 1.0  # per-image latency estimate for Retry-After
         self._load_task: asyncio.Task | None = None
         self._stopped = False  # engine shut down (drain() ran); stop() must not do it twice
+        self.created_at = time.monotonic()
+        self.address = (settings.host, settings.port)  # __main__ puts the bound one here (port 0)
 
     # --- life cycle
 
@@ -62,6 +64,9 @@ class Runtime:
                      engine.warmup_s)
             self.metrics.warmup_seconds.set(engine.warmup_s)
             self.metrics.start_seconds.set(time.monotonic() - t0)
+            # the one line a person starting the server waits for: /readyz says 200 from now on
+            elapsed = time.monotonic() - self.created_at
+            log.info("ready: %s on %s in %.1f s \u2014 %s", info.name, info.device, elapsed, self.url())
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -91,6 +96,12 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.drain(self.settings.drain_timeout_s)
+
+    def url(self) -> str:
+        """Where a client on this machine reaches the server (a wildcard bind is reachable on loopback)."""
+        host, port = self.address
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     # --- state for routes
 

@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ADSA_", extra="forbid", validate_default=True)
 
     # --- listener
-    host: str = Field("0.0.0.0", description="Address to bind")
+    host: str = Field(
+        "127.0.0.1", description="Address to bind (0.0.0.0: every interface, as the container image sets)"
+    )
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
 
     # --- model (all unset: the embedded emoji demo model)

@@ -469,3 +469,42 @@ async def test_playground_page_and_its_files_are_open():
             ("/static/{path:path}", "200"),
             ("/static/{path:path}", "404"),
         }
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),  # every interface: this machine reaches it on loopback
+        ("::", "http://[::1]:8000"),
+        ("fd00::5", "http://[fd00::5]:8000"),
+        ("node-3.internal", "http://node-3.internal:8000"),
+    ],
+)
+def test_ready_url_for_each_bind_address(host, url):
+    assert create_app(S(host=host, port=8000), engine=FakeEngine()).state.runtime.url() == url
+
+
+async def test_ready_url_has_the_bound_port_when_the_os_picks_it():
+    """ADSA_PORT=0: the ready line must name the port the OS chose, where the server really answers."""
+    import httpx
+    import uvicorn
+
+    from server.__main__ import DrainingServer
+
+    app = create_app(S(port=0), engine=FakeEngine())
+    runtime = app.state.runtime
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
+    server = DrainingServer(config, runtime, drain_timeout_s=1)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
+        host, port = runtime.address
+        assert port != 0 and runtime.url() == f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient() as c:
+            assert (await c.get(runtime.url() + "/readyz")).json() == {"status": "ready"}
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)

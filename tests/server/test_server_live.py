@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import socket
 import threading
@@ -193,6 +194,17 @@ def test_malformed_unknown_oversized(live_server):
         }
         r = c.post("/v1/generate", content=b"[" + b"1," * 600_000 + b"1]", headers={"Content-Type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_start_up_ends_in_one_ready_line(live_server):
+    """The line a person starting the server waits for: model, device, time to ready and a URL that works."""
+    lines = [line for line in Path(live_server.log_path).read_text(errors="replace").splitlines() if "ready: " in line]
+    assert len(lines) == 1, lines
+    m = re.search(r"adsa\.server: ready: (\S+) on cpu in (\d+\.\d) s \u2014 (http://\S+)$", lines[0])
+    assert m, lines[0]
+    assert 0 < float(m[2]) < 150 and m[3] == live_server.url
+    with httpx.Client(base_url=m[3], headers=AUTH) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == m[1]
 
 
 def test_curl_style_post_is_counted_under_its_route(live_server):
