@@ -132,22 +132,42 @@ def decode_images(vq: VQModel, codes: torch.Tensor, batch_size: int) -> Iterator
         yield vq.decode_code(codes[start: start + batch_size].to(device)).float().cpu()
 
 
-def write_images(vq: VQModel, codes: torch.Tensor, outputs: Outputs, batch_size: int) -> None:
-    """PNGs + grid and/or the float image tensor, in request order."""
+def progress_bar(total: int, unit: str, desc: str, delay: float | None) -> tqdm:
+    """A bar on stderr. delay: None hides it; else it appears once the work has run `delay` seconds,
+    so quick runs stay quiet and long ones show how far they are."""
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=delay is None, delay=delay or 0.0,
+                dynamic_ncols=True)
+
+
+def report_written(path: Path | str) -> None:
+    """Each file the command writes, one per line on stdout as it is written (around any live bar)."""
+    tqdm.write(str(path), file=sys.stdout)
+
+
+def write_images(
+    vq: VQModel, codes: torch.Tensor, outputs: Outputs, batch_size: int, progress_delay: float | None = None
+) -> None:
+    """PNGs + grid and/or the float image tensor, in request order; each file is reported."""
     floats, pixels = [], []
-    for images in decode_images(vq, codes, batch_size):
-        if outputs.images_out:
-            floats.append(images)
-        if outputs.out_dir:
-            px = to_uint8(images)
-            save_pngs(px, outputs.out_dir, start=sum(len(p) for p in pixels))
-            pixels.append(px)
+    with progress_bar(codes.shape[0], "img", f"{PROG} decode", progress_delay) as bar:
+        for images in decode_images(vq, codes, batch_size):
+            if outputs.images_out:
+                floats.append(images)
+            if outputs.out_dir:
+                px = to_uint8(images)
+                for path in save_pngs(px, outputs.out_dir, start=sum(len(p) for p in pixels)):
+                    report_written(path)
+                pixels.append(px)
+            bar.update(len(images))
     if outputs.out_dir:
-        make_grid(torch.cat(pixels)).save(Path(outputs.out_dir) / "grid.png")
+        grid = Path(outputs.out_dir) / "grid.png"
+        make_grid(torch.cat(pixels)).save(grid)
+        report_written(grid)
     if outputs.images_out:
         path = Path(outputs.images_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(torch.cat(floats), path)
+        report_written(path)
 
 
 def build_conditions(
@@ -318,7 +338,8 @@ def _main(argv: list[str] | None) -> int:
     }
     SamplingParams(**sampling_overrides)  # fail fast on bad values, before loading any weights
     cache_config = CacheConfig(policy=a.policy, budget=a.kv_budget, prefix=a.kv_prefix, local=a.kv_local)
-    show_progress = a.progress or sys.stderr.isatty()
+    # --progress: a bar at once; on a terminal: a bar for work that runs over a second; else none
+    progress_delay = 0.0 if a.progress else 1.0 if sys.stderr.isatty() else None
 
     if a.list_classes:
         return list_classes(spec)
@@ -327,13 +348,13 @@ def _main(argv: list[str] | None) -> int:
             raise UsageError("--codes-in decodes given codes; it takes no conditions")
         if not outputs.needs_pixels:
             raise UsageError("--codes-in needs --out or --images-out")
-        return decode_only(spec, a.codes_in, outputs, a.batch_size)
+        return decode_only(spec, a.codes_in, outputs, a.batch_size, progress_delay)
     if a.prompts is not None and not a.text_encoder:
         raise UsageError("--prompts needs --text-encoder DIR (a local T5 encoder, e.g. flan-t5-xl)")
     if not (outputs.out_dir or outputs.codes_out or outputs.images_out):
         raise UsageError("nothing to write: give --out, --codes-out and/or --images-out")
     return generate(spec, conditions, sampling_overrides, cache_config, outputs, a.seed, a.batch_size,
-                    show_progress, a.kv_cache_dtype)
+                    progress_delay, a.kv_cache_dtype)
 
 
 def list_classes(spec: ModelSpec) -> int:
@@ -347,11 +368,13 @@ def list_classes(spec: ModelSpec) -> int:
     return 0
 
 
-def decode_only(spec: ModelSpec, codes_in: str, outputs: Outputs, batch_size: int) -> int:
+def decode_only(
+    spec: ModelSpec, codes_in: str, outputs: Outputs, batch_size: int, progress_delay: float | None = None
+) -> int:
     codes = read_codes(codes_in)
     vq = load_decoder(spec)
     check_codes(codes, vq)
-    write_images(vq, codes, outputs, batch_size)
+    write_images(vq, codes, outputs, batch_size, progress_delay)
     return 0
 
 
@@ -363,9 +386,10 @@ def generate(
     outputs: Outputs,
     seed: int,
     batch_size: int,
-    show_progress: bool,
+    progress_delay: float | None,
     kv_cache_dtype: str = "auto",
 ) -> int:
+    """Generate, then write `outputs`; progress_delay: see `progress_bar`."""
     models = load_models(spec)
     cache_config.resolve(models.gpt_config)  # invalid budget for this model: fail before any work
     if outputs.needs_pixels and models.vq is None:
@@ -377,8 +401,7 @@ def generate(
     n = conds.shape[0]
     seeds = seed + torch.arange(n, dtype=torch.long)
 
-    bar = tqdm(total=n * models.gpt_config.block_size, unit="tok", file=sys.stderr, disable=not show_progress,
-               desc=PROG, dynamic_ncols=True)
+    bar = progress_bar(n * models.gpt_config.block_size, "tok", PROG, progress_delay)
     t0 = time.perf_counter()
     with bar:
         result = generate_codes(models, conds, emb_masks, sampling, seeds, cache_config, batch_size,
@@ -411,10 +434,11 @@ def generate(
         path = Path(outputs.codes_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"codes": result.codes.tolist(), "stats": stats}) + "\n")
+        report_written(path)
     if outputs.needs_pixels:
         assert models.vq is not None
-        write_images(models.vq, result.codes, outputs, batch_size)
-    if show_progress:
+        write_images(models.vq, result.codes, outputs, batch_size, progress_delay)
+    if progress_delay is not None:
         print(f"{PROG}: {n} images in {seconds:.2f} s ({n / seconds:.2f} images/s)", file=sys.stderr)
     return 0
 

@@ -31,16 +31,40 @@ def png_bytes(image: Image.Image, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, columns) for n images: the squarest layout that n fills exactly, unless that is a long
+    strip (over 8 columns and over twice as wide as high: 11, 13, 22 ...); then ceil(sqrt(n))
+    columns with a shorter last row."""
+    if n < 1:
+        raise ValueError("a grid needs at least one image")
+    square = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
+    cols = next(d for d in range(square, n + 1) if n % d == 0)
+    rows = n // cols
+    if cols <= 8 or cols <= 2 * rows:
+        return rows, cols
+    return math.ceil(n / square), square
+
+
 def make_grid(pixels: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
-    """(B, H, W, 3) uint8 -> one image, `nrow` per row (default: a square-ish grid), black gaps."""
+    """(B, H, W, 3) uint8 -> one image, `nrow` per row (default: `grid_shape`), 2-pixel black gaps.
+
+    Every cell holds an image: a shorter last row is centred and the canvas beside it is transparent
+    (an RGBA image then), never a black filler cell."""
     B, H, W, C = pixels.shape
-    nrow = nrow or math.ceil(math.sqrt(B))
-    ncol = math.ceil(B / nrow)
-    grid = torch.zeros(padding + ncol * (H + padding), padding + nrow * (W + padding), C, dtype=torch.uint8)
+    cols = nrow or grid_shape(B)[1]
+    rows = math.ceil(B / cols)
+    last = B - (rows - 1) * cols  # images in the last row
+    channels = C if last == cols else C + 1  # alpha only where part of the canvas stays empty
+    grid = torch.zeros(padding + rows * (H + padding), padding + cols * (W + padding), channels, dtype=torch.uint8)
+    shift = (cols - last) * (W + padding) // 2  # of the last row, to centre it
+    last_y = padding + (rows - 1) * (H + padding)
+    if channels > C:  # opaque: the full rows, then the last row's images with the gaps around them
+        grid[:last_y, :, C] = 255
+        grid[last_y:, shift : shift + padding + last * (W + padding), C] = 255
     for i in range(B):
-        r, c = divmod(i, nrow)
-        y, x = padding + r * (H + padding), padding + c * (W + padding)
-        grid[y: y + H, x: x + W] = pixels[i]
+        r, c = divmod(i, cols)
+        y, x = padding + r * (H + padding), padding + c * (W + padding) + (shift if r == rows - 1 else 0)
+        grid[y : y + H, x : x + W, :C] = pixels[i]
     return Image.fromarray(grid.numpy())
 
 

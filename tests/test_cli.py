@@ -111,20 +111,25 @@ def test_decode_only(tmp_path, capsys, vq_args, vq_io):
 
 def test_out_writes_pngs_and_grid(tmp_path, capsys, small_vocab_args, vq_args):
     labels = "1,2,3,4,5"
-    rc, _, err = run([*small_vocab_args, *vq_args, "--class-labels", labels, "--seed", "7", "--top-k", "20",
-                      "--out", tmp_path / "png", "--codes-out", tmp_path / "codes.json",
-                      "--images-out", tmp_path / "im.pt"], capsys)
+    rc, out, err = run([*small_vocab_args, *vq_args, "--class-labels", labels, "--seed", "7", "--top-k", "20",
+                        "--out", tmp_path / "png", "--codes-out", tmp_path / "codes.json",
+                        "--images-out", tmp_path / "im.pt"], capsys)
     assert rc == 0, err
     names = sorted(p.name for p in (tmp_path / "png").iterdir())
     assert names == [f"{i:05d}.png" for i in range(5)] + ["grid.png"]
+    # each file written, one line each on stdout, in the order written
+    pngs = [str(tmp_path / "png" / name) for name in names]
+    assert out.splitlines() == [str(tmp_path / "codes.json"), *pngs, str(tmp_path / "im.pt")]
     images = torch.load(tmp_path / "im.pt", weights_only=True)
     assert images.shape == (5, 3, 16, 16)
     pixels = to_uint8(images)
     for i in range(5):
         png = torch.tensor(np.asarray(Image.open(tmp_path / "png" / f"{i:05d}.png")))
         assert torch.equal(png, pixels[i]), i
-    grid = Image.open(tmp_path / "png" / "grid.png")
-    assert grid.size == (2 + 3 * 18, 2 + 2 * 18)  # 3 per row, 2-pixel gaps
+    grid = np.asarray(Image.open(tmp_path / "png" / "grid.png"))
+    assert grid.shape == (2 + 18, 2 + 5 * 18, 3)  # 5 fill one row exactly: no empty cell; 2-pixel gaps
+    for i in range(5):
+        assert np.array_equal(grid[2:18, 2 + 18 * i : 18 * (i + 1)], pixels[i].numpy()), i
 
     # per-image seeds: any batch size gives the same images; image i uses seed 7 + i
     rc, _, err = run([*small_vocab_args, "--class-labels", labels, "--seed", "7", "--top-k", "20",
@@ -159,13 +164,26 @@ def test_prompts_with_text_encoder(tmp_path, capsys, t2i_args, t2i_gpt, tiny_t5_
 def test_progress_bar_goes_to_stderr(tmp_path, capsys, c2i_args):
     rc, out, err = run([*c2i_args, "--class-labels", "1", "--greedy", "--progress",
                         "--codes-out", tmp_path / "c.json"], capsys)
-    assert rc == 0 and out == ""
+    assert rc == 0 and out == f"{tmp_path / 'c.json'}\n"
     assert "16/16" in err and "tok" in err
 
 
-def test_quiet_without_a_tty(tmp_path, capsys, c2i_args):
+def test_without_a_tty_only_the_written_files_are_printed(tmp_path, capsys, c2i_args):
     rc, out, err = run([*c2i_args, "--class-labels", "1", "--codes-out", tmp_path / "c.json"], capsys)
-    assert (rc, out, err) == (0, "", "")
+    assert (rc, out, err) == (0, f"{tmp_path / 'c.json'}\n", "")
+
+
+def test_on_a_terminal_the_bar_waits_for_a_long_run(tmp_path, monkeypatch, capsys, c2i_args):
+    """No --progress, stderr a terminal: the bar shows only for work that runs over a second."""
+    import adsa_core.cli as cli
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    delays = []
+    real_bar = cli.progress_bar
+    monkeypatch.setattr(cli, "progress_bar", lambda *a: delays.append(a[-1]) or real_bar(*a))
+    rc, _, err = run([*c2i_args, "--class-labels", "1", "--greedy", "--codes-out", tmp_path / "c.json"], capsys)
+    assert rc == 0 and delays == [1.0]
+    assert "16/16" not in err  # this run took well under a second
 
 
 def test_sparse_policies_run_through_the_engine(tmp_path, capsys, c2i_args, c2i_io):
