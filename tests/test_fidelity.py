@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -307,7 +309,9 @@ def test_torchscript_features_and_image_folder(tiny, tmp_path, capsys) -> None:
             return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)[:, :, None, None]  # (B, 6, 1, 1)
 
     ts = tmp_path / "feat.pt"
-    torch.jit.script(Feat()).save(str(ts))
+    with warnings.catch_warnings():  # the format real FID detectors ship in, deprecated by torch for writing
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", DeprecationWarning)
+        torch.jit.script(Feat()).save(str(ts))
     ref = tmp_path / "ref"
     ref.mkdir()
     rng = np.random.default_rng(1)
@@ -440,3 +444,11 @@ def test_demo_two_classes_one_seed(tmp_path, capsys) -> None:
     assert dense["kl"] == 0 and sparse["kl"] > 0 and sparse["budget_tokens"] == round(0.25 * report["seq_len"])
     assert "recognition_acc" in dense  # the demo ships its classifier
     assert (out / "grid.png").is_file()
+
+
+def test_help_examples_fit_the_demo_model() -> None:
+    """Every class range `adsa-fidelity --help` shows exists in the embedded demo model."""
+    num_classes = json.loads((DEMO_DIR / "config.json").read_text())["gpt"]["num_classes"]
+    ranges = re.findall(r"\b(\d+)-(\d+)(?::\d+)?\b", fidelity.build_parser().format_help())
+    assert ranges, "the help shows no class range"
+    assert [(lo, hi) for lo, hi in ranges if int(hi) >= num_classes] == []

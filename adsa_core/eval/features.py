@@ -8,6 +8,7 @@ a folder of images or an .npz of images, feature rows or precomputed statistics.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,11 @@ class TorchScriptFeatures(FeatureExtractor):
         if not p.is_file():
             raise ConfigError(f"--inception file not found: {path}")
         try:
-            self.model = torch.jit.load(str(p), map_location=device).eval()
+            # FID detectors ship as TorchScript (NVlabs' inception-2015-12-05.pt), which torch deprecates
+            # with no loader to replace it: reading the file the user names is the point, so not a warning
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", DeprecationWarning)
+                self.model = torch.jit.load(str(p), map_location=device).eval()
         except Exception as e:  # noqa: BLE001 - any load problem is one clear line
             raise ConfigError(f"--inception {path} is not a TorchScript file: {one_line(e)}") from None
         self.device, self.input_range, self.size = device, input_range, size

@@ -146,7 +146,7 @@ def _batch(text: str) -> int | None:
 
 
 def _classes(text: str) -> list[int]:
-    """'0,5,9', inclusive ranges '0-23', strided ranges '0-1892:30', mixed."""
+    """'0,5,9', inclusive ranges '0-23', strided ranges '0-1869:30', mixed."""
     out: list[int] = []
     for t in text.replace(" ", "").split(","):
         if "-" in t[1:]:
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes",
         type=_classes,
         metavar="C,C-C:S",
-        help="class labels, e.g. 0,5,9 or 0-23 or 0-1892:30 (default: 8 spread over the model's)",
+        help="class labels, e.g. 0,5,9 or 0-23 or 0-1869:30 (default: 8 spread over the model's)",
     )
     e.add_argument("--seeds", type=positive_int, default=2, metavar="N", help="seeds per class: SEED..SEED+N-1")
     e.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
