@@ -148,7 +148,8 @@ def write_images(
     vq: VQModel, codes: torch.Tensor, outputs: Outputs, batch_size: int, progress_delay: float | None = None
 ) -> None:
     """PNGs + grid and/or the float image tensor, in request order; each file is reported."""
-    floats, pixels = [], []
+    floats: list[torch.Tensor] = []
+    pixels: list[torch.Tensor] = []
     with progress_bar(codes.shape[0], "img", f"{PROG} decode", progress_delay) as bar:
         for images in decode_images(vq, codes, batch_size):
             if outputs.images_out:
@@ -402,10 +403,14 @@ def generate(
     seeds = seed + torch.arange(n, dtype=torch.long)
 
     bar = progress_bar(n * models.gpt_config.block_size, "tok", PROG, progress_delay)
+
+    def advance(tokens: int) -> None:
+        bar.update(tokens)
+
     t0 = time.perf_counter()
     with bar:
         result = generate_codes(models, conds, emb_masks, sampling, seeds, cache_config, batch_size,
-                                bar.update, kv_cache_dtype)
+                                advance, kv_cache_dtype)
     seconds = time.perf_counter() - t0
 
     stats = {

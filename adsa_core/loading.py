@@ -127,7 +127,7 @@ def load_models(spec: ModelSpec) -> LoadedModels:
             )
     else:
         image_size = spec.image_size or 384
-        overrides = {"num_classes": spec.num_classes} if spec.num_classes else {}
+        overrides: dict[str, Any] = {"num_classes": spec.num_classes} if spec.num_classes else {}
         gpt_cfg = gpt_preset(spec.gpt_model or "GPT-XL", image_size, vq_cfg.downsample, **overrides)
     if spec.gpt_ckpt is None:
         torch.manual_seed(spec.seed)

@@ -64,7 +64,7 @@ def compare_runs(run_a: Path, run_b: Path, out: Path, labels: tuple[str, str] | 
             vb = sb.get(key) if sb else None
             row[key] = {"a": va, "b": vb, "change": _change(va, vb)}
         rows.append(row)
-    result = {
+    result: dict[str, Any] = {
         "a": {
             "name": name_a,
             "path": str(run_a),

@@ -51,7 +51,7 @@ def _delta_json(before: str | None, after: str | None) -> dict[str, Any] | None:
         deltas = promtext.counter_deltas(promtext.parse(before), promtext.parse(after))
     except promtext.ParseError as e:
         return {"error": str(e)}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (name, labels), v in sorted(deltas.items()):
         rows.append({"name": name, "labels": dict(labels), "delta": v})
     totals: dict[str, float] = {}

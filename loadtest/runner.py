@@ -414,7 +414,8 @@ class LoadRunner:
             rec.ok, rec.error = False, "bad_body"
 
     async def _read_sse(self, resp: httpx.Response, rec: RequestRecord) -> None:
-        event, data_lines = "message", []
+        event = "message"
+        data_lines: list[str] = []
         saw_done = False
         async for line in resp.aiter_lines():
             if rec.first_byte_s is None:

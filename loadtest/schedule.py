@@ -37,7 +37,7 @@ def uniform_arrivals(rate: float, max_requests: int, duration_s: float) -> list[
     if rate <= 0:
         raise ValueError(f"rate must be > 0, got {rate}")
     gap = 1.0 / rate
-    out = []
+    out: list[float] = []
     i = 1
     while len(out) < max_requests and i * gap < duration_s:
         out.append(i * gap)

@@ -40,8 +40,9 @@ from typing import Any
 SATURATION_FRACTION = 0.9
 
 
-def percentile(values: Iterable[float], q: float) -> float | None:
-    """q-th percentile (0..100), linear interpolation between closest ranks; None for no values."""
+def percentile(values: Iterable[float | None], q: float) -> float | None:
+    """q-th percentile (0..100), linear interpolation between closest ranks; None for no values (None
+    entries, such as a time that was not measured, are skipped)."""
     if not 0 <= q <= 100:
         raise ValueError(f"q must be within [0, 100], got {q}")
     xs = sorted(v for v in values if v is not None and not math.isnan(v))

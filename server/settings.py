@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     )
     # the values of adsa_core.kv.pool.KV_CACHE_DTYPES (a test keeps them equal; pool imports torch)
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
-        _ENGINE.kv_cache_dtype,
+        _ENGINE.kv_cache_dtype,  # type: ignore[arg-type]  # EngineConfig keeps a str; validate_default checks it
         description="KV cache storage. auto: the model's dtype; fp8: e4m3 K/V, half the KV memory and bandwidth, "
         "GPUs with compute capability >= 8.9 (H100, L4)",
     )

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ def bench_reference(models: LoadedModels, batch: int, sampling: SamplingParams, 
     dev, cfg = models.device, models.gpt_config
     labels = torch.arange(batch, device=dev) % cfg.num_classes
     seeds = torch.arange(batch, device=dev)
-    kw = dict(seeds=seeds, compile_step=compiled)
+    kw: dict[str, Any] = dict(seeds=seeds, compile_step=compiled)
     generate(models.gpt, labels[: min(batch, 2)], sampling, seeds=seeds[:2], compile_step=compiled)  # warm/compile
     if compiled:
         generate(models.gpt, labels, sampling, **kw)  # compile for this batch shape outside the timing
@@ -88,6 +89,7 @@ def bench_reference(models: LoadedModels, batch: int, sampling: SamplingParams, 
     codes = generate(models.gpt, labels, sampling, **kw)
     _sync(dev)
     t_gen = time.perf_counter() - t0
+    assert models.vq is not None, "the benchmark times the VQ decode too"
     with torch.no_grad():
         images = models.vq.decode_code(codes)  # the whole batch at once, as the public sampler does
         images.clamp(-1, 1)

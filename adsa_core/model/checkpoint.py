@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import GPTConfig, VQConfig
-from .llamagen import Transformer
+from .llamagen import CaptionEmbedder, Transformer
 from .rope import precompute_freqs_cis_2d
 from .vq import VQModel
 
@@ -133,5 +133,5 @@ def init_gpt_weights(model: Transformer, std: float = 0.02) -> None:
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=std)
-    if hasattr(model.cls_embedding, "uncond_embedding"):
+    if isinstance(model.cls_embedding, CaptionEmbedder):
         nn.init.normal_(model.cls_embedding.uncond_embedding, std=model.config.caption_dim ** -0.5)

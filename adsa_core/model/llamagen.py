@@ -61,6 +61,8 @@ class CaptionMLP(nn.Module):
 class CaptionEmbedder(nn.Module):
     """T5 caption features -> condition tokens. `uncond_embedding` is the CFG "no caption"."""
 
+    uncond_embedding: torch.Tensor  # a buffer (registered below)
+
     def __init__(self, caption_dim: int, dim: int, token_num: int):
         super().__init__()
         self.cap_proj = CaptionMLP(caption_dim, dim, dim)
@@ -71,6 +73,8 @@ class CaptionEmbedder(nn.Module):
 
 
 class FeedForward(nn.Module):
+    w13: torch.Tensor | None  # a buffer: the fused w1/w3 weight once fuse() ran
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         hidden = cfg.ffn_hidden_dim
@@ -158,6 +162,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    cls_embedding: LabelEmbedder | CaptionEmbedder
+    freqs_cis: torch.Tensor  # a buffer (registered below)
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -190,7 +197,8 @@ class Transformer(nn.Module):
         Only decode steps (one token per row: static shapes, one per batch bucket, compiled at warm-up) run
         compiled; a prefill's shape depends on how many requests arrived together, and compiling each new
         one would stall serving, so prefills run eagerly."""
-        for block in self.layers:
+        blocks = [block for block in self.layers if isinstance(block, TransformerBlock)]  # all of them
+        for block in blocks:
             block.feed_forward.fuse()
         # one compile per batch bucket (up to 11): past dynamo's default limit of 8 it would fall back to eager
         dyn = torch._dynamo.config
@@ -205,7 +213,7 @@ class Transformer(nn.Module):
         def post(block, x, attn):
             return (post_c if x.shape[1] == 1 else block_post)(block, x, attn)
 
-        for block in self.layers:
+        for block in blocks:
             block.pre, block.post = pre, post
 
     def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
@@ -220,6 +228,7 @@ class Transformer(nn.Module):
             if not self.config.has_null_class:
                 raise ValueError("this checkpoint has no 'no class' embedding row; CFG is unavailable")
             return torch.full_like(cond, self.config.num_classes)
+        assert isinstance(self.cls_embedding, CaptionEmbedder)  # t2i
         return self.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond)
 
     def forward_embeddings(

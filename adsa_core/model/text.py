@@ -63,7 +63,7 @@ class CaptionEncoder:
         except (OSError, ValueError) as e:
             msg = " ".join(str(e).split())
             raise ConfigError(f"cannot load the T5 text encoder from {model_dir}: {msg}") from None
-        self.model.to(device=device, dtype=dtype).eval()
+        self.model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]  # transformers' wrapped .to
         self.device = torch.device(device)
         self.max_length = max_length
         self.clean = clean
