@@ -126,7 +126,7 @@ class Engine:
             plan = self.scheduler.schedule()
             self.runner.apply(plan)
             for item, _ in plan.swap_out:
-                item.stats.swapped_out += 1  # type: ignore[attr-defined] - the engine enqueues EngineRequests
+                item.stats.swapped_out += 1  # type: ignore[attr-defined]  # the engine enqueues EngineRequests
                 self.stats_.swapped_out_total += 1
             if plan.admitted:
                 self._prefill(plan.admitted)
@@ -216,7 +216,7 @@ class Engine:
         self._after_tokens(items)
 
     def _decode(self, plan: StepPlan) -> None:
-        running: list[EngineRequest] = plan.running  # type: ignore[assignment] - the engine enqueues only these
+        running: list[EngineRequest] = plan.running  # type: ignore[assignment]  # the engine enqueues only these
         if plan.batch_changed:
             self.sampler.load(running, [k for k, it in enumerate(running) if it.req.want_logits])
         t0 = self.clock.start()
