@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     def engine_env(self) -> dict[str, str]:
         """Environment of the engine-core process: its log format, and where torch.compile and Triton keep
         their caches."""
-        env = {"ADSA_LOG_FORMAT": self.log_format}
+        env: dict[str, str] = {"ADSA_LOG_FORMAT": self.log_format}
         if self.compile_cache_dir:
             root = self.compile_cache_dir
             env.update(TORCHINDUCTOR_CACHE_DIR=f"{root}/inductor", TRITON_CACHE_DIR=f"{root}/triton")

@@ -51,7 +51,7 @@ def save_grid(grids: dict[str, torch.Tensor], col_labels: list[str], path: Path,
         for c in range(px.shape[0]):
             tile = Image.fromarray(px[c].numpy())
             if scale > 1:
-                tile = tile.resize((W, H), Image.NEAREST)
+                tile = tile.resize((W, H), Image.Resampling.NEAREST)
             img.paste(tile, (left + pad + c * (W + pad), y))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
