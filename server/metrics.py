@@ -243,8 +243,7 @@ def route_template(scope: Scope, routes: Iterable[BaseRoute] = ()) -> str:
     saw (refused by an outer middleware: 413) and FastAPI's built-in /docs, /redoc and /openapi.json
     (plain Starlette routes, which it may not record there) are matched again against `routes`: a
     full match first, then a method-only one, as the router does (a 405 counts under its route)."""
-    route = scope.get("route")
-    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    path = getattr(scope.get("route"), "path", None)  # as declared: "/static/{path:path}"
     if path:
         return str(path)
     partial = None

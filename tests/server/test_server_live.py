@@ -198,10 +198,12 @@ def test_malformed_unknown_oversized(live_server):
 
 def test_start_up_ends_in_one_ready_line(live_server):
     """The line a person starting the server waits for: model, device, time to ready and a URL that works."""
-    lines = [line for line in Path(live_server.log_path).read_text(errors="replace").splitlines() if "ready: " in line]
-    assert len(lines) == 1, lines
-    m = re.search(r"adsa\.server: ready: (\S+) on cpu in (\d+\.\d) s \u2014 (http://\S+)$", lines[0])
-    assert m, lines[0]
+    log = Path(live_server.log_path).read_text(errors="replace").splitlines()
+    # this server logs JSON lines (ADSA_LOG_FORMAT=json); a person's terminal gets the same message as text
+    messages = [json.loads(line)["message"] for line in log if line.startswith("{") and '"ready: ' in line]
+    assert len(messages) == 1, messages
+    m = re.fullmatch(r"ready: (\S+) on cpu in (\d+\.\d) s \u2014 (http://\S+)", messages[0])
+    assert m, messages[0]
     assert 0 < float(m[2]) < 150 and m[3] == live_server.url
     with httpx.Client(base_url=m[3], headers=AUTH) as c:
         assert c.get("/v1/models").json()["data"][0]["id"] == m[1]
