@@ -134,7 +134,7 @@ def header_timeout_h11(seconds: float) -> type[H11Protocol]:
     class HeaderTimeoutH11(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
             self._arm()
 
