@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import signal
@@ -140,14 +141,17 @@ def test_disconnect_cancels_and_frees_kv(live_server):
 
     wait_for(lambda: idle(live_server))
     before = cancelled()
-    # plain JSON request: a raw socket we can hang up on mid-generation
+    # plain JSON requests: raw sockets we can hang up on mid-generation. Three of 16 images (three batches,
+    # over a second of work): one alone can finish (~0.5 s) before the server's disconnect poll sees the hang-up
     body = json.dumps({"class_label": 1, "n": 16}).encode()
-    with socket.create_connection(("127.0.0.1", live_server.port)) as s:
-        s.sendall(
-            b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+    with contextlib.ExitStack() as stack:
+        for _ in range(3):
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", live_server.port)))
+            s.sendall(
+                b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
         wait_for(lambda: gauge(live_server, "adsa_num_requests_running") > 0)
     wait_for(lambda: idle(live_server))
     assert cancelled() > before
