@@ -89,15 +89,14 @@ class Engine:
 
     def submit_all(self, reqs: list[GenerationRequest], sinks: list[Sink]) -> list[str]:
         """Queue requests together or not at all (one HTTP call's images). Raises InvalidRequest or QueueFull."""
-        by = self.stats_.requests_total_by_status  # refusals are outcomes too (adsa_requests_total)
-        if len(reqs) > self.scheduler.queue_room:
-            by["rejected"] = by.get("rejected", 0) + len(reqs)
+        if len(reqs) > self.scheduler.queue_room:  # refusals are outcomes too (adsa_requests_total)
+            self.stats_.count("rejected", len(reqs))
             raise QueueFull(f"{self.scheduler.num_waiting} images are waiting (limit {self.config.max_queue})")
         try:
             encode_prompts(reqs, self.cfg, self.models.text_encoder)  # after the queue check: refusals cost nothing
             caches = [validate_request(r, self.cfg, self.default_cache, self.scheduler.fits_ever) for r in reqs]
         except InvalidRequest:
-            by["invalid"] = by.get("invalid", 0) + len(reqs)
+            self.stats_.count("invalid", len(reqs))
             raise
         ids = []
         for req, sink, cache in zip(reqs, sinks, caches):
@@ -148,8 +147,7 @@ class Engine:
         for rec in item.spill:
             self.spill.release(rec)
         self.requests.pop(item.request_id, None)
-        by = self.stats_.requests_total_by_status
-        by[status] = by.get(status, 0) + 1
+        self.stats_.count(status)
         if outcome is not None:
             item.sink(outcome)
 

@@ -164,7 +164,10 @@ class EngineStats:
     steps_total: int = 0  # decode steps run
     host_busy_s_total: float = 0.0  # host seconds spent inside steps (the loop's busy time)
     last_step_at: float = 0.0  # time.monotonic() of the last completed step (0: none yet)
-    requests_total_by_status: dict[str, int] = field(default_factory=dict)  # ended requests by outcome
+    requests_total_by_status: dict[str, int] = field(default_factory=dict)  # ended or refused requests by outcome
+
+    def count(self, status: str, n: int = 1) -> None:
+        self.requests_total_by_status[status] = self.requests_total_by_status.get(status, 0) + n
 
 
 Sink = Callable[[Event | EngineError], None]
