@@ -1,4 +1,4 @@
-"""adsa-serve HTTP daemon: FastAPI app over the adsa_core AsyncEngine."""
+"""adsa-serve HTTP daemon: FastAPI app over the engine client (the engine core runs in its own process)."""
 
 from .app import create_app
 from .settings import Settings

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adsa_core.engine.client import EngineClient
 
 from .deps import api_key_error, bearer_token
 from .errors import ApiError, install_error_handlers
@@ -22,8 +23,8 @@ from .settings import Settings
 API_VERSION = "0.1.0"
 
 
-def create_app(settings: Settings | None = None, engine: Any | None = None) -> FastAPI:
-    """settings: default read from ADSA_* variables. engine: an AsyncEngine-like object to serve
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
+    """settings: default read from ADSA_* variables. engine: an EngineClient (adsa_core.engine.client) to serve
     (tests); None loads the model named by the settings in the background at startup."""
     settings = settings or Settings()
     runtime = Runtime(settings, engine)

@@ -6,7 +6,7 @@ cache configuration, like vLLM's cache_config_info) to join on by `model`.
 Engine counters and gauges are read from `engine.stats()` at scrape time by a collector,
 so there is no second copy of the engine's bookkeeping to drift; distributions that the
 engine does not keep (latency, queue time, previews, step time, batch size) are histograms
-fed by the server and by the engine's step listener (called from the engine thread:
+fed by the server and by the engine's step listener (called from the engine client's reader task:
 prometheus_client metrics are thread-safe).
 """
 

@@ -22,7 +22,7 @@ def test_ruff_check_is_clean():
 
 
 def test_mypy_is_clean():
-    """adsa_core, server and loadtest (pyproject's [tool.mypy] packages); a cold run takes ~45 s on 2 cores."""
+    """adsa_core, server, loadtest and the tests' fake engine (pyproject's [tool.mypy] files); ~45 s cold on 2 cores."""
     r = run_tool("mypy")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no issues found" in r.stdout

@@ -1,4 +1,4 @@
-"""The load tester against the REAL daemon (uvicorn + AsyncEngine, tiny model, CPU, loopback):
+"""The load tester against the REAL daemon (uvicorn + the engine-core process, tiny model, CPU, loopback):
 a short, bounded dense-vs-adsa run that produces every report file, and the dashboard's metric
 list checked against a live /metrics scrape instead of a constant."""
 

@@ -225,9 +225,10 @@ class FakeEngine:
                         self._end(s, "failed", RequestFailed("simulated failure"))
                         continue
                     self.images += 1
+                    started = now if s.started is None else s.started  # admitted before it ran
                     stats = RequestStats(
-                        queue_s=s.started - s.req.arrival,
-                        run_s=now - s.started,
+                        queue_s=started - s.req.arrival,
+                        run_s=now - started,
                         kv_budget_tokens=8,
                         peak_kv_tokens=8,
                         evictions=3,

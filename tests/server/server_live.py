@@ -1,4 +1,4 @@
-"""The REAL daemon (`python -m server`: uvicorn + the real AsyncEngine) in a subprocess on 127.0.0.1,
+"""The REAL daemon (`python -m server`: uvicorn + the real engine-core process) in a subprocess on 127.0.0.1,
 with a tiny random-weight GPT and the small VQ tokenizer from tests/data/llamagen, so tests
 exercise real HTTP, batching and KV accounting in seconds on a CPU.
 """

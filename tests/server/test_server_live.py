@@ -1,4 +1,4 @@
-"""The real daemon over real HTTP (uvicorn subprocess, real AsyncEngine, tiny model on the CPU)."""
+"""The real daemon over real HTTP (uvicorn subprocess, real engine-core process, tiny model on the CPU)."""
 
 from __future__ import annotations
 
