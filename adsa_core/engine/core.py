@@ -37,7 +37,7 @@ from ..loading import LoadedModels, ModelSpec, load_models
 from ..logfmt import log_formatter
 from . import wire
 from .engine import Engine
-from .request import EngineDraining, EngineError, Event, GenerationRequest, ModelInfo, Progress
+from .request import EngineDraining, EngineError, Event, GenerationRequest, ModelInfo, Progress, RequestFailed
 from .step_clock import StepTiming
 
 log = logging.getLogger("adsa.engine")
@@ -145,7 +145,7 @@ class EngineCore:
             self.engine.step()
             self.failed_steps = 0
         except Exception:
-            failed = self.engine.fail_running(RuntimeError("step failed"))
+            failed = self.engine.fail_running()
             self.failed_steps += 1
             log.exception("engine step failed (%d in a row); failed requests: %s", self.failed_steps,
                           ", ".join(failed) or "none")
@@ -157,12 +157,15 @@ class EngineCore:
         """One client message; False means stop."""
         t = msg["t"]
         if t == "add":
-            reqs = [wire.request_from_wire(d) for d in msg["reqs"]]
             error = None
             try:
+                reqs = [wire.request_from_wire(d) for d in msg["reqs"]]
                 self.engine.submit_all(reqs, [self.outbox.sink(r.request_id) for r in reqs])
             except EngineError as e:
                 error = wire.error_to_wire(e)
+            except Exception:  # noqa: BLE001 - e.g. the text encoder failed: refuse these, keep serving
+                log.exception("queueing requests %s failed", ", ".join(str(d.get("id")) for d in msg["reqs"]))
+                error = wire.error_to_wire(RequestFailed("internal error while queueing the request"))
             self.outbox.send({"t": "ack", "batch": msg["batch"], "error": error})
         elif t == "abort":
             for rid in msg["ids"]:

@@ -156,7 +156,7 @@ class Engine:
         for item in list(self.requests.values()):
             self._finish(item, err, status)
 
-    def fail_running(self, exc: BaseException) -> list[str]:
+    def fail_running(self) -> list[str]:
         """A step raised: the requests in the batch end with a generic error naming their id (details are for
         the log, not for clients); waiting requests stay queued. Returns the failed ids."""
         ids = [it.request_id for it in list(self.scheduler.running)]

@@ -1,0 +1,41 @@
+"""The engine-core loop's message handling, in-process (no sockets): a submission that cannot even be read
+is refused with an error ack and the core goes on serving."""
+
+from __future__ import annotations
+
+from adsa_core.config import EngineConfig
+from adsa_core.engine import wire
+from adsa_core.engine.core import EngineCore
+from adsa_core.engine.request import GenerationRequest
+
+from .test_engine import UNSEEN, tiny_models
+
+
+class RecordingOutbox:
+    """Outbox stand-in: keeps what the core would send."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self.batch: list[list] = []
+
+    def send(self, msg: dict) -> None:
+        self.sent.append(wire.loads(wire.dumps(msg)))  # what would cross the socket
+
+    def sink(self, rid: str):
+        return lambda ev: self.batch.append(wire.event_to_wire(rid, ev))
+
+
+def test_an_unreadable_submission_is_refused_and_the_core_keeps_serving():
+    outbox = RecordingOutbox()
+    core = EngineCore(tiny_models(UNSEEN), EngineConfig(max_batch_size=2, decode_images=False), outbox)  # type: ignore
+    assert core.handle({"t": "add", "batch": 0, "reqs": [{"id": "broken", "seed": 1}]})  # fields missing
+    refused = ["internal_error", "internal error while queueing the request"]
+    assert outbox.sent[-1] == {"t": "ack", "batch": 0, "error": refused}
+    assert not core.engine.has_work  # nothing was queued
+    good = wire.request_to_wire(GenerationRequest(condition=2, seed=3, request_id="good"))
+    assert core.handle({"t": "add", "batch": 1, "reqs": [good]})
+    assert outbox.sent[-1] == {"t": "ack", "batch": 1, "error": None}
+    while core.engine.has_work:
+        core.step()
+    core.close()  # waits for the image stage, which sends the result
+    assert [kind for rid, kind, _ in outbox.batch if rid == "good"][-1] == "finished"
