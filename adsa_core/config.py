@@ -305,10 +305,8 @@ class ResolvedCache:
 class EngineConfig:
     """Engine-wide settings (the server maps ADSA_* settings onto these)."""
 
-    device: str = "cpu"
-    dtype: str = "float32"  # "bfloat16", "float16" or "float32"
     max_batch_size: int | None = None  # images in flight (each CFG image is two sequences); None: from the pool
-    # (engine.default_max_batch: as many CFG images at the default budget as the pool holds, on CUDA)
+    # (engine.capacity.default_max_batch: as many CFG images at the default budget as the pool holds, on CUDA)
     kv_pool_tokens: int | None = None  # pool capacity in token slots; None: from kv_pool_memory_fraction
     kv_pool_memory_fraction: float = 0.5  # of free device memory, when kv_pool_tokens is None
     page_size: int = 16  # slots per page

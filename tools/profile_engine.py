@@ -56,7 +56,7 @@ def main() -> None:
     dev = torch.device("cuda")
     cfg = gpt_preset(a.preset, a.image_size)
     models = random_models(cfg, VQConfig(), a.preset, a.image_size, dev, torch.bfloat16)
-    eng = Engine(models, EngineConfig(device="cuda", max_batch_size=a.batch, max_queue=max(256, a.batch),
+    eng = Engine(models, EngineConfig(max_batch_size=a.batch, max_queue=max(256, a.batch),
                                       cuda_graphs=not a.no_graphs,
                                       compile_step=a.compile, kv_cache_dtype=a.kv_cache_dtype,
                                       default_cache=CacheConfig(policy=a.policy, budget=a.budget)))

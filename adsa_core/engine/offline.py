@@ -72,7 +72,7 @@ def run_requests(
     An invalid request raises ConfigError, a failed one RuntimeError."""
     n = len(requests)
     extra = {} if spill_limit_bytes is None else {"spill_limit_bytes": spill_limit_bytes}
-    cfg = EngineConfig(device=str(models.device), max_batch_size=max(1, min(batch_size, n)), max_queue=n + 1,
+    cfg = EngineConfig(max_batch_size=max(1, min(batch_size, n)), max_queue=n + 1,
                        default_cache=CacheConfig(policy="dense", budget=None),
                        cuda_graphs=models.device.type == "cuda", decode_images=False, kv_cache_dtype=kv_cache_dtype,
                        **extra)

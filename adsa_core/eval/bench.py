@@ -114,7 +114,7 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
     page = 16
     rows = 2 * batch if sampling.uses_cfg else batch
     pool_tokens = rows * pages_for(resolved.budget, page) * page  # exactly what the batch needs
-    ec = EngineConfig(device=str(dev), max_batch_size=batch, kv_pool_tokens=pool_tokens, page_size=page,
+    ec = EngineConfig(max_batch_size=batch, kv_pool_tokens=pool_tokens, page_size=page,
                       max_queue=(waves + 1) * batch, spill_limit_bytes=spill_limit, cuda_graphs=graphs,
                       compile_step=compile_step,
                       default_cache=cache,  # the engine decodes to pixels, like the baseline (no PNG)

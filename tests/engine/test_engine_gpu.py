@@ -20,7 +20,7 @@ CFG = GPTConfig(dim=768, n_layer=12, n_head=12, vocab_size=16384, block_size=256
 
 
 def run_engine(models, labels, sp, policy="dense", budget=None, kv_cache_dtype="auto") -> torch.Tensor:
-    eng = Engine(models, EngineConfig(device="cuda", max_batch_size=len(labels), page_size=16,
+    eng = Engine(models, EngineConfig(max_batch_size=len(labels), page_size=16,
                                       default_cache=CacheConfig(policy=policy, budget=budget),
                                       kv_cache_dtype=kv_cache_dtype))
     done = {}
@@ -89,7 +89,7 @@ def test_cuda_graph_step_matches_the_eager_step(kv_cache_dtype):
     joins = {0: [0, 1, 2], 7: [3, 4], 30: [5, 6], 70: [7], 75: [8], 80: [9]}
 
     def run(graphs: bool, precapture: bool = False) -> dict:
-        eng = Engine(models, EngineConfig(device="cuda", max_batch_size=8, page_size=16, cuda_graphs=graphs,
+        eng = Engine(models, EngineConfig(max_batch_size=8, page_size=16, cuda_graphs=graphs,
                                           kv_pool_tokens=16 * cfg.seq_len, kv_cache_dtype=kv_cache_dtype))
         captured = eng.capture_graphs() if precapture else 0
         buckets = len(eng.runner.buckets)
