@@ -97,7 +97,7 @@ def event_to_wire(rid: str, ev: rq.Event | rq.EngineError) -> list[Any]:
     if isinstance(ev, rq.Finished):
         return [rid, "finished", [ev.codes, ev.pixels, dataclasses.asdict(ev.stats)]]
     if isinstance(ev, rq.EngineError):
-        return [rid, "error", [ev.kind, str(ev)]]
+        return [rid, "error", error_to_wire(ev)]
     raise TypeError(f"unknown event {type(ev).__name__}")
 
 
