@@ -4,7 +4,7 @@ Measures, in one process: a large device-to-device copy (bytes read + written: t
 then the kernel's effective bandwidth on GPT-XL-like shapes (Hkv = H = 20, D = 64, page 16,
 K/V stored in bf16 or, with --kv-dtype fp8, e4m3; q always bf16) for B in {256, 512} rows and
 n_slots in {144, 288, 576} (or --shapes), over a sweep of launch configurations. Bytes the
-kernel must move: K + V of every valid slot, pos + inv_norm of every valid slot, q and out.
+kernel must move: K + V of every valid slot, pos + stat of every valid slot, q and out.
 Pages are scattered at random over the pool, as in serving.
 
 With --write, each shape also times what the engine launches per layer, `pool_decode_triton`: the
@@ -42,6 +42,7 @@ from adsa_core.kv.kernels.pool_attention import (  # noqa: E402
     pool_attention_triton,
     pool_decode_triton,
 )
+from adsa_core.kv.policy import policy_mode  # noqa: E402
 from adsa_core.kv.pool import FP8, raw  # noqa: E402
 
 
@@ -70,8 +71,9 @@ def make_pool(B, n, H, Hkv, D, page=16, kv_dtype=torch.bfloat16):
         k_cache=k,
         v_cache=v,
         pos_cache=torch.randint(0, 4 * n, (P, Hkv, page), device="cuda", dtype=torch.int32, generator=g),
-        inv_norm=1.0 / v.float().norm(dim=-1).clamp_min(1e-6),
+        stat=1.0 / v.float().norm(dim=-1).clamp_min(1e-6),
         vsum=torch.randn(B, Hkv, D, device="cuda", generator=g),
+        lse=torch.full((B, H), math.log(n), device="cuda"),  # as if the previous query attended evenly
         block_table=block_table,
         n_slots=torch.full((B,), n, device="cuda", dtype=torch.int32),
         evict_lo=torch.full((B,), 4, device="cuda", dtype=torch.int32),
@@ -84,15 +86,16 @@ def make_pool(B, n, H, Hkv, D, page=16, kv_dtype=torch.bfloat16):
 def bytes_moved(case) -> int:
     B, H, D = case["q"].shape
     Hkv = case["k_cache"].shape[1]
-    elt = case["k_cache"].element_size()  # 1 for e4m3, 2 for bf16; pos int32 and inv_norm fp32 either way
+    elt = case["k_cache"].element_size()  # 1 for e4m3, 2 for bf16; pos int32 and stat fp32 either way
     slots = int(case["n_slots"].sum()) * Hkv
     return slots * (2 * D * elt + 4 + 4) + 2 * B * H * D * case["q"].element_size()
 
 
-def make_decode_step(case, victim):
+def make_decode_step(case, victim, policy: str = "adsa"):
     """pool_decode_triton's arguments over `case`'s pool (shared, not copied: each call writes it): every
     row full (n_stored == budget == n_slots), so the write goes over `victim`, the previous pass's
-    choice; mode adsa; candidates the read-only pass's [evict_lo, evict_hi]; the new token is newer
+    choice; every row of `policy` (line: the slot statistics, 1/|V| draws, serve as attention scores);
+    candidates the read-only pass's [evict_lo, evict_hi]; the new token is newer
     than every stored position (< 4 n); k_new and v_new are strided views, like the model's."""
     q, kc = case["q"], case["k_cache"]
     B, H, D = q.shape
@@ -107,15 +110,16 @@ def make_decode_step(case, victim):
         budget=n.clone(),
         prefix=case["evict_lo"],
         local=(position + 1 - case["evict_hi"]).int(),  # position + 1 - local == evict_hi
-        mode=torch.ones_like(case["mode"]),
+        mode=torch.full_like(case["mode"], policy_mode(policy)),
         position=position,
     )
     layer = LayerState(
         k=kc,
         v=case["v_cache"],
         pos=case["pos_cache"],
-        inv_norm=case["inv_norm"],
+        stat=case["stat"],
         vsum=case["vsum"],
+        lse=case["lse"],
         victim=victim.clone(),
         spill_k=torch.empty(B, Hkv, D, device=q.device, dtype=kc.dtype),
         spill_v=torch.empty(B, Hkv, D, device=q.device, dtype=kc.dtype),
@@ -156,7 +160,7 @@ def check_write(step) -> tuple[float, int]:
         got, want = getattr(layer, name), getattr(ref_layer, name)
         if bad := beyond_rounding(got, want):
             raise AssertionError(f"write path: {bad} of {got.numel()} {name} elements differ from pool_decode_torch")
-    torch.testing.assert_close(layer.inv_norm, ref_layer.inv_norm, rtol=1e-5, atol=0)
+    torch.testing.assert_close(layer.stat, ref_layer.stat, rtol=1e-5, atol=0)
     torch.testing.assert_close(layer.vsum, ref_layer.vsum, rtol=1e-4, atol=1e-3)
     differ = int((layer.victim != ref_layer.victim).sum())
     if differ > layer.victim.numel() // 1000:
@@ -200,7 +204,8 @@ def configs(G: int, D: int, quick: bool, fp8: bool = False):
         yield from (dict(base, num_stages=s) for s in (1, 3) if s != base["num_stages"])
 
 
-def bench_shape(B, n, H, Hkv, D, quick: bool, copy_gbs: float, kv_dtype=torch.bfloat16, write=False) -> dict:
+def bench_shape(B, n, H, Hkv, D, quick: bool, copy_gbs: float, kv_dtype=torch.bfloat16, write=False,
+                policies=("adsa",)) -> dict:
     case = make_pool(B, n, H, Hkv, D, kv_dtype=kv_dtype)
     nbytes = bytes_moved(case)
     ref = pool_attention_torch(**case)
@@ -233,16 +238,21 @@ def bench_shape(B, n, H, Hkv, D, quick: bool, copy_gbs: float, kv_dtype=torch.bf
         f"({row['default_gbs'] / copy_gbs:.0%}), best {best['gbs']:6.0f} GB/s {best['cfg']}"
     )
     if write:  # last: it writes the pool the read-only launches above read
-        step = make_decode_step(case, ref[1])  # the oracle's victims: what the previous pass chose
-        w_err, w_differ = check_write(step)
-        w_bytes = nbytes + write_bytes(step)
-        w_ms = do_bench(lambda: pool_decode_triton(*step), warmup=25, rep=200, return_mode="median")
-        row["write"] = dict(bytes=w_bytes, ms=w_ms, gbs=w_bytes / w_ms / 1e6, rel_err=w_err, victims_differ=w_differ)
-        line += (
-            f"\n    read-only {ms * 1e3:7.1f} us {row['default_gbs']:6.0f} GB/s ({row['default_gbs'] / copy_gbs:.1%})"
-            f" | write+attend {w_ms * 1e3:7.1f} us {row['write']['gbs']:6.0f} GB/s"
-            f" ({row['write']['gbs'] / copy_gbs:.1%}), {w_ms / ms:.2f}x the time"
-        )
+        row["write_by_policy"] = {}
+        for policy in policies:  # the same pool, one policy after the other (line also writes its scores)
+            step = make_decode_step(case, ref[1], policy)  # the oracle's victims: what the previous pass chose
+            w_err, w_differ = check_write(step)
+            w_bytes = nbytes + write_bytes(step)
+            w_ms = do_bench(lambda step=step: pool_decode_triton(*step), warmup=25, rep=200, return_mode="median")
+            w = dict(bytes=w_bytes, ms=w_ms, gbs=w_bytes / w_ms / 1e6, rel_err=w_err, victims_differ=w_differ)
+            row["write_by_policy"][policy] = w
+            line += (
+                f"\n    read-only {ms * 1e3:7.1f} us {row['default_gbs']:6.0f} GB/s"
+                f" ({row['default_gbs'] / copy_gbs:.1%}) | {policy} write+attend {w_ms * 1e3:7.1f} us"
+                f" {w['gbs']:6.0f} GB/s"
+                f" ({w['gbs'] / copy_gbs:.1%}), {w_ms / ms:.2f}x the time"
+            )
+        row["write"] = row["write_by_policy"][policies[0]]
     print(line, flush=True)
     return row
 
@@ -267,8 +277,10 @@ def main() -> None:
                     help="BxN_SLOTS list for GPT-XL (H = Hkv = 20, D = 64), e.g. 512x144,1024x144,512x288; "
                          "default: B in {256, 512} x n in {144, 288, 576}, plus a D = 100 and a GQA shape")
     ap.add_argument("--write", action="store_true",
-                    help="also time the engine's write + attention launch (pool_decode_triton, every row full, "
-                         "adsa) beside the read-only one; the report gets a _write suffix")
+                    help="also time the engine's write + attention launch (pool_decode_triton, every row full) "
+                         "beside the read-only one, for each of --policies; the report gets a _write suffix")
+    ap.add_argument("--policies", default="adsa",
+                    help="with --write: the policies whose write + attention launch is timed, e.g. adsa,line")
     args = ap.parse_args()
     kv_dtype = KV_DTYPES[args.kv_dtype]
     card = torch.cuda.get_device_name()
@@ -288,7 +300,7 @@ def main() -> None:
         shapes += [(256, 576, 32, 32, 100), (256, 576, 20, 4, 64)]
     rows = []
     for shape in shapes:
-        rows.append(bench_shape(*shape, args.quick, copy_gbs, kv_dtype, args.write))
+        rows.append(bench_shape(*shape, args.quick, copy_gbs, kv_dtype, args.write, tuple(args.policies.split(","))))
         torch.cuda.empty_cache()
     copy_after = copy_bandwidth()
     report = dict(

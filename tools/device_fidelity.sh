@@ -6,8 +6,8 @@
 #      model's default sampling (config.json) unless a candidate recognises better by more than one
 #      standard error of the difference while keeping the look (FID at most 10 % above, seed diversity
 #      at least 80 % of the default's: no collapse to one template); then the best such candidate;
-#   2. the fidelity table: dense, adsa, window at budgets 1/2, 1/4, 1/6 with CacheConfig's default n and m,
-#      plus 3. the n / m sweep at 1/4 and 1/6 (n in 1,4,17 x m in 17,33, pairs that fit), 20 settings, in one
+#   2. the fidelity table: dense, adsa, window, line at budgets 1/2, 1/4, 1/6, 1/8 with CacheConfig's default n
+#      and m, plus 3. the n / m sweep at 1/4 and 1/6 (n in 1,4,17 x m in 17,33, pairs that fit), in one
 #      run on 512 classes x 1 held-out seed (2000): teacher-forced KL / top-1 / NLL, recognition (± SE,
 #      paired difference vs dense ± SE), FID, PSNR -> $OUT/fidelity/;
 #   4. $OUT/summary.md (also printed): the checks of issue #7, the chosen sampling, the n / m ranking.
@@ -28,7 +28,9 @@
 # DEVICE_FIDELITY_BATCH (256 on the GPU: images in flight), DEVICE_FIDELITY_REF (.device-carry/emoji.npz),
 # DEVICE_FIDELITY_CANDIDATES ("cfg=2;cfg=2,p=0.9;..."), DEVICE_FIDELITY_PICK (best | default: the
 # sampling of steps 2-3), DEVICE_FIDELITY_STEPS (1,2: which of step 1 and steps 2-3 run),
-# DEVICE_FIDELITY_SWEEP_PREFIX / _SWEEP_LOCAL, DEVICE_FIDELITY_KV (auto | fp8: the K/V storage of every
+# DEVICE_FIDELITY_POLICIES (dense,adsa,window,line), DEVICE_FIDELITY_BUDGETS (1/2,1/4,1/6,1/8),
+# DEVICE_FIDELITY_SWEEP_BUDGET (1/4,1/6), DEVICE_FIDELITY_SWEEP_PREFIX / _SWEEP_LOCAL,
+# DEVICE_FIDELITY_KV (auto | fp8: the K/V storage of every
 # row, dense included), PYTHON (python3).
 set -uo pipefail
 
@@ -48,6 +50,9 @@ PICK="${DEVICE_FIDELITY_PICK:-best}"
 STEPS="${DEVICE_FIDELITY_STEPS:-1,2}"
 KV="${DEVICE_FIDELITY_KV:-auto}"
 KEEP="${DEVICE_FIDELITY_KEEP:-all}"
+POLICIES="${DEVICE_FIDELITY_POLICIES:-dense,adsa,window,line}"
+BUDGETS="${DEVICE_FIDELITY_BUDGETS:-1/2,1/4,1/6,1/8}"
+SWEEP_BUDGET="${DEVICE_FIDELITY_SWEEP_BUDGET:-1/4,1/6}"
 LOG="$OUT/run.log"
 [ "$KEEP" = all ] || LOG="$(mktemp /tmp/device_fidelity.XXXXXX.log)"
 if [ "$TINY" = 1 ]; then
@@ -127,8 +132,8 @@ echo "sampling for the table: ${SAMPLING_FLAGS:-the default of the model}"
 if [[ ",$STEPS," == *",2,"* ]]; then
 stamp "2+3. fidelity table + n/m sweep"
 # shellcheck disable=SC2086  # SAMPLING_FLAGS is a list of flags
-"$PY" -m adsa_core.eval.fidelity --device "$DEVICE" --kv-cache-dtype "$KV" $SAMPLING_FLAGS --policies dense,adsa,window \
-    --budgets 1/2,1/4,1/6 --sweep-budget 1/4,1/6 --sweep-prefix "$SWEEP_PREFIX" --sweep-local "$SWEEP_LOCAL" \
+"$PY" -m adsa_core.eval.fidelity --device "$DEVICE" --kv-cache-dtype "$KV" $SAMPLING_FLAGS --policies "$POLICIES" \
+    --budgets "$BUDGETS" --sweep-budget "$SWEEP_BUDGET" --sweep-prefix "$SWEEP_PREFIX" --sweep-local "$SWEEP_LOCAL" \
     --classes "$(spread "$TABLE_CLASSES")" --seeds 1 --seed 2000 --batch-size "$BATCH" \
     "${REF_ARGS[@]}" --grid-max 10 --progress --out "$OUT/fidelity" || FAILED+=("fidelity table")
 fi
@@ -181,7 +186,7 @@ if fid.is_file():
     for r in sorted(rows, key=lambda r: (-r["budget_tokens"], r["kl"])):
         dense_row = r["policy"] == "dense"
         lines.append(f"| {r['policy']} | {r['budget_tokens']} | {'–' if dense_row else r['prefix']} | "
-                     f"{r['local'] if r['policy'] == 'adsa' else '–'} | {fmt(r['kl'], '.4f')} | "
+                     f"{r['local'] if r['policy'] not in ('dense', 'window') else '–'} | {fmt(r['kl'], '.4f')} | "
                      f"{fmt(r.get('kl_evicting_steps'), '.4f')} | {fmt(r['top1_agree'])} | "
                      f"{fmt(r.get('recognition_acc'))} | {fmt(r.get('recognition_delta'), '+.3f')} | "
                      f"{fmt(r.get('fid'), '.2f')} | {fmt(r.get('fid_to_dense'), '.2f')} |")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..config import ResolvedCache
 from ..kv.attention import pool_decode
 from ..kv.decode_state import DecodeRows, LayerState
-from ..kv.policy import policy_mode
+from ..kv.policy import attention_modes, policy_mode
 from ..kv.pool import KVPool, PoolGeometry, raw, to_kv_storage, zeros
 from ..model.llamagen import Transformer, prompt_attention_mask
 from .scheduler import SeqAlloc, StepPlan
@@ -38,7 +38,8 @@ class StepHook(Protocol):
 class RowState:
     """Static per-row buffers (size max_rows); index [:B] for a batch of B rows."""
 
-    def __init__(self, geo: PoolGeometry, max_rows: int, max_pages: int, vocab: int, device: torch.device):
+    def __init__(self, geo: PoolGeometry, max_rows: int, max_pages: int, n_head: int, vocab: int,
+                 device: torch.device):
         L, R, Hkv, D = geo.n_layer, max_rows, geo.kv_heads, geo.head_dim
         i32 = dict(dtype=torch.int32, device=device)
         self.block_table = torch.zeros(R, max_pages, **i32)  # page ids; 0 = scratch
@@ -51,6 +52,8 @@ class RowState:
         self.positions = torch.zeros(R, dtype=torch.long, device=device)  # its position
         self.vsum = torch.zeros(L, R, Hkv, D, dtype=torch.float32, device=device)  # S per layer/head
         self.victim = torch.full((L, R, Hkv), -1, **i32)  # slot to overwrite next, per layer/head
+        # the previous step's softmax log-sum-exp per layer/query head (line's attention score; +inf: none yet)
+        self.lse = torch.full((L, R, n_head), float("inf"), dtype=torch.float32, device=device)
         self.logits = torch.zeros(R, vocab, dtype=torch.float32, device=device)
         # spill staging: what this step overwrote, (L, R, Hkv, D) and positions (L, R, Hkv)
         self.spill_k = zeros((L, R, Hkv, D), geo.dtype, device)
@@ -61,7 +64,7 @@ class RowState:
         """(tensor, row dim) for everything that moves with a row."""
         return [(self.block_table, 0), (self.n_stored, 0), (self.budget, 0), (self.prefix, 0),
                 (self.local, 0), (self.mode, 0), (self.tokens, 0), (self.positions, 0),
-                (self.vsum, 1), (self.victim, 1)]
+                (self.vsum, 1), (self.victim, 1), (self.lse, 1)]
 
 
 class PoolDecodeCache:
@@ -77,8 +80,8 @@ class PoolDecodeCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r, B, pool = self.rows, self.B, self.pool
-        state = LayerState(pool.k[layer], pool.v[layer], pool.pos[layer], pool.inv_norm[layer],
-                           r.vsum[layer, :B], r.victim[layer, :B],
+        state = LayerState(pool.k[layer], pool.v[layer], pool.pos[layer], pool.stat[layer],
+                           r.vsum[layer, :B], r.lse[layer, :B], r.victim[layer, :B],
                            r.spill_k[layer, :B], r.spill_v[layer, :B], r.spill_pos[layer, :B])  # fmt: skip
         return pool_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, self.step, self.scale).unsqueeze(2)
 
@@ -102,6 +105,8 @@ class PoolPrefillCache:
         self.page = rows.block_table[self.row_of, slot // P].long()
         self.off = slot % P
         self.row_t, self.counts = row_t, counts.to(torch.int32)
+        scoring_modes = torch.tensor(attention_modes(), dtype=torch.int32, device=dev)
+        self.scoring = torch.isin(rows.mode[self.row_of], scoring_modes)  # (N,) stored tokens of line rows
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         rep = q.shape[1] // k.shape[1]
@@ -111,12 +116,13 @@ class PoolPrefillCache:
         ks = to_kv_storage(k[self.seq_idx, :, self.tok_idx], kv_dtype)  # (N, Hkv, D) stored tokens, as stored
         vs = to_kv_storage(v[self.seq_idx, :, self.tok_idx], kv_dtype)
         inv = 1.0 / vs.float().norm(dim=-1).clamp_min(1e-6)  # (N, Hkv)
+        stat = torch.where(self.scoring[:, None], 0.0, inv)  # line rows start every slot's score at 0
         p, o = self.page[:, None], self.off[:, None]
         h = torch.arange(k.shape[1], device=k.device)[None, :]
         raw(self.pool.k[layer])[p, h, o] = raw(ks)
         raw(self.pool.v[layer])[p, h, o] = raw(vs)
         self.pool.pos[layer][p, h, o] = self.tok_idx[:, None].to(torch.int32).expand_as(inv)
-        self.pool.inv_norm[layer][p, h, o] = inv
+        self.pool.stat[layer][p, h, o] = stat
         vsum = torch.zeros(len(self.row_t), *vs.shape[1:], device=vs.device)
         vsum.index_add_(0, self.seq_idx, vs.float() * inv.unsqueeze(-1))
         self.rows.vsum[layer, self.row_t] = vsum
@@ -134,7 +140,7 @@ class ModelRunner:
         self.geo = geo
         self.max_rows = max_rows
         self.pool = KVPool(geo, self.device)
-        self.rows = RowState(geo, max_rows, max_pages_per_row, self.cfg.vocab_size, self.device)
+        self.rows = RowState(geo, max_rows, max_pages_per_row, self.cfg.n_head, self.cfg.vocab_size, self.device)
         self.scale = self.cfg.head_dim ** -0.5
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         if compile_step:  # fuse norms, RoPE and residuals: a decode step is otherwise launch-bound
@@ -180,6 +186,7 @@ class ModelRunner:
             0, cache.budget, cache.prefix, cache.local, mode)
         r.vsum[:, row].zero_()
         r.victim[:, row] = -1
+        r.lse[:, row] = float("inf")
 
     def clear_row(self, row: int) -> None:
         """Point a row at the scratch page so a padded decode step writes nothing that matters."""

@@ -61,7 +61,7 @@ class FidelityPlan:
 
     model: ModelSpec
     out: Path
-    policies: list[str] = field(default_factory=lambda: ["dense", "adsa", "window"])
+    policies: list[str] = field(default_factory=lambda: list(policy_names()))
     budgets: list[int | float | None] = field(default_factory=lambda: [0.5, 0.25, 1 / 6])
     kv_prefix: int | None = None  # None: CacheConfig's default regions
     kv_local: int | None = None
@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--policies",
         type=_policies,
-        default=["dense", "adsa", "window"],
-        help="comma-separated, from dense, adsa, window (default all; dense always runs)",
+        default=list(policy_names()),
+        help=f"comma-separated, from {', '.join(policy_names())} (default all; dense always runs)",
     )
     e.add_argument(
         "--budgets",

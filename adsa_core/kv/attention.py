@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .decode_state import DecodeRows, LayerState
-from .policy import DENSE, evicting_policies, kernel_covers_registry
+from .policy import LINE_DECAY, attention_modes, evicting_policies, kernel_covers_registry
 from .pool import raw, to_kv_storage
 
 
@@ -44,8 +44,9 @@ def pool_attention_torch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
-    inv_norm: torch.Tensor,
+    stat: torch.Tensor,
     vsum: torch.Tensor,
+    lse: torch.Tensor,
     block_table: torch.Tensor,
     n_slots: torch.Tensor,
     evict_lo: torch.Tensor,
@@ -53,7 +54,19 @@ def pool_attention_torch(
     mode: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Oracle: returns (out (B, H, D) in q.dtype, victim (B, Hkv) int32, -1 where no candidate)."""
+    """Oracle: returns (out (B, H, D) in q.dtype, victim (B, Hkv) int32, -1 where no candidate).
+
+    Rows of a policy that scores attention (line) also update their slots' score in `stat` and their
+    log-sum-exp `lse` (B, H) in place (kv.policy); every row's lse is this step's afterwards."""
+    pick = torch.ones_like(n_slots, dtype=torch.bool)
+    return _attend(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n_slots, evict_lo, evict_hi,
+                   mode, pick, scale)
+
+
+def _attend(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n_slots, evict_lo, evict_hi, mode,
+            pick, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """pool_attention_torch, with `mode` the rows' policies and `pick` (B,) bool: which rows choose a victim
+    (a line row scores attention from its first step, though it picks only once full)."""
     B, H, D = q.shape
     Hkv = k_cache.shape[1]
     G = H // Hkv  # query heads per kv head (GQA); q head h reads kv head h // G
@@ -62,7 +75,7 @@ def pool_attention_torch(
     k = gather_slots(k_cache, block_table).float()  # (B, Hkv, N, D)
     v = gather_slots(v_cache, block_table).float()  # (B, Hkv, N, D)
     pos = gather_slots(pos_cache, block_table)  # (B, Hkv, N)
-    inv = gather_slots(inv_norm, block_table).float()  # (B, Hkv, N)
+    st = gather_slots(stat, block_table).float()  # (B, Hkv, N)
     N = k.shape[2]
     slot = torch.arange(N, device=q.device)
     valid = slot[None, :] < n_slots.long()[:, None]  # (B, N)
@@ -73,18 +86,29 @@ def pool_attention_torch(
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no slot attends to nothing: out = 0
     out = torch.einsum("bhgn,bhnd->bhgd", p, v).reshape(B, H, D).to(q.dtype)
 
-    red = inv * torch.einsum("bhnd,bhd->bhn", v, vsum.float())  # v̂_i·S, orders slots like r_i
+    scoring = torch.zeros_like(mode, dtype=torch.bool)  # rows whose stat is the attention score a_i
+    for m in attention_modes():
+        scoring |= mode == m
+    # a_i <- decay a_i + p_i, p_i from the previous step's normaliser (kv.policy, line)
+    prev = lse.float().reshape(B, Hkv, G, 1)
+    attn = LINE_DECAY * st + torch.exp(s - prev).nan_to_num(0.0, posinf=0.0).sum(dim=2)  # (B, Hkv, N)
+    attn = torch.where(valid[:, None, :] & scoring[:, None, None], attn, st)
+    now = torch.logsumexp(s, dim=-1).reshape(B, H)  # -inf for a row with no slot: kept as "none yet"
+    lse.copy_(torch.where(now.isfinite(), now, float("inf")))
+    _scatter_slots(stat, block_table, attn, valid[:, None, :] & scoring[:, None, None])  # back into the pool
+
+    red = st * torch.einsum("bhnd,bhd->bhn", v, vsum.float())  # v̂_i·S, orders slots like r_i (st = 1/|V|)
     key = torch.full_like(red, float("-inf"))
     evicting = torch.zeros_like(mode, dtype=torch.bool)  # rows of a registered policy that evicts
     for policy in evicting_policies():
         rows = mode == policy.mode
-        key = torch.where(rows[:, None, None], policy.victim_key(red, pos).float(), key)
+        key = torch.where(rows[:, None, None], policy.victim_key(red, pos, attn).float(), key)
         evicting |= rows
     cand = (
         valid[:, None, :]
         & (pos >= evict_lo[:, None, None])
         & (pos <= evict_hi[:, None, None])
-        & evicting[:, None, None]
+        & (evicting & pick)[:, None, None]
     )  # (B, Hkv, N)
     key = key.masked_fill(~cand, float("-inf"))
     best = key.amax(dim=-1, keepdim=True)
@@ -94,13 +118,32 @@ def pool_attention_torch(
     return out, victim
 
 
+def _scatter_slots(cache: torch.Tensor, block_table: torch.Tensor, values: torch.Tensor, where: torch.Tensor) -> None:
+    """The inverse of gather_slots for a (P, Hkv, page) tensor: cache[slot] = values where `where` (B, Hkv, N).
+    While a CUDA graph is captured (no data-dependent shapes) the other entries go to the scratch page 0, which
+    the engine never hands out."""
+    P, Hkv, page = cache.shape
+    N = values.shape[-1]
+    slot = torch.arange(N, device=values.device)
+    pg = block_table.long()[:, slot // page].clamp(0, P - 1)  # (B, N)
+    heads = torch.arange(Hkv, device=values.device)[None, :, None]
+    flat = (pg[:, None, :] * Hkv + heads) * page + (slot % page)  # (B, Hkv, N)
+    where = where.expand_as(flat)
+    if values.is_cuda and torch.cuda.is_current_stream_capturing():
+        flat, values = torch.where(where, flat, heads * page), torch.where(where, values, 0.0)
+    else:
+        flat, values = flat[where], values[where]
+    cache.view(-1).scatter_(0, flat.reshape(-1), values.to(cache.dtype).reshape(-1))
+
+
 def pool_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
-    inv_norm: torch.Tensor,
+    stat: torch.Tensor,
     vsum: torch.Tensor,
+    lse: torch.Tensor,
     block_table: torch.Tensor,
     n_slots: torch.Tensor,
     evict_lo: torch.Tensor,
@@ -112,7 +155,7 @@ def pool_attention(
 
     See `pool_attention_torch` for the contract; both return identical victims (ties: lowest slot).
     """
-    args = (q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n_slots, evict_lo, evict_hi, mode)
+    args = (q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n_slots, evict_lo, evict_hi, mode)
     if _use_kernel(q):
         from .kernels.pool_attention import pool_attention_triton
 
@@ -136,7 +179,7 @@ def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     1. the write slot: the next free slot, or the victim the previous pass chose (padding rows
        count as full with no victim: clamped onto their scratch slot 0);
     2. stage the slot's old K/V/position for the spill, take the old value out of S, write the
-       new token's K/V/position/1/|V| and add it to S;
+       new token's K/V/position/1/|V| and add it to S (rows that score attention instead: stat 0, no S);
     3. attend over the valid slots and choose the next victim (only where the row is full after
        the write; candidates are positions in [prefix, position + 1 - local]).
     """
@@ -150,7 +193,7 @@ def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     flat = ((page.long() * Hkv + heads) * P + (slot % P)).view(-1)  # (B * Hkv,)
     # K/V move as bytes (raw): fp8 pools have no index kernels for every op
     kf, vf = raw(layer.k).view(-1, D), raw(layer.v).view(-1, D)
-    pf, nf = layer.pos.view(-1), layer.inv_norm.view(-1)
+    pf, nf = layer.pos.view(-1), layer.stat.view(-1)
     raw(layer.spill_k).copy_(kf.index_select(0, flat).view(B, Hkv, D))
     raw(layer.spill_v).copy_(vf.index_select(0, flat).view(B, Hkv, D))
     layer.spill_pos.copy_(pf.index_select(0, flat).view(B, Hkv))
@@ -158,16 +201,18 @@ def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     k_st, v_st = to_kv_storage(k_new, layer.k.dtype), to_kv_storage(v_new, layer.v.dtype)  # as stored
     v32 = v_st.float()  # S and 1/|V| from the stored value, so S loses exactly what it gained on eviction
     inv = v32.norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal()  # (B, Hkv, 1)
+    scoring = torch.zeros_like(rows.mode, dtype=torch.bool).view(B, 1, 1)
+    for m in attention_modes():
+        scoring = scoring | (rows.mode == m).view(B, 1, 1)
     old = torch.where(full.view(B, 1, 1), layer.spill_v.float() * old_inv, 0.0)
-    layer.vsum += v32 * inv - old
+    layer.vsum += torch.where(scoring, 0.0, v32 * inv - old)
     kf.index_copy_(0, flat, raw(k_st).reshape(-1, D))
     vf.index_copy_(0, flat, raw(v_st).reshape(-1, D))
     pf.index_copy_(0, flat, rows.position.to(torch.int32).repeat_interleave(Hkv))
-    nf.index_copy_(0, flat, inv.view(-1))
-    mode = torch.where(n_slots >= rows.budget, rows.mode, DENSE.mode)  # a victim only where full after the write
+    nf.index_copy_(0, flat, torch.where(scoring, 0.0, inv).view(-1))
     hi = (rows.position + 1 - rows.local).to(torch.int32)
-    out, victim = pool_attention_torch(q, layer.k, layer.v, layer.pos, layer.inv_norm, layer.vsum,
-                                       rows.block_table, n_slots, rows.prefix, hi, mode, scale)
+    out, victim = _attend(q, layer.k, layer.v, layer.pos, layer.stat, layer.vsum, layer.lse, rows.block_table,
+                          n_slots, rows.prefix, hi, rows.mode, n_slots >= rows.budget, scale)  # victim once full
     layer.victim.copy_(victim)
     return out
 

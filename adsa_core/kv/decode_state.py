@@ -30,14 +30,16 @@ class DecodeRows:
 
 @dataclass
 class LayerState:
-    """One layer's pool tensors (P, Hkv, page, ...) and its per-row ADSA state for B rows.
-    vsum and victim are read and updated in place; spill_* receive what this step overwrote."""
+    """One layer's pool tensors (P, Hkv, page, ...) and its per-row policy state for B rows.
+    stat (line rows), vsum, lse and victim are read and updated in place; spill_* receive what this
+    step overwrote."""
 
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor
-    inv_norm: torch.Tensor
+    stat: torch.Tensor  # (P, Hkv, page) fp32: 1/|V|, or the attention score a_i of line rows (kv.policy)
     vsum: torch.Tensor  # (B, Hkv, D) fp32: S = sum of the row's unit values
+    lse: torch.Tensor  # (B, H) fp32: the previous step's softmax log-sum-exp per query head (+inf: none yet)
     victim: torch.Tensor  # (B, Hkv) int32: slot to overwrite next, -1 = none
     spill_k: torch.Tensor  # (B, Hkv, D)
     spill_v: torch.Tensor  # (B, Hkv, D)

@@ -8,6 +8,20 @@ with the largest key, the lowest slot on ties. Candidates are the valid slots wh
   adsa    key = v̂_i·S: the slot whose value vector is most redundant, i.e. has the largest mean cosine
           similarity to the other cached values (S = the sum of normalised values; DESIGN.md section 4)
   window  key = -p: the oldest candidate (StreamingLLM: prefix + recent tokens)
+  line    key = -a_i: the slot the recent queries attended to least (LineAR, arXiv 2512.04857: the prefix
+          and the last image lines stay whole, the middle lines lose the tokens the current line ignores).
+          a_i is an exponential moving average, over the row's decode steps, of the attention each query
+          paid to slot i (the softmax probability, summed over the query heads that share the kv head):
+          a_i <- LINE_DECAY * a_i + p_i, with a horizon of 1 / (1 - LINE_DECAY) = 20 queries, about one
+          image line of LlamaGen's 16-24-token rows. A new slot starts at 0, and by the time it leaves the
+          local window (>= one line + 1 steps) it has been scored by a whole line of queries. The single
+          pass cannot know this step's softmax normaliser before it has seen every slot, so p_i is formed
+          with the previous step's log-sum-exp (kept per row and query head): exact up to the ratio of
+          two consecutive normalisers, which scales every slot of a step alike and so keeps the ranking
+          of one step's contributions (the first step, with no previous normaliser, adds nothing).
+
+Each slot carries one fp32 statistic in the pool (`KVPool.stat`): 1/|V| for every policy but those that
+score attention (line), for which it is a_i (they need no 1/|V|: they never read the redundancy).
 
 Adding a policy is `register(KVPolicy(...))`: CacheConfig accepts its name, the engine gives its rows
 its `mode`, and the torch path ranks candidates by its `victim_key`. The fused Triton kernel implements
@@ -27,8 +41,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-# (redundancy v̂·S fp32, position int32), both (B, Hkv, N) over the row's slots -> the eviction key (B, Hkv, N)
-VictimKey = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+# (redundancy v̂·S fp32, position int32, attention score a fp32), each (B, Hkv, N) over the row's slots
+#   -> the eviction key (B, Hkv, N)
+VictimKey = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+LINE_DECAY = 0.95  # per-step decay of the attention score a_i (line): a horizon of ~one image line
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,7 @@ class KVPolicy:
     mode: int  # the id a row of this policy carries (DecodeRows.mode) and the kernel compares against
     victim_key: VictimKey | None  # None: never evicts
     in_kernel: bool = False  # the Triton kernel (kv/kernels/pool_attention.py) implements this rule
+    scores_attention: bool = False  # the slot statistic is the attention score a_i, not 1/|V|
 
     @property
     def evicts(self) -> bool:
@@ -80,7 +98,7 @@ def get_policy(name: str) -> KVPolicy:
 
 
 def policy_names() -> tuple[str, ...]:
-    """Registered policy names, in registration order (dense, adsa, window first)."""
+    """Registered policy names, in registration order (dense, adsa, window, line first)."""
     return tuple(_REGISTRY)
 
 
@@ -92,6 +110,11 @@ def evicting_policies() -> tuple[KVPolicy, ...]:
     return tuple(p for p in _REGISTRY.values() if p.evicts)
 
 
+def attention_modes() -> tuple[int, ...]:
+    """Modes whose rows keep the attention score a_i in the slot statistic."""
+    return tuple(p.mode for p in _REGISTRY.values() if p.scores_attention)
+
+
 def kernel_covers_registry() -> bool:
     """Whether the Triton kernel implements every registered policy that evicts (else CUDA decode takes the torch
     path; a row of a policy that never evicts runs in dense's mode)."""
@@ -99,6 +122,8 @@ def kernel_covers_registry() -> bool:
 
 
 DENSE = register(KVPolicy("dense", 0, None, in_kernel=True))
-ADSA = register(KVPolicy("adsa", 1, lambda redundancy, position: redundancy, in_kernel=True))
-WINDOW = register(KVPolicy("window", 2, lambda redundancy, position: -position.float(), in_kernel=True))
+ADSA = register(KVPolicy("adsa", 1, lambda redundancy, position, attention: redundancy, in_kernel=True))
+WINDOW = register(KVPolicy("window", 2, lambda redundancy, position, attention: -position.float(), in_kernel=True))
+LINE = register(KVPolicy("line", 3, lambda redundancy, position, attention: -attention, in_kernel=True,
+                         scores_attention=True))
 BUILT_IN = policy_names()

@@ -6,7 +6,8 @@ vLLM's split: the scheduler decides which sequence owns which pages through
 Physical layout per layer (what the attention kernels read):
   k, v      (P, Hkv, page, D)  keys carry their RoPE rotation, so slots are order-free
   pos       (P, Hkv, page)     int32 token position held by each slot
-  inv_norm  (P, Hkv, page)     fp32 1/|V| of each slot (ADSA redundancy needs v/|v|)
+  stat      (P, Hkv, page)     fp32 per slot: 1/|V| (ADSA redundancy needs v/|v|), or the attention
+                               score of rows whose policy scores attention (kv.policy: line)
 Page 0 is a scratch page that is never handed out: padded batch rows write there.
 
 K and V are stored in the model's dtype, or in fp8 (e4m3, `kv_cache_dtype="fp8"`): K and V take
@@ -107,7 +108,7 @@ class PoolGeometry:
 
     @property
     def bytes_per_token(self) -> int:
-        """K + V + position + 1/|V| of one token slot over all layers and heads."""
+        """K + V + position + stat of one token slot over all layers and heads."""
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return self.n_layer * self.kv_heads * (2 * self.head_dim * elem + 4 + 4)
 
@@ -134,10 +135,10 @@ class KVPool:
         self.k = [zeros(shape, geo.dtype, device) for _ in range(geo.n_layer)]
         self.v = [zeros(shape, geo.dtype, device) for _ in range(geo.n_layer)]
         self.pos = [torch.zeros(shape[:3], dtype=torch.int32, device=device) for _ in range(geo.n_layer)]
-        self.inv_norm = [torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in range(geo.n_layer)]
+        self.stat = [torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in range(geo.n_layer)]
 
     def tensors(self) -> list[list[torch.Tensor]]:
-        return [self.k, self.v, self.pos, self.inv_norm]
+        return [self.k, self.v, self.pos, self.stat]
 
     def read_pages(self, pages: list[int]) -> list[list[torch.Tensor]]:
         """Copies of the given pages of every tensor (for swap-out; fp8 K/V as raw bytes); nesting of `tensors()`."""

@@ -132,12 +132,12 @@ def naive_mean_cosine(v: torch.Tensor) -> torch.Tensor:
 def newest_policy():
     """A toy policy that evicts the newest candidate, registered for one test: config, engine and oracle see it."""
     with pytest.warns(UserWarning, match="no Triton kernel rule"):
-        register(KVPolicy("newest", 3, lambda redundancy, position: position.float()))
+        register(KVPolicy("newest", 9, lambda redundancy, position, attention: position.float()))
     yield
     unregister("newest")
 
 
-@pytest.mark.parametrize("policy", ["adsa", "window", "newest"])
+@pytest.mark.parametrize("policy", ["adsa", "window", "line", "newest"])
 def test_victims_spill_and_protected_regions_step_by_step(policy, newest_policy):
     models = tiny_models(UNSEEN, seed=1)
     prefix, local = 3, 7
@@ -194,10 +194,13 @@ def test_victims_spill_and_protected_regions_step_by_step(policy, newest_policy)
             for layer in range(UNSEEN.n_layer):
                 v = gather_slots(pool.v[layer], rows.block_table[r: r + 1])[0, :, :n].float()  # (Hkv, n, D)
                 pos = gather_slots(pool.pos[layer], rows.block_table[r: r + 1])[0, :, :n]
+                score = gather_slots(pool.stat[layer], rows.block_table[r: r + 1])[0, :, :n].double()
                 for h in range(UNSEEN.kv_heads):
                     cand = (pos[h] >= prefix) & (pos[h] <= t_next - local)
                     if policy == "adsa":
                         key = naive_mean_cosine(v[h])
+                    elif policy == "line":  # the least attended (the scores: test_pool_attention.py)
+                        key = -score[h]
                     else:  # window: the oldest first; newest: the newest first
                         key = pos[h].double() * (-1 if policy == "window" else 1)
                     key[~cand] = float("-inf")
@@ -230,7 +233,7 @@ def test_mixed_policies_and_budgets_share_a_batch():
     models = tiny_models(UNSEEN)
     sp = SamplingParams(cfg_scale=4.0, greedy=True)
     solo = {}
-    specs = [("dense", None), ("adsa", 0.5), ("window", 0.5), ("adsa", 0.75)]
+    specs = [("dense", None), ("adsa", 0.5), ("window", 0.5), ("adsa", 0.75), ("line", 0.5)]
     reqs = []
     for i, (pol, bud) in enumerate(specs):
         cache = CacheConfig(policy=pol, budget=bud, local=7)
@@ -257,11 +260,14 @@ def test_cancellation_frees_pages():
     assert isinstance(events[-1], RequestCancelled)
 
 
-def test_swap_out_and_in_gives_the_same_output():
+@pytest.mark.parametrize("policy,budget", [("dense", None), ("line", 0.5)])
+def test_swap_out_and_in_gives_the_same_output(policy, budget):
+    """A swapped-out request resumes with its pages and row state (line: slot scores and normalisers) intact."""
     models = tiny_models(UNSEEN)
     sp = SamplingParams(cfg_scale=4.0, temperature=1.0)
-    # room for exactly one CFG request at full budget: higher priority must swap the other out
-    eng = make_engine(models, "dense", None, kv_pool_tokens=2 * UNSEEN.seq_len)
+    # room for exactly one CFG request at its budget: higher priority must swap the other out
+    slots = UNSEEN.seq_len if budget is None else round(budget * UNSEEN.seq_len)
+    eng = make_engine(models, policy, budget, kv_pool_tokens=2 * 4 * -(-slots // 4))  # 2 sequences, pages of 4
     low = GenerationRequest(condition=1, seed=5, sampling=sp, priority=0, request_id="low")
     high = GenerationRequest(condition=2, seed=6, sampling=sp, priority=1, request_id="high")
     events: dict = {}
@@ -274,7 +280,10 @@ def test_swap_out_and_in_gives_the_same_output():
     eng.close()
     assert events["low"][-1].stats.swapped_out == 1
     for rid, req in (("low", low), ("high", high)):
-        ref = generate(models.gpt, torch.tensor([req.condition]), sp, seeds=torch.tensor([req.seed]))[0]
+        if policy == "dense":
+            ref = generate(models.gpt, torch.tensor([req.condition]), sp, seeds=torch.tensor([req.seed]))[0]
+        else:  # the same request alone, never swapped
+            ref = codes_of(run_all(make_engine(models, policy, budget), [req]), rid)
         assert torch.equal(codes_of(events, rid), ref)
 
 

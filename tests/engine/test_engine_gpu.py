@@ -156,7 +156,7 @@ def test_captured_sampling_equals_eager_sampling():
 
     def state():
         return (ints.to(dev), floats.to(dev), torch.zeros(9, N, dtype=torch.long, device=dev),
-                torch.zeros(9, N, dtype=torch.long, device=dev), RowState(geo, R, 4, V, dev),
+                torch.zeros(9, N, dtype=torch.long, device=dev), RowState(geo, R, 4, geo.kv_heads, V, dev),
                 torch.zeros(R, V, device=dev))
 
     for k_max in (0, 1008, 4080):  # full sort, top-k buckets >= every item's top_k

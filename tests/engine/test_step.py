@@ -109,7 +109,7 @@ def test_padded_static_step_equals_the_per_request_path():
         dict(rows=[1, 3], slot=6, seed=13, j=2, sp=SamplingParams(cfg_scale=4.0, top_k=50), forced=forced_toks),
     ]
     geo = PoolGeometry.for_model(WIDE, 4, 2, torch.float32)
-    rows, ref_rows = (RowState(geo, max_rows, 4, V, torch.device("cpu")) for _ in range(2))
+    rows, ref_rows = (RowState(geo, max_rows, 4, geo.kv_heads, V, torch.device("cpu")) for _ in range(2))
     for r in (rows, ref_rows):
         r.tokens.fill_(-1)
         r.positions.fill_(-1)

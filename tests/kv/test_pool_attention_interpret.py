@@ -24,7 +24,7 @@ def test_kernel_matches_the_oracle_under_the_interpreter():
     assert "kernel cases match" in r.stdout
 
 
-def _check_attention(make_case, check_victims) -> int:
+def _check_attention(make_case, check_victims, fresh, set_modes) -> int:
     import torch
 
     from adsa_core.kv.attention import pool_attention_torch
@@ -34,11 +34,15 @@ def _check_attention(make_case, check_victims) -> int:
     for B, H, Hkv, D in [(5, 4, 4, 16), (5, 4, 2, 24)]:  # MHA; GQA through tl.dot with D padded to 32
         for block_n in (16, 32):  # one page per block, and blocks spanning two pages
             case = make_case(B, H, Hkv, D, max_slots=40, seed=B * D + block_n)
-            case["mode"][0] = 3  # a mode the kernel does not implement: no victim, as in the oracle
-            out, victim = pool_attention_triton(**case, block_n=block_n)
-            ref_out, ref_victim = pool_attention_torch(**case)
+            set_modes(case, [9, 1, 2, 3, 3])  # 9: a mode the kernel does not implement: no victim, as in the oracle
+            got, ref = fresh(case), fresh(case)  # a pass updates stat (line rows) and lse in place
+            out, victim = pool_attention_triton(**got, block_n=block_n)
+            ref_out, ref_victim = pool_attention_torch(**ref)
             assert float((out - ref_out).norm() / ref_out.norm()) < 1e-5, (B, H, Hkv, D, block_n)
             assert torch.equal(victim, ref_victim), (victim, ref_victim)
+            torch.testing.assert_close(got["stat"], ref["stat"], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got["lse"], ref["lse"], rtol=1e-5, atol=1e-5)
+            assert not torch.equal(got["stat"], case["stat"])  # the line rows were scored
             assert (victim[0] == -1).all() and (victim >= 0).any()
             case["mode"][0] = 0
             check_victims(case, victim)
@@ -62,21 +66,23 @@ def _check_decode(make_case) -> int:
         victim = torch.stack([torch.randint(-1, int(b), (Hkv,), generator=g) for b in budget]).int()
         position = 2 * case["pos_cache"].numel() + torch.arange(B)  # newer than every stored position
         local = (position + 1 - case["evict_hi"]).int().clamp_min(1)
-        mode = torch.tensor([1, 2] * (B // 2), dtype=torch.int32)
+        mode = torch.tensor([1, 2, 3] * (B // 3), dtype=torch.int32)  # adsa, window, line
         rows = DecodeRows(case["block_table"], n_stored, budget, case["evict_lo"], local, mode, position)
         k_new, v_new = torch.randn(2, B, Hkv, D, generator=g)
 
         def layer(case=case, victim=victim, B=B, Hkv=Hkv, D=D):
-            c = {k: v.clone() for k, v in case.items() if k in ("k_cache", "v_cache", "pos_cache", "inv_norm", "vsum")}
-            return LayerState(c["k_cache"], c["v_cache"], c["pos_cache"], c["inv_norm"], c["vsum"], victim.clone(),
-                              torch.zeros(B, Hkv, D), torch.zeros(B, Hkv, D), torch.zeros(B, Hkv, dtype=torch.int32))
+            c = {k: v.clone() for k, v in case.items() if torch.is_tensor(v)}
+            return LayerState(c["k_cache"], c["v_cache"], c["pos_cache"], c["stat"], c["vsum"], c["lse"],
+                              victim.clone(), torch.zeros(B, Hkv, D), torch.zeros(B, Hkv, D),
+                              torch.zeros(B, Hkv, dtype=torch.int32))
 
         ref, got = layer(), layer()
         ref_out = pool_decode_torch(case["q"], k_new, v_new, ref, rows, case["scale"])
         got_out = pool_decode_triton(case["q"], k_new, v_new, got, rows, case["scale"])
         for name in ("k", "v", "pos", "spill_k", "spill_v", "spill_pos", "victim"):
             assert torch.equal(getattr(got, name), getattr(ref, name)), (name, B, H, Hkv, D)
-        torch.testing.assert_close(got.inv_norm, ref.inv_norm, rtol=1e-6, atol=0)
+        torch.testing.assert_close(got.stat, ref.stat, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got.lse, ref.lse, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.vsum, ref.vsum, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_out, ref_out, rtol=1e-5, atol=1e-5)
         full, n_slots = rows.after_write()
@@ -88,9 +94,9 @@ def _check_decode(make_case) -> int:
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_pool_attention import check_victims, make_case
+    from test_pool_attention import check_victims, fresh, make_case, set_modes
 
-    n = _check_attention(make_case, check_victims) + _check_decode(make_case)
+    n = _check_attention(make_case, check_victims, fresh, set_modes) + _check_decode(make_case)
     print(f"{n} kernel cases match")
 
 

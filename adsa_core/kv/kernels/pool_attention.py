@@ -3,14 +3,15 @@
 One program per (kv head, row). It walks the row's valid slots in blocks of BLOCK_N,
 gathering each slot's page through the block table, and for every block:
   - online softmax over the G = H // Hkv query heads of this kv head (K/V read once for all G),
-  - redundancy v̂_i·S = inv_norm_i * (V_i·S) of the same V block, folded into a running
-    (best key, lowest slot) pair for the eviction candidates.
+  - redundancy v̂_i·S = stat_i * (V_i·S) of the same V block (adsa), or the attention score
+    a_i <- LINE_DECAY a_i + p_i (line, written back), folded into a running (best key, lowest slot)
+    pair for the eviction candidates.
 Every K/V byte of a valid slot is read exactly once; nothing past n_slots is touched. The
 grid depends only on (B, Hkv) and there is no host sync, so the launch can be captured in a
 CUDA graph. Contract and oracle: adsa_core.kv.attention.pool_attention_torch.
 
 The kernel implements the victim rules of the policies marked `in_kernel` in adsa_core.kv.policy
-(dense, adsa, window); their modes come from there as compile-time constants. A row of any other
+(dense, adsa, window, line); their modes come from there as compile-time constants. A row of any other
 mode gets no eviction candidate, and adsa_core.kv.attention never sends one here.
 """
 
@@ -23,27 +24,29 @@ import triton
 import triton.language as tl
 
 from ..decode_state import DecodeRows, LayerState
-from ..policy import ADSA, DENSE, WINDOW
+from ..policy import ADSA, DENSE, LINE, LINE_DECAY, WINDOW
 
 
 @triton.jit
 def _pool_attention_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, vsum_ptr, bt_ptr, n_ptr, lo_ptr, hi_ptr, mode_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, inv_ptr, vsum_ptr, lse_ptr, bt_ptr, n_ptr, lo_ptr, hi_ptr, mode_ptr,
     out_ptr, victim_ptr,
     # WRITE only: the new token's K/V, budget and position per row, spill staging outputs
     knew_ptr, vnew_ptr, budget_ptr, position_ptr, spk_ptr, spv_ptr, spp_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in exp2
-    stride_qb, stride_qh, stride_sb, stride_sh, stride_bt, stride_ob, stride_oh, stride_xb,
+    stride_qb, stride_qh, stride_sb, stride_sh, stride_lb, stride_bt, stride_ob, stride_oh, stride_xb,
     stride_kb, stride_kh, stride_vb, stride_vh,
     HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WRITE: tl.constexpr, FP8: tl.constexpr,
     MODE_NONE: tl.constexpr, MODE_ADSA: tl.constexpr, MODE_WINDOW: tl.constexpr,  # from kv.policy
+    MODE_LINE: tl.constexpr, DECAY: tl.constexpr,
 ):  # fmt: skip
     # The pool tensors are contiguous (P, HKV, PAGE, D) / (P, HKV, PAGE): compile-time strides
     # let the compiler prove each slot row's alignment and issue wide loads (also for D = 100).
-    # Without WRITE, n/lo/hi/mode are n_slots, evict_lo, evict_hi and the effective mode. With
-    # WRITE they are the row state before this step (n_stored, prefix, local, policy mode).
+    # Without WRITE, n/lo/hi are n_slots, evict_lo, evict_hi, and every row picks a victim. With
+    # WRITE they are the row state before this step (n_stored, prefix, local), and a row picks a victim
+    # only once full. mode is the row's policy either way: a line row scores attention from its first step.
     hk = tl.program_id(0)
     b = tl.program_id(1)
     offs_d = tl.arange(0, D_PAD)
@@ -51,6 +54,8 @@ def _pool_attention_kernel(
     vsum_row = vsum_ptr + b * stride_sb + hk * stride_sh + offs_d
     svec = tl.load(vsum_row, mask=d_ok, other=0.0)
     lo = tl.load(lo_ptr + b)
+    mode = tl.load(mode_ptr + b)
+    scoring = mode == MODE_LINE  # the slot statistic is the attention score a_i, not 1/|V|
     if WRITE:  # the new token goes into the next free slot or over the victim the last pass chose
         n_old = tl.load(n_ptr + b)
         budget = tl.load(budget_ptr + b)
@@ -75,25 +80,28 @@ def _pool_attention_kernel(
         v_new = v_new.to(v_ptr.dtype.element_ty)
         v_new32 = v_new.to(tl.float32)  # S and 1/|V| from the stored value: eviction removes exactly it
         inv_new = 1.0 / tl.maximum(tl.sqrt(tl.sum(v_new32 * v_new32, axis=0)), 1e-6)
-        svec += v_new32 * inv_new - tl.where(full, old_v.to(tl.float32) * old_inv, 0.0)
+        if not scoring:
+            svec += v_new32 * inv_new - tl.where(full, old_v.to(tl.float32) * old_inv, 0.0)
+            tl.store(vsum_row, svec, mask=d_ok)
         tl.debug_barrier()  # every old byte is read before any thread overwrites it
-        tl.store(vsum_row, svec, mask=d_ok)
         tl.store(k_ptr + wkv, k_new, mask=d_ok)
         tl.store(v_ptr + wkv, v_new, mask=d_ok)
         tl.store(pos_ptr + wmeta, position.to(tl.int32))
-        tl.store(inv_ptr + wmeta, inv_new)
+        tl.store(inv_ptr + wmeta, tl.where(scoring, 0.0, inv_new))
         tl.debug_barrier()  # the attention below reads the new slot: make the stores visible
         n = tl.minimum(n_old + 1, budget)
         hi = (position + 1 - tl.load(hi_ptr + b)).to(tl.int32)
-        mode = tl.where(n >= budget, tl.load(mode_ptr + b), MODE_NONE)  # a victim only where full after this
+        pick = n >= budget  # a victim only where full after this write
     else:
         n = tl.load(n_ptr + b)
         hi = tl.load(hi_ptr + b)
-        mode = tl.load(mode_ptr + b)
-    evicting = (mode == MODE_ADSA) | (mode == MODE_WINDOW)
+        pick = n >= 0
+    evicting = pick & ((mode == MODE_ADSA) | (mode == MODE_WINDOW) | scoring)
+    lse_row = lse_ptr + b * stride_lb + hk * G
     q_row = q_ptr + b * stride_qb + hk * G * stride_qh
     if G == 1:  # MHA: one query row is too small for a matrix unit, so scores are multiply-adds
         q = tl.load(q_row + offs_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale  # (D_PAD,)
+        lse_prev = tl.load(lse_row) * 1.4426950408889634  # the previous step's normaliser, in log2 units
         # Softmax state per lane (lane j sees slots j, j + BLOCK_N, ...), merged once after the
         # loop: a per-block max/sum over slots would cross warps, a barrier every block.
         m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -111,6 +119,7 @@ def _pool_attention_kernel(
             q = q.to(tl.bfloat16)
         else:
             q = q.to(k_ptr.dtype.element_ty)
+        lse_prev = tl.load(lse_row + offs_g, mask=g_ok, other=float("inf")) * 1.4426950408889634  # (G_PAD,)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -129,7 +138,7 @@ def _pool_attention_kernel(
             page_next = tl.load(bt_row + ahead // PAGE, mask=ahead < n, other=0).to(tl.int64)
         else:
             page = tl.load(bt_row + slot // PAGE, mask=s_ok, other=0).to(tl.int64)
-        meta = page * (HKV * PAGE) + hk * PAGE + slot % PAGE  # (BLOCK_N,) index into pos / inv_norm
+        meta = page * (HKV * PAGE) + hk * PAGE + slot % PAGE  # (BLOCK_N,) index into pos / stat
         kv = (page * (HKV * PAGE * D) + kv_head + (slot % PAGE) * D)[:, None] + offs_d[None, :]
         kv_ok = s_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv, mask=kv_ok, other=0.0)  # (BLOCK_N, D_PAD)
@@ -161,9 +170,18 @@ def _pool_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-        # --- next victim: largest v̂·S (adsa) or smallest position (window) among candidates
-        red = inv * tl.sum(vf * svec[None, :], axis=1)  # (BLOCK_N,)
-        key = tl.where(mode == MODE_ADSA, red, -pos.to(tl.float32))  # else MODE_WINDOW
+        # --- next victim: largest v̂·S (adsa), smallest position (window), least attention (line)
+        if scoring:  # a_i <- DECAY a_i + p_i with the previous step's normaliser, back into the pool
+            if G == 1:
+                p_att = tl.exp2(qk - lse_prev)  # (BLOCK_N,); 0 for masked slots and on a row's first step
+            else:
+                p_att = tl.sum(tl.exp2(qk - lse_prev[:, None]), axis=0)  # summed over the query heads
+            inv = DECAY * inv + p_att
+            tl.store(inv_ptr + meta, inv, mask=s_ok)
+            key = -inv
+        else:
+            red = inv * tl.sum(vf * svec[None, :], axis=1)  # (BLOCK_N,)
+            key = tl.where(mode == MODE_ADSA, red, -pos.to(tl.float32))  # else MODE_WINDOW
         cand = s_ok & (pos >= lo) & (pos <= hi) & evicting
         key = tl.where(cand, key, float("-inf"))
         take = key > best  # strict: a lane keeps its earlier (lower) slot on ties
@@ -178,11 +196,14 @@ def _pool_attention_kernel(
     if G == 1:
         m = tl.max(m_i, axis=0)
         w = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m))  # (BLOCK_N,) lane weights
-        out = tl.sum(acc * w[:, None], axis=0) / tl.maximum(
-            tl.sum(l_i * w, axis=0), 1e-30
-        )  # n = 0: 0, not NaN
+        l_row = tl.sum(l_i * w, axis=0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.maximum(l_row, 1e-30)  # n = 0: 0, not NaN
         tl.store(o_row + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        # this step's log-sum-exp, natural units (+inf: no slot, so the next step adds no score)
+        tl.store(lse_row, tl.where(l_row > 0, (m + tl.log2(l_row)) * 0.6931471805599453, float("inf")))
     else:
+        lse_now = tl.where(l_i > 0, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("inf"))
+        tl.store(lse_row + offs_g, lse_now, mask=g_ok)
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
         o_ptrs = o_row + offs_g[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -204,8 +225,9 @@ def pool_attention_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos_cache: torch.Tensor,
-    inv_norm: torch.Tensor,
+    stat: torch.Tensor,
     vsum: torch.Tensor,
+    lse: torch.Tensor,
     block_table: torch.Tensor,
     n_slots: torch.Tensor,
     evict_lo: torch.Tensor,
@@ -221,7 +243,7 @@ def pool_attention_triton(
     B, H, D = q.shape
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     victim = torch.empty((B, k_cache.shape[1]), dtype=torch.int32, device=q.device)
-    _launch(q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n_slots, evict_lo, evict_hi, mode,
+    _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n_slots, evict_lo, evict_hi, mode,
             out, victim, None, scale, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     return out, victim
 
@@ -239,12 +261,12 @@ def pool_decode_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
             raise ValueError(f"{name} must be contiguous")
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     write = (k_new, v_new, rows.budget, rows.position, layer.spill_k, layer.spill_v, layer.spill_pos)
-    _launch(q, layer.k, layer.v, layer.pos, layer.inv_norm, layer.vsum, rows.block_table, rows.n_stored,
+    _launch(q, layer.k, layer.v, layer.pos, layer.stat, layer.vsum, layer.lse, rows.block_table, rows.n_stored,
             rows.prefix, rows.local, rows.mode, out, layer.victim, write, scale)
     return out
 
 
-def _launch(q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n, lo, hi, mode, out, victim, write,
+def _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo, hi, mode, out, victim, write,
             scale, block_n=None, num_warps=None, num_stages=None) -> None:
     B, H, D = q.shape
     P, Hkv, page, Dk = k_cache.shape
@@ -252,13 +274,15 @@ def _launch(q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n, lo, 
         shapes = f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
         raise ValueError(f"shapes disagree: {shapes}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("pos_cache", pos_cache),
-                    ("inv_norm", inv_norm)):  # fmt: skip
+                    ("stat", stat)):  # fmt: skip
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (the kernel compiles its strides in)")
-    if pos_cache.shape != k_cache.shape[:3] or inv_norm.shape != k_cache.shape[:3]:
-        raise ValueError("pos_cache and inv_norm must be (P, Hkv, page)")
-    if q.stride(-1) != 1 or vsum.stride(-1) != 1:
-        raise ValueError("q and vsum must be contiguous in their last dim")
+    if pos_cache.shape != k_cache.shape[:3] or stat.shape != k_cache.shape[:3]:
+        raise ValueError("pos_cache and stat must be (P, Hkv, page)")
+    if q.stride(-1) != 1 or vsum.stride(-1) != 1 or lse.stride(-1) != 1:
+        raise ValueError("q, vsum and lse must be contiguous in their last dim")
+    if lse.shape != (B, H) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be ({B}, {H}) float32")
     # int32 index tensors per the pool layout; others are converted (a no-op when already int32)
     block_table, n, lo, hi, mode = (t.to(torch.int32).contiguous() for t in (block_table, n, lo, hi, mode))
     if block_table.shape[1] == 0:
@@ -273,16 +297,17 @@ def _launch(q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n, lo, 
     G = H // Hkv
     cfg = default_config(G, D, page)
     _pool_attention_kernel[(Hkv, B)](
-        q, k_cache, v_cache, pos_cache, inv_norm, vsum, block_table, n, lo, hi, mode,
+        q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo, hi, mode,
         out, victim,
         k_new, v_new, budget, position, spill_k, spill_v, spill_pos,
         scale * math.log2(math.e),
-        q.stride(0), q.stride(1), vsum.stride(0), vsum.stride(1), block_table.stride(0),
+        q.stride(0), q.stride(1), vsum.stride(0), vsum.stride(1), lse.stride(0), block_table.stride(0),
         out.stride(0), out.stride(1), victim.stride(0),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         HKV=Hkv, PAGE=page, D=D, D_PAD=max(16, triton.next_power_of_2(D)),
         G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n or cfg["block_n"],
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write is not None,
         FP8=k_cache.dtype == torch.float8_e4m3fn, MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode, MODE_WINDOW=WINDOW.mode,
+        MODE_LINE=LINE.mode, DECAY=LINE_DECAY,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )  # fmt: skip
