@@ -38,7 +38,7 @@ from ..sampling import SamplingParams
 class Row:
     model: str
     size: int
-    policy: str  # "reference" (compiled baseline), "dense", "adsa", "window"
+    policy: str  # "reference" (compiled baseline) or a KV policy name (dense, adsa, window, line)
     budget: float | None  # fraction of the sequence; None = whole
     batch: int
     img_per_s: float

@@ -347,5 +347,5 @@ def pixels(models: LoadedModels, codes: torch.Tensor, batch: int) -> torch.Tenso
 def _label(s: Setting, r: ResolvedCache) -> str:
     if r.policy == "dense":
         return "dense"
-    m = f" m={r.local}" if r.policy == "adsa" else ""  # window does not depend on m
+    m = f" m={r.local}" if r.policy not in ("dense", "window") else ""  # window does not depend on m
     return f"{r.policy} {r.budget / r.seq_len:.3g} ({r.budget}) n={r.prefix}{m}"

@@ -96,7 +96,7 @@ def markdown_table(report: dict) -> str:
                     f"| {r['policy']}",
                     f"{r['budget_fraction']:.3f} / {r['budget_tokens']}",
                     "–" if dense else str(r["prefix"]),
-                    str(r["local"]) if r["policy"] == "adsa" else "–",
+                    str(r["local"]) if r["policy"] not in ("dense", "window") else "–",
                     _fmt(r["kl"]),
                     _fmt(r["top1_agree"], ".3f"),
                     _fmt(r["nll"], ".3f"),

@@ -89,9 +89,9 @@ def _attend(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n_slot
     scoring = torch.zeros_like(mode, dtype=torch.bool)  # rows whose stat is the attention score a_i
     for m in attention_modes():
         scoring |= mode == m
-    # a_i <- decay a_i + p_i, p_i from the previous step's normaliser (kv.policy, line)
+    # a_i <- decay a_i + p_i, p_i from the previous step's normaliser and at most 1 (kv.policy, line)
     prev = lse.float().reshape(B, Hkv, G, 1)
-    attn = LINE_DECAY * st + torch.exp(s - prev).nan_to_num(0.0, posinf=0.0).sum(dim=2)  # (B, Hkv, N)
+    attn = LINE_DECAY * st + torch.exp((s - prev).clamp_max(0.0)).nan_to_num(0.0).sum(dim=2)  # (B, Hkv, N)
     attn = torch.where(valid[:, None, :] & scoring[:, None, None], attn, st)
     now = torch.logsumexp(s, dim=-1).reshape(B, H)  # -inf for a row with no slot: kept as "none yet"
     lse.copy_(torch.where(now.isfinite(), now, float("inf")))

@@ -12,13 +12,15 @@ with the largest key, the lowest slot on ties. Candidates are the valid slots wh
           and the last image lines stay whole, the middle lines lose the tokens the current line ignores).
           a_i is an exponential moving average, over the row's decode steps, of the attention each query
           paid to slot i (the softmax probability, summed over the query heads that share the kv head):
-          a_i <- LINE_DECAY * a_i + p_i, with a horizon of 1 / (1 - LINE_DECAY) = 20 queries, about one
-          image line of LlamaGen's 16-24-token rows. A new slot starts at 0, and by the time it leaves the
-          local window (>= one line + 1 steps) it has been scored by a whole line of queries. The single
+          a_i <- LINE_DECAY * a_i + p_i, with a horizon of 1 / (1 - LINE_DECAY) = 10 queries, part of one
+          image line of LlamaGen's 16-24-token rows (on the demo, horizons of 5-10 queries beat 20, 100 and
+          the plain sum: docs/FIDELITY.md). A new slot starts at 0, and by the time it leaves the local
+          window (>= one line + 1 steps) it has been scored by the queries of a whole line. The single
           pass cannot know this step's softmax normaliser before it has seen every slot, so p_i is formed
           with the previous step's log-sum-exp (kept per row and query head): exact up to the ratio of
           two consecutive normalisers, which scales every slot of a step alike and so keeps the ranking
-          of one step's contributions (the first step, with no previous normaliser, adds nothing).
+          of one step's contributions (the first step, with no previous normaliser, adds nothing; a p_i
+          above 1, possible only when the normaliser jumps, counts as 1).
 
 Each slot carries one fp32 statistic in the pool (`KVPool.stat`): 1/|V| for every policy but those that
 score attention (line), for which it is a_i (they need no 1/|V|: they never read the redundancy).
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 #   -> the eviction key (B, Hkv, N)
 VictimKey = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
-LINE_DECAY = 0.95  # per-step decay of the attention score a_i (line): a horizon of ~one image line
+LINE_DECAY = 0.9  # per-step decay of the attention score a_i (line): a horizon of ~10 queries (docs/FIDELITY.md)
 
 
 @dataclass(frozen=True)

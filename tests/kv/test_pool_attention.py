@@ -121,8 +121,8 @@ def naive_line_score(case, b, h):
     H = case["q"].shape[1]
     G = H // case["k_cache"].shape[1]
     k, _, _, a = dense_rows(case, b)[h]
-    p = sum(torch.exp(k.double().cpu() @ case["q"][b, g].double().cpu() * case["scale"]
-                      - float(case["lse"][b, g])) for g in range(h * G, (h + 1) * G))
+    p = sum(torch.exp((k.double().cpu() @ case["q"][b, g].double().cpu() * case["scale"]
+                       - float(case["lse"][b, g])).clamp_max(0.0)) for g in range(h * G, (h + 1) * G))
     return LINE_DECAY * a.double().cpu() + p
 
 
@@ -337,7 +337,7 @@ def naive_line_sequence(qs, ks, vs, budget, prefix, local, scale):
         K = torch.stack([x["k"] for x in slots])  # (n, D)
         V = torch.stack([x["v"] for x in slots])
         sc = q @ K.T * scale  # (H, n)
-        p = torch.exp(sc - lse_prev[:, None]).sum(0)
+        p = torch.exp((sc - lse_prev[:, None]).clamp_max(0.0)).sum(0)
         for x, pi in zip(slots, p.tolist()):
             x["a"] = LINE_DECAY * x["a"] + pi
         lse_prev = torch.logsumexp(sc, dim=1)

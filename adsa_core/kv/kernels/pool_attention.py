@@ -173,9 +173,10 @@ def _pool_attention_kernel(
         # --- next victim: largest v̂·S (adsa), smallest position (window), least attention (line)
         if scoring:  # a_i <- DECAY a_i + p_i with the previous step's normaliser, back into the pool
             if G == 1:
-                p_att = tl.exp2(qk - lse_prev)  # (BLOCK_N,); 0 for masked slots and on a row's first step
+                # (BLOCK_N,), at most 1 (a probability); 0 for masked slots and on a row's first step
+                p_att = tl.exp2(tl.minimum(qk - lse_prev, 0.0))
             else:
-                p_att = tl.sum(tl.exp2(qk - lse_prev[:, None]), axis=0)  # summed over the query heads
+                p_att = tl.sum(tl.exp2(tl.minimum(qk - lse_prev[:, None], 0.0)), axis=0)  # over the query heads
             inv = DECAY * inv + p_att
             tl.store(inv_ptr + meta, inv, mask=s_ok)
             key = -inv
