@@ -251,7 +251,7 @@ class CacheConfig:
     given.
     """
 
-    policy: str = "adsa"  # a name registered in kv.policy
+    policy: str = "line"  # a name registered in kv.policy (the default: docs/FIDELITY.md, "The frontier")
     budget: int | float | None = 0.5  # see check_budget; text becomes one through parse_budget
     prefix: int | None = None  # positions p < prefix are never evicted; None: default_regions
     local: int | None = None  # positions p > t - local are never evicted; None: default_regions

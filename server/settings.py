@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     )
 
     # --- KV cache and engine
-    kv_policy: str = Field(_CACHE.policy, description="Default KV policy (dense, adsa, window, ...)")
+    kv_policy: str = Field(_CACHE.policy, description="Default KV policy (dense, adsa, window, line, ...)")
     kv_budget: int | float | None = Field(
         _CACHE.budget, description="Default KV budget: int tokens, float fraction in (0, 1], or none (no eviction)"
     )

@@ -97,12 +97,16 @@ def _attend(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n_slot
     lse.copy_(torch.where(now.isfinite(), now, float("inf")))
     _scatter_slots(stat, block_table, attn, valid[:, None, :] & scoring[:, None, None])  # back into the pool
 
-    red = st * torch.einsum("bhnd,bhd->bhn", v, vsum.float())  # v̂_i·S, orders slots like r_i (st = 1/|V|)
+    inv = torch.where(scoring[:, None, None], v.norm(dim=-1).clamp_min(1e-6).reciprocal(), st)  # 1/|V|
+    red = inv * torch.einsum("bhnd,bhd->bhn", v, vsum.float())  # v̂_i·S, orders slots like r_i
+    # the victim keys' units (kv.policy.VictimKey): per row positive factors, so no policy's ranking changes
+    n = n_slots.clamp_min(1).float()[:, None, None]
+    red, share = red / n, attn * n * (1 - LINE_DECAY)
     key = torch.full_like(red, float("-inf"))
     evicting = torch.zeros_like(mode, dtype=torch.bool)  # rows of a registered policy that evicts
     for policy in evicting_policies():
         rows = mode == policy.mode
-        key = torch.where(rows[:, None, None], policy.victim_key(red, pos, attn).float(), key)
+        key = torch.where(rows[:, None, None], policy.victim_key(red, pos, share).float(), key)
         evicting |= rows
     cand = (
         valid[:, None, :]
@@ -179,7 +183,8 @@ def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     1. the write slot: the next free slot, or the victim the previous pass chose (padding rows
        count as full with no victim: clamped onto their scratch slot 0);
     2. stage the slot's old K/V/position for the spill, take the old value out of S, write the
-       new token's K/V/position/1/|V| and add it to S (rows that score attention instead: stat 0, no S);
+       new token's K/V/position/1/|V| and add it to S (rows that score attention: stat 0, and 1/|V| of the
+       old value from the value);
     3. attend over the valid slots and choose the next victim (only where the row is full after
        the write; candidates are positions in [prefix, position + 1 - local]).
     """
@@ -204,8 +209,11 @@ def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     scoring = torch.zeros_like(rows.mode, dtype=torch.bool).view(B, 1, 1)
     for m in attention_modes():
         scoring = scoring | (rows.mode == m).view(B, 1, 1)
+    # S of every row, also where the slot holds a_i (then 1/|V| of the old value from the value itself)
+    old_inv = torch.where(scoring, layer.spill_v.float().norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal(),
+                          old_inv)
     old = torch.where(full.view(B, 1, 1), layer.spill_v.float() * old_inv, 0.0)
-    layer.vsum += torch.where(scoring, 0.0, v32 * inv - old)
+    layer.vsum += v32 * inv - old
     kf.index_copy_(0, flat, raw(k_st).reshape(-1, D))
     vf.index_copy_(0, flat, raw(v_st).reshape(-1, D))
     pf.index_copy_(0, flat, rows.position.to(torch.int32).repeat_interleave(Hkv))

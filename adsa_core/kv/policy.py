@@ -43,8 +43,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-# (redundancy v̂·S fp32, position int32, attention score a fp32), each (B, Hkv, N) over the row's slots
-#   -> the eviction key (B, Hkv, N)
+# (redundancy, position int32, attention), each (B, Hkv, N) over the row's n slots -> the eviction key (B, Hkv, N).
+# redundancy = v̂_i·S / n, about the mean cosine similarity of value i to the row's values (adsa's r_i);
+# attention = a_i · n · (1 - LINE_DECAY): 1 for a slot that got a uniform share of the recent queries' attention
+# (rows that score attention; elsewhere the slot's 1/|V|, scaled alike, which no such key reads).
 VictimKey = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 LINE_DECAY = 0.9  # per-step decay of the attention score a_i (line): a horizon of ~10 queries (docs/FIDELITY.md)

@@ -80,9 +80,11 @@ def _pool_attention_kernel(
         v_new = v_new.to(v_ptr.dtype.element_ty)
         v_new32 = v_new.to(tl.float32)  # S and 1/|V| from the stored value: eviction removes exactly it
         inv_new = 1.0 / tl.maximum(tl.sqrt(tl.sum(v_new32 * v_new32, axis=0)), 1e-6)
-        if not scoring:
-            svec += v_new32 * inv_new - tl.where(full, old_v.to(tl.float32) * old_inv, 0.0)
-            tl.store(vsum_row, svec, mask=d_ok)
+        if scoring:  # the slot holds a_i, not 1/|V|: the old value's norm from the value itself
+            old_v32 = old_v.to(tl.float32)
+            old_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(old_v32 * old_v32, axis=0)), 1e-6)
+        svec += v_new32 * inv_new - tl.where(full, old_v.to(tl.float32) * old_inv, 0.0)
+        tl.store(vsum_row, svec, mask=d_ok)
         tl.debug_barrier()  # every old byte is read before any thread overwrites it
         tl.store(k_ptr + wkv, k_new, mask=d_ok)
         tl.store(v_ptr + wkv, v_new, mask=d_ok)
