@@ -185,7 +185,7 @@ def test_generate_streams_rows_and_shows_kv_figures(page, demo_server):
         document.addEventListener('load', e => e.target.tagName === 'IMG' &&
             window.loads.push([e.target.naturalWidth, e.target.naturalHeight]), true); }""")
     # the same settings through the API, at the same time (an image depends only on its own seed)
-    body = {"class_label": 539, "seed": SEED, "cfg_scale": 1.0, "policy": "adsa", "kv_budget": 128}
+    body = {"class_label": 539, "seed": SEED, "cfg_scale": 1.0, "policy": "line", "kv_budget": 128}  # the defaults
     with ThreadPoolExecutor(1) as pool:
         reference = pool.submit(api_image, demo_server, body)
         page.click("#generate")
@@ -217,7 +217,7 @@ def test_generate_streams_rows_and_shows_kv_figures(page, demo_server):
 
 def test_compare_dense_with_sparse(page, demo_server, artifacts):
     choose_fox(page)
-    assert page.inner_text("#compare") == "Compare adsa with dense"
+    assert page.inner_text("#compare") == "Compare line with dense"
     page.click("#compare")
     page.wait_for_selector("#verdict:not([hidden])", timeout=2 * TIMEOUT_MS)
 
@@ -227,7 +227,7 @@ def test_compare_dense_with_sparse(page, demo_server, artifacts):
         assert_real_image(pixels)
     dense, sparse = page.locator(".pane").nth(0), page.locator(".pane").nth(1)
     assert page.inner_text(".pane:nth-child(1) .pane-title") == "dense"
-    assert page.inner_text(".pane:nth-child(2) .pane-title") == "adsa · 128 tokens"
+    assert page.inner_text(".pane:nth-child(2) .pane-title") == "line · 128 tokens"
     assert stat(dense, "budget") == "256 / 256" and stat(dense, "evictions") == "0"
     assert stat(sparse, "budget") == "128 / 256" and stat(sparse, "evictions") != "0"
     # half the budget reserves half the pool pages: the two memory figures say so

@@ -69,7 +69,7 @@ def test_probes_models_docs(live_server):
         card = c.get("/v1/models", headers=AUTH).json()["data"][0]
         assert card["model_type"] == "c2i" and card["num_classes"] == 1000 and card["image_size"] == 32
         assert card["classes"][207]["name"] == "golden retriever"  # a 1,000-class model gets ImageNet's names
-        assert card["default_policy"] == "adsa" and card["seq_len"] == 64
+        assert card["default_policy"] == "line" and card["seq_len"] == 64
         assert c.get("/docs").status_code == 200
         assert "/v1/generate" in c.get("/openapi.json").json()["paths"]
 
@@ -239,7 +239,7 @@ def test_metrics_has_every_design_name(live_server):
     info = {name: dict(labels) for name, labels in live_server.metrics() if name.endswith("_info")}
     assert info["adsa_model_info"] == {"model": "GPT-custom-random", "model_type": "c2i", "image_size": "32"}
     cache = info["adsa_cache_config_info"]
-    assert cache["model"] == "GPT-custom-random" and cache["policy"] == "adsa" and cache["budget"] == "32"
+    assert cache["model"] == "GPT-custom-random" and cache["policy"] == "line" and cache["budget"] == "32"
     assert cache["kv_cache_dtype"] == "float32" and int(cache["pool_bytes"]) > 0  # as the engine stores K/V
 
 
