@@ -135,14 +135,16 @@ def _decode_step(model: Transformer, cache: StaticKVCache, h: torch.Tensor, inpu
 @functools.cache
 def _compiled_step() -> Callable:
     # created on first use: importing torch._dynamo costs seconds at start-up
-    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    # dynamic left to torch.compile's default, as the public sampler's call: one process measuring several
+    # batches compiles the first statically and one graph with a symbolic batch for the rest
+    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
 
 
 @functools.cache
 def _compiled_pick() -> Callable:
     # default mode (no CUDA graph, like the public sampler's eager sampling): fusion alone turns the ~60
     # small kernels of the seeded filter and draw (the hash alone is ~30) into a handful
-    return torch.compile(_pick, fullgraph=True, dynamic=False)
+    return torch.compile(_pick, fullgraph=True)
 
 
 _static_caches: dict[tuple, StaticKVCache] = {}

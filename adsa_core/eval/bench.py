@@ -189,6 +189,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spill-limit-mb", type=float, default=16.0, help="per-sequence spill limit")
     p.add_argument("--kv-cache-dtypes", default="auto",
                    help="engine rows for each KV storage dtype: auto (the model's), fp8 (e4m3), or both: auto,fp8")
+    p.add_argument("--dense-kv-cache-dtypes", default=None,
+                   help="the same for the dense rows only (default: --kv-cache-dtypes)")
     p.add_argument("--vq-chunk", type=int, default=16,
                    help="engine: images per VQ decode (a wave finishes together; compiled, 16 decodes an image in "
                         "~3/4 of the time of 8, tools/bench_vq_decode.py)")
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in a.batches.split(",") if b]  # "": sparse rows only
     sparse_batches = [int(b) for b in a.sparse_batches.split(",")] if a.sparse_batches else batches
     kv_dtypes = [d for d in a.kv_cache_dtypes.split(",") if d]
+    dense_kv_dtypes = kv_dtypes if a.dense_kv_cache_dtypes is None else [
+        d for d in a.dense_kv_cache_dtypes.split(",") if d]
     if a.smoke:
         setups = [("smoke", 32, GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10),
                    VQConfig(codebook_size=64, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2), z_channels=32,
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.no_reference and batch in batches:
                 runs.append(("reference", None, "auto"))
             if batch in batches:
-                runs += [("dense", None, kv) for kv in kv_dtypes]
+                runs += [("dense", None, kv) for kv in dense_kv_dtypes]
             if batch in sparse_batches:
                 runs += [(pol, bud, kv) for kv in kv_dtypes for pol in policies for bud in budgets]
             base = None
