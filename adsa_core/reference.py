@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -144,7 +145,18 @@ def _compiled_step() -> Callable:
 def _compiled_pick() -> Callable:
     # default mode (no CUDA graph, like the public sampler's eager sampling): fusion alone turns the ~60
     # small kernels of the seeded filter and draw (the hash alone is ~30) into a handful
-    return torch.compile(_pick, fullgraph=True)
+    compiled: Callable = torch.compile(_pick, fullgraph=True)
+
+    def pick(*args):
+        nonlocal compiled
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001 - the baseline must still run: it only costs speed, said loudly
+            warnings.warn(f"reference: compiling the sampling failed, it runs eagerly from now on: {e!r}", stacklevel=2)
+            compiled = _pick
+            return _pick(*args)
+
+    return pick
 
 
 _static_caches: dict[tuple, StaticKVCache] = {}

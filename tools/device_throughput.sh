@@ -18,6 +18,7 @@
 #       22, 43 s per fp8 row; bf16 rows get what the box leaves                 box 110 s
 #   (d) tools/profile_engine.py at batch 512, adsa 1/4 fp8, with floors        box 45 s
 # Files in $OUT (7): env.txt, public.jsonl, bench_b.json, curve_fp8.json, curve_bf16.json, profile.txt, log.txt
+# (section e, only when asked: profile_b1.txt, profile_b8.txt; run it alone: SECTIONS=e, 3 files)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:?set by the device machine}
@@ -69,5 +70,13 @@ case " $SECTIONS " in *" d "*)
   timeout $((45 * BOX)) python3 tools/profile_engine.py --preset $MODEL --image-size $SIZE --batch $B_PROF $CPU \
       --policy adsa --budget 0.25 --compile --kv-cache-dtype fp8 --warm-steps $WARM --steps 10 > "$OUT/profile.txt" 2>> "$LOG" \
       || echo "d: rc=$?" >> "$LOG";;
+esac
+case " $SECTIONS " in *" e "*)  # not in the default set: a lone request's step, for a later call (~40 s)
+  stamp "e: step profile, batch 1 and 8, dense bf16"
+  for b in 1 8; do
+    timeout $((45 * BOX)) python3 tools/profile_engine.py --preset $MODEL --image-size $SIZE --batch $b $CPU \
+        --policy dense --compile --warm-steps 100 --steps 50 > "$OUT/profile_b$b.txt" 2>> "$LOG" \
+        || echo "e $b: rc=$?" >> "$LOG"
+  done;;
 esac
 stamp "done"
