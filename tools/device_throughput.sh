@@ -18,16 +18,17 @@
 #       22, 43 s per fp8 row; bf16 rows get what the box leaves                 box 110 s
 #   (d) tools/profile_engine.py at batch 512, adsa 1/4 fp8, with floors        box 45 s
 # Files in $OUT (7): env.txt, public.jsonl, bench_b.json, curve_fp8.json, curve_bf16.json, profile.txt, log.txt
-# (section e, only when asked: profile_b1.txt, profile_b8.txt; run it alone: SECTIONS=e, 3 files)
+# Only when asked (SECTIONS="e f", ~5 min, 4 files): e = profile_b1.txt, profile_b8.txt (a lone request's step,
+# dense, compiled); f = reference_ab.jsonl (tools/reference_ab.py: the old reference's costs one at a time).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:?set by the device machine}
 LLAMAGEN=${LLAMAGEN:-.device-carry/llamagen}
 SECTIONS=${SECTIONS:-a b c d}
 MODEL=GPT-XL SIZE=384 B_PUBLIC=1,8,64,128 B_BENCH=1,8,64,128 B_FP8=256,512,1024,2048 B_BF16=256,512,1024
-B_PROF=512 WARM=160 CPU="" PUB_CPU="" BOX=1
+B_PROF=512 WARM=160 B_AB=1,64 CPU="" PUB_CPU="" BOX=1
 if [ "${SMOKE:-0}" = 1 ]; then  # the same commands on the CPU with a small model and batches
-  MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2,4 B_BF16=2 B_PROF=2 WARM=70 CPU="--device cpu"
+  MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2,4 B_BF16=2 B_PROF=2 WARM=70 B_AB=2 CPU="--device cpu"
   PUB_CPU="--device cpu --no-compile" BOX=8
 fi
 LOG=$OUT/log.txt
@@ -78,5 +79,10 @@ case " $SECTIONS " in *" e "*)  # not in the default set: a lone request's step,
         --policy dense --compile --warm-steps 100 --steps 50 > "$OUT/profile_b$b.txt" 2>> "$LOG" \
         || echo "e $b: rc=$?" >> "$LOG"
   done;;
+esac
+case " $SECTIONS " in *" f "*)  # not in the default set: the reference's old costs one by one (~4 min: 4 compiles)
+  stamp "f: reference A/B"
+  timeout $((300 * BOX)) python3 tools/reference_ab.py --preset $MODEL --image-size $SIZE --batches $B_AB $CPU \
+      > "$OUT/reference_ab.jsonl" 2>> "$LOG" || echo "f: rc=$?" >> "$LOG";;
 esac
 stamp "done"
