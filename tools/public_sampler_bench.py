@@ -53,6 +53,8 @@ def main() -> None:
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.set_grad_enabled(False)
+    torch.nn.Linear.reset_parameters = lambda self: None  # the model draws its own weights anyway
+    torch.nn.LayerNorm.reset_parameters = lambda self: None
     generate, GPT_models, VQ_models = load_public(a.llamagen)
     dev = torch.device(a.device)
     torch.manual_seed(0)
