@@ -9,7 +9,7 @@
 # From the repo root; LLAMAGEN=<LlamaGen checkout> (default .device-carry/llamagen).
 #
 # Time: compiles dominate and are the unknown. Every section is boxed by `timeout` and writes its rows as it
-# goes, so a cut section keeps what it measured. Default call: boxes 185 + 185 + 60 + 40 = 470 s, plus
+# goes, so a cut section keeps what it measured. Default call: boxes 185 + 185 + 55 + 50 = 475 s, plus
 # ~5 s of setup. Estimates per section:
 #   (a) public sampler, batches 1, 8, 64, 128. Four full-model compiles: its prefill and decode graphs,
 #       static at batch 1, then symbolic in the batch from batch 8 on (torch.compile's default, as
@@ -18,8 +18,9 @@
 #   (b) adsa-bench --compile, batches 1, 8, 64, 128: reference, dense bf16, adsa 1/4 bf16 and fp8, one wave
 #       after the warm one. Reference: 2 step compiles ~90 s plus small sampling compiles; engine: block
 #       compiles per bucket ~40 s; runs ~70 s.                                         ~200 s, box 185 s
-#   (c) adsa 1/4 fp8 at 512 and 1024, one wave (~12 and ~22 s) after bucket compiles. ~60 s, box 60 s
-#   (d) tools/profile_engine.py, batch 512, adsa 1/4 fp8.                               ~40 s, box 40 s
+#   (c) adsa 1/4 fp8 at 512 and 1024, one wave (~12 and ~22 s) after bucket compiles. ~60 s, box 55 s
+#   (d) tools/profile_engine.py, batch 512, adsa 1/4 fp8 (its bucket's compile, 150 + 15 steps, a VQ
+#       decode of 16 images).                                                      ~40 s, box 50 s
 # On request:
 #   (g) the rest of the curve: fp8 at 256 and 2048 (~45 s at 2048), then bf16 at 256, 512, 1024, 2048.
 #                                                                                   ~200 s, box 230 s
@@ -34,9 +35,9 @@ OUT=${OUT:?set by the device machine}
 LLAMAGEN=${LLAMAGEN:-.device-carry/llamagen}
 SECTIONS=${SECTIONS:-a b c d}
 MODEL=GPT-XL SIZE=384 B_PUBLIC=1,8,64,128 B_BENCH=1,8,64,128 B_FP8=512,1024 B_FP8_MORE=256,2048
-B_BF16=256,512,1024,2048 B_PROF=512 WARM=150 B_SMALL="1 8" B_AB=1,64 CPU="" PUB_CPU="" BOX=1
+B_BF16=256,512,1024,2048 B_PROF=512 WARM=150 VQ_IMAGES=16 B_SMALL="1 8" B_AB=1,64 CPU="" PUB_CPU="" BOX=1
 if [ "${SMOKE:-0}" = 1 ]; then  # the same commands on the CPU with a small model and batches
-  MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2 B_FP8_MORE=4 B_BF16=2 B_PROF=2 WARM=70 B_SMALL=1 B_AB=2
+  MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2 B_FP8_MORE=4 B_BF16=2 B_PROF=2 WARM=70 VQ_IMAGES=1 B_SMALL=1 B_AB=2
   CPU="--device cpu" PUB_CPU="--device cpu --no-compile" BOX=8
 fi
 LOG=$OUT/log.txt
@@ -71,12 +72,12 @@ if wants b; then
 fi
 if wants c; then
   stamp "c: adsa 1/4 fp8 at $B_FP8"
-  curve 60 fp8 $B_FP8 curve_fp8
+  curve 55 fp8 $B_FP8 curve_fp8
 fi
 if wants d; then
   stamp "d: step profile, batch $B_PROF, adsa 1/4, fp8 K/V"
-  timeout $((40 * BOX)) python3 tools/profile_engine.py --preset $MODEL --image-size $SIZE --batch $B_PROF $CPU \
-      --policy adsa --budget 0.25 --compile --kv-cache-dtype fp8 --warm-steps $WARM --steps 10 \
+  timeout $((50 * BOX)) python3 tools/profile_engine.py --preset $MODEL --image-size $SIZE --batch $B_PROF $CPU \
+      --policy adsa --budget 0.25 --compile --kv-cache-dtype fp8 --warm-steps $WARM --steps 10 --vq-images $VQ_IMAGES \
       > "$OUT/profile.txt" 2>> "$LOG" || echo "d: rc=$?" >> "$LOG"
 fi
 if wants g; then
@@ -88,7 +89,7 @@ if wants e; then
   for b in $B_SMALL; do
     stamp "e: step profile, batch $b, dense bf16"
     timeout $((45 * BOX)) python3 tools/profile_engine.py --preset $MODEL --image-size $SIZE --batch $b $CPU \
-        --policy dense --compile --warm-steps 100 --steps 50 > "$OUT/profile_b$b.txt" 2>> "$LOG" \
+        --policy dense --compile --warm-steps 100 --steps 50 --vq-images 1 > "$OUT/profile_b$b.txt" 2>> "$LOG" \
         || echo "e $b: rc=$?" >> "$LOG"
   done
 fi
