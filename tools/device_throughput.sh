@@ -11,10 +11,10 @@
 # Time: compiles dominate and are the unknown. Every section is boxed by `timeout` and writes its rows as it
 # goes, so a cut section keeps what it measured. Default call: boxes 185 + 185 + 55 + 50 = 475 s, plus
 # ~5 s of setup. Estimates per section:
-#   (a) public sampler, batches 1, 8, 64, 128. Four full-model compiles: its prefill and decode graphs,
-#       static at batch 1, then symbolic in the batch from batch 8 on (torch.compile's default, as
-#       sample_c2i.py). ~40 s each. Runs ~35 s (gen 3.3 s at 64, 5.4 s at 128, each twice with the
-#       warm-up).                                                                     ~195 s, box 185 s
+#   (a) public sampler, batches 1, 64, 128, 8 (8 last: if the box cuts, the anchors 64 and 128 are in).
+#       Four full-model compiles: its prefill and decode graphs, static at batch 1, then symbolic in the
+#       batch from the second batch on (torch.compile's default, as sample_c2i.py). ~40 s each.
+#       Runs ~35 s (gen 3.3 s at 64, 5.4 s at 128, each twice with the warm-up).       ~195 s, box 185 s
 #   (b) adsa-bench --compile, batches 1, 8, 64, 128: reference, dense bf16, adsa 1/4 bf16 and fp8, one wave
 #       after the warm one. Reference: 2 step compiles ~90 s plus small sampling compiles; engine: block
 #       compiles per bucket ~40 s; runs ~70 s.                                         ~200 s, box 185 s
@@ -34,7 +34,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:?set by the device machine}
 LLAMAGEN=${LLAMAGEN:-.device-carry/llamagen}
 SECTIONS=${SECTIONS:-a b c d}
-MODEL=GPT-XL SIZE=384 B_PUBLIC=1,8,64,128 B_BENCH=1,8,64,128 B_FP8=512,1024 B_FP8_MORE=256,2048
+MODEL=GPT-XL SIZE=384 B_PUBLIC=1,64,128,8 B_BENCH=1,8,64,128 B_FP8=512,1024 B_FP8_MORE=256,2048
 B_BF16=256,512,1024,2048 B_PROF=512 WARM=150 VQ_IMAGES=16 B_SMALL="1 8" B_AB=1,64 CPU="" PUB_CPU="" BOX=1
 if [ "${SMOKE:-0}" = 1 ]; then  # the same commands on the CPU with a small model and batches
   MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2 B_FP8_MORE=4 B_BF16=2 B_PROF=2 WARM=70 VQ_IMAGES=1 B_SMALL=1 B_AB=2
