@@ -1,4 +1,6 @@
-"""Profile engine decode steps on the GPU: where the time of one step goes (kernels and host).
+"""Profile engine decode steps on the GPU: where the time of one step goes (kernels and host), each part
+beside its floor on this card (attention: the K/V bytes at copy bandwidth; matmuls: their FLOPs at the dense
+bf16 peak or their weight read, whichever is longer; the VQ decode of the batch's images spread over a step).
 
     python tools/profile_engine.py --preset GPT-XL --image-size 384 --batch 64 --policy adsa --budget 0.25
 """
@@ -9,9 +11,11 @@ import argparse
 import time
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
-from adsa_core.config import CacheConfig, EngineConfig, VQConfig, gpt_preset
+from adsa_core.config import CacheConfig, EngineConfig, GPTConfig, VQConfig, gpt_preset
 from adsa_core.engine import Engine, GenerationRequest
 from adsa_core.eval.bench import random_models
 from adsa_core.sampling import SamplingParams
@@ -25,9 +29,15 @@ PARTS = (
 )
 
 
-def print_by_part(prof: profile, steps: int) -> None:
-    """GPU time per step by part of the step, from the profiler's kernel events."""
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def print_by_part(prof: profile, steps: int, floors: dict[str, tuple[float, str]]) -> None:
+    """GPU time per step by part of the step, from the profiler's kernel events, beside each part's floor."""
     by_part: dict[str, float] = {}
+    kernels: dict[str, int] = {}  # launches per part: at small batches their count, not their bytes, sets the time
     for ev in prof.key_averages():
         us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
         if ev.device_type.name != "CUDA" or not us:  # kernels only, not the CPU-side ops that launched them
@@ -35,10 +45,50 @@ def print_by_part(prof: profile, steps: int) -> None:
         name = ev.key.lower()
         part = next((p for p, keys in PARTS if any(k in name for k in keys)), "other")
         by_part[part] = by_part.get(part, 0.0) + us
-    total = sum(by_part.values())
-    print(f"GPU time per step by part (of {total / steps / 1000:.2f} ms):")
+        kernels[part] = kernels.get(part, 0) + ev.count
+    total = sum(by_part.values()) or 1.0  # no kernel events: a CPU smoke run
+    print(f"GPU time per step by part (of {total / steps / 1000:.2f} ms, {sum(kernels.values()) / steps:.0f} "
+          f"kernels), floor per step:")
     for part, us in sorted(by_part.items(), key=lambda kv: -kv[1]):
-        print(f"  {part:32s} {us / steps / 1000:6.3f} ms  {100 * us / total:5.1f} %")
+        ms = us / steps / 1000
+        floor, why = floors.get(part, (0.0, ""))
+        at = f"floor {floor:6.3f} ms ({100 * floor / ms:5.1f} % of it: {why})" if floor else ""
+        print(f"  {part:32s} {ms:6.3f} ms  {100 * us / total:5.1f} %  {kernels[part] / steps:5.0f} kernels  {at}")
+
+
+def step_floors(cfg: GPTConfig, gpt: nn.Module, rows: int, slots: int, kv_item: int, copy_tbs: float,
+                peak_tflops: float, hbm_tbs: float) -> dict[str, tuple[float, str]]:
+    """Lower bounds (ms) of a decode step's parts: `rows` sequences holding `slots` K/V slots each."""
+    # per slot, layer and head: K and V, plus the pool's position (int32) and 1/|v| (fp32)
+    kv_bytes = rows * slots * cfg.n_layer * cfg.kv_heads * (2 * cfg.head_dim * kv_item + 8)
+    weights = [m.weight for m in gpt.modules() if isinstance(m, nn.Linear)]
+    flops = 2 * rows * sum(w.numel() for w in weights)
+    w_bytes = sum(w.numel() * w.element_size() for w in weights)
+    mm_flop_ms, mm_read_ms = flops / peak_tflops / 1e9, w_bytes / hbm_tbs / 1e9
+    return {
+        "pool attention": (kv_bytes / copy_tbs / 1e9,
+                           f"{kv_bytes / 1e9:.2f} GB of K/V at {copy_tbs} TB/s, {rows} rows x {slots} slots"),
+        "matmul": (max(mm_flop_ms, mm_read_ms), f"{flops / 1e12:.2f} TFLOP at {peak_tflops} TFLOP/s = "
+                   f"{mm_flop_ms:.3f} ms; weights {w_bytes / 1e9:.2f} GB at {hbm_tbs} TB/s = {mm_read_ms:.3f} ms"),
+    }
+
+
+def vq_decode_per_image(models, images: int, peak_tflops: float) -> tuple[float, float]:
+    """Eager VQ decode time per image (ms, a chunk of `images`) and its FLOP floor per image (ms)."""
+    side = models.image_size // 16
+    assert models.vq is not None and models.vq_config is not None
+    codes = torch.randint(0, models.vq_config.codebook_size, (images, side * side), device=models.device)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            models.vq.decode_code(codes[:1])
+        for _ in range(2):
+            models.vq.decode_code(codes)
+        sync(models.device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            models.vq.decode_code(codes)
+        sync(models.device)
+    return 1000 * (time.perf_counter() - t0) / (3 * images), fc.get_total_flops() / peak_tflops / 1e9
 
 
 def main() -> None:
@@ -52,10 +102,17 @@ def main() -> None:
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    p.add_argument("--warm-steps", type=int, default=300, help="steps before timing (past an adsa budget)")
+    p.add_argument("--copy-tbs", type=float, default=4.0, help="the card's measured copy bandwidth, TB/s")
+    p.add_argument("--hbm-tbs", type=float, default=4.8, help="the card's peak memory bandwidth (weight read), TB/s")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 matmul peak, TFLOP/s")
+    p.add_argument("--vq-images", type=int, default=16, help="images per VQ decode timed for its share of a step")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke test of the tool (no kernel times)")
     a = p.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(a.device)
     cfg = gpt_preset(a.preset, a.image_size)
-    models = random_models(cfg, VQConfig(), a.preset, a.image_size, dev, torch.bfloat16)
+    models = random_models(cfg, VQConfig(), a.preset, a.image_size, dev,
+                           torch.bfloat16 if dev.type == "cuda" else torch.float32)
     eng = Engine(models, EngineConfig(max_batch_size=a.batch, max_queue=max(256, a.batch),
                                       cuda_graphs=not a.no_graphs,
                                       compile_step=a.compile, kv_cache_dtype=a.kv_cache_dtype,
@@ -63,21 +120,30 @@ def main() -> None:
     sp = SamplingParams(cfg_scale=4.0, top_k=2000)
     for i in range(a.batch):
         eng.submit(GenerationRequest(condition=i, seed=i, sampling=sp), lambda ev: None)
-    for _ in range(300):  # into the steady state (past the budget, graphs captured)
+    for _ in range(a.warm_steps):  # into the steady state (past the budget, graphs captured)
         eng.step()
-    torch.cuda.synchronize()
+    sync(dev)
     t0 = time.perf_counter()
     for _ in range(a.steps):
         eng.step()
     t_host = time.perf_counter() - t0
-    torch.cuda.synchronize()
+    sync(dev)
     t_all = time.perf_counter() - t0
     print(f"per step: host issue {1000 * t_host / a.steps:.2f} ms, wall {1000 * t_all / a.steps:.2f} ms")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             eng.step()
-        torch.cuda.synchronize()
-    print_by_part(prof, 5)
+        sync(dev)
+    rows = 2 * a.batch  # CFG: a conditional and an unconditional sequence per image
+    resident = min(CacheConfig(policy=a.policy, budget=a.budget).resolve(cfg).budget,
+                   cfg.cls_token_num + a.warm_steps + a.steps + 2)  # slots a row holds in the profiled steps
+    floors = step_floors(cfg, models.gpt, rows, resident, 1 if a.kv_cache_dtype == "fp8" else 2, a.copy_tbs,
+                         a.peak_tflops, a.hbm_tbs)
+    print_by_part(prof, 5, floors)
+    vq_ms, vq_floor = vq_decode_per_image(models, a.vq_images, a.peak_tflops)
+    share = a.batch / cfg.block_size  # images finished per step in steady serving
+    print(f"VQ decode (not in the steps above; eager, chunks of {a.vq_images}): {vq_ms:.3f} ms per image, FLOP floor "
+          f"{vq_floor:.3f} ms; per step of {a.batch} images: {share * vq_ms:.3f} ms (floor {share * vq_floor:.3f})")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 

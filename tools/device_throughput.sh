@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Issue 19 on one H200: the public sampler from its own code, adsa-bench with the corrected reference row,
+# the adsa 1/4 batch curve, and a step profile with each part beside its floor.
+#
+#   bash tools/device_throughput.sh                   # sections a b c d: one call, <= 8 min
+#   SECTIONS="g e" bash tools/device_throughput.sh    # a second call: the rest of the curve, small-batch profiles
+#   SECTIONS=f bash tools/device_throughput.sh        # a third: the reference's old costs one at a time
+#   SMOKE=1 OUT=/tmp/tp bash tools/device_throughput.sh   # CPU, GPT-B 256, tiny batches: every command once
+# From the repo root; LLAMAGEN=<LlamaGen checkout> (default .device-carry/llamagen).
+#
+# Time: compiles dominate and are the unknown. Every section is boxed by `timeout` and writes its rows as it
+# goes, so a cut section keeps what it measured. Default call: boxes 185 + 185 + 55 + 50 = 475 s, plus
+# ~5 s of setup. Estimates per section:
+#   (a) public sampler, batches 1, 64, 128, 8 (8 last: if the box cuts, the anchors 64 and 128 are in).
+#       Four full-model compiles: its prefill and decode graphs, static at batch 1, then symbolic in the
+#       batch from the second batch on (torch.compile's default, as sample_c2i.py). ~40 s each.
+#       Runs ~35 s (gen 3.3 s at 64, 5.4 s at 128, each twice with the warm-up).       ~195 s, box 185 s
+#   (b) adsa-bench --compile, batches 1, 8, 64, 128: reference, dense bf16, adsa 1/4 bf16 and fp8, one wave
+#       after the warm one. Reference: 2 step compiles ~90 s plus small sampling compiles; engine: block
+#       compiles per bucket ~40 s; runs ~70 s.                                         ~200 s, box 185 s
+#   (c) adsa 1/4 fp8 at 512 and 1024, one wave (~12 and ~22 s) after bucket compiles. ~60 s, box 55 s
+#   (d) tools/profile_engine.py, batch 512, adsa 1/4 fp8 (its bucket's compile, 150 + 15 steps, a VQ
+#       decode of 16 images).                                                      ~40 s, box 50 s
+# On request:
+#   (g) the rest of the curve: fp8 at 256 and 2048 (~45 s at 2048), then bf16 at 256, 512, 1024, 2048.
+#                                                                                   ~200 s, box 230 s
+#   (e) profiles at batch 1 and 8, dense, compiled (a lone request's step).            ~80 s, box 90 s
+#   (f) tools/reference_ab.py at batches 1 and 64: four full-model compiles.          ~240 s, box 300 s
+# Files in $OUT: env.txt and log.txt, then a: public.jsonl, b: bench_b.json, c: curve_fp8.json,
+# d: profile.txt, g: curve_fp8_more.json and curve_bf16.json, e: profile_b1.txt and profile_b8.txt,
+# f: reference_ab.jsonl. That is 6 files for the default call and at most 6 for the others.
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:?set by the device machine}
+LLAMAGEN=${LLAMAGEN:-.device-carry/llamagen}
+SECTIONS=${SECTIONS:-a b c d}
+MODEL=GPT-XL SIZE=384 B_PUBLIC=1,64,128,8 B_BENCH=1,8,64,128 B_FP8=512,1024 B_FP8_MORE=256,2048
+B_BF16=256,512,1024,2048 B_PROF=512 WARM=150 VQ_IMAGES=16 B_SMALL="1 8" B_AB=1,64 CPU="" PUB_CPU="" BOX=1
+if [ "${SMOKE:-0}" = 1 ]; then  # the same commands on the CPU with a small model and batches
+  MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2 B_FP8_MORE=4 B_BF16=2 B_PROF=2 WARM=70 VQ_IMAGES=1 B_SMALL=1 B_AB=2
+  CPU="--device cpu" PUB_CPU="--device cpu --no-compile" BOX=8
+fi
+LOG=$OUT/log.txt
+T0=$(date +%s)
+stamp() { echo "== $1 at +$(( $(date +%s) - T0 )) s" | tee -a "$LOG"; }
+wants() { case " $SECTIONS " in *" $1 "*) return 0;; esac; return 1; }
+# adsa-bench rows of adsa 1/4 alone: the batch curve
+curve() {  # box_s kv_dtype batches out_name
+  timeout $(($1 * BOX)) python3 -m adsa_core.eval.bench --presets $MODEL --image-sizes $SIZE --batches= $CPU \
+      --sparse-batches $3 --no-reference --policies adsa --budgets 0.25 --waves 1 --compile \
+      --kv-cache-dtypes $2 --out /tmp/tp_$4 >> "$LOG" 2>&1 || echo "$4: rc=$?" >> "$LOG"
+  cp /tmp/tp_$4/bench.json "$OUT/$4.json" 2>> "$LOG"
+}
+
+{ date -u; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  cat "$LLAMAGEN/COMMIT" 2>/dev/null; } > "$OUT/env.txt" 2>&1
+
+if wants a; then
+  stamp "a: public sampler"
+  timeout $((185 * BOX)) python3 tools/public_sampler_bench.py --llamagen "$LLAMAGEN" --gpt-model $MODEL \
+      --image-size $SIZE --batches $B_PUBLIC $PUB_CPU --out "$OUT/public.jsonl" >> "$LOG" 2>&1 \
+      || echo "a: rc=$?" >> "$LOG"
+fi
+if wants b; then
+  stamp "b: adsa-bench, reference + engine"
+  timeout $((185 * BOX)) python3 -m adsa_core.eval.bench --presets $MODEL --image-sizes $SIZE --batches $B_BENCH \
+      $CPU --policies adsa --budgets 0.25 --waves 1 --compile --kv-cache-dtypes auto,fp8 \
+      --dense-kv-cache-dtypes auto --out /tmp/tp_b >> "$LOG" 2>&1 || echo "b: rc=$?" >> "$LOG"
+  cp /tmp/tp_b/bench.json "$OUT/bench_b.json" 2>> "$LOG"
+fi
+if wants c; then
+  stamp "c: adsa 1/4 fp8 at $B_FP8"
+  curve 55 fp8 $B_FP8 curve_fp8
+fi
+if wants d; then
+  stamp "d: step profile, batch $B_PROF, adsa 1/4, fp8 K/V"
+  timeout $((50 * BOX)) python3 tools/profile_engine.py --preset $MODEL --image-size $SIZE --batch $B_PROF $CPU \
+      --policy adsa --budget 0.25 --compile --kv-cache-dtype fp8 --warm-steps $WARM --steps 10 --vq-images $VQ_IMAGES \
+      > "$OUT/profile.txt" 2>> "$LOG" || echo "d: rc=$?" >> "$LOG"
+fi
+if wants g; then
+  stamp "g: the rest of the curve"
+  curve 90 fp8 $B_FP8_MORE curve_fp8_more
+  curve 140 auto $B_BF16 curve_bf16
+fi
+if wants e; then
+  for b in $B_SMALL; do
+    stamp "e: step profile, batch $b, dense bf16"
+    timeout $((45 * BOX)) python3 tools/profile_engine.py --preset $MODEL --image-size $SIZE --batch $b $CPU \
+        --policy dense --compile --warm-steps 100 --steps 50 --vq-images 1 > "$OUT/profile_b$b.txt" 2>> "$LOG" \
+        || echo "e $b: rc=$?" >> "$LOG"
+  done
+fi
+if wants f; then
+  stamp "f: reference A/B"
+  timeout $((300 * BOX)) python3 tools/reference_ab.py --preset $MODEL --image-size $SIZE --batches $B_AB $CPU \
+      > "$OUT/reference_ab.jsonl" 2>> "$LOG" || echo "f: rc=$?" >> "$LOG"
+fi
+stamp "done"
