@@ -30,7 +30,7 @@
 # d: profile.txt, g: curve_fp8_more.json and curve_bf16.json, e: profile_b1.txt and profile_b8.txt,
 # f: reference_ab.jsonl. That is 6 files for the default call and at most 6 for the others.
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # keeps carried wheels (/tmp/site)
 OUT=${OUT:?set by the device machine}
 LLAMAGEN=${LLAMAGEN:-.device-carry/llamagen}
 SECTIONS=${SECTIONS:-a b c d}
