@@ -2,23 +2,29 @@
 # Issue 19 on one H200: the public sampler from its own code, adsa-bench with the corrected reference row,
 # the adsa 1/4 batch curve, and a step profile with each part beside its floor.
 #
-#   bash tools/device_throughput.sh                   # sections a b c d: one call, <= 8 min
-#   SECTIONS="g e" bash tools/device_throughput.sh    # a second call: the rest of the curve, small-batch profiles
-#   SECTIONS=f bash tools/device_throughput.sh        # a third: the reference's old costs one at a time
+#   bash tools/device_throughput.sh                   # sections a d: one call, ~6.5 min
+#   SECTIONS=b bash tools/device_throughput.sh        # a call of its own, ~8 min: the bench against the reference
+#   SECTIONS=c bash tools/device_throughput.sh        # the adsa 1/4 fp8 curve at 512 and 1024, ~3 min
+#   SECTIONS="g e" bash tools/device_throughput.sh    # the rest of the curve, small-batch profiles
+#   SECTIONS=f bash tools/device_throughput.sh        # the reference's old costs one at a time
 #   SMOKE=1 OUT=/tmp/tp bash tools/device_throughput.sh   # CPU, GPT-B 256, tiny batches: every command once
 # From the repo root; LLAMAGEN=<LlamaGen checkout> (default .device-carry/llamagen).
 #
 # Time: compiles dominate and are the unknown. Every section is boxed by `timeout` and writes its rows as it
-# goes, so a cut section keeps what it measured. Default call: boxes 185 + 185 + 55 + 50 = 475 s, plus
+# goes, so a cut section keeps what it measured. Measured (run 16, H200): the public sampler took 66-69 s to
+# compile per batch size, and the boxes below of the first version (185, 185, 55, 50 s) cut sections a, b
+# and c; the boxes are now sized from those times. Default call: boxes 330 + 50 = 380 s, plus
 # ~5 s of setup. Estimates per section:
 #   (a) public sampler, batches 1, 64, 128, 8 (8 last: if the box cuts, the anchors 64 and 128 are in).
 #       Four full-model compiles: its prefill and decode graphs, static at batch 1, then symbolic in the
-#       batch from the second batch on (torch.compile's default, as sample_c2i.py). ~40 s each.
-#       Runs ~35 s (gen 3.3 s at 64, 5.4 s at 128, each twice with the warm-up).       ~195 s, box 185 s
+#       batch from the second batch on (torch.compile's default, as sample_c2i.py): 66-69 s per batch
+#       size measured. Runs ~35 s (gen 3.3 s at 64, 5.4 s at 128, each twice with the warm-up). ~310 s, box 330 s
 #   (b) adsa-bench --compile, batches 1, 8, 64, 128: reference, dense bf16, adsa 1/4 bf16 and fp8, one wave
 #       after the warm one. Reference: 2 step compiles ~90 s plus small sampling compiles; engine: block
-#       compiles per bucket ~40 s; runs ~70 s.                                         ~200 s, box 185 s
-#   (c) adsa 1/4 fp8 at 512 and 1024, one wave (~12 and ~22 s) after bucket compiles. ~60 s, box 55 s
+#       compiles per bucket ~40 s; runs ~70 s. Measured: batches 1 and 8 of the reference and batch 1 of the
+#       engine took the first 185 s.                                                   ~450 s, box 480 s
+#   (c) adsa 1/4 fp8 at 512 and 1024, one wave (~12 and ~22 s) after bucket compiles (512 alone took the
+#       first 55 s).                                                                   ~150 s, box 170 s
 #   (d) tools/profile_engine.py, batch 512, adsa 1/4 fp8 (its bucket's compile, 150 + 15 steps, a VQ
 #       decode of 16 images).                                                      ~40 s, box 50 s
 # On request:
@@ -33,7 +39,7 @@ set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # keeps carried wheels (/tmp/site)
 OUT=${OUT:?set by the device machine}
 LLAMAGEN=${LLAMAGEN:-.device-carry/llamagen}
-SECTIONS=${SECTIONS:-a b c d}
+SECTIONS=${SECTIONS:-a d}
 MODEL=GPT-XL SIZE=384 B_PUBLIC=1,64,128,8 B_BENCH=1,8,64,128 B_FP8=512,1024 B_FP8_MORE=256,2048
 B_BF16=256,512,1024,2048 B_PROF=512 WARM=150 VQ_IMAGES=16 B_SMALL="1 8" B_AB=1,64 CPU="" PUB_CPU="" BOX=1
 if [ "${SMOKE:-0}" = 1 ]; then  # the same commands on the CPU with a small model and batches
@@ -59,20 +65,20 @@ curve() {  # box_s kv_dtype batches out_name
 
 if wants a; then
   stamp "a: public sampler"
-  timeout $((185 * BOX)) python3 tools/public_sampler_bench.py --llamagen "$LLAMAGEN" --gpt-model $MODEL \
+  timeout $((330 * BOX)) python3 tools/public_sampler_bench.py --llamagen "$LLAMAGEN" --gpt-model $MODEL \
       --image-size $SIZE --batches $B_PUBLIC $PUB_CPU --out "$OUT/public.jsonl" >> "$LOG" 2>&1 \
       || echo "a: rc=$?" >> "$LOG"
 fi
 if wants b; then
   stamp "b: adsa-bench, reference + engine"
-  timeout $((185 * BOX)) python3 -m adsa_core.eval.bench --presets $MODEL --image-sizes $SIZE --batches $B_BENCH \
+  timeout $((480 * BOX)) python3 -m adsa_core.eval.bench --presets $MODEL --image-sizes $SIZE --batches $B_BENCH \
       $CPU --policies adsa --budgets 0.25 --waves 1 --compile --kv-cache-dtypes auto,fp8 \
       --dense-kv-cache-dtypes auto --out /tmp/tp_b >> "$LOG" 2>&1 || echo "b: rc=$?" >> "$LOG"
   cp /tmp/tp_b/bench.json "$OUT/bench_b.json" 2>> "$LOG"
 fi
 if wants c; then
   stamp "c: adsa 1/4 fp8 at $B_FP8"
-  curve 55 fp8 $B_FP8 curve_fp8
+  curve 170 fp8 $B_FP8 curve_fp8
 fi
 if wants d; then
   stamp "d: step profile, batch $B_PROF, adsa 1/4, fp8 K/V"
