@@ -136,16 +136,17 @@ def _decode_step(model: Transformer, cache: StaticKVCache, h: torch.Tensor, inpu
 @functools.cache
 def _compiled_step() -> Callable:
     # created on first use: importing torch._dynamo costs seconds at start-up
-    # dynamic left to torch.compile's default, as the public sampler's call: one process measuring several
-    # batches compiles the first statically and one graph with a symbolic batch for the rest
-    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+    # one static graph per batch size: with torch.compile's default (a symbolic batch from the second size on,
+    # as the public call) the reference ran 6.68 ms per token at batch 8 after batch 1 in one process, 2.5x its
+    # batch-1 step (docs/PERFORMANCE.md, run 16), where the public code's second size ran at full speed
+    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
 @functools.cache
 def _compiled_pick() -> Callable:
     # default mode (no CUDA graph, like the public sampler's eager sampling): fusion alone turns the ~60
     # small kernels of the seeded filter and draw (the hash alone is ~30) into a handful
-    compiled: Callable = torch.compile(_pick, fullgraph=True)
+    compiled: Callable = torch.compile(_pick, fullgraph=True, dynamic=False)  # static per batch: see _compiled_step
 
     def pick(*args):
         nonlocal compiled
