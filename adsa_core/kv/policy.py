@@ -13,9 +13,10 @@ with the largest key, the lowest slot on ties. Candidates are the valid slots wh
           a_i is an exponential moving average, over the row's decode steps, of the attention each query
           paid to slot i (the softmax probability, summed over the query heads that share the kv head):
           a_i <- LINE_DECAY * a_i + p_i, with a horizon of 1 / (1 - LINE_DECAY) = 10 queries, part of one
-          image line of LlamaGen's 16-24-token rows (on the demo, horizons of 5-10 queries beat 20, 100 and
-          the plain sum: docs/FIDELITY.md). A new slot starts at 0, and by the time it leaves the local
-          window (>= one line + 1 steps) it has been scored by the queries of a whole line. The single
+          image line of LlamaGen's 16-24-token rows (on the demo, 0.9 is the best or within 3 % of the best
+          decay in KL at every budget; 100 queries and the plain sum are 4-90 % worse: docs/FIDELITY.md).
+          A new slot starts at 0, and by the time it leaves the local window (>= one line + 1 steps) it has
+          been scored by the queries of a whole line. The single
           pass cannot know this step's softmax normaliser before it has seen every slot, so p_i is formed
           with the previous step's log-sum-exp (kept per row and query head): exact up to the ratio of
           two consecutive normalisers, which scales every slot of a step alike and so keeps the ranking
@@ -23,7 +24,7 @@ with the largest key, the lowest slot on ties. Candidates are the valid slots wh
           above 1, possible only when the normaliser jumps, counts as 1).
 
 Each slot carries one fp32 statistic in the pool (`KVPool.stat`): 1/|V| for every policy but those that
-score attention (line), for which it is a_i (they need no 1/|V|: they never read the redundancy).
+score attention (line), for which it is a_i (their 1/|V| is computed from the value where it is needed).
 
 Adding a policy is `register(KVPolicy(...))`: CacheConfig accepts its name, the engine gives its rows
 its `mode`, and the torch path ranks candidates by its `victim_key`. The fused Triton kernel implements
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 # (rows that score attention; elsewhere the slot's 1/|V|, scaled alike, which no such key reads).
 VictimKey = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
-LINE_DECAY = 0.9  # per-step decay of the attention score a_i (line): a horizon of ~10 queries (docs/FIDELITY.md)
+LINE_DECAY = 0.9  # per-step decay of the attention score a_i (line): a ~10-query horizon (docs/FIDELITY.md)
 
 
 @dataclass(frozen=True)
