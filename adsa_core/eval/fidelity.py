@@ -1,4 +1,4 @@
-"""adsa-fidelity: how far a sparse KV cache (adsa, window) moves a LlamaGen model from the dense cache.
+"""adsa-fidelity: how far a sparse KV cache (adsa, window, line) moves a LlamaGen model from the dense cache.
 
     adsa-fidelity --policies dense,adsa,window --budgets 0.5,0.25,0.1667 --classes 0-23 --seeds 4 --out fid/
     adsa-fidelity --gpt-model GPT-XL --gpt-ckpt c2i_XL_384.pt --vq-ckpt vq_ds16_c2i.pt --classes 207,360 \\
