@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ResolvedCache
-from ..kv.attention import pool_decode
+from ..kv.attention import pool_decode, scores_attention
 from ..kv.decode_state import DecodeRows, LayerState
-from ..kv.policy import attention_modes, policy_mode
+from ..kv.policy import policy_mode
 from ..kv.pool import KVPool, PoolGeometry, raw, to_kv_storage, zeros
 from ..model.llamagen import Transformer, prompt_attention_mask
 from .scheduler import SeqAlloc, StepPlan
@@ -105,8 +105,7 @@ class PoolPrefillCache:
         self.page = rows.block_table[self.row_of, slot // P].long()
         self.off = slot % P
         self.row_t, self.counts = row_t, counts.to(torch.int32)
-        scoring_modes = torch.tensor(attention_modes(), dtype=torch.int32, device=dev)
-        self.scoring = torch.isin(rows.mode[self.row_of], scoring_modes)  # (N,) stored tokens of line rows
+        self.scoring = scores_attention(rows.mode[self.row_of])  # (N,) stored tokens of line rows
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         rep = q.shape[1] // k.shape[1]

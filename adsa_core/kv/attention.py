@@ -26,6 +26,15 @@ from .policy import LINE_DECAY, attention_modes, evicting_policies, kernel_cover
 from .pool import raw, to_kv_storage
 
 
+def scores_attention(mode: torch.Tensor) -> torch.Tensor:
+    """Which rows (mode: their policies' ids, any shape) keep the attention score a_i in the slot statistic.
+    Compares with Python ints: no host-to-device copy, so it may run inside a CUDA graph capture."""
+    out = torch.zeros_like(mode, dtype=torch.bool)
+    for m in attention_modes():
+        out |= mode == m
+    return out
+
+
 def gather_slots(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """Per-row slot view of a pool tensor: (P, Hkv, page, *rest) -> (B, Hkv, max_pages * page, *rest).
 
@@ -86,9 +95,7 @@ def _attend(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n_slot
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no slot attends to nothing: out = 0
     out = torch.einsum("bhgn,bhnd->bhgd", p, v).reshape(B, H, D).to(q.dtype)
 
-    scoring = torch.zeros_like(mode, dtype=torch.bool)  # rows whose stat is the attention score a_i
-    for m in attention_modes():
-        scoring |= mode == m
+    scoring = scores_attention(mode)
     # a_i <- decay a_i + p_i, p_i from the previous step's normaliser and at most 1 (kv.policy, line)
     prev = lse.float().reshape(B, Hkv, G, 1)
     attn = LINE_DECAY * st + torch.exp((s - prev).clamp_max(0.0)).nan_to_num(0.0).sum(dim=2)  # (B, Hkv, N)
@@ -206,9 +213,7 @@ def pool_decode_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     k_st, v_st = to_kv_storage(k_new, layer.k.dtype), to_kv_storage(v_new, layer.v.dtype)  # as stored
     v32 = v_st.float()  # S and 1/|V| from the stored value, so S loses exactly what it gained on eviction
     inv = v32.norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal()  # (B, Hkv, 1)
-    scoring = torch.zeros_like(rows.mode, dtype=torch.bool).view(B, 1, 1)
-    for m in attention_modes():
-        scoring = scoring | (rows.mode == m).view(B, 1, 1)
+    scoring = scores_attention(rows.mode).view(B, 1, 1)
     # S of every row, also where the slot holds a_i (then 1/|V| of the old value from the value itself)
     old_inv = torch.where(scoring, layer.spill_v.float().norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal(),
                           old_inv)
