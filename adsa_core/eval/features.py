@@ -133,7 +133,7 @@ class Reference:
     class_restricted: bool  # True when it covers exactly the evaluated classes, each weighed equally
 
 
-def _uint8_to_float(images: np.ndarray) -> torch.Tensor:
+def uint8_to_float(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -169,7 +169,7 @@ def load_reference(
         feats = []
         for i in range(0, len(files), batch):
             arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i : i + batch]])
-            feats.append(extractor.features(_uint8_to_float(arr)))
+            feats.append(extractor.features(uint8_to_float(arr)))
         mu, sigma = feature_stats(torch.cat(feats))
         return Reference(mu, sigma, f"{p} ({len(files)} images, all used)", len(files), False)
     if not p.is_file():
@@ -212,7 +212,7 @@ def load_reference(
         labels = labels[torch.from_numpy(keep)]
     feats = (
         torch.cat(
-            [extractor.features(_uint8_to_float(images[keep[i : i + batch]])) for i in range(0, len(keep), batch)]
+            [extractor.features(uint8_to_float(images[keep[i : i + batch]])) for i in range(0, len(keep), batch)]
         )
         if len(keep)
         else torch.zeros(0, 1)
