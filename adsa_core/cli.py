@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = p.add_argument_group("KV cache")
     k.add_argument("--policy", choices=policy_names(), default="dense",
-                   help="default dense (the reference sampler); adsa and window run in the engine")
+                   help="default dense (the reference sampler, the exact images); the others run in the engine "
+                        "(the server's default is line)")
     k.add_argument("--kv-budget", type=budget_arg, default=CacheConfig().budget, metavar="N|F",
                    help="slots per sequence: tokens (256), a fraction (0.5, 1/4) or none (default 0.5)")
     k.add_argument("--kv-prefix", type=int, metavar="N",

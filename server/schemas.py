@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -18,11 +19,28 @@ from pydantic import (
     model_validator,
 )
 
+from adsa_core.config import ConfigError, check_budget
+
 MAX_IMAGES = 16  # per request; larger jobs should be split so one client cannot fill the queue alone
 MAX_ERRORS = 20  # validation problems reported one by one; beyond this a request gets one summary
 MAX_SEED = 2**63 - 1 - MAX_IMAGES  # image i uses seed + i, which must stay a signed 64-bit integer
 
 ClassLabel = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+def _kv_budget(value: Any) -> Any:
+    """The one budget check (config.check_budget), so the API words a bad budget as the CLI and settings do,
+    and the error names the field `kv_budget` (a union of constrained types would name its branches)."""
+    try:
+        check_budget(value)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    if isinstance(value, int) and value > 1_000_000:
+        raise ValueError(f"kv budget {value} tokens is larger than any model's sequence")
+    return value
+
+
+KvBudget = Annotated[int | float | None, BeforeValidator(_kv_budget)]
 
 
 class ErrorDetail(BaseModel):
@@ -73,8 +91,8 @@ class GenerationOptions(BaseModel):
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="0: off")
     top_p: float | None = Field(None, gt=0, le=1, description="1: off")
     policy: str | None = Field(None, max_length=32, description="KV policy, see GET /v1/models (dense, adsa, ...)")
-    kv_budget: Annotated[int, Field(ge=1, le=1_000_000)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
-        None, description="KV slots per sequence: int tokens or float fraction of the sequence"
+    kv_budget: KvBudget = Field(
+        None, description="KV slots per sequence: int tokens (>= 1) or float fraction of the sequence in (0, 1]"
     )
     timeout_s: float | None = Field(None, gt=0, le=86400, description="Deadline; capped at the server's")
 

@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     kv_budget: int | float | None = Field(
         _CACHE.budget, description="Default KV budget: int tokens, float fraction in (0, 1], or none (no eviction)"
     )
-    kv_prefix: int | None = Field(None, ge=1, description="Never-evicted prefix tokens (unset: policy default)")
-    kv_local: int | None = Field(None, ge=1, description="Never-evicted local window (unset: policy default)")
+    kv_prefix: int | None = Field(None, ge=1, description="Never-evicted prefix tokens (unset: from the budget)")
+    kv_local: int | None = Field(None, ge=1, description="Never-evicted local window (unset: from the budget)")
     max_batch_size: int | None = Field(
         None, ge=1, description="Images decoded together (unset: on CUDA as many CFG images at the default budget "
         "as the KV pool holds, up to 512; 8 on a CPU)"

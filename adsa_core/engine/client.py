@@ -157,7 +157,7 @@ class EngineClient(Protocol):
 
 
 class ProcessEngineClient:
-    """The engine core in a child process (`python -m adsa_core.engine.core`), over ZeroMQ."""
+    """The engine core in a child process (`python -m adsa_core.engine`), over ZeroMQ."""
 
     def __init__(self, spec: ModelSpec, config: EngineConfig, env: dict[str, str] | None = None,
                  png_threads: int = 4):

@@ -1,6 +1,6 @@
 """The engine-core process: owns the GPU and runs schedule -> step -> update in a busy loop.
 
-Started by the engine client (`client.py`) as `python -m adsa_core.engine.core`, as vLLM v1's API
+Started by the engine client (`client.py`) as `python -m adsa_core.engine`, as vLLM v1's API
 server starts its EngineCore. It loads the models, warms up (every batch bucket's CUDA graph, compiled
 where configured, the VQ decoder, one tiny generation), says ready, then loops: take what arrived on
 the input socket without waiting while there is work, step, send the step's events and stats. It never
@@ -215,12 +215,13 @@ def _free_cached_device_memory() -> None:
 def launch_args(spec: ModelSpec, config: EngineConfig, input_address: str, output_address: str) -> list[str]:
     """The command line that starts a core (the client runs it with the same interpreter)."""
     cfg = asdict(config)
-    return [sys.executable, "-m", "adsa_core.engine.core", "--spec", json.dumps(asdict(spec)),
+    return [sys.executable, "-m", "adsa_core.engine", "--spec", json.dumps(asdict(spec)),
             "--config", json.dumps(cfg), "--input", input_address, "--output", output_address]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="adsa-serve's engine-core process (started by the server)")
+    p = argparse.ArgumentParser(prog="python -m adsa_core.engine",
+                                description="adsa-serve's engine-core process (started by the server)")
     p.add_argument("--spec", required=True, help="ModelSpec as JSON")
     p.add_argument("--config", required=True, help="EngineConfig as JSON")
     p.add_argument("--input", required=True, help="zmq address the client pushes requests to")
@@ -275,6 +276,3 @@ def _failing_steps(engine: Engine, marker: str) -> Callable[[], None]:
 
     return failing_step
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import reference
-from ..config import CacheConfig, EngineConfig, GPTConfig, VQConfig, gpt_preset
+from ..config import CacheConfig, ConfigError, EngineConfig, GPTConfig, VQConfig, gpt_preset, parse_budget
 from ..engine import Engine, Finished, GenerationRequest
 from ..kv.pool import pages_for
 from ..loading import LoadedModels, resolve_device, resolve_dtype
@@ -169,13 +169,28 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _fractions(text: str) -> list[float]:
+    """'1/2,0.25' -> [0.5, 0.25]: config.parse_budget's reading, fractions only (rows compare models of any length)."""
+    out = []
+    for item in (t for t in text.split(",") if t.strip()):
+        try:
+            value = parse_budget(item)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if not isinstance(value, float):
+            raise argparse.ArgumentTypeError(f"budget {item!r}: give a fraction of the sequence (0.25, 1/4)")
+        out.append(value)
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="adsa-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="GPT-XL", help="comma list of GPT presets")
     p.add_argument("--image-sizes", default="384")
     p.add_argument("--batches", default="64,128")
-    p.add_argument("--policies", default="adsa,window", help="sparse policies to run besides dense")
-    p.add_argument("--budgets", default="0.5,0.25,0.1667", help="budget fractions for the sparse policies")
+    p.add_argument("--policies", default="line,adsa,window", help="sparse policies to run besides dense")
+    p.add_argument("--budgets", type=_fractions, default=[0.5, 0.25, 1 / 6],
+                   help="budget fractions for the sparse policies, e.g. 1/2,0.25 (default 1/2,1/4,1/6)")
     p.add_argument("--sparse-batches", default=None, help="batches for sparse policies (default: --batches)")
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--top-k", type=int, default=2000)
@@ -204,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     sampling = SamplingParams(cfg_scale=a.cfg_scale, top_k=a.top_k)
-    budgets = [float(b) for b in a.budgets.split(",") if b]
+    budgets = a.budgets
     policies = [p for p in a.policies.split(",") if p]
     batches = [int(b) for b in a.batches.split(",") if b]  # "": sparse rows only
     sparse_batches = [int(b) for b in a.sparse_batches.split(",")] if a.sparse_batches else batches

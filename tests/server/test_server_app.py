@@ -122,6 +122,22 @@ async def test_stream_without_previews_by_default_setting():
         assert "partial_image" not in [k for k, _ in parse_sse(r.text)]
 
 
+@pytest.mark.parametrize("budget,message", [
+    (1.5, "kv budget fraction 1.5 is outside (0, 1]"),
+    (0, "kv budget 0 tokens must be positive"),
+    ("abc", "kv budget must be a token count, a fraction or none, not 'abc'"),
+    (True, "kv budget must be a token count or a fraction, not a boolean"),
+    (2_000_000, "kv budget 2000000 tokens is larger than any model's sequence"),
+])
+async def test_a_bad_kv_budget_names_the_field_and_says_why(budget, message):
+    """One budget check for the API, the CLI and the settings: the same words, and `param` is the field."""
+    async with fake_client() as (c, _):
+        r = await c.post("/v1/generate", json={"class_label": 1, "kv_budget": budget})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["param"] == "kv_budget" and err["message"] == f"kv_budget: {message}", err
+
+
 @pytest.mark.parametrize(
     "body, fragment",
     [
