@@ -14,8 +14,9 @@ def test_smoke_writes_every_field(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = data["rows"]
     assert [(r["policy"], r["budget"], r["kv_cache_dtype"]) for r in rows] == [
-        ("reference", None, "auto"), ("dense", None, "auto"), ("dense", None, "fp8"), ("adsa", 0.5, "auto"),
-        ("window", 0.5, "auto"), ("adsa", 0.5, "fp8"), ("window", 0.5, "fp8")]
+        ("reference", None, "auto"), ("dense", None, "auto"), ("dense", None, "fp8"), ("line", 0.5, "auto"),
+        ("adsa", 0.5, "auto"), ("window", 0.5, "auto"), ("line", 0.5, "fp8"), ("adsa", 0.5, "fp8"),
+        ("window", 0.5, "fp8")]
     for r in rows:
         for field in ("policy", "budget", "batch", "img_per_s", "tok_per_s", "peak_memory_bytes", "kv_bytes",
                       "step_ms", "ratio_to_baseline"):
