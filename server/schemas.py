@@ -188,6 +188,7 @@ class ImagesRequest(GenerationOptions):
 
 
 class KVStats(BaseModel):
+    kv_policy: str = Field(description="KV policy this image ran with (the server's default when none was asked)")
     kv_budget_tokens: int = Field(description="KV slots per sequence this image ran with")
     peak_kv_tokens: int = Field(description="Most tokens resident for one sequence/layer/head")
     evictions: int = Field(description="Slot overwrites, summed over sequences, layers and heads")
@@ -228,6 +229,7 @@ class GenerateResponse(BaseModel):
                             "b64_json": "iVBORw0KGgo...",
                             "tokens": None,
                             "kv_stats": {
+                                "kv_policy": "line",
                                 "kv_budget_tokens": 128,
                                 "peak_kv_tokens": 128,
                                 "evictions": 4096,

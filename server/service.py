@@ -187,6 +187,7 @@ class GenerationService:
             b64_json=base64.b64encode(ev.png).decode() if ev.png is not None else None,
             tokens=ev.codes.tolist() if ev.png is None else None,
             kv_stats=dict(
+                kv_policy=(job.requests[i].cache or self.rt.settings.cache_config()).policy,
                 kv_budget_tokens=s.kv_budget_tokens,
                 peak_kv_tokens=s.peak_kv_tokens,
                 evictions=s.evictions,

@@ -98,6 +98,8 @@ def test_same_seed_same_bytes_and_png(live_server):
         assert ia[0]["kv_stats"]["kv_budget_tokens"] == 32 and ia[0]["kv_stats"]["evictions"] > 0
         dense = c.post("/v1/generate", json={"class_label": 4, "seed": 9, "policy": "dense"}).json()
         assert dense["data"][0]["kv_stats"]["evictions"] == 0
+        assert dense["data"][0]["kv_stats"]["kv_policy"] == "dense"  # what ran: asked for, or else the default
+        assert c.post("/v1/generate", json={"class_label": 4}).json()["data"][0]["kv_stats"]["kv_policy"] == "line"
         # half the budget reserves less of the pool than dense
         assert 0 < ia[0]["kv_stats"]["kv_bytes"] < dense["data"][0]["kv_stats"]["kv_bytes"]
 
