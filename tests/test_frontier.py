@@ -23,8 +23,8 @@ def fid_row(policy, fraction, acc, se=0.01, delta=None, delta_se=0.008, kl=0.1):
 
 
 def bench_row(policy, budget, kv, img_per_s):
-    return dict(policy=policy, budget=budget, kv_cache_dtype=kv, img_per_s=img_per_s, batch=256,
-                peak_memory_bytes=10 * 2**30, kv_bytes=5 * 2**30)
+    return dict(policy=policy, budget=budget, kv_cache_dtype=kv, img_per_s=img_per_s, batch=256, model="GPT-XL",
+                size=384, peak_memory_bytes=10 * 2**30, kv_bytes=5 * 2**30)
 
 
 FIDELITY = {

@@ -34,7 +34,8 @@ class Setting:
     delta_se: float
     kl: float
     fid: float | None
-    img_per_s: float  # GPT-XL 384
+    img_per_s: float  # of the bench's model
+    bench_model: str  # the bench's model and image size, e.g. "GPT-XL 384"
     peak_gib: float
     kv_gib: float
     batch: int
@@ -67,7 +68,8 @@ def join(fidelity: dict[str, dict], benches: list[dict]) -> list[Setting]:
                 delta = r["recognition_acc"] - ref["recognition_acc"]
                 se = (r["recognition_se"] ** 2 + ref["recognition_se"] ** 2) ** 0.5
             out.append(Setting(r["policy"], frac, kv, delta, se, r["kl"], r.get("fid"), b["img_per_s"],
-                               b["peak_memory_bytes"] / 2**30, b["kv_bytes"] / 2**30, b["batch"]))
+                               f"{b['model']} {b['size']}", b["peak_memory_bytes"] / 2**30, b["kv_bytes"] / 2**30,
+                               b["batch"]))
     return sorted(out, key=lambda s: (s.kv, s.policy, -s.fraction))
 
 
@@ -83,8 +85,9 @@ def fastest_within(settings: list[Setting], bar: float) -> Setting | None:
 
 def markdown(settings: list[Setting]) -> str:
     fmt = lambda x, p: "–" if x is None else format(x, p)  # noqa: E731
+    models = ", ".join(sorted({s.bench_model for s in settings}))
     lines = ["| policy | budget | K/V | recognition vs dense bf16, points (demo) | KL / token (vs its own dense) | "
-             "FID | img/s (GPT-XL 384) | "
+             f"FID | img/s ({models}) | "
              "peak GiB | KV GiB | batch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in settings:
         budget = "all" if s.policy == "dense" else f"{s.fraction:.3g}"
@@ -122,7 +125,8 @@ def plot(settings: list[Setting], path: Path) -> None:
                             textcoords="offset points", xytext=(4, 3))
     for bar in BARS[:2]:
         ax.axhline(-bar * 100, color="tab:gray", linewidth=0.6, linestyle=":")
-    ax.set_xlabel("images/s, GPT-XL 384, CFG 4, one H200 (adsa-bench)")
+    models = ", ".join(sorted({s.bench_model for s in settings}))
+    ax.set_xlabel(f"images/s, {models} (adsa-bench)")
     ax.set_ylabel("recognition vs dense bf16, points (demo, ± SE)")
     ax.set_title("KV settings: quality lost against speed (labels: budget fraction)")
     ax.legend(fontsize=8)
@@ -135,7 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fidelity", action="append", required=True, metavar="KV=PATH",
                     help="K/V storage (auto or fp8) = an adsa-fidelity fidelity.json; repeat per storage")
-    ap.add_argument("--bench", action="append", required=True, metavar="PATH", help="an adsa-bench bench.json")
+    ap.add_argument("--bench", action="append", required=True, metavar="PATH",
+                    help="an adsa-bench bench.json; repeat to join several (e.g. one per K/V storage)")
     ap.add_argument("--out", type=Path, required=True, help="folder for frontier.md and frontier.png")
     args = ap.parse_args()
     fidelity = {}
