@@ -294,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run_sync(cfg)
     summary = write_run(cfg.out, cfg, result)
     sat = summary["saturation"]
+    rps = summary["saturation_point_rps"]
     print(
-        f"wrote {cfg.out / 'summary.md'} (saturation point: {summary['saturation_point_rps']} req/s; "
+        f"wrote {cfg.out / 'summary.md'} (saturation point: {'not reached' if rps is None else f'{rps} req/s'}; "
         f"capacity: {sat['capacity_images_per_s']} images/s)",
         file=sys.stderr,
     )
