@@ -12,14 +12,13 @@ the same (labels kept: only the evaluated classes count, each class weighs the s
 from __future__ import annotations
 
 import argparse
-import lzma
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from adsa_core.eval.features import ClassifierFeatures, uint8_to_float
+from adsa_core.eval.features import ClassifierFeatures, npz_images, uint8_to_float
 from adsa_core.loading import DEMO_DIR
 
 
@@ -31,12 +30,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     args = ap.parse_args()
     z = np.load(args.images)
-    if "images" in z:
-        images = z["images"]
-    elif "images_xz" in z and "shape" in z:
-        shape = tuple(int(n) for n in z["shape"])
-        images = np.frombuffer(lzma.decompress(z["images_xz"].tobytes()), dtype=np.uint8).reshape(shape)
-    else:
+    images = npz_images(z)
+    if images is None:
         ap.error(f"{args.images}: expected images or images_xz + shape, found {', '.join(sorted(z))}")
     if "labels" not in z:
         ap.error(f"{args.images}: no labels (FID on the demo weighs each evaluated class alike)")

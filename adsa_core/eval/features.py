@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +146,18 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise ConfigError(f"cannot read reference {path}: {one_line(e)}") from None
 
 
+def npz_images(z: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The images of a reference .npz: `images`, or `images_xz` + `shape` (tools/emoji_data.py); None if neither."""
+    if "images" in z:
+        return z["images"]
+    if "images_xz" in z and "shape" in z:
+        import lzma
+
+        shape = tuple(int(n) for n in z["shape"])
+        return np.frombuffer(lzma.decompress(z["images_xz"].tobytes()), dtype=np.uint8).reshape(shape)
+    return None
+
+
 def load_reference(
     path: str | Path,
     extractor: FeatureExtractor,
@@ -190,14 +202,8 @@ def load_reference(
     if "features" in z:
         rows = torch.from_numpy(z["features"].astype(np.float32))
         return _stats_from_rows(rows, labels, classes, p, "feature rows")
-    if "images" in z:
-        images = z["images"]
-    elif "images_xz" in z and "shape" in z:
-        import lzma
-
-        shape = tuple(int(n) for n in z["shape"])
-        images = np.frombuffer(lzma.decompress(z["images_xz"].tobytes()), dtype=np.uint8).reshape(shape)
-    else:
+    images = npz_images(z)
+    if images is None:
         raise ConfigError(
             f"--reference-images {path}: expected mu/sigma, features or images arrays, "
             f"found {', '.join(sorted(z)) or 'none'}"
