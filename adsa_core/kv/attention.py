@@ -96,15 +96,19 @@ def _attend(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n_slot
     out = torch.einsum("bhgn,bhnd->bhgd", p, v).reshape(B, H, D).to(q.dtype)
 
     scoring = scores_attention(mode)
-    # a_i <- decay a_i + p_i, p_i from the previous step's normaliser and at most 1 (kv.policy, line)
-    prev = lse.float().reshape(B, Hkv, G, 1)
-    attn = LINE_DECAY * st + torch.exp((s - prev).clamp_max(0.0)).nan_to_num(0.0).sum(dim=2)  # (B, Hkv, N)
-    attn = torch.where(valid[:, None, :] & scoring[:, None, None], attn, st)
+    # a CPU batch without such rows skips their work (the host read is free there; on CUDA no sync, shapes static)
+    any_scoring = bool(scoring.any()) if not q.is_cuda else True
+    attn, inv = st, st  # the slot statistic: 1/|V| where no row scores attention
+    if any_scoring:
+        # a_i <- decay a_i + p_i, p_i from the previous step's normaliser and at most 1 (kv.policy, line)
+        prev = lse.float().reshape(B, Hkv, G, 1)
+        attn = LINE_DECAY * st + torch.exp((s - prev).clamp_max(0.0)).nan_to_num(0.0).sum(dim=2)  # (B, Hkv, N)
+        attn = torch.where(valid[:, None, :] & scoring[:, None, None], attn, st)
+        _scatter_slots(stat, block_table, attn, valid[:, None, :] & scoring[:, None, None])  # back into the pool
+        inv = torch.where(scoring[:, None, None], v.norm(dim=-1).clamp_min(1e-6).reciprocal(), st)  # 1/|V|
     now = torch.logsumexp(s, dim=-1).reshape(B, H)  # -inf for a row with no slot: kept as "none yet"
     lse.copy_(torch.where(now.isfinite(), now, float("inf")))
-    _scatter_slots(stat, block_table, attn, valid[:, None, :] & scoring[:, None, None])  # back into the pool
 
-    inv = torch.where(scoring[:, None, None], v.norm(dim=-1).clamp_min(1e-6).reciprocal(), st)  # 1/|V|
     red = inv * torch.einsum("bhnd,bhd->bhn", v, vsum.float())  # v̂_i·S, orders slots like r_i
     # the victim keys' units (kv.policy.VictimKey): per row positive factors, so no policy's ranking changes
     n = n_slots.clamp_min(1).float()[:, None, None]
