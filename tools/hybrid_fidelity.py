@@ -10,6 +10,7 @@ Every flag but --weights is adsa-fidelity's.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 
@@ -26,11 +27,8 @@ def register_hybrids(weights: list[float]) -> None:
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    weights = [0.25, 1.0]
-    if "--weights" in argv:
-        i = argv.index("--weights")
-        weights = [float(x) for x in argv[i + 1].split(",")]
-        del argv[i : i + 2]
-    register_hybrids(weights)
-    sys.exit(fidelity_main(argv))
+    ap = argparse.ArgumentParser(add_help=False)  # --help goes on to adsa-fidelity
+    ap.add_argument("--weights", type=lambda t: [float(x) for x in t.split(",")], default=[0.25, 1.0])
+    args, rest = ap.parse_known_args()
+    register_hybrids(args.weights)
+    sys.exit(fidelity_main(rest))
