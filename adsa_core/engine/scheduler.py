@@ -145,8 +145,9 @@ class Scheduler:
         return plan
 
     def _can_allocate(self, item: Schedulable) -> bool:
+        # a slot too: rows alone may be free while every slot is held (a request that released its CFG row)
         return (self.pages_needed(item.n_seqs, item.cache.budget) <= self.allocator.num_free
-                and item.n_seqs <= len(self._free_rows))
+                and item.n_seqs <= len(self._free_rows) and (item.slot >= 0 or bool(self._free_slots)))
 
     def _allocate(self, item: Schedulable) -> None:
         self._free_rows.sort(reverse=True)  # compact rows: the lowest free rows first

@@ -361,6 +361,31 @@ def test_cfg_interval_drops_the_unconditional_row_without_changing_output():
     assert torch.equal(codes_of(ev, "i"), ref)
 
 
+def test_rows_freed_by_cfg_interval_never_admit_more_images_than_the_batch_holds():
+    """Requests past their CFG interval give their unconditional row back, so rows are free while every image
+    slot of the batch is held: the next requests wait for a slot (they used to crash the scheduler)."""
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=4.0, cfg_interval=2, greedy=True)
+    eng = make_engine(models, max_batch_size=2)
+    reqs = [GenerationRequest(condition=i, seed=i, sampling=sp, request_id=str(i)) for i in range(4)]
+    events: dict[str, list] = {}
+    for r in reqs[:2]:
+        eng.submit(r, lambda ev, rid=r.request_id: events.setdefault(rid, []).append(ev))
+    for _ in range(4):  # past the interval: two rows of four are free, both slots held
+        eng.step()
+    for r in reqs[2:]:
+        eng.submit(r, lambda ev, rid=r.request_id: events.setdefault(rid, []).append(ev))
+    running = []
+    while eng.has_work:
+        eng.step()
+        running.append(len(eng.scheduler.running))
+    eng.close()
+    assert max(running) == 2
+    for r in reqs:
+        ref = generate(models.gpt, torch.tensor([r.condition]), sp, seeds=torch.tensor([r.seed]))[0]
+        assert torch.equal(codes_of(events, r.request_id), ref)
+
+
 def test_teacher_forcing_returns_log_probs_of_forced_tokens():
     models = tiny_models(UNSEEN)
     forced = torch.randint(0, UNSEEN.vocab_size, (UNSEEN.block_size,))
