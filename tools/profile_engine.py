@@ -3,11 +3,19 @@ beside its floor on this card (attention: the K/V bytes at copy bandwidth; matmu
 bf16 peak or their weight read, whichever is longer; the VQ decode of the batch's images spread over a step).
 
     python tools/profile_engine.py --preset GPT-XL --image-size 384 --batch 64 --policy adsa --budget 0.25
+
+--serving drives the engine as a busy server does instead of one wave: arrivals staggered so that about
+batch / 576 images end per step, each replaced at once, images VQ-decoded by the image stage. It prints the
+host's time per step beside the device's (is the loop host-bound?) and a Python profile of the host loop
+(from Python 3.12 on, cProfile records every thread: the image stage's calls appear beside the loop's).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import math
+import pstats
 import time
 
 import torch
@@ -17,6 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adsa_core.config import CacheConfig, EngineConfig, GPTConfig, VQConfig, gpt_preset
 from adsa_core.engine import Engine, GenerationRequest
+from adsa_core.engine.request import Finished
+from adsa_core.engine.step_clock import StepTiming
 from adsa_core.eval.bench import random_models
 from adsa_core.sampling import SamplingParams
 
@@ -91,6 +101,62 @@ def vq_decode_per_image(models, images: int, peak_tflops: float) -> tuple[float,
     return 1000 * (time.perf_counter() - t0) / (3 * images), fc.get_total_flops() / peak_tflops / 1e9
 
 
+class ServingLoad:
+    """A busy server's load: in flight min(batch, arrivals so far), arrivals at batch / block_size per step from the
+    first step on (so the images' ends are spread out as a server's are), each finished image replaced."""
+
+    def __init__(self, eng: Engine, sp: SamplingParams, batch: int):
+        self.eng, self.sp, self.batch = eng, sp, batch
+        self.steps = 0  # since the load began
+        self.submitted = 0
+        self.finished = 0
+
+    def _sink(self, ev: object) -> None:
+        self.finished += isinstance(ev, Finished)
+
+    def run(self, steps: int) -> None:
+        cfg = self.eng.cfg
+        classes = cfg.num_classes if cfg.model_type == "c2i" else 1
+        for _ in range(steps):
+            self.steps += 1
+            want = min(self.batch, math.ceil(self.steps * self.batch / cfg.block_size))
+            while len(self.eng.requests) < want:
+                n = self.submitted = self.submitted + 1
+                self.eng.submit(GenerationRequest(condition=n % classes, seed=n, sampling=self.sp), self._sink)
+            self.eng.step()
+
+
+def profile_serving(eng: Engine, sp: SamplingParams, batch: int, steps: int, dev: torch.device) -> None:
+    """Host vs device time per step in a served steady state, then where the host's time goes."""
+    print(f"graphs captured before serving: {eng.capture_graphs()}")
+    eng.images.warm_up(eng.cfg.block_size)  # the VQ decoder's compile, as the server's warm-up: not in the timing
+    load = ServingLoad(eng, sp, batch)
+    load.run(eng.cfg.block_size + 50)  # past the first images' ends: a full, staggered batch
+    timings: list[StepTiming] = []
+    eng.step_listeners.append(timings.append)
+    host0, steps0, done0, t0 = eng.stats_.host_busy_s_total, eng.stats_.steps_total, load.finished, time.perf_counter()
+    load.run(steps)
+    sync(dev)
+    wall = time.perf_counter() - t0
+    done = load.finished - done0
+    host = (eng.stats_.host_busy_s_total - host0) / steps
+    n = max(1, len(timings))
+    device = sum(t.device_s for t in timings) / n
+    period = sum(t.period_s for t in timings) / n
+    print(f"serving, batch {batch}, {steps} steps ({eng.stats_.steps_total - steps0} decode steps): "
+          f"{done} images ({done / wall:.2f} img/s), host {1000 * host:.2f} ms per step, device "
+          f"{1000 * device:.2f} ms per step, period {1000 * period:.2f} ms, "
+          f"device busy {device / max(period, 1e-9):.2f}")
+    prof = cProfile.Profile()
+    prof.enable()
+    load.run(min(steps, 50))
+    prof.disable()
+    sync(dev)
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(20)
+    stats.sort_stats("cumulative").print_stats(25)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="GPT-XL")
@@ -108,16 +174,28 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 matmul peak, TFLOP/s")
     p.add_argument("--vq-images", type=int, default=16, help="images per VQ decode timed for its share of a step")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the tool (no kernel times)")
+    p.add_argument("--override", action="append", default=[], metavar="FIELD=INT",
+                   help="a GPTConfig field, e.g. n_layer=2 (a small model: the host loop at full batch on a CPU)")
+    p.add_argument("--serving", action="store_true", help="a busy server's staggered load: host vs device per step")
     a = p.parse_args()
     dev = torch.device(a.device)
-    cfg = gpt_preset(a.preset, a.image_size)
+    cfg = gpt_preset(a.preset, a.image_size, **{k: int(v) for k, v in (o.split("=", 1) for o in a.override)})
     models = random_models(cfg, VQConfig(), a.preset, a.image_size, dev,
                            torch.bfloat16 if dev.type == "cuda" else torch.float32)
     eng = Engine(models, EngineConfig(max_batch_size=a.batch, max_queue=max(256, a.batch),
                                       cuda_graphs=not a.no_graphs,
                                       compile_step=a.compile, kv_cache_dtype=a.kv_cache_dtype,
+                                      # the CPU's VQ decode of a full-size image takes seconds: a CPU run
+                                      # profiles the loop without it
+                                      decode_images=dev.type == "cuda",
                                       default_cache=CacheConfig(policy=a.policy, budget=a.budget)))
     sp = SamplingParams(cfg_scale=4.0, top_k=2000)
+    if a.serving:
+        try:
+            profile_serving(eng, sp, a.batch, a.steps, dev)
+        finally:
+            eng.close()
+        return
     for i in range(a.batch):
         eng.submit(GenerationRequest(condition=i, seed=i, sampling=sp), lambda ev: None)
     for _ in range(a.warm_steps):  # into the steady state (past the budget, graphs captured)
