@@ -46,6 +46,7 @@ WHEELS=(
     fastapi==0.165.0 starlette==1.10.0 pydantic==2.13.4 pydantic-core==2.46.4 pydantic-settings==2.14.1
     uvicorn==0.54.0 annotated-types==0.7.0 typing-inspection==0.4.2 python-dotenv==1.2.2
     typing-extensions==4.16.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2 nvidia-ml-py==13.615.71
+    pyzmq==27.3.0 python-json-logger==4.2.0
 )
 NGINX_DEBS=(nginx libcrypt1 libpcre2-8-0 libssl3 zlib1g libc6)
 
