@@ -8,6 +8,15 @@ table printed last (docs/PERFORMANCE.md copies it).
     python3 tools/device_served.py --out $OUT --configs dense:bf16,adsa0.25:bf16,adsa0.25:fp8 --bench
     python3 tools/device_served.py --out $OUT --configs adsa0.25:fp8 --restart      # cold, then warm start
     python3 tools/device_served.py --out $OUT --configs adsa0.25:fp8 --latency      # p50/p99 at 50 %, 90 %
+    python3 tools/device_served.py --out $OUT --configs adsa0.25:fp8 --serve-old .device-carry/old  # A/B
+
+--serve-old serves every config from a second tree too, after this one's, in the same call: the baseline a
+change to the served path is judged by (run 17 in docs/PERFORMANCE.md: a change that made the engine's step
+faster served 30 % fewer images). Make that tree here, from the commit to compare with (the demo model's
+weights are not needed and would not fit a device call):
+
+    mkdir -p .device-carry/old && git archive HEAD adsa_core server loadtest | tar -x -C .device-carry/old \
+        --exclude adsa_core/assets/demo
 
 Every wait is bounded; servers are stopped on exit. Commands run from the repository root.
 """
@@ -42,8 +51,9 @@ def parse_config(text: str) -> dict:
 
 
 class Server:
-    def __init__(self, cfg: dict, a: argparse.Namespace, port: int, log_path: Path):
+    def __init__(self, cfg: dict, a: argparse.Namespace, port: int, log_path: Path, tree: Path = REPO):
         env = {k: v for k, v in os.environ.items() if not k.startswith("ADSA_")}
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])  # its adsa_core
         env.update({
             "ADSA_HOST": "127.0.0.1", "ADSA_PORT": str(port), "ADSA_GPT_MODEL": a.gpt_model,
             "ADSA_IMAGE_SIZE": str(a.image_size), "ADSA_VQ_CKPT": a.vq_ckpt, "ADSA_KV_POLICY": cfg["policy"],
@@ -56,7 +66,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log_path.open("wb")
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=REPO, env=env, stdout=self.log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=tree, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float) -> float:
@@ -153,6 +163,8 @@ def main() -> int:
     p.add_argument("--restart", action="store_true", help="after the load, restart: warm start (compile cache)")
     p.add_argument("--latency", action="store_true", help="open loop at 50 %% and 90 %% of the probe")
     p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--serve-old", type=Path, default=None,
+                   help="also serve every config from this tree (adsa_core, server), same method, same call")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,10 +177,13 @@ def main() -> int:
 
         torch.save(VQModel(VQConfig()).state_dict(), a.vq_ckpt)
     results = []
-    for i, text in enumerate(a.configs.split(",")):
+    configs = a.configs.split(",")
+    runs = [(text, REPO) for text in configs] + [(text, a.serve_old.resolve()) for text in configs if a.serve_old]
+    for i, (text, tree) in enumerate(runs):
         cfg = parse_config(text)
-        row: dict = {"config": text}
-        srv = Server(cfg, a, 8200 + i, out / f"server-{i}.log")
+        old = tree != REPO
+        row: dict = {"config": text + (" (old tree)" if old else "")}
+        srv = Server(cfg, a, 8200 + i, out / f"server-{i}.log", tree)
         try:
             row["start_cold_s"] = srv.wait_ready(a.ready_timeout)
             model = srv.model()
@@ -202,7 +217,7 @@ def main() -> int:
             log(f"{text}: {row['error']}")
         finally:
             srv.stop()
-        if a.restart and "error" not in row:
+        if a.restart and not old and "error" not in row:
             srv = Server(cfg, a, 8300 + i, out / f"server-{i}-warm.log")
             try:
                 row["start_warm_s"] = srv.wait_ready(a.ready_timeout)
@@ -211,7 +226,7 @@ def main() -> int:
                 row["warm_error"] = str(e)
             finally:
                 srv.stop()
-        if a.bench and row.get("max_batch"):
+        if a.bench and not old and row.get("max_batch"):
             b = bench_row(cfg, a, row["max_batch"], REPO, out / f"bench-{i}")
             row["offline_img_s"] = b and b["img_per_s"]
             if a.bench_old:
@@ -221,8 +236,8 @@ def main() -> int:
         results.append(row)
         (out / "served.json").write_text(json.dumps(results, indent=1))
     print("| config | max batch | start cold s | start warm s | HTTP img/s | p50 s | p99 s | offline img/s | "
-          "HTTP/offline | device ms/step | device busy |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "HTTP/offline | device ms/step | device busy | mean rows | loop ms/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         h = r.get("http", {})
         off = r.get("offline_img_s")
@@ -231,7 +246,8 @@ def main() -> int:
         print(f"| {r['config']} | {r.get('max_batch')} | {r.get('start_cold_s', 0):.1f} | "
               f"{r.get('start_warm_s', 0):.1f} | {img or 0:.2f} | {h.get('latency_p50_s') or 0:.2f} | "
               f"{h.get('latency_p99_s') or 0:.2f} | {off or 0:.2f} | {ratio} | {r.get('step_device_ms', 0):.2f} | "
-              f"{r.get('device_busy', 0):.2f} |")
+              f"{r.get('device_busy', 0):.2f} | {r.get('mean_rows', 0):.1f} | "
+              f"{r.get('loop_busy_s_per_step_ms', 0):.2f} |")
     print(json.dumps(results))
     return 0
 
