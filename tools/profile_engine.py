@@ -157,6 +157,14 @@ def profile_serving(eng: Engine, sp: SamplingParams, batch: int, steps: int, dev
     stats.sort_stats("cumulative").print_stats(25)
 
 
+def config_override(text: str) -> tuple[str, int]:
+    """'n_layer=2' -> ('n_layer', 2), for --override."""
+    field, _, value = text.partition("=")
+    if not field or not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"expected FIELD=INT, got {text!r}")
+    return field, int(value)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="GPT-XL")
@@ -174,12 +182,12 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 matmul peak, TFLOP/s")
     p.add_argument("--vq-images", type=int, default=16, help="images per VQ decode timed for its share of a step")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the tool (no kernel times)")
-    p.add_argument("--override", action="append", default=[], metavar="FIELD=INT",
+    p.add_argument("--override", action="append", default=[], metavar="FIELD=INT", type=config_override,
                    help="a GPTConfig field, e.g. n_layer=2 (a small model: the host loop at full batch on a CPU)")
     p.add_argument("--serving", action="store_true", help="a busy server's staggered load: host vs device per step")
     a = p.parse_args()
     dev = torch.device(a.device)
-    cfg = gpt_preset(a.preset, a.image_size, **{k: int(v) for k, v in (o.split("=", 1) for o in a.override)})
+    cfg = gpt_preset(a.preset, a.image_size, **dict(a.override))
     models = random_models(cfg, VQConfig(), a.preset, a.image_size, dev,
                            torch.bfloat16 if dev.type == "cuda" else torch.float32)
     eng = Engine(models, EngineConfig(max_batch_size=a.batch, max_queue=max(256, a.batch),
