@@ -15,9 +15,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
     As LlamaGen: clamp to [-1, 1], then 127.5 * x + 128 truncated, i.e. (x + 1) * 127.5 rounded.
     """
+    return uint8_pixels(images).cpu()
+
+
+def uint8_pixels(images: torch.Tensor) -> torch.Tensor:
+    """`to_uint8` on the images' own device (the engine copies them to pinned memory itself)."""
     x = images.detach().float().clamp(-1.0, 1.0)
     x = (127.5 * x + 128.0).clamp(0, 255)
-    return x.permute(0, 2, 3, 1).to("cpu", torch.uint8)  # (B, H, W, 3)
+    return x.permute(0, 2, 3, 1).to(torch.uint8)  # (B, H, W, 3)
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

@@ -83,6 +83,11 @@ class EngineCollector(Collector):
         )
         yield c("adsa_images_generated", "Images finished", s.images_total if s else 0)
         yield c(
+            "adsa_image_decode_chunks",
+            "VQ decodes of finished images, each padded to the chunk size (images / chunks: the chunks' fill)",
+            s.image_chunks_total if s else 0,
+        )
+        yield c(
             "adsa_engine_loop_busy_seconds",
             "Host seconds the engine loop spent inside steps (rate near 1: the loop never idles)",
             s.host_busy_s_total if s else 0,

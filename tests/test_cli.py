@@ -208,8 +208,11 @@ def test_fp8_kv_cache_runs_in_the_engine(tmp_path, capsys, c2i_args, c2i_io):
     codes, stats = read_codes(tmp_path / "d.json")
     assert rc == 0 and stats["kv_cache_dtype"] == "fp8" and stats["policy"] == "dense"
     assert stats["peak_kv_tokens"] == 16  # the engine's pool (the reference would report the sequence too)
-    # e4m3 rounding of K/V: the greedy tokens mostly survive on this tiny model
-    assert (codes == c2i_io["greedy_cfg4"].long()).float().mean() > 0.5
+    # e4m3 rounding of K/V: on this tiny model (3 images x 16 tokens) one early flip changes the rest of its image,
+    # so agreement moves in steps of up to a third; since token 0 attends over the class token's stored (rounded)
+    # K/V, as every later token does, it is 0.48 (0.71 when the class token was prefilled unrounded); a broken
+    # fp8 path agrees on ~1 % (96 codes)
+    assert (codes == c2i_io["greedy_cfg4"].long()).float().mean() > 0.4
     rc, _, err = run([*common[:-1], "int4", "--codes-out", tmp_path / "x.json"], capsys)
     assert rc == 2 and "kv-cache-dtype" in err
 

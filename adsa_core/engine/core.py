@@ -111,6 +111,7 @@ class EngineCore:
         done.wait(timeout=300)
         eng.stats_.requests_total_by_status.clear()
         eng.stats_.images_total = eng.stats_.tokens_total = eng.stats_.steps_total = 0
+        eng.images.chunks_launched = 0
         eng.stats_.host_busy_s_total = 0.0
         self.steps.clear()
         eng.clock.reset()

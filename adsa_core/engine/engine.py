@@ -5,17 +5,20 @@ call it directly. Requests of any condition, sampling settings, policy and budge
 CFG request is two rows (conditional, unconditional) that share one sample per step.
 
   schedule  the scheduler returns a StepPlan over row, page and slot ids (plain Python);
-  execute   the runner applies it (the only writer of block tables and the KV pool), prefills the newly
-            admitted requests and runs the decode step: model + sampling, one CUDA graph replay on GPU;
+  execute   the runner applies it (the only writer of block tables and the KV pool), starts the newly
+            admitted requests (a c2i row feeds its class label through the decode step; t2i prefills its
+            caption) and runs the decode step: model + sampling, one CUDA graph replay on GPU;
   update    host bookkeeping only: the mirror of each sequence's stored slots, eviction and spill stats,
-            progress, previews, retirement.
+            progress, previews, retirement; then the image stage delivers decoded chunks and launches more.
+
+Nothing in a c2i step waits for the GPU (host values go through the runner's pinned staging ring), so the
+host prepares the next step while the GPU runs this one.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -26,7 +29,7 @@ from ..kv.pool import PageAllocator, pages_for
 from ..kv.spill import SpillArena, SpillRecord
 from ..loading import LoadedModels, limit_cpu_threads
 from .capacity import default_max_batch, pool_geometry
-from .imaging import DoneImage, ImageStage
+from .imaging import DoneImage, ImageStage, Preview
 from .request import (
     DeadlineExceeded,
     EngineError,
@@ -60,16 +63,15 @@ class Engine:
         geo = pool_geometry(config, self.cfg, self.gpt.dtype, self.device)
         self.max_batch_size = config.max_batch_size or default_max_batch(geo, self.default_cache, self.device)
         self.max_rows = 2 * self.max_batch_size
-        gpu_lock = threading.Lock()  # a CUDA graph capture and the image thread's GPU work exclude each other
         compiled = self.device.type == "cuda" and config.compile_step is not False  # None: auto, on for CUDA
         self.runner = ModelRunner(self.gpt, geo, self.max_rows, pages_for(self.cfg.seq_len, config.page_size),
-                                  config.cuda_graphs, compiled, gpu_lock)
+                                  config.cuda_graphs, compiled)
         self.scheduler = Scheduler(PageAllocator(geo.num_pages), self.max_rows, self.max_batch_size,
                                    config.page_size, config.max_queue)
         self.sampler = Sampler(self.max_batch_size, self.max_rows, self.cfg.vocab_size, self.cfg.block_size,
-                               self.runner.rows, self.cfg.cls_token_num, self.device)
+                               self.runner.rows, self.cfg.cls_token_num, self.runner.staging)
         self.images = ImageStage(models.vq if config.decode_images else None, self.device, config.vq_decode_batch,
-                                 compile_decode=compiled, gpu_lock=gpu_lock)
+                                 compile_decode=compiled)
         self.spill = SpillArena(config.spill_arena_bytes, geo.n_layer, geo.kv_heads, geo.head_dim, geo.dtype,
                                 self.device)
         self.spill_steps_per_seq = config.spill_limit_bytes // self.spill.step_bytes
@@ -115,28 +117,34 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self.images.busy
 
     # --- the step ------------------------------------------------------------------------------------
     def step(self) -> None:
         t0 = time.perf_counter()
         try:
-            self._reap()
-            plan = self.scheduler.schedule()
-            self.runner.apply(plan)
-            for item, _ in plan.swap_out:
-                item.stats.swapped_out += 1  # type: ignore[attr-defined]  # the engine enqueues EngineRequests
-                self.stats_.swapped_out_total += 1
-            if plan.admitted:
-                self._prefill(plan.admitted)
-                if self.scheduler.changed:  # a prefill failed, or a new request freed a row: plan again first
-                    return
-            if plan.running:
-                self._decode(plan)
+            if self.requests:
+                self._step()
         finally:
             self.images.finish(self._done)
             self._done = []
+            # nothing else to do: wait for the last images; requests waiting: the GPU is the bottleneck
+            self.images.poll(wait=not self.requests, saturated=self.scheduler.num_waiting > 0)
             self.stats_.host_busy_s_total += time.perf_counter() - t0
+
+    def _step(self) -> None:
+        self._reap()
+        plan = self.scheduler.schedule()
+        self.runner.apply(plan)
+        for item, _ in plan.swap_out:
+            item.stats.swapped_out += 1  # type: ignore[attr-defined]  # the engine enqueues EngineRequests
+            self.stats_.swapped_out_total += 1
+        if plan.admitted:
+            self._start(plan.admitted)  # type: ignore[arg-type]  # the engine enqueues only EngineRequests
+            if self.scheduler.changed:  # a prefill failed, or a new request freed a row: plan again first
+                return
+        if plan.running:
+            self._decode(plan)
 
     def _finish(self, item: EngineRequest, outcome: Event | EngineError | None, status: str) -> None:
         """Release everything a request holds and deliver its last event (if any)."""
@@ -173,19 +181,36 @@ class Engine:
             elif item.req.deadline is not None and now > item.req.deadline:
                 self._finish(item, DeadlineExceeded("deadline exceeded"), "deadline")
 
-    def _prefill(self, items: list[EngineRequest]) -> None:
-        """Condition tokens of newly admitted requests into their rows, then their token 0. A failure fails
-        these requests only (the next plan compacts their rows)."""
-        rows, conds, masks = [], [], []
+    def _start(self, items: list[EngineRequest]) -> None:
+        """Newly admitted requests begin. c2i rows start at position 0 with their class label, which the next
+        decode step embeds, stores and samples token 0 from (no prefill, no wait); t2i rows prefill."""
         for item in items:
             item.started = time.monotonic()
             item.stats.queue_s = item.started - item.req.arrival
             item.stats.kv_bytes = sum(len(a.pages) for a in item.allocs) * self.runner.geo.bytes_per_page
             item.spill = [SpillRecord() for _ in item.allocs]
             if item.req.forced_tokens is not None:
-                self.sampler.forced[item.slot] = item.req.forced_tokens.to(self.device)
+                self.runner.staging.copy(item.req.forced_tokens, self.sampler.forced[item.slot])
+        if self.cfg.model_type != "c2i":
+            self._prefill(items)
+            return
+        rows, labels = [], []
+        for item in items:
+            assert isinstance(item.req.condition, int)  # validation turned c2i conditions into labels
+            for s, a in enumerate(item.allocs):  # the unconditional row: the "no class" label
+                rows.append(a.row)
+                labels.append(item.req.condition if s == 0 else self.cfg.num_classes)
+            item.n_stored = [0] * len(item.allocs)
+        self.runner.start_rows(rows, labels)
+
+    def _prefill(self, items: list[EngineRequest]) -> None:
+        """t2i: caption tokens of newly admitted requests into their rows, then their token 0. A failure fails
+        these requests only (the next plan compacts their rows)."""
+        rows, conds, masks = [], [], []
+        for item in items:
             c = item.req.condition
-            cond = torch.tensor(c, device=self.device) if isinstance(c, int) else c.to(self.device)
+            assert isinstance(c, torch.Tensor)  # validation encoded the prompt into caption features
+            cond = c.to(self.device)
             mask = (item.req.emb_mask if item.req.emb_mask is not None else torch.ones(self.cfg.cls_token_num)).bool()
             rows.append(item.allocs[0].row)
             conds.append(cond)
@@ -293,8 +318,9 @@ class Engine:
     def _preview(self, it: EngineRequest, rows_done: int) -> None:
         grid = self.cfg.grid_size
         codes = self.sampler.codes[it.slot].clone()
-        codes[rows_done * grid:] = 0
-        self.images.preview(it.sink, codes, it.n_sampled, rows_done, rows_done * (self.models.image_size // grid))
+        codes[rows_done * grid:].fill_(0)
+        self.images.preview(Preview(it.sink, codes, it.n_sampled, rows_done,
+                                    rows_done * (self.models.image_size // grid)))
 
     # --- info ----------------------------------------------------------------------------------------
     def capture_graphs(self) -> int:
@@ -309,6 +335,7 @@ class Engine:
         s.kv_used_tokens = (self.scheduler.allocator.num_usable - self.scheduler.allocator.num_free) * \
             self.config.page_size
         s.spill_dropped_steps_total = self.spill.dropped_steps
+        s.image_chunks_total = self.images.chunks_launched
         return EngineStats(**{**s.__dict__, "requests_total_by_status": dict(s.requests_total_by_status)})
 
     def close(self) -> None:

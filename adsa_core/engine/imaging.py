@@ -1,11 +1,18 @@
-"""Image stage: VQ decode off the decode loop.
+"""Image stage: VQ decode beside the decode loop, driven by the loop itself.
 
-Finished requests of one engine step are decoded together, in chunks of `chunk` images so the
-decoder's activations never spike memory, on their own CUDA stream and thread, so decoding overlaps
-the next token steps. Every chunk is padded to the same static shape: a convolution's arithmetic
-can depend on the batch shape, never on the neighbours' values, so an image's pixels depend on its
-own tokens only (tests/engine/test_imaging.py). The token buffer is read through a device-side copy
-ordered after the step that produced it, so the engine never waits for the GPU here.
+Finished requests are decoded together, in chunks of `chunk` images so the decoder's activations never
+spike memory, on their own CUDA stream, so decoding overlaps the next token steps. Every chunk is padded
+to the same static shape: a convolution's arithmetic can depend on the batch shape, never on the
+neighbours' values, so an image's pixels depend on its own tokens only (tests/engine/test_imaging.py).
+
+No thread: the engine calls `poll()` every step. It hands out the pixels of chunks whose copy to pinned
+memory has completed (an event query, never a wait) and launches the next chunk on the image stream. A
+second Python thread would share the loop's GIL: beside a loop that never blocks it starves, and finished
+images reach clients late (docs/PERFORMANCE.md, run 17). On a CPU each chunk is decoded when launched.
+
+A chunk costs the same GPU time however few of its images are real. While requests wait for the batch
+(the GPU is the bottleneck) the stage launches only full chunks, or a partial one whose oldest image has
+waited MAX_WAIT_S; otherwise it launches what it has at once (latency first).
 
 The stage hands out uint8 pixels; PNG encoding happens in the engine client's worker threads, on
 neither the engine loop nor the HTTP event loop (`encode_png`).
@@ -13,22 +20,22 @@ neither the engine loop nor the HTTP event loop (`encode_png`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
+import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from ..images import png_bytes, to_pil, to_uint8
-from ..loading import limit_cpu_threads
+from ..images import png_bytes, to_pil, uint8_pixels
 from ..model.vq import VQModel
 from .request import Finished, PartialImage, RequestFailed, RequestStats
 
 log = logging.getLogger(__name__)
 Sink = Callable[[object], None]
+MAX_IN_FLIGHT = 2  # chunks queued on the image stream at once: one decoding, one ready to start
+MAX_WAIT_S = 0.5  # a saturated engine still launches a partial chunk whose oldest image waited this long
 
 
 @dataclass
@@ -39,95 +46,160 @@ class DoneImage:
     logprobs: torch.Tensor | None
 
 
+@dataclass
+class Preview:
+    sink: Sink
+    codes: torch.Tensor  # (block_size,) a private device copy, unfinished rows zeroed
+    tokens_done: int
+    rows_done: int
+    px: int  # completed pixel rows
+
+
+@dataclass
+class _Job:
+    """A launched decode: its outputs are valid on the host once `ready` has completed."""
+
+    images: list[DoneImage] | Preview  # what it decodes (holding the device codes alive until then)
+    codes: torch.Tensor | None  # (n, block_size) int64 on the host (pinned on a GPU); None for a preview
+    pixels: torch.Tensor | None  # (n, H, W, 3) uint8 on the host; None without a VQ decoder
+    ready: torch.cuda.Event | None  # recorded on the image stream after the copies; None on a CPU
+
+
 def encode_png(pixels: torch.Tensor) -> bytes:
     """(H, W, 3) uint8 -> PNG bytes; fast compression: serving latency beats a few % of bytes."""
     return png_bytes(to_pil(pixels[None])[0], compress_level=1)
 
 
 class ImageStage:
-    def __init__(self, vq: VQModel | None, device: torch.device, chunk: int | None, compile_decode: bool = False,
-                 gpu_lock: threading.Lock | None = None):
+    def __init__(self, vq: VQModel | None, device: torch.device, chunk: int | None, compile_decode: bool = False):
         self.vq = vq
-        self.gpu_lock = gpu_lock or threading.Lock()  # shared with ModelRunner's graph capture
         self.device = device
         self.chunk = chunk or (16 if device.type == "cuda" else 1)
         # compiled VQ decode (GPU): GroupNorm + swish fused, ~2x faster and less memory per chunk on
         # an H100 (tools/bench_vq_decode.py); one static chunk shape either way
         compiled = vq is not None and compile_decode and device.type == "cuda"
         self._decode = torch.compile(vq.decode_code, dynamic=False) if compiled else (vq and vq.decode_code)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsa-vq",
-                                         initializer=limit_cpu_threads if device.type == "cpu" else None)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pending: list[DoneImage] = []  # finished, not yet launched
+        self.pending_since = 0.0  # time.monotonic() when the oldest pending image arrived
+        self.chunks_launched = 0  # decodes of finished images (their fill: images / chunks)
+        self.previews: list[Preview] = []
+        self.in_flight: deque[_Job] = deque()  # launched, in launch order
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.previews or self.in_flight)
 
     @torch.no_grad()
     def warm_up(self, block_size: int) -> None:
         """Decode one chunk now, so the first finished images never wait for the decoder's compile."""
         if self.vq is not None:
-            with self._on_stream(self._ready_event()):
-                self.decode(torch.zeros(1, block_size, dtype=torch.long, device=self.device))
-
-    def _ready_event(self) -> torch.cuda.Event | None:
-        if self.stream is None:
-            return None
-        ev = torch.cuda.Event()
-        ev.record()
-        return ev
+            self.decode(torch.zeros(1, block_size, dtype=torch.long, device=self.device))
 
     def finish(self, done: list[DoneImage]) -> None:
-        if done:
-            self.worker.submit(self._finish, done, self._ready_event())
+        if done and not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.extend(done)
 
-    def preview(self, sink: Sink, codes: torch.Tensor, tokens_done: int, rows_done: int, px: int) -> None:
-        """codes: a private device copy with the unfinished rows zeroed; px: completed pixel rows."""
+    def preview(self, preview: Preview) -> None:
         if self.vq is not None:
-            self.worker.submit(self._preview, sink, codes, tokens_done, rows_done, px, self._ready_event())
+            self.previews.append(preview)
 
-    @contextlib.contextmanager
-    def _on_stream(self, ready: torch.cuda.Event | None):
-        """Run on the image stream, after the engine step that produced the tokens, and never
-        while the engine captures a CUDA graph: a capture makes other threads' CUDA calls fail."""
-        with self.gpu_lock:
-            if self.stream is None:
-                yield
-                return
-            self.stream.wait_event(ready)
-            with torch.cuda.stream(self.stream):
-                yield
+    def poll(self, wait: bool = False, saturated: bool = False) -> None:
+        """Deliver completed chunks (all of them if `wait`, blocking), then launch what is pending: only full
+        chunks while `saturated` (requests wait for the batch), unless the oldest image waited MAX_WAIT_S."""
+        while self.in_flight and (wait or _done(self.in_flight[0].ready)):
+            self._deliver(self.in_flight.popleft())
+        while self.previews:
+            self._launch(self.previews.pop(0))
+        while self.pending and len(self.in_flight) < MAX_IN_FLIGHT:
+            if (saturated and len(self.pending) < self.chunk
+                    and time.monotonic() - self.pending_since < MAX_WAIT_S):
+                break
+            chunk, self.pending = self.pending[: self.chunk], self.pending[self.chunk:]
+            self.pending_since = time.monotonic()  # the rest arrived after the chunk's first: a bound
+            self.chunks_launched += 1
+            self._launch(chunk)
+
+    def drain(self) -> None:
+        """Decode and deliver everything queued (waits for the GPU)."""
+        while self.busy:
+            self.poll(wait=True)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(n, block_size) codes -> (n, H, W, 3) uint8 on the CPU, `chunk` images per call, each call padded to
-        `chunk` images (one static shape: the same pixels for an image whatever finishes beside it)."""
+        """(n, block_size) codes -> (n, H, W, 3) uint8 on the codes' device, `chunk` images per call, each call
+        padded to `chunk` images (one static shape: the same pixels for an image whatever finishes beside it)."""
         out = []
         for c in codes.split(self.chunk):
             n = len(c)
             padded = torch.cat([c, c.new_zeros(self.chunk - n, c.shape[1])]) if n < self.chunk else c
-            out.append(to_uint8(self._decode(padded)[:n]))
+            out.append(uint8_pixels(self._decode(padded)[:n]))
         return torch.cat(out)
 
     @torch.no_grad()
-    def _finish(self, done: list[DoneImage], ready: torch.cuda.Event | None) -> None:
+    def _launch(self, work: list[DoneImage] | Preview) -> None:
+        """Queue one chunk (or a preview) on the image stream, after everything the loop queued so far (the
+        steps that wrote its codes), and the copies of its results to the host behind it."""
         try:
-            with self._on_stream(ready):
-                codes = torch.stack([d.codes for d in done])  # (n, block_size)
-                pixels = self.decode(codes) if self.vq is not None else None  # (n, H, W, 3) uint8 on the CPU
-                codes = codes.cpu()
+            ready = None
+            if self.stream is not None:
+                ready = torch.cuda.Event()
+                ready.record()
+                self.stream.wait_event(ready)
+            codes: torch.Tensor | None
+            pixels: torch.Tensor | None
+            with torch.cuda.stream(self.stream):  # None (a CPU): no-op
+                if isinstance(work, Preview):  # eager, one image: only a preview
+                    codes, pixels = None, uint8_pixels(self.vq.decode_code(work.codes[None]))[0, : work.px]
+                else:
+                    codes = torch.stack([d.codes for d in work])  # (n, block_size)
+                    pixels = self.decode(codes) if self.vq is not None else None
+                codes, pixels = _to_host(codes), _to_host(pixels)
+                if self.stream is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(self.stream)
         except Exception:  # noqa: BLE001 - a decode failure fails these images, not the engine
-            log.exception("image decode failed")
-            for d in done:
-                d.sink(RequestFailed("image decode failed"))
+            self._failed(work)
             return
-        for i, d in enumerate(done):
-            d.sink(Finished(codes[i], pixels[i] if pixels is not None else None, d.stats, d.logprobs))
+        self.in_flight.append(_Job(work, codes, pixels, ready))
 
-    @torch.no_grad()
-    def _preview(self, sink: Sink, codes: torch.Tensor, tokens_done: int, rows_done: int, px: int,
-                 ready: torch.cuda.Event | None) -> None:
+    def _deliver(self, job: _Job) -> None:
         try:
-            with self._on_stream(ready):
-                pixels = to_uint8(self.vq.decode_code(codes[None]))[0, :px]  # eager, one image: only a preview
-            sink(PartialImage(tokens_done, rows_done, pixels))
-        except Exception:  # noqa: BLE001 - a failed preview is skipped; the final image still comes
+            if job.ready is not None:
+                job.ready.synchronize()  # returns at once unless poll(wait=True)
+        except Exception:  # noqa: BLE001 - an asynchronous CUDA error surfaces here
+            self._failed(job.images)
+            return
+        if isinstance(job.images, Preview):
+            p = job.images
+            p.sink(PartialImage(p.tokens_done, p.rows_done, job.pixels))
+            return
+        assert job.codes is not None  # a chunk of finished images always has its codes
+        for i, d in enumerate(job.images):
+            pixels = job.pixels[i] if job.pixels is not None else None
+            d.sink(Finished(job.codes[i], pixels, d.stats, d.logprobs))
+
+    @staticmethod
+    def _failed(work: list[DoneImage] | Preview) -> None:
+        if isinstance(work, Preview):  # a failed preview is skipped; the final image still comes
             log.exception("preview decode failed")
+            return
+        log.exception("image decode failed")
+        for d in work:
+            d.sink(RequestFailed("image decode failed"))
 
     def close(self) -> None:
-        self.worker.shutdown(wait=True)
+        self.drain()  # finished images still go out
+
+
+def _done(ev: torch.cuda.Event | None) -> bool:
+    return ev is None or ev.query()
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An asynchronous copy into pinned memory on a GPU (valid once the stream reaches it)."""
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+

@@ -160,6 +160,7 @@ class EngineStats:
     spill_dropped_steps_total: int = 0  # sequence steps whose evicted K/V was not kept: the spill arena was full
     swapped_out_total: int = 0  # requests swapped out to CPU for higher-priority work
     images_total: int = 0  # images finished
+    image_chunks_total: int = 0  # VQ decodes of finished images, each padded to the chunk size
     tokens_total: int = 0  # image tokens sampled
     steps_total: int = 0  # decode steps run
     host_busy_s_total: float = 0.0  # host seconds spent inside steps (the loop's busy time)

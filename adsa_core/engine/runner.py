@@ -12,7 +12,6 @@ picking the next victim in the same pass: one kernel launch per layer on CUDA.
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol
 
 import torch
@@ -25,6 +24,7 @@ from ..kv.policy import policy_mode
 from ..kv.pool import KVPool, PoolGeometry, raw, to_kv_storage, zeros
 from ..model.llamagen import Transformer, prompt_attention_mask
 from .scheduler import SeqAlloc, StepPlan
+from .staging import Staging
 
 
 class StepHook(Protocol):
@@ -131,9 +131,8 @@ class PoolPrefillCache:
 
 class ModelRunner:
     def __init__(self, model: Transformer, geo: PoolGeometry, max_rows: int, max_pages_per_row: int,
-                 cuda_graphs: bool = False, compile_step: bool = False, gpu_lock: threading.Lock | None = None):
+                 cuda_graphs: bool = False, compile_step: bool = False):
         self.model = model
-        self.gpu_lock = gpu_lock or threading.Lock()  # held while capturing: no other thread may use CUDA
         self.cfg = model.config
         self.device = model.device
         self.geo = geo
@@ -141,6 +140,7 @@ class ModelRunner:
         self.pool = KVPool(geo, self.device)
         self.rows = RowState(geo, max_rows, max_pages_per_row, self.cfg.n_head, self.cfg.vocab_size, self.device)
         self.scale = self.cfg.head_dim ** -0.5
+        self.staging = Staging(self.device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         if compile_step:  # fuse norms, RoPE and residuals: a decode step is otherwise launch-bound
             model.compile_blocks()
@@ -175,23 +175,34 @@ class ModelRunner:
     def _set_pages(self, a: SeqAlloc) -> None:
         bt = self.rows.block_table[a.row]
         bt.zero_()
-        bt[: len(a.pages)] = torch.tensor(a.pages, dtype=torch.int32, device=self.device)
+        self.staging.copy(torch.tensor(a.pages, dtype=torch.int32), bt[: len(a.pages)])
 
     def _assign_row(self, a: SeqAlloc, cache: ResolvedCache) -> None:
         r, row = self.rows, a.row
         self._set_pages(a)
         mode = policy_mode(cache.policy if cache.evicts else "dense")
-        r.n_stored[row], r.budget[row], r.prefix[row], r.local[row], r.mode[row] = (
-            0, cache.budget, cache.prefix, cache.local, mode)
+        # fill_, never `t[row] = value`: that copies the value from pageable memory, which waits for the GPU
+        for t, value in ((r.n_stored, 0), (r.budget, cache.budget), (r.prefix, cache.prefix), (r.local, cache.local),
+                         (r.mode, mode)):
+            t[row].fill_(value)
         r.vsum[:, row].zero_()
-        r.victim[:, row] = -1
-        r.lse[:, row] = float("inf")
+        r.victim[:, row].fill_(-1)
+        r.lse[:, row].fill_(float("inf"))
+
+    def start_rows(self, rows: list[int], labels: list[int]) -> None:
+        """c2i rows begin at position 0 with their class label (the unconditional row: the "no class" label):
+        the next decode step embeds it as the condition token, stores it and samples image token 0."""
+        for row, label in zip(rows, labels):
+            self.rows.tokens[row].fill_(label)
+            self.rows.positions[row].fill_(0)
 
     def clear_row(self, row: int) -> None:
         """Point a row at the scratch page so a padded decode step writes nothing that matters."""
         r = self.rows
         r.block_table[row].zero_()
-        r.n_stored[row], r.budget[row], r.mode[row] = 0, 1, 0
+        r.n_stored[row].fill_(0)
+        r.budget[row].fill_(1)
+        r.mode[row].fill_(0)
 
     def _move_row(self, src: int, dst: int) -> None:
         for t, dim in self.rows.per_row():
@@ -212,13 +223,12 @@ class ModelRunner:
         T = cond_emb.shape[1]
         cache = PoolPrefillCache(self.pool, self.rows, row_ids, valid)
         logits = self.model.forward_embeddings(cond_emb, torch.arange(T, device=self.device), cache)
-        rows = torch.tensor(row_ids, device=self.device)
-        self.rows.n_stored[rows] = cache.counts
+        self.rows.n_stored[cache.row_t] = cache.counts
         return logits[:, -1]
 
     def _decode(self, B: int) -> None:
         r = self.rows
-        h = self.model.tok_embeddings(r.tokens[:B]).unsqueeze(1)  # (B, 1, dim)
+        h = self.model.embed_step(r.tokens[:B], r.positions[:B])  # (B, 1, dim)
         cache = PoolDecodeCache(self.pool, r, B, self.scale)
         _, n_slots = cache.step.after_write()
         r.logits[:B] = self.model.forward_embeddings(h, r.positions[:B, None], cache)[:, 0]
@@ -267,7 +277,7 @@ class ModelRunner:
         g = torch.cuda.CUDAGraph()
         # one memory pool for all graphs: they never run concurrently and write their results into
         # static buffers allocated outside, so one graph's temporaries may reuse another's
-        with self.gpu_lock, torch.cuda.graph(g, pool=self._graph_pool):
+        with torch.cuda.graph(g, pool=self._graph_pool):
             self._step(B, then, key)
         for t, s_ in zip(state, saved):
             t.copy_(s_)

@@ -18,6 +18,7 @@ import torch
 from ..kv.kernels import HAS_TRITON
 from ..sampling import SamplingParams, cfg_combine, k_max_bucket, sample_tokens, uniform_from
 from .runner import RowState
+from .staging import Staging
 
 
 class StepBatch(NamedTuple):
@@ -146,8 +147,9 @@ class Sampler:
     and top-k bucket): it samples and feeds one token per request."""
 
     def __init__(self, n_slots: int, max_rows: int, vocab: int, block_size: int, rows: RowState, pos_offset: int,
-                 device: torch.device):
+                 staging: Staging):
         self.scratch_slot = n_slots  # padding items of a decode step write their tokens here
+        device = staging.device
         self.codes = torch.zeros(n_slots + 1, block_size, dtype=torch.long, device=device)
         self.forced = torch.zeros(n_slots + 1, block_size, dtype=torch.long, device=device)
         self.ints = torch.zeros(len(INT_FIELDS), max_rows, dtype=torch.long, device=device)
@@ -157,7 +159,7 @@ class Sampler:
         self.max_rows = max_rows
         self.k_max = 0  # top-k bucket of the batch: the graph key
         self.want: tuple[torch.Tensor, list[int]] | None = None  # items that keep log-probs (device, host)
-        self.staging = Staging(device)
+        self.staging = staging  # the runner's: one ring for every host-to-device copy of a step
 
     def __call__(self, B: int, k_max: int) -> None:
         b = StepBatch.of(self.ints[:, :B], self.floats[:, :B])
@@ -195,33 +197,3 @@ class Sampler:
 def log_softmax_of(guided: torch.Tensor, idx: torch.Tensor, want: list[int]) -> list[tuple[int, torch.Tensor]]:
     logprobs = torch.log_softmax(guided[idx], dim=-1)  # one batched log-softmax, not one per request
     return list(zip(want, logprobs))
-
-
-class Staging:
-    """Host-to-device copies without a host sync: a copy from pageable memory waits for the GPU, so
-    values go through a ring of pinned buffers, each reused only after its copy ran."""
-
-    def __init__(self, device: torch.device, n: int = 8):
-        self.device = device
-        self.ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
-        if device.type == "cuda":
-            self.ring = [(torch.empty(0, dtype=torch.uint8), None) for _ in range(n)]
-        self.next = 0
-
-    def copy(self, src: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
-        """src (host) into dst on the device (a new tensor if None); returns it."""
-        if self.device.type != "cuda":
-            return src.to(self.device) if dst is None else dst.copy_(src)
-        k = self.next = (self.next + 1) % len(self.ring)
-        buf, ev = self.ring[k]
-        if ev is not None:
-            ev.synchronize()  # only waits if the GPU is a whole ring behind
-        nbytes = src.numel() * src.element_size()
-        if buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 2 * buf.numel()), dtype=torch.uint8, pin_memory=True)
-        staged = buf[:nbytes].view(src.dtype).view(src.shape).copy_(src)
-        out = staged.to(self.device, non_blocking=True) if dst is None else dst.copy_(staged, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        self.ring[k] = (buf, ev)
-        return out

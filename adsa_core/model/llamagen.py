@@ -222,6 +222,17 @@ class Transformer(nn.Module):
             return self.cls_embedding(cond)
         return self.cls_embedding(cond.to(self.dtype))[:, : self.config.cls_token_num]
 
+    def embed_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step's inputs (B,) -> (B, 1, dim): image tokens, except that a c2i row at position 0 holds
+        its class label, embedded as the condition token (so a c2i request needs no prefill)."""
+        if not isinstance(self.cls_embedding, LabelEmbedder):  # t2i: captions were prefilled
+            return self.tok_embeddings(tokens).unsqueeze(1)
+        # both tables are read for every row (static shapes): clamp each index into its own table
+        table = self.cls_embedding.embedding_table
+        h = self.tok_embeddings(tokens.clamp(max=self.tok_embeddings.num_embeddings - 1))  # (B, dim)
+        h = torch.where((positions == 0)[:, None], table(tokens.clamp(max=table.num_embeddings - 1)), h)
+        return h.unsqueeze(1)
+
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         """The CFG unconditional input matching `cond` (the "no class" label, or the null caption)."""
         if self.config.model_type == "c2i":

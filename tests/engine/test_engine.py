@@ -5,6 +5,7 @@ swap, queue limits, deadlines, batch invariance)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -398,18 +399,41 @@ def test_teacher_forcing_returns_log_probs_of_forced_tokens():
     assert torch.allclose(fin.logprobs, torch.log_softmax(full, -1), atol=1e-4)
 
 
-def test_image_stage_waits_while_a_graph_capture_holds_the_gpu():
-    """A CUDA graph capture forbids CUDA calls from other threads: the image thread's GPU work
-    takes the lock the runner holds while capturing (on the CPU the engine steps never take it)."""
+def test_the_loop_itself_delivers_every_image_before_it_goes_idle():
+    """No image thread (it would share the loop's GIL): the engine has work until its image stage has handed
+    out every finished image, so a caller stepping while `has_work` gets them all without `close()`."""
     engine = make_engine(tiny_models())
-    assert engine.images.gpu_lock is engine.runner.gpu_lock
+    threads = threading.active_count()
     events: list = []
-    engine.submit(GenerationRequest(condition=1, seed=0, sampling=SamplingParams(cfg_scale=1.0, greedy=True)),
-                  events.append)
-    with engine.runner.gpu_lock:  # as ModelRunner._capture holds it
-        while engine.has_work:
-            engine.step()
-        time.sleep(0.3)
-        assert not any(isinstance(ev, Finished) for ev in events)
+    for seed in range(3):
+        engine.submit(GenerationRequest(condition=seed, seed=seed, sampling=SamplingParams(cfg_scale=2.0)),
+                      events.append)
+    steps = 0
+    while engine.has_work:
+        engine.step()
+        steps += 1
+        assert threading.active_count() == threads
+    finished = [ev for ev in events if isinstance(ev, Finished)]
+    assert len(finished) == 3 and all(ev.codes.shape == (engine.cfg.block_size,) for ev in finished)
+    assert not engine.images.busy and steps >= engine.cfg.block_size
     engine.close()
-    assert isinstance(events[-1], Finished)
+
+
+def test_a_class_label_enters_through_the_decode_step_whatever_the_vocabulary():
+    """A c2i row's first decode step embeds its class label (labels may exceed the image vocabulary, and image
+    tokens the label table) as the condition token; later positions embed image tokens. The engine then draws
+    LlamaGen's tokens for labels beyond the vocabulary too."""
+    cfg = GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, block_size=9, num_classes=40)
+    models = tiny_models(cfg, seed=3)
+    gpt = models.gpt
+    tokens, positions = torch.tensor([39, 40, 15, 3]), torch.tensor([0, 0, 5, 1])
+    with torch.no_grad():
+        got = gpt.embed_step(tokens, positions)[:, 0]
+        want = torch.cat([gpt.embed_condition(tokens[:2])[:, 0], gpt.tok_embeddings(tokens[2:])])
+    assert torch.equal(got, want)
+    sp = SamplingParams(cfg_scale=4.0, greedy=True)
+    labels = torch.tensor([39, 17])
+    reqs = [GenerationRequest(condition=int(c), seed=i, sampling=sp, request_id=str(i)) for i, c in enumerate(labels)]
+    ev = run_all(make_engine(models), reqs)
+    got_codes = torch.stack([codes_of(ev, "0"), codes_of(ev, "1")])
+    assert torch.equal(got_codes, generate(gpt, labels, sp, seeds=torch.tensor([0, 1])))

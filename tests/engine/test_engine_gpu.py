@@ -10,7 +10,7 @@ import torch
 
 from adsa_core.config import CacheConfig, EngineConfig, GPTConfig
 from adsa_core.engine import Engine, Finished, GenerationRequest
-from adsa_core.loading import LoadedModels
+from adsa_core.loading import LoadedModels, ModelSpec, load_models
 from adsa_core.model import load_gpt
 from adsa_core.reference import generate
 from adsa_core.sampling import SamplingParams
@@ -201,3 +201,46 @@ def test_captured_sampling_equals_eager_sampling():
             assert torch.equal(a, b), k_max
         assert (eager[0][3, :n_items].cpu() == ints[3, :n_items] + 1).all()
         assert eager[2][1, 3] == eager[3][1, 3]  # the forced item
+
+
+def test_a_busy_c2i_step_never_waits_for_the_gpu():
+    """The engine loop runs ahead of the GPU: while requests arrive, finish (and are VQ-decoded), release their
+    CFG row, evict and spill, no step synchronises with the device (torch's sync debug mode raises on every
+    wait: a pageable copy, `.item()`, `.tolist()`, a stream or device synchronize). The images still come."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    models = load_models(ModelSpec(device="cuda"))  # the embedded demo model, with its VQ decoder
+    eng = Engine(models, EngineConfig(max_batch_size=8, page_size=16, compile_step=True,
+                                      default_cache=CacheConfig(policy="adsa", budget=0.25)))
+    eng.capture_graphs()
+    eng.images.warm_up(models.gpt_config.block_size)
+    done: dict[int, object] = {}
+    settings = [SamplingParams(cfg_scale=4.0), SamplingParams(cfg_scale=1.0), SamplingParams(cfg_scale=4.0,
+                cfg_interval=2), SamplingParams(cfg_scale=4.0, top_k=0, top_p=0.9)]
+
+    def submit(i: int) -> None:
+        eng.submit(GenerationRequest(condition=i % models.gpt_config.num_classes, seed=i, request_id=str(i),
+                                     sampling=settings[i % len(settings)]), lambda ev, i=i: done.__setitem__(i, ev))
+
+    n = 24
+    for i in range(4):
+        submit(i)
+    for _ in range(3):  # the first steps of each bucket are not under test
+        eng.step()
+    submitted, steps = 4, 0
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while len(eng.requests) > 1 or submitted < n:  # the last request's end waits for the images, on purpose
+            if submitted < n and steps % 7 == 0:
+                submit(submitted)
+                submitted += 1
+            eng.step()
+            steps += 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    while eng.has_work:
+        eng.step()
+    eng.close()
+    assert eng.stats_.evictions_total > 0 and eng.stats_.spilled_bytes_total > 0
+    assert sorted(done) == list(range(n))
+    assert all(isinstance(ev, Finished) and ev.pixels is not None for ev in done.values())
