@@ -24,11 +24,13 @@ Every wait is bounded; servers are stopped on exit. Commands run from the reposi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +96,19 @@ class Server:
                     key = s.name + ("" if not s.labels else json.dumps(s.labels, sort_keys=True))
                     out[key] = s.value
         return out
+
+    def sample_queue(self, stop: threading.Event, every_s: float = 0.5) -> list[float]:
+        """Images waiting for admission, sampled every `every_s` until `stop` (a thread beside a load): an
+        empty queue under a closed-loop load means the clients' requests are held up outside the engine."""
+        seen: list[float] = []
+
+        def run() -> None:
+            while not stop.wait(every_s):
+                with contextlib.suppress(httpx.HTTPError):
+                    seen.append(self.metrics().get("adsa_num_requests_waiting", 0.0))
+
+        threading.Thread(target=run, daemon=True).start()
+        return seen
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -191,7 +206,10 @@ def main() -> int:
             log(f"{text}: ready in {row['start_cold_s']:.1f} s, max batch {row['max_batch']}")
             clients = max(8, int(a.clients * row["max_batch"]))
             m0 = srv.metrics()
+            sampling = threading.Event()
+            waiting = srv.sample_queue(sampling)
             probe = loadtest(srv.url, out / f"lt-{i}-probe", a, concurrency=clients, duration=a.duration)
+            sampling.set()
             m1 = srv.metrics()
             row["http"] = stage(probe)
             d = {k: m1.get(k, 0) - m0.get(k, 0) for k in m1}
@@ -203,6 +221,11 @@ def main() -> int:
                     1e-9, d.get("adsa_engine_step_period_seconds_total", 0))
                 row["mean_rows"] = d.get("adsa_batch_size_sum", 0) / max(1, d.get("adsa_batch_size_count", 0))
                 row["loop_busy_s_per_step_ms"] = 1e3 * d.get("adsa_engine_loop_busy_seconds_total", 0) / steps
+                if chunks := d.get("adsa_image_decode_chunks_total", 0):
+                    row["chunk_fill"] = d.get("adsa_images_generated_total", 0) / chunks
+            if waiting:
+                row["mean_waiting"] = sum(waiting) / len(waiting)
+                row["queue_empty_share"] = sum(w == 0 for w in waiting) / len(waiting)
             log(f"{text}: HTTP {row['http']}")
             if a.latency:
                 cap = row["http"]["steady_images_per_s"] or 1.0
@@ -236,8 +259,9 @@ def main() -> int:
         results.append(row)
         (out / "served.json").write_text(json.dumps(results, indent=1))
     print("| config | max batch | start cold s | start warm s | HTTP img/s | p50 s | p99 s | offline img/s | "
-          "HTTP/offline | device ms/step | device busy | mean rows | loop ms/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "HTTP/offline | device ms/step | device busy | mean rows | loop ms/step | VQ chunk fill | mean waiting | "
+          "queue empty |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         h = r.get("http", {})
         off = r.get("offline_img_s")
@@ -247,7 +271,8 @@ def main() -> int:
               f"{r.get('start_warm_s', 0):.1f} | {img or 0:.2f} | {h.get('latency_p50_s') or 0:.2f} | "
               f"{h.get('latency_p99_s') or 0:.2f} | {off or 0:.2f} | {ratio} | {r.get('step_device_ms', 0):.2f} | "
               f"{r.get('device_busy', 0):.2f} | {r.get('mean_rows', 0):.1f} | "
-              f"{r.get('loop_busy_s_per_step_ms', 0):.2f} |")
+              f"{r.get('loop_busy_s_per_step_ms', 0):.2f} | {r.get('chunk_fill', 0):.1f} | "
+              f"{r.get('mean_waiting', 0):.1f} | {r.get('queue_empty_share', 0):.2f} |")
     print(json.dumps(results))
     return 0
 
