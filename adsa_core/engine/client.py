@@ -3,9 +3,8 @@
 
 Why a process: an engine thread shares the GIL with uvicorn, JSON, base64 and PNG work, and GPT-XL steps
 ran at ~19 ms served against 8 ms offline. Why ZeroMQ PUSH/PULL over ipc:// sockets with msgpack frames
-(vLLM v1's choice): message framing, queueing while the other side is busy, and many writers per reader
-(the core's loop and its image thread) come with the library; a message is bytes, so tensors cross as
-raw buffers, never pickles (docs/ARCHITECTURE.md has the measurements).
+(vLLM v1's choice): message framing and queueing while the other side is busy come with the library; a
+message is bytes, so tensors cross as raw buffers, never pickles (docs/ARCHITECTURE.md has the measurements).
 
 Submissions are all or nothing and acknowledged by the core, so every refusal (invalid input, a full
 queue) is an exception here, before any HTTP response starts. Finished images arrive as uint8 pixels and

@@ -6,8 +6,8 @@ where configured, the VQ decoder, one tiny generation), says ready, then loops: 
 the input socket without waiting while there is work, step, send the step's events and stats. It never
 waits on HTTP work: JSON, base64, PNG and sockets to clients live in the API process.
 
-Events of finished images come from the image stage's thread, which sends them on a socket of its
-own (zmq sockets are not thread-safe), so a finished image never waits for the loop.
+Events of finished images come from the loop too: each step the engine hands out the chunks whose VQ
+decode completed (an event query), so the core has one thread and one output socket.
 
 A step that raises fails the requests in its batch (logged with their ids) and the loop goes on;
 three failures in a row, or an error while failing them, end the process, which the client sees.
@@ -48,35 +48,19 @@ MAX_FAILED_STEPS = 3  # consecutive failing steps that mean the engine is broken
 
 
 class Outbox:
-    """Events for the client. The loop's events are batched per iteration; other threads' events (the image
-    stage) go out at once on a socket of their own thread."""
+    """Events for the client, batched per loop iteration (`EngineCore.flush`)."""
 
     def __init__(self, ctx: zmq.Context, address: str):
-        self.ctx, self.address = ctx, address
-        self.loop_thread = threading.get_ident()
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.connect(address)
         self.batch: list[list[Any]] = []
-        self._local = threading.local()
-
-    def socket(self) -> zmq.Socket:
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            sock = self._local.sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 2000)
-            sock.connect(self.address)
-        return sock
 
     def send(self, msg: dict[str, Any]) -> None:
-        self.socket().send(wire.dumps(msg), copy=False)
+        self.sock.send(wire.dumps(msg), copy=False)
 
     def sink(self, rid: str) -> Callable[[Event | EngineError], None]:
-        def deliver(ev: Event | EngineError) -> None:
-            item = wire.event_to_wire(rid, ev)
-            if threading.get_ident() == self.loop_thread:
-                self.batch.append(item)
-            else:
-                self.send({"t": "out", "events": [item], "stats": None, "steps": []})
-
-        return deliver
+        return lambda ev: self.batch.append(wire.event_to_wire(rid, ev))
 
 
 class EngineCore:
@@ -189,6 +173,7 @@ class EngineCore:
 
     def close(self) -> None:
         self.engine.close()  # waits for the image stage: finished images still go out
+        self.flush(force=True)
 
 
 def model_info(models: LoadedModels, engine: Engine) -> ModelInfo:
