@@ -130,10 +130,9 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
             engine.submit(GenerationRequest(condition=i % cfg.num_classes, seed=i, sampling=sampling,
                                             request_id=f"{tag}{i}"),
                           lambda ev: done.append(ev) if isinstance(ev, Finished) else None)
-        while engine.has_work:
+        while engine.has_work:  # until the image stage has handed out every image too
             engine.step()
-        while len(done) < n:  # images are decoded on the engine's image thread
-            time.sleep(0.001)
+        assert len(done) == n, f"{len(done)} of {n} images came back"
         _sync(dev)
         return time.perf_counter() - t0
 
