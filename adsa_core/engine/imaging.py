@@ -80,8 +80,7 @@ class ImageStage:
         compiled = vq is not None and compile_decode and device.type == "cuda"
         self._decode = torch.compile(vq.decode_code, dynamic=False) if compiled else (vq and vq.decode_code)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.pending: list[DoneImage] = []  # finished, not yet launched
-        self.pending_since = 0.0  # time.monotonic() when the oldest pending image arrived
+        self.pending: deque[tuple[float, DoneImage]] = deque()  # finished, not launched: (time.monotonic(), image)
         self.chunks_launched = 0  # decodes of finished images (their fill: images / chunks)
         self.previews: list[Preview] = []
         self.in_flight: deque[_Job] = deque()  # launched, in launch order
@@ -97,9 +96,8 @@ class ImageStage:
             self.decode(torch.zeros(1, block_size, dtype=torch.long, device=self.device))
 
     def finish(self, done: list[DoneImage]) -> None:
-        if done and not self.pending:
-            self.pending_since = time.monotonic()
-        self.pending.extend(done)
+        now = time.monotonic()
+        self.pending.extend((now, d) for d in done)
 
     def preview(self, preview: Preview) -> None:
         if self.vq is not None:
@@ -113,11 +111,9 @@ class ImageStage:
         while self.previews:
             self._launch(self.previews.pop(0))
         while self.pending and len(self.in_flight) < MAX_IN_FLIGHT:
-            if (saturated and len(self.pending) < self.chunk
-                    and time.monotonic() - self.pending_since < MAX_WAIT_S):
+            if saturated and len(self.pending) < self.chunk and time.monotonic() - self.pending[0][0] < MAX_WAIT_S:
                 break
-            chunk, self.pending = self.pending[: self.chunk], self.pending[self.chunk:]
-            self.pending_since = time.monotonic()  # the rest arrived after the chunk's first: a bound
+            chunk = [self.pending.popleft()[1] for _ in range(min(self.chunk, len(self.pending)))]
             self.chunks_launched += 1
             self._launch(chunk)
 

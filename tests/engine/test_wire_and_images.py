@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from adsa_core.config import CacheConfig
+from adsa_core.engine import imaging, wire
 from adsa_core.engine import request as rq
-from adsa_core.engine import wire
-from adsa_core.engine.imaging import ImageStage
-from adsa_core.engine.request import EngineStats
+from adsa_core.engine.imaging import DoneImage, ImageStage
+from adsa_core.engine.request import EngineStats, RequestStats
 from adsa_core.images import to_uint8
 from adsa_core.sampling import SamplingParams
 
@@ -77,3 +77,34 @@ def test_padded_chunks_give_each_image_its_own_pixels(vq_model, vq_io):
             assert torch.equal(together[0], to_uint8(vq_model.decode_code(codes[:1]))[0])
     finally:
         stage.close()
+
+
+def test_a_saturated_engine_decodes_full_chunks_and_an_idle_one_at_once(monkeypatch):
+    """A chunk costs the same GPU time however few of its images are real: while requests wait for the batch,
+    the stage launches only full chunks, or a partial one whose oldest image waited MAX_WAIT_S; otherwise it
+    launches what it has. Each image reaches its own sink with its own codes, in order."""
+    stage = ImageStage(None, torch.device("cpu"), chunk=4)
+    got: list[tuple[int, torch.Tensor]] = []
+
+    def done(i: int) -> DoneImage:
+        return DoneImage(lambda ev, i=i: got.append((i, ev.codes)), torch.full((6,), i), RequestStats(), None)
+
+    stage.finish([done(0), done(1), done(2)])
+    stage.poll(saturated=True)
+    stage.poll(saturated=True)
+    assert stage.chunks_launched == 0 and not got and stage.busy  # 3 of 4: waits for a full chunk
+    stage.finish([done(3), done(4)])
+    stage.poll(saturated=True)  # launches 0-3; 4 waits
+    stage.poll(saturated=True)  # delivers them
+    assert stage.chunks_launched == 1 and [i for i, _ in got] == [0, 1, 2, 3]
+    monkeypatch.setattr(imaging, "MAX_WAIT_S", 0.0)  # image 4 has waited long enough
+    stage.poll(saturated=True)
+    stage.poll(saturated=True)
+    assert stage.chunks_launched == 2 and [i for i, _ in got] == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(imaging, "MAX_WAIT_S", 60.0)
+    stage.finish([done(5)])
+    stage.poll()  # not saturated: at once
+    stage.poll()
+    assert stage.chunks_launched == 3 and not stage.busy
+    assert all(torch.equal(codes, torch.full((6,), i)) for i, codes in got)
+    stage.close()
