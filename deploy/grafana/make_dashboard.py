@@ -412,6 +412,23 @@ def build() -> dict:
         8,
         8,
     )
+    L.add(
+        timeseries(
+            "VQ decode chunk fill",
+            [
+                q(
+                    f"sum(rate(adsa_images_generated_total{{{SEL}}}[{RATE}]))"
+                    f" / sum(rate(adsa_image_decode_chunks_total{{{SEL}}}[{RATE}]))",
+                    "images per chunk",
+                )
+            ],
+            "short",
+            "Finished images per VQ decode (each padded to 16 on a GPU): near 16 under load; a low fill under "
+            "load spends GPU time on padding.",
+        ),
+        8,
+        8,
+    )
 
     return {
         "uid": "adsa-serve",

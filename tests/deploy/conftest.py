@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 SERVER_METRICS: dict[str, str] = {
     "adsa_requests_total": "counter",
     "adsa_images_generated_total": "counter",
+    "adsa_image_decode_chunks_total": "counter",
     "adsa_tokens_generated_total": "counter",
     "adsa_num_requests_running": "gauge",
     "adsa_num_requests_waiting": "gauge",
