@@ -97,15 +97,14 @@ class Server:
                     out[key] = s.value
         return out
 
-    def sample_queue(self, stop: threading.Event, every_s: float = 0.5) -> list[float]:
-        """Images waiting for admission, sampled every `every_s` until `stop` (a thread beside a load): an
-        empty queue under a closed-loop load means the clients' requests are held up outside the engine."""
-        seen: list[float] = []
+    def sample(self, stop: threading.Event, every_s: float = 0.5) -> list[tuple[float, dict[str, float]]]:
+        """(time.monotonic(), /metrics) every `every_s` until `stop`, from a thread beside a load."""
+        seen: list[tuple[float, dict[str, float]]] = []
 
         def run() -> None:
             while not stop.wait(every_s):
                 with contextlib.suppress(httpx.HTTPError):
-                    seen.append(self.metrics().get("adsa_num_requests_waiting", 0.0))
+                    seen.append((time.monotonic(), self.metrics()))
 
         threading.Thread(target=run, daemon=True).start()
         return seen
@@ -119,6 +118,24 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+def steady_window(samples: list[tuple[float, dict[str, float]]], start: float, end: float) -> dict[str, float]:
+    """What the engine did between `start` and `end` (the load's steady part, no ramp, no drain): mean rows
+    per decode step, mean images waiting for admission and how often none were (under a closed-loop load an
+    empty queue with a batch not full means the clients' requests are held up outside the engine)."""
+    win = [m for t, m in samples if start <= t <= end]
+    if len(win) < 2:
+        return {}
+    waiting = [m.get("adsa_num_requests_waiting", 0.0) for m in win]
+    out = {"mean_waiting": sum(waiting) / len(waiting), "queue_empty_share": waiting.count(0.0) / len(waiting)}
+
+    def delta(key: str) -> float:
+        return win[-1].get(key, 0.0) - win[0].get(key, 0.0)
+
+    if (steps := delta("adsa_batch_size_count")) > 0:
+        out["steady_mean_rows"] = delta("adsa_batch_size_sum") / steps
+    return out
 
 
 def loadtest(url: str, out: Path, a: argparse.Namespace, concurrency: int | None = None,
@@ -207,9 +224,11 @@ def main() -> int:
             clients = max(8, int(a.clients * row["max_batch"]))
             m0 = srv.metrics()
             sampling = threading.Event()
-            waiting = srv.sample_queue(sampling)
+            samples = srv.sample(sampling)
+            t0 = time.monotonic()
             probe = loadtest(srv.url, out / f"lt-{i}-probe", a, concurrency=clients, duration=a.duration)
             sampling.set()
+            row.update(steady_window(samples, t0 + a.ramp + 1.0, t0 + a.duration - 1.0))
             m1 = srv.metrics()
             row["http"] = stage(probe)
             d = {k: m1.get(k, 0) - m0.get(k, 0) for k in m1}
@@ -223,9 +242,6 @@ def main() -> int:
                 row["loop_busy_s_per_step_ms"] = 1e3 * d.get("adsa_engine_loop_busy_seconds_total", 0) / steps
                 if chunks := d.get("adsa_image_decode_chunks_total", 0):
                     row["chunk_fill"] = d.get("adsa_images_generated_total", 0) / chunks
-            if waiting:
-                row["mean_waiting"] = sum(waiting) / len(waiting)
-                row["queue_empty_share"] = sum(w == 0 for w in waiting) / len(waiting)
             log(f"{text}: HTTP {row['http']}")
             if a.latency:
                 cap = row["http"]["steady_images_per_s"] or 1.0
@@ -259,9 +275,9 @@ def main() -> int:
         results.append(row)
         (out / "served.json").write_text(json.dumps(results, indent=1))
     print("| config | max batch | start cold s | start warm s | HTTP img/s | p50 s | p99 s | offline img/s | "
-          "HTTP/offline | device ms/step | device busy | mean rows | loop ms/step | VQ chunk fill | mean waiting | "
-          "queue empty |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "HTTP/offline | device ms/step | device busy | mean rows | steady rows | loop ms/step | VQ chunk fill | "
+          "steady waiting | queue empty |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         h = r.get("http", {})
         off = r.get("offline_img_s")
@@ -270,7 +286,7 @@ def main() -> int:
         print(f"| {r['config']} | {r.get('max_batch')} | {r.get('start_cold_s', 0):.1f} | "
               f"{r.get('start_warm_s', 0):.1f} | {img or 0:.2f} | {h.get('latency_p50_s') or 0:.2f} | "
               f"{h.get('latency_p99_s') or 0:.2f} | {off or 0:.2f} | {ratio} | {r.get('step_device_ms', 0):.2f} | "
-              f"{r.get('device_busy', 0):.2f} | {r.get('mean_rows', 0):.1f} | "
+              f"{r.get('device_busy', 0):.2f} | {r.get('mean_rows', 0):.1f} | {r.get('steady_mean_rows', 0):.1f} | "
               f"{r.get('loop_busy_s_per_step_ms', 0):.2f} | {r.get('chunk_fill', 0):.1f} | "
               f"{r.get('mean_waiting', 0):.1f} | {r.get('queue_empty_share', 0):.2f} |")
     print(json.dumps(results))

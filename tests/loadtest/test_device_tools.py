@@ -240,3 +240,19 @@ def test_summary_table_without_runs(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},  # as tools/device_loadtest.sh runs it
     )
     assert r.stdout.strip() == "adsa"
+
+
+def test_device_served_reads_the_engine_over_the_steady_window_only():
+    """Rows per step and the queue from /metrics snapshots inside [start, end]: the ramp's and the drain's
+    small batches do not count, and an empty queue is counted as such."""
+    served = _tool("device_served")
+
+    def snap(t: float, steps: float, rows: float, waiting: float) -> tuple[float, dict[str, float]]:
+        return t, {"adsa_batch_size_count": steps, "adsa_batch_size_sum": rows, "adsa_num_requests_waiting": waiting}
+
+    samples = [snap(0, 10, 50, 0), snap(1, 20, 1000, 5), snap(2, 120, 101000, 0), snap(3, 220, 201000, 7),
+               snap(4, 230, 201100, 0)]
+    got = served.steady_window(samples, 1, 3)
+    assert got["steady_mean_rows"] == (201000 - 1000) / (220 - 20)
+    assert got["mean_waiting"] == 4 and got["queue_empty_share"] == 1 / 3
+    assert served.steady_window(samples, 5, 9) == {}
