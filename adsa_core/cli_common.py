@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from .config import ConfigError, parse_budget
-from .loading import ModelSpec
+from .loading import MATMUL_DTYPES, ModelSpec
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
@@ -80,6 +80,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--vq-ckpt", metavar="PATH", help="VQ tokenizer checkpoint; needed for images")
     m.add_argument("--vq-config", metavar="JSON", help="VQ config JSON (file or inline); default VQ-16")
     m.add_argument("--num-classes", type=int, metavar="N", help="classes of a c2i model (default 1000)")
+    m.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="auto",
+                   help="fp8: the transformer blocks' matmuls in e4m3 with row-wise scales (experimental: quality in "
+                        "docs/FIDELITY.md, speed not yet measured)")
 
 
 def model_spec_from_args(a: argparse.Namespace) -> ModelSpec:
@@ -88,5 +91,5 @@ def model_spec_from_args(a: argparse.Namespace) -> ModelSpec:
         gpt_model=a.gpt_model, gpt_config=a.gpt_config, gpt_ckpt=a.gpt_ckpt, vq_ckpt=a.vq_ckpt,
         vq_config=a.vq_config, image_size=a.image_size, num_classes=a.num_classes,
         text_encoder=getattr(a, "text_encoder", None), device=getattr(a, "device", "auto"),
-        dtype=getattr(a, "dtype", "auto"),
+        dtype=getattr(a, "dtype", "auto"), matmul_dtype=a.matmul_dtype,
     )

@@ -17,6 +17,7 @@ import torch
 from .classes import default_classes
 from .config import ConfigError, GPTConfig, VQConfig, gpt_preset
 from .model.checkpoint import load_gpt, load_vq, parse_dtype
+from .model.fp8 import quantize_matmuls
 from .model.llamagen import Transformer
 from .model.vq import VQModel
 
@@ -38,6 +39,7 @@ class ModelSpec:
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     seed: int = 0  # for random weights when no checkpoint is given
+    matmul_dtype: str = "auto"  # "fp8": the transformer blocks' matmuls in e4m3, row-wise scales (model/fp8.py)
 
     @property
     def is_demo(self) -> bool:
@@ -103,14 +105,34 @@ def limit_cpu_threads() -> None:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
 
 
+MATMUL_DTYPES = ("auto", "fp8")
+
+
 def load_models(spec: ModelSpec) -> LoadedModels:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
+    check_matmul_dtype(spec.matmul_dtype, device, dtype)
     if device.type == "cpu":
         limit_cpu_threads()
-    if spec.is_demo:
-        return _load_demo(spec, device, dtype)
+    models = _load_demo(spec, device, dtype) if spec.is_demo else _load_checkpoints(spec, device, dtype)
+    if spec.matmul_dtype == "fp8":
+        quantize_matmuls(models.gpt)
+    return models
 
+
+def check_matmul_dtype(matmul_dtype: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raises ConfigError where fp8 matmuls cannot run: row-wise scaled fp8 GEMMs need an sm_89+ GPU (Ada,
+    Hopper) and a bf16 model there; a CPU runs them in any dtype."""
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ConfigError(f"matmul dtype {matmul_dtype!r}: choose one of {', '.join(MATMUL_DTYPES)}")
+    if matmul_dtype == "fp8" and device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            raise ConfigError("fp8 matmuls need an sm_89 or newer GPU (Ada, Hopper)")
+        if dtype != torch.bfloat16:
+            raise ConfigError("fp8 matmuls on a GPU need the model in bfloat16")
+
+
+def _load_checkpoints(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> LoadedModels:
     vq_cfg = VQConfig()
     if spec.vq_config:
         vq_cfg = VQConfig.from_dict(read_json_arg(spec.vq_config, "--vq-config"))

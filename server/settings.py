@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on cuda, float32 on cpu"
     )
+    # the values of adsa_core.loading.MATMUL_DTYPES (a test keeps them equal)
+    matmul_dtype: Literal["auto", "fp8"] = Field(
+        "auto",
+        description="fp8: the transformer blocks' matmuls in e4m3 with row-wise scales (experimental: quality in "
+        "docs/FIDELITY.md, speed not yet measured; needs compute capability >= 8.9 and bfloat16 on a GPU)",
+    )
 
     # --- KV cache and engine
     kv_policy: str = Field(_CACHE.policy, description="Default KV policy (dense, adsa, window, line, ...)")
@@ -140,6 +146,7 @@ class Settings(BaseSettings):
             device=self.device,
             dtype=self.dtype,
             seed=self.model_seed,
+            matmul_dtype=self.matmul_dtype,
         )
 
     def cache_config(self) -> CacheConfig:

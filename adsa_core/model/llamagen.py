@@ -73,7 +73,7 @@ class CaptionEmbedder(nn.Module):
 
 
 class FeedForward(nn.Module):
-    w13: torch.Tensor | None  # a buffer: the fused w1/w3 weight once fuse() ran
+    w13: torch.Tensor | nn.Module | None  # the fused w1/w3 weight once fuse() ran (fp8 matmuls: a module)
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -85,7 +85,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            h = self.w13(x) if isinstance(self.w13, nn.Module) else F.linear(x, self.w13)
+            gate, up = h.chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 

@@ -8,6 +8,7 @@ import pytest
 
 from adsa_core.config import CacheConfig, ConfigError, EngineConfig
 from adsa_core.kv.pool import KV_CACHE_DTYPES
+from adsa_core.loading import MATMUL_DTYPES
 from server.__main__ import build_parser, load_settings
 from server.settings import Settings
 
@@ -92,6 +93,16 @@ def test_engine_config_mapping():
     }
     with pytest.raises(ConfigError):
         Settings(_env_file=None, kv_policy="nope").cache_config()
+
+
+def test_matmul_dtype(monkeypatch):
+    # the setting offers exactly the loader's names, and reaches the model spec from the environment or the flag
+    assert get_args(Settings.model_fields["matmul_dtype"].annotation) == MATMUL_DTYPES
+    monkeypatch.setenv("ADSA_MATMUL_DTYPE", "fp8")
+    assert Settings(_env_file=None).model_spec().matmul_dtype == "fp8"
+    assert load_settings(["--matmul-dtype", "auto"]).model_spec().matmul_dtype == "auto"
+    with pytest.raises(SystemExit):
+        load_settings(["--matmul-dtype", "int4"])
 
 
 def test_kv_cache_dtype(monkeypatch, capsys):
