@@ -34,7 +34,7 @@ from .request import Finished, PartialImage, RequestFailed, RequestStats
 
 log = logging.getLogger(__name__)
 Sink = Callable[[object], None]
-MAX_IN_FLIGHT = 2  # chunks queued on the image stream at once: one decoding, one ready to start
+MAX_IN_FLIGHT = 2  # chunks (and, apart, previews) queued on the image stream at once: one decoding, one next
 MAX_WAIT_S = 0.5  # a saturated engine still launches a partial chunk whose oldest image waited this long
 
 
@@ -82,7 +82,8 @@ class ImageStage:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pending: deque[tuple[float, DoneImage]] = deque()  # finished, not launched: (time.monotonic(), image)
         self.chunks_launched = 0  # decodes of finished images (their fill: images / chunks)
-        self.previews: list[Preview] = []
+        # previews are best effort: one queued per request (the latest), none once its image is finished
+        self.previews: dict[Sink, Preview] = {}
         self.in_flight: deque[_Job] = deque()  # launched, in launch order
 
     @property
@@ -98,24 +99,30 @@ class ImageStage:
     def finish(self, done: list[DoneImage]) -> None:
         now = time.monotonic()
         self.pending.extend((now, d) for d in done)
+        for d in done:  # a preview must not arrive after its image
+            self.previews.pop(d.sink, None)
 
     def preview(self, preview: Preview) -> None:
         if self.vq is not None:
-            self.previews.append(preview)
+            self.previews[preview.sink] = preview
 
     def poll(self, wait: bool = False, saturated: bool = False) -> None:
         """Deliver completed chunks (all of them if `wait`, blocking), then launch what is pending: only full
         chunks while `saturated` (requests wait for the batch), unless the oldest image waited MAX_WAIT_S."""
         while self.in_flight and (wait or _done(self.in_flight[0].ready)):
             self._deliver(self.in_flight.popleft())
-        while self.previews:
-            self._launch(self.previews.pop(0))
-        while self.pending and len(self.in_flight) < MAX_IN_FLIGHT:
+        previews = sum(isinstance(job.images, Preview) for job in self.in_flight)
+        # finished images first: previews never hold them back
+        while self.pending and len(self.in_flight) - previews < MAX_IN_FLIGHT:
             if saturated and len(self.pending) < self.chunk and time.monotonic() - self.pending[0][0] < MAX_WAIT_S:
                 break
             chunk = [self.pending.popleft()[1] for _ in range(min(self.chunk, len(self.pending)))]
             self.chunks_launched += 1
             self._launch(chunk)
+        while self.previews and previews < MAX_IN_FLIGHT:
+            sink = next(iter(self.previews))
+            self._launch(self.previews.pop(sink))
+            previews += 1
 
     def drain(self) -> None:
         """Decode and deliver everything queued (waits for the GPU)."""

@@ -169,17 +169,23 @@ class ModelRunner:
             for a, (pages, row_state) in zip(item.allocs, item.swap_data):
                 self.pool.write_pages(a.pages, pages)
                 self._restore_row(a.row, row_state)
-                self._set_pages(a)  # the saved block table named the old pages
             item.swap_data = None
+        # after the restores: a saved block table named the old pages
+        self._set_pages([a for item in plan.admitted + plan.swapped_in for a in item.allocs])
 
-    def _set_pages(self, a: SeqAlloc) -> None:
-        bt = self.rows.block_table[a.row]
-        bt.zero_()
-        self.staging.copy(torch.tensor(a.pages, dtype=torch.int32), bt[: len(a.pages)])
+    def _set_pages(self, allocs: list[SeqAlloc]) -> None:
+        """The block tables of these rows, in two staged copies however many rows (a ring slot per row would
+        wrap the staging ring, and wait for the GPU, when a wave of requests is admitted at once)."""
+        if not allocs:
+            return
+        table = torch.zeros(len(allocs), self.rows.block_table.shape[1], dtype=torch.int32)  # 0: scratch page
+        for i, a in enumerate(allocs):
+            table[i, : len(a.pages)] = torch.tensor(a.pages, dtype=torch.int32)
+        rows = self.staging.copy(torch.tensor([a.row for a in allocs]))
+        self.rows.block_table.index_copy_(0, rows, self.staging.copy(table))
 
     def _assign_row(self, a: SeqAlloc, cache: ResolvedCache) -> None:
         r, row = self.rows, a.row
-        self._set_pages(a)
         mode = policy_mode(cache.policy if cache.evicts else "dense")
         # fill_, never `t[row] = value`: that copies the value from pageable memory, which waits for the GPU
         for t, value in ((r.n_stored, 0), (r.budget, cache.budget), (r.prefix, cache.prefix), (r.local, cache.local),

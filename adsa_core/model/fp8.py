@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import ConfigError
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 
@@ -30,6 +32,8 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
+        if weight.is_cuda and any(d % 16 for d in weight.shape):  # cuBLASLt's fp8 GEMM: K and N multiples of 16
+            raise ConfigError(f"fp8 matmuls on a GPU need dimensions that are multiples of 16: {tuple(weight.shape)}")
         w8, scale = fp8_rows(weight.detach())
         self.register_buffer("weight", w8)
         self.register_buffer("scale", scale.reshape(1, -1))
@@ -50,7 +54,6 @@ def quantize_matmuls(gpt: nn.Module) -> None:
         att.wqkv, att.wo = Fp8Linear(att.wqkv.weight), Fp8Linear(att.wo.weight)
         ff.fuse()  # one (2 * hidden, dim) matmul for w1 and w3
         ff.w13 = Fp8Linear(ff.w13)  # replaces the fused buffer; FeedForward calls it
-        hidden = ff.w2.weight.shape[1]
         for name in ("w1", "w3"):  # their weights were views of the fused one: keep no copy of it
-            setattr(ff, name, nn.Linear(ff.w2.out_features, hidden, bias=False, device="meta"))
+            setattr(ff, name, None)
         ff.w2 = Fp8Linear(ff.w2.weight)

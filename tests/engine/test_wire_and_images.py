@@ -108,3 +108,28 @@ def test_a_saturated_engine_decodes_full_chunks_and_an_idle_one_at_once(monkeypa
     assert stage.chunks_launched == 3 and not stage.busy
     assert all(torch.equal(codes, torch.full((6,), i)) for i, codes in got)
     stage.close()
+
+
+def test_previews_never_hold_back_finished_images(vq_model, vq_io):
+    """Finished images launch before previews and previews have their own in-flight limit, so a busy
+    streaming batch cannot starve them; a request keeps only its latest queued preview, and none once its
+    image is finished (a preview never follows its image)."""
+    grid = vq_io["codes"].shape[-1] if vq_io["codes"].dim() == 3 else int(vq_io["codes"].shape[-1] ** 0.5)
+    codes = torch.randint(0, vq_model.config.codebook_size, (grid * grid,), generator=torch.Generator().manual_seed(0))
+    stage = ImageStage(vq_model, torch.device("cpu"), chunk=2)
+    seen: list[tuple[str, str]] = []
+
+    def sink(name: str):
+        return lambda ev: seen.append((name, type(ev).__name__))
+
+    sinks = {name: sink(name) for name in "abcde"}
+    for name in "abc":
+        stage.preview(imaging.Preview(sinks[name], codes, 1, 1, 4))
+    stage.preview(imaging.Preview(sinks["a"], codes, 2, 2, 8))  # replaces a's queued preview
+    stage.preview(imaging.Preview(sinks["e"], codes, 1, 1, 4))
+    stage.finish([DoneImage(sinks[name], codes, RequestStats(), None) for name in "de"])
+    stage.poll()  # d and e's chunk first, then two previews (a, b); e's preview was dropped
+    stage.poll()  # delivers them, launches c's preview
+    assert seen == [("d", "Finished"), ("e", "Finished"), ("a", "PartialImage"), ("b", "PartialImage")]
+    stage.close()
+    assert seen[-1] == ("c", "PartialImage") and len(seen) == 5
