@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from adsa_core.config import GPTConfig, VQConfig
 from adsa_core.eval import bench
+from adsa_core.model.fp8 import Fp8Linear
 
 
 def test_smoke_writes_every_field(tmp_path: Path) -> None:
@@ -28,3 +32,18 @@ def test_smoke_writes_every_field(tmp_path: Path) -> None:
     assert rows[2]["kv_bytes"] < dense["kv_bytes"]  # fp8: one byte per K/V element
     assert 0 < adsa["kv_bytes"] <= dense["kv_bytes"]  # per wave (smoke: both fit one 16-slot page)
     assert "| adsa (2 waves) | 0.5 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_fp8_matmul_rows_run_a_quantized_copy_and_the_reference_keeps_the_model(tmp_path: Path) -> None:
+    assert bench.main(["--smoke", "--device", "cpu", "--waves", "1", "--policies", "adsa", "--matmul-dtypes",
+                       "auto,fp8", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["policy"], r["matmul_dtype"]) for r in rows] == [
+        ("reference", "auto"), ("dense", "auto"), ("adsa", "auto"), ("dense", "fp8"), ("adsa", "fp8")]
+    assert all(("fp8 matmuls" in r["note"]) == (r["matmul_dtype"] == "fp8") for r in rows)
+    models = bench.random_models(GPTConfig(dim=64, n_layer=1, n_head=4, vocab_size=64, block_size=16, num_classes=10),
+                                 VQConfig(codebook_size=64, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
+                                          z_channels=32, ch=32), "t", 32, torch.device("cpu"), torch.float32)
+    fp8 = bench.fp8_matmuls(models)
+    assert isinstance(fp8.gpt.layers[0].attention.wqkv, Fp8Linear)
+    assert isinstance(models.gpt.layers[0].attention.wqkv, torch.nn.Linear)  # the reference's model is untouched

@@ -13,6 +13,7 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -27,8 +28,9 @@ from .. import reference
 from ..config import CacheConfig, ConfigError, EngineConfig, GPTConfig, VQConfig, gpt_preset, parse_budget
 from ..engine import Engine, Finished, GenerationRequest
 from ..kv.pool import pages_for
-from ..loading import LoadedModels, resolve_device, resolve_dtype
+from ..loading import LoadedModels, check_matmul_dtype, resolve_device, resolve_dtype
 from ..model.checkpoint import load_gpt, load_vq
+from ..model.fp8 import quantize_matmuls
 from ..reference import generate
 from ..sampling import SamplingParams
 
@@ -50,6 +52,7 @@ class Row:
     ratio_to_baseline: float | None = None
     note: str = ""
     kv_cache_dtype: str = "auto"  # engine rows: "fp8" stores K/V in e4m3 (the reference keeps the model's)
+    matmul_dtype: str = "auto"  # engine rows: "fp8" runs the blocks' matmuls in e4m3 (the reference keeps the model's)
 
 
 def _sync(device: torch.device) -> None:
@@ -156,6 +159,13 @@ def random_models(cfg: GPTConfig, vq_cfg: VQConfig, name: str, image_size: int, 
     return LoadedModels(name, gpt, vq, cfg, vq_cfg, image_size, device, dtype)
 
 
+def fp8_matmuls(models: LoadedModels) -> LoadedModels:
+    """The same weights with the blocks' matmuls in fp8, beside the original (which the reference row keeps)."""
+    gpt = copy.deepcopy(models.gpt)
+    quantize_matmuls(gpt)
+    return dataclasses.replace(models, gpt=gpt)
+
+
 def markdown(rows: list[Row]) -> str:
     head = "| model | size | policy | budget | batch | img/s | tok/s | peak GiB | KV GiB | ms/token | x baseline |"
     lines = [head, "|" + "---|" * 11]
@@ -205,6 +215,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="engine rows for each KV storage dtype: auto (the model's), fp8 (e4m3), or both: auto,fp8")
     p.add_argument("--dense-kv-cache-dtypes", default=None,
                    help="the same for the dense rows only (default: --kv-cache-dtypes)")
+    p.add_argument("--matmul-dtypes", default="auto",
+                   help="engine rows for each matmul dtype: auto (the model's), fp8 (experimental, docs/FIDELITY.md), "
+                        "or both: auto,fp8; the reference row keeps the model's")
     p.add_argument("--vq-chunk", type=int, default=16,
                    help="engine: images per VQ decode (a wave finishes together; compiled, 16 decodes an image in "
                         "~3/4 of the time of 8, tools/bench_vq_decode.py)")
@@ -237,24 +250,32 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     spill = int(a.spill_limit_mb * 2**20)
+    matmul_dtypes = [d for d in a.matmul_dtypes.split(",") if d]
+    for d in matmul_dtypes:
+        check_matmul_dtype(d, device, dtype)
     for name, size, cfg, vq_cfg in setups:
         models = random_models(cfg, vq_cfg, name, size, device, dtype)
+        by_matmul = {d: models if d == "auto" else fp8_matmuls(models) for d in matmul_dtypes}
         for batch in sorted(set(batches) | set(sparse_batches)):
-            runs: list[tuple[str, float | None, str]] = []  # (policy, budget, kv dtype); "reference": baseline
+            # (policy, budget, kv dtype, matmul dtype); "reference": the baseline
+            runs: list[tuple[str, float | None, str, str]] = []
             if not a.no_reference and batch in batches:
-                runs.append(("reference", None, "auto"))
-            if batch in batches:
-                runs += [("dense", None, kv) for kv in dense_kv_dtypes]
-            if batch in sparse_batches:
-                runs += [(pol, bud, kv) for kv in kv_dtypes for pol in policies for bud in budgets]
+                runs.append(("reference", None, "auto", "auto"))
+            for mm in matmul_dtypes:
+                if batch in batches:
+                    runs += [("dense", None, kv, mm) for kv in dense_kv_dtypes]
+                if batch in sparse_batches:
+                    runs += [(pol, bud, kv, mm) for kv in kv_dtypes for pol in policies for bud in budgets]
             base = None
-            for policy, budget, kv_dtype in runs:
+            for policy, budget, kv_dtype, mm in runs:
                 try:
                     if policy == "reference":
                         row = bench_reference(models, batch, sampling, not a.eager_reference and device.type == "cuda")
                     else:
-                        row = bench_engine(models, batch, sampling, policy, budget, not a.no_graphs, spill, a.compile,
-                                           a.waves, kv_dtype, a.vq_chunk)
+                        row = bench_engine(by_matmul[mm], batch, sampling, policy, budget, not a.no_graphs, spill,
+                                           a.compile, a.waves, kv_dtype, a.vq_chunk)
+                        row.matmul_dtype = mm
+                        row.note += ", fp8 matmuls" if mm == "fp8" else ""
                 except torch.cuda.OutOfMemoryError as e:
                     print(f"OOM: {e}", file=sys.stderr)
                     torch.cuda.empty_cache()
