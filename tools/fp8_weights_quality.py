@@ -12,14 +12,13 @@ same seeds and the demo's classifier recognises the images (docs/FIDELITY.md, "f
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 from adsa_core.engine import GenerationRequest
 from adsa_core.engine.offline import run_requests
 from adsa_core.eval.features import ClassifierFeatures
-from adsa_core.eval.harness import pixels
+from adsa_core.eval.harness import ImageSet, Options, image_metrics, pixels
 from adsa_core.loading import DEMO_DIR, LoadedModels, ModelSpec, load_models
 from adsa_core.sampling import SamplingParams
 
@@ -34,12 +33,11 @@ def generate(models: LoadedModels, labels: list[int], forced: list[torch.Tensor]
     return [out[i] for i in range(len(labels))]
 
 
-def recognition(models: LoadedModels, codes: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    px = pixels(models, codes, 16)  # (N, H, W, 3) uint8, as adsa-generate writes them
+def recognition(models: LoadedModels, codes: torch.Tensor, images: ImageSet) -> tuple[float, float]:
+    """adsa-fidelity's recognition (the demo's classifier on the PNG pixels) and its standard error."""
     clf = ClassifierFeatures(DEMO_DIR / "classifier.pt", models.device)
-    hits = clf.logits(px.permute(0, 3, 1, 2).float() / 127.5 - 1.0).argmax(-1) == labels
-    p = float(hits.double().mean())
-    return p, math.sqrt(p * (1 - p) / len(labels))
+    out, _, _ = image_metrics(pixels(models, codes, 16), codes, images, Options(), None, clf, None)
+    return out["recognition_acc"], out["recognition_se"]
 
 
 def main() -> None:
@@ -57,9 +55,9 @@ def main() -> None:
     print(f"teacher-forced, {a.n} images: KL(fp32 matmuls || fp8 matmuls) {kl.mean():.5f} per token, "
           f"top-1 agree {agree:.4f}", flush=True)
     codes_fp8 = torch.stack([ev.codes for ev in generate(fp8, labels)])
-    y = torch.tensor(labels)
+    images = ImageSet(torch.tensor(labels), 2000 + torch.arange(a.n))
     for name, c in (("fp32 matmuls", torch.stack(codes)), ("fp8 matmuls", codes_fp8)):
-        acc, se = recognition(full, c, y)
+        acc, se = recognition(full, c, images)
         print(f"recognition, {name}: {acc:.3f} +- {se:.3f}", flush=True)
     same = (codes_fp8 == torch.stack(codes)).double().mean()
     print(f"free-running from the same seeds: {same:.4f} of tokens equal", flush=True)

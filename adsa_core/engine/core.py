@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -37,7 +36,7 @@ from ..loading import LoadedModels, ModelSpec, load_models
 from ..logfmt import log_formatter
 from . import wire
 from .engine import Engine
-from .request import EngineDraining, EngineError, Event, GenerationRequest, ModelInfo, Progress, RequestFailed
+from .request import EngineDraining, EngineError, Event, GenerationRequest, ModelInfo, RequestFailed
 from .step_clock import StepTiming
 
 log = logging.getLogger("adsa.engine")
@@ -83,16 +82,14 @@ class EngineCore:
         eng.images.warm_up(cfg.block_size)
         cond: Any = 0 if cfg.model_type == "c2i" else None
         prompt = None if cfg.model_type == "c2i" else "warm-up"
-        done = threading.Event()
         req = GenerationRequest(condition=cond, prompt=prompt, seed=0, request_id="warm-up")
         if prompt is not None and self.models.text_encoder is None:  # no encoder: zero caption features
             import torch
 
             req.condition, req.prompt = torch.zeros(cfg.cls_token_num, cfg.caption_dim), None
-        eng.submit(req, lambda ev: done.set() if not isinstance(ev, Progress) else None)
-        while eng.has_work:
+        eng.submit(req, lambda ev: None)
+        while eng.has_work:  # until the image stage has handed out its image too
             eng.step()
-        done.wait(timeout=300)
         eng.stats_.requests_total_by_status.clear()
         eng.stats_.images_total = eng.stats_.tokens_total = eng.stats_.steps_total = 0
         eng.images.chunks_launched = 0

@@ -277,7 +277,7 @@ class Engine:
         if recs:  # one gather + one async copy for every sequence that overwrote slots this step
             before = sum(rec.bytes for rec in recs)
             r = self.runner.rows
-            self.spill.store(r.spill_k, r.spill_v, r.spill_pos, self.sampler.staging.copy(torch.tensor(rows)), recs)
+            self.spill.store(r.spill_k, r.spill_v, r.spill_pos, self.runner.staging.copy(torch.tensor(rows)), recs)
             self.stats_.spilled_bytes_total += sum(rec.bytes for rec in recs) - before
 
     def _after_tokens(self, items: list[EngineRequest]) -> None:

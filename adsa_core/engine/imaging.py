@@ -144,13 +144,11 @@ class ImageStage:
         """Queue one chunk (or a preview) on the image stream, after everything the loop queued so far (the
         steps that wrote its codes), and the copies of its results to the host behind it."""
         try:
-            ready = None
             if self.stream is not None:
-                ready = torch.cuda.Event()
-                ready.record()
-                self.stream.wait_event(ready)
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
             codes: torch.Tensor | None
             pixels: torch.Tensor | None
+            ready = None
             with torch.cuda.stream(self.stream):  # None (a CPU): no-op
                 if isinstance(work, Preview):  # eager, one image: only a preview
                     codes, pixels = None, uint8_pixels(self.vq.decode_code(work.codes[None]))[0, : work.px]
