@@ -7,14 +7,12 @@ and LlamaGen's text mask. Deliberately simple; the engine is where speed lives.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model.llamagen import Transformer, prompt_attention_mask
 from .sampling import SamplingParams, cfg_combine, sample_tokens
@@ -59,9 +57,11 @@ def generate(
 
     seeds: (B,) per-image seeds (default 0..B-1); emb_masks: (B, 120) caption mask (t2i).
     compile_step: run the public sampler's fast path, the benchmark's baseline: the one-token decode
-    step under torch.compile "reduce-overhead" (CUDA graphs, fullgraph) with the math attention that
-    Inductor fuses (LlamaGen's decode loop selects it for the same reason), and the sampling compiled
-    too, so that its longer seeded algorithm launches no more kernels than the public one's.
+    step under torch.compile "reduce-overhead" (CUDA graphs, fullgraph), and the sampling compiled
+    too, so that its longer seeded algorithm launches no more kernels than the public one's. The
+    attention is SDPA's own choice (the memory-efficient kernel, bf16 read once). Not the math ops that
+    LlamaGen's decode loop asks for: behind the cache's in-place write Inductor upcast the whole cache to
+    fp32 per layer, 5.4x slower than the public code at batch 64 (docs/PERFORMANCE.md, run 19).
     Either way no step waits for the GPU: positions advance on the device, as LlamaGen's `input_pos += 1`.
     """
     cfg = model.config
@@ -85,8 +85,6 @@ def generate(
     cache.mask.copy_(mask)
     step = _compiled_step() if compile_step else _decode_step
     pick = _compiled_pick() if compile_step else _pick
-    # LlamaGen's decode loop runs attention as math ops ("better for Inductor to codegen attention here")
-    attention = functools.partial(sdpa_kernel, SDPBackend.MATH) if compile_step else contextlib.nullcontext
 
     def settings(n: int):
         return (torch.full((n,), params.temperature, device=device),
@@ -104,8 +102,7 @@ def generate(
             logits = _decode_step(model, cache, h, input_pos)  # (rows, V)
             input_pos = input_pos[-1:] + 1  # from here on advanced in place: a host value would sync
         else:
-            with attention():
-                logits = step(model, cache, h, input_pos)
+            logits = step(model, cache, h, input_pos)
             input_pos += 1
         cfg_scale = params.cfg_scale if params.cfg_active(i) else None
         token = pick(logits, cfg_scale, seeds, position, temperature, top_k, top_p, greedy, params.top_k)

@@ -27,7 +27,7 @@ from adsa_core.config import CacheConfig, EngineConfig, GPTConfig, VQConfig, gpt
 from adsa_core.engine import Engine, GenerationRequest
 from adsa_core.engine.request import Finished
 from adsa_core.engine.step_clock import StepTiming
-from adsa_core.eval.bench import random_models
+from adsa_core.eval.bench import fp8_matmuls, random_models
 from adsa_core.sampling import SamplingParams
 
 # kernel name fragments -> the part of a step they belong to (first match wins)
@@ -176,6 +176,8 @@ def main() -> None:
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    p.add_argument("--matmul-dtype", default="auto", choices=("auto", "fp8"),
+                   help="fp8: the blocks' matmuls in e4m3 (floors stay those of the model's own weights)")
     p.add_argument("--warm-steps", type=int, default=300, help="steps before timing (past an adsa budget)")
     p.add_argument("--copy-tbs", type=float, default=4.0, help="the card's measured copy bandwidth, TB/s")
     p.add_argument("--hbm-tbs", type=float, default=4.8, help="the card's peak memory bandwidth (weight read), TB/s")
@@ -190,6 +192,9 @@ def main() -> None:
     cfg = gpt_preset(a.preset, a.image_size, **dict(a.override))
     models = random_models(cfg, VQConfig(), a.preset, a.image_size, dev,
                            torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    weights = models.gpt  # the floors' weights: the model's own, whatever the matmuls run in
+    if a.matmul_dtype == "fp8":
+        models = fp8_matmuls(models)
     eng = Engine(models, EngineConfig(max_batch_size=a.batch, max_queue=max(256, a.batch),
                                       cuda_graphs=not a.no_graphs,
                                       compile_step=a.compile, kv_cache_dtype=a.kv_cache_dtype,
@@ -223,7 +228,7 @@ def main() -> None:
     rows = 2 * a.batch  # CFG: a conditional and an unconditional sequence per image
     resident = min(CacheConfig(policy=a.policy, budget=a.budget).resolve(cfg).budget,
                    cfg.cls_token_num + a.warm_steps + a.steps + 2)  # slots a row holds in the profiled steps
-    floors = step_floors(cfg, models.gpt, rows, resident, 1 if a.kv_cache_dtype == "fp8" else 2, a.copy_tbs,
+    floors = step_floors(cfg, weights, rows, resident, 1 if a.kv_cache_dtype == "fp8" else 2, a.copy_tbs,
                          a.peak_tflops, a.hbm_tbs)
     print_by_part(prof, 5, floors)
     vq_ms, vq_floor = vq_decode_per_image(models, a.vq_images, a.peak_tflops)

@@ -67,7 +67,7 @@ def test_engine_matches_reference_on_gpu(dtype):
 
 
 def test_compiled_reference_draws_the_eager_references_tokens():
-    """The benchmark's baseline (compiled step with math attention, compiled sampling, no host sync) is the same
+    """The benchmark's baseline (compiled step, compiled sampling, no host sync) is the same
     sampler as the oracle: fp32, top-k 2000 with per-image seeds, every token but near-ties of the attention's
     reduction order."""
     if not torch.cuda.is_available():
