@@ -66,7 +66,8 @@ def main() -> None:
                               "ms_per_token": round(1000 * gen_s / cfg.block_size, 3)}), flush=True)
             if a.profile:
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-                with profile(activities=activities, schedule=schedule(wait=100, warmup=2, active=PROFILED_STEPS)) as prof:
+                steps = schedule(wait=100, warmup=2, active=PROFILED_STEPS)
+                with profile(activities=activities, schedule=steps) as prof:
                     reference.generate(models.gpt, labels, sampling, on_token=lambda _: prof.step(), **kw)
                     sync()
                 sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
