@@ -6,7 +6,7 @@
 #   SECTIONS=b bash tools/device_throughput.sh        # a call of its own, ~8 min: the bench against the reference
 #   SECTIONS=c bash tools/device_throughput.sh        # the adsa 1/4 fp8 curve at 512 and 1024, ~3 min
 #   SECTIONS="g e" bash tools/device_throughput.sh    # the rest of the curve, small-batch profiles
-#   SECTIONS=f bash tools/device_throughput.sh        # the reference's old costs one at a time
+#   SECTIONS=f bash tools/device_throughput.sh        # the reference's kernels, sampling compiled vs eager
 #   SMOKE=1 OUT=/tmp/tp bash tools/device_throughput.sh   # CPU, GPT-B 256, tiny batches: every command once
 # From the repo root; LLAMAGEN=<LlamaGen checkout> (default .device-carry/llamagen).
 #
@@ -31,7 +31,8 @@
 #   (g) the rest of the curve: fp8 at 256 and 2048 (~45 s at 2048), then bf16 at 256, 512, 1024, 2048.
 #                                                                                   ~200 s, box 230 s
 #   (e) profiles at batch 1 and 8, dense, compiled (a lone request's step).            ~80 s, box 90 s
-#   (f) tools/reference_ab.py at batches 1 and 64: four full-model compiles.          ~240 s, box 300 s
+#   (f) tools/reference_ab.py --profile at batches 1 and 64: one step compile per batch, its top kernels
+#       (run 19: 64 alone took 213 s while the reference was slow).                  ~240 s, box 300 s
 # Files in $OUT: env.txt and log.txt, then a: public.jsonl, b: bench_b.json, c: curve_fp8.json,
 # d: profile.txt, g: curve_fp8_more.json and curve_bf16.json, e: profile_b1.txt and profile_b8.txt,
 # f: reference_ab.jsonl. That is 6 files for the default call and at most 6 for the others.
@@ -101,7 +102,7 @@ if wants e; then
 fi
 if wants f; then
   stamp "f: reference A/B"
-  timeout $((300 * BOX)) python3 tools/reference_ab.py --preset $MODEL --image-size $SIZE --batches $B_AB $CPU \
+  timeout $((300 * BOX)) python3 tools/reference_ab.py --preset $MODEL --image-size $SIZE --batches $B_AB $CPU --profile \
       > "$OUT/reference_ab.jsonl" 2>> "$LOG" || echo "f: rc=$?" >> "$LOG"
 fi
 stamp "done"
