@@ -30,12 +30,13 @@
 # On request:
 #   (g) the rest of the curve: fp8 at 256 and 2048 (~45 s at 2048), then bf16 at 256, 512, 1024, 2048.
 #                                                                                   ~200 s, box 230 s
-#   (e) profiles at batch 1 and 8, dense, compiled (a lone request's step).            ~80 s, box 90 s
+#   (e) profiles at batch 1 and 8 of the served default path (adsa 1/4, fp8 K/V, compiled), matmuls in bf16
+#       and in fp8 (run 19: ~40 s each, fp8 matmuls never measured at small batches).  ~170 s, box 4 x 50 s
 #   (f) tools/reference_ab.py --profile at batches 1 and 64: one step compile per batch, its top kernels
 #       (run 19: 64 alone took 213 s while the reference was slow).                  ~240 s, box 300 s
 # Files in $OUT: env.txt and log.txt, then a: public.jsonl, b: bench_b.json, c: curve_fp8.json,
-# d: profile.txt, g: curve_fp8_more.json and curve_bf16.json, e: profile_b1.txt and profile_b8.txt,
-# f: reference_ab.jsonl. That is 6 files for the default call and at most 6 for the others.
+# d: profile.txt, g: curve_fp8_more.json and curve_bf16.json, e: profile_b{1,8}_{auto,fp8}.txt,
+# f: reference_ab.jsonl. That is 6 files for the default call and at most 6 for the others (e: 4).
 set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # keeps carried wheels (/tmp/site)
 OUT=${OUT:?set by the device machine}
@@ -94,10 +95,12 @@ if wants g; then
 fi
 if wants e; then
   for b in $B_SMALL; do
-    stamp "e: step profile, batch $b, dense bf16"
-    timeout $((45 * BOX)) python3 tools/profile_engine.py --preset $MODEL --image-size $SIZE --batch $b $CPU \
-        --policy dense --compile --warm-steps 100 --steps 50 --vq-images 1 > "$OUT/profile_b$b.txt" 2>> "$LOG" \
-        || echo "e $b: rc=$?" >> "$LOG"
+    for mm in auto fp8; do
+      stamp "e: step profile, batch $b, adsa 1/4, fp8 K/V, $mm matmuls"
+      timeout $((50 * BOX)) python3 tools/profile_engine.py --preset $MODEL --image-size $SIZE --batch $b $CPU \
+          --policy adsa --budget 0.25 --compile --kv-cache-dtype fp8 --matmul-dtype $mm --warm-steps 150 --steps 50 \
+          --vq-images 1 > "$OUT/profile_b${b}_$mm.txt" 2>> "$LOG" || echo "e $b $mm: rc=$?" >> "$LOG"
+    done
   done
 fi
 if wants f; then
