@@ -4,6 +4,7 @@
 #
 #   bash tools/device_throughput.sh                   # sections a d: one call, ~6.5 min
 #   SECTIONS=b bash tools/device_throughput.sh        # a call of its own, ~8 min: the bench against the reference
+#   B_PUBLIC=8,128 B_BENCH=8,128 SECTIONS="a b" ...    # other batches for sections a and b
 #   SECTIONS=c bash tools/device_throughput.sh        # the adsa 1/4 fp8 curve at 512 and 1024, ~3 min
 #   SECTIONS="g e" bash tools/device_throughput.sh    # the rest of the curve, small-batch profiles
 #   SECTIONS=f bash tools/device_throughput.sh        # the reference's kernels, sampling compiled vs eager
@@ -42,7 +43,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # keeps ca
 OUT=${OUT:?set by the device machine}
 LLAMAGEN=${LLAMAGEN:-.device-carry/llamagen}
 SECTIONS=${SECTIONS:-a d}
-MODEL=GPT-XL SIZE=384 B_PUBLIC=1,64,128,8 B_BENCH=1,8,64,128 B_FP8=512,1024 B_FP8_MORE=256,2048
+MODEL=GPT-XL SIZE=384 B_PUBLIC=${B_PUBLIC:-1,64,128,8} B_BENCH=${B_BENCH:-1,8,64,128} B_FP8=512,1024 B_FP8_MORE=256,2048
 B_BF16=256,512,1024,2048 B_PROF=512 WARM=150 VQ_IMAGES=16 B_SMALL="1 8" B_AB=1,64 CPU="" PUB_CPU="" BOX=1
 if [ "${SMOKE:-0}" = 1 ]; then  # the same commands on the CPU with a small model and batches
   MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2 B_FP8_MORE=4 B_BF16=2 B_PROF=2 WARM=70 VQ_IMAGES=1 B_SMALL=1 B_AB=2
