@@ -189,11 +189,11 @@ def configs(G: int, D: int, quick: bool, fp8: bool = False):
     base = default_config(G, D, 16)
     pairs = [(base["block_n"], base["num_warps"])]
     if quick:
-        pairs += [(32, 2)] + [(64, 2)] * fp8
+        pairs += [(32, 2)] + [(64, 2), (8, 1)] * fp8  # (8, 1): half the registers of 16/1, more programs per SM
     elif G > 1:  # GQA (tensor-core path): for information, no LlamaGen model uses it
         pairs += [(16, 2), (16, 4), (32, 4), (64, 4)]
     elif D <= 64:
-        pairs += [(16, 1), (16, 2), (16, 4), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4)]
+        pairs += [(8, 1), (16, 1), (16, 2), (16, 4), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4)]
         if fp8:
             pairs += [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4)]
     else:  # D = 100 pads to 128 columns: twice the registers per slot
