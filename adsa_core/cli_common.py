@@ -82,7 +82,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--num-classes", type=int, metavar="N", help="classes of a c2i model (default 1000)")
     m.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="auto",
                    help="fp8: the transformer blocks' matmuls in e4m3 with row-wise scales (experimental: quality in "
-                        "docs/FIDELITY.md, speed not yet measured)")
+                        "docs/FIDELITY.md; no speed gain measured, docs/PERFORMANCE.md run 19)")
 
 
 def model_spec_from_args(a: argparse.Namespace) -> ModelSpec:
