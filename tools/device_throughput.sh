@@ -32,24 +32,21 @@
 #   (g) the rest of the curve: fp8 at 256 and 2048 (~45 s at 2048), then bf16 at 256, 512, 1024, 2048.
 #                                                                                   ~200 s, box 230 s
 #   (e) profiles at batch 1 and 8 of the served default path (adsa 1/4, fp8 K/V, compiled), matmuls in bf16
-#       and in fp8 (run 19: ~40 s each, fp8 matmuls never measured at small batches).  ~170 s, box 4 x 50 s
-#   (h) tools/bench_small_gemm.py: the small-batch matmuls, cuBLAS against a few-row Triton kernel, per GPT-XL
-#       matmul at 2-16 rows (36 configurations checked, then timed).                  ~120 s, box 180 s
+#       and in fp8 (runs 19-20: ~30-40 s each).                                       ~170 s, box 4 x 50 s
 #   (f) tools/reference_ab.py --profile at batches 1 and 64: one step compile per batch, its top kernels
 #       (run 19: 64 alone took 213 s while the reference was slow).                  ~240 s, box 300 s
 # Files in $OUT: env.txt and log.txt, then a: public.jsonl, b: bench_b.json, c: curve_fp8.json,
 # d: profile.txt, g: curve_fp8_more.json and curve_bf16.json, e: profile_b{1,8}_{auto,fp8}.txt,
-# f: reference_ab.jsonl, h: small_gemm.jsonl. That is 6 files for the default call and at most 6 for the others (e: 4).
+# f: reference_ab.jsonl. That is 6 files for the default call and at most 6 for the others (e: 4).
 set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # keeps carried wheels (/tmp/site)
 OUT=${OUT:?set by the device machine}
 LLAMAGEN=${LLAMAGEN:-.device-carry/llamagen}
 SECTIONS=${SECTIONS:-a d}
 MODEL=GPT-XL SIZE=384 B_PUBLIC=${B_PUBLIC:-1,64,128,8} B_BENCH=${B_BENCH:-1,8,64,128} B_FP8=512,1024 B_FP8_MORE=256,2048
-B_BF16=256,512,1024,2048 B_PROF=512 WARM=150 VQ_IMAGES=16 B_SMALL="1 8" B_AB=1,64 B_GEMM=2,4,8,16 GEMM_CPU="" GEMM_INTERPRET=0 CPU="" PUB_CPU="" BOX=1
+B_BF16=256,512,1024,2048 B_PROF=512 WARM=150 VQ_IMAGES=16 B_SMALL="1 8" B_AB=1,64 CPU="" PUB_CPU="" BOX=1
 if [ "${SMOKE:-0}" = 1 ]; then  # the same commands on the CPU with a small model and batches
-  MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2 B_FP8_MORE=4 B_BF16=2 B_PROF=2 WARM=70 VQ_IMAGES=1 B_SMALL=1 B_AB=2 B_GEMM=2 GEMM_CPU="--shapes 48x40 --quick"
-  GEMM_INTERPRET=1  # the kernel under Triton's CPU interpreter
+  MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2 B_FP8_MORE=4 B_BF16=2 B_PROF=2 WARM=70 VQ_IMAGES=1 B_SMALL=1 B_AB=2
   CPU="--device cpu" PUB_CPU="--device cpu --no-compile" BOX=8
 fi
 LOG=$OUT/log.txt
@@ -106,11 +103,6 @@ if wants e; then
           --vq-images 1 > "$OUT/profile_b${b}_$mm.txt" 2>> "$LOG" || echo "e $b $mm: rc=$?" >> "$LOG"
     done
   done
-fi
-if wants h; then
-  stamp "h: small-batch matmuls"
-  TRITON_INTERPRET=$GEMM_INTERPRET timeout $((180 * BOX)) python3 tools/bench_small_gemm.py --rows $B_GEMM $CPU $GEMM_CPU > "$OUT/small_gemm.jsonl" \
-      2>> "$LOG" || echo "h: rc=$?" >> "$LOG"
 fi
 if wants f; then
   stamp "f: reference A/B"
