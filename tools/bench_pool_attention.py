@@ -15,6 +15,10 @@ Its bytes are the read-only count plus the new token read, its slot written and 
 both numbers are printed side by side. Each timed call writes the pool again (same bytes per call);
 the one correctness check, against pool_decode_torch on cloned state, runs first.
 
+Small batches are out of its reach: at a few rows a launch takes ~11 µs inside the engine's CUDA graph, and
+timed alone it is mostly launch overhead (28 µs at 2 rows in run 20, with the configurations ranked by noise).
+Judge launches there in the step, with tools/profile_engine.py (docs/PERFORMANCE.md, run 20).
+
     PYTHONUNBUFFERED=1 python3 tools/bench_pool_attention.py --out $OUT
     PYTHONUNBUFFERED=1 python3 tools/bench_pool_attention.py --kv-dtype fp8 --shapes 512x144,1024x144 --out $OUT
     PYTHONUNBUFFERED=1 python3 tools/bench_pool_attention.py --quick --write --shapes 512x144,512x288 --out $OUT
