@@ -28,6 +28,8 @@ from adsa_core.engine import Engine, GenerationRequest
 from adsa_core.engine.request import Finished
 from adsa_core.engine.step_clock import StepTiming
 from adsa_core.eval.bench import fp8_matmuls, random_models
+from adsa_core.kv.pool import KV_CACHE_DTYPES
+from adsa_core.loading import MATMUL_DTYPES
 from adsa_core.sampling import SamplingParams
 
 # kernel name fragments -> the part of a step they belong to (first match wins)
@@ -175,8 +177,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
-    p.add_argument("--matmul-dtype", default="auto", choices=("auto", "fp8"),
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
+    p.add_argument("--matmul-dtype", default="auto", choices=MATMUL_DTYPES,
                    help="fp8: the blocks' matmuls in e4m3 (floors stay those of the model's own weights)")
     p.add_argument("--warm-steps", type=int, default=300, help="steps before timing (past an adsa budget)")
     p.add_argument("--copy-tbs", type=float, default=4.0, help="the card's measured copy bandwidth, TB/s")
