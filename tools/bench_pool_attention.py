@@ -187,10 +187,10 @@ def check(case, cfg, ref) -> float:
     return err
 
 
-def configs(G: int, D: int, quick: bool, fp8: bool = False):
+def configs(G: int, D: int, programs: int, quick: bool, fp8: bool = False):
     """Launch configurations to sweep: (BLOCK_N, num_warps), and the pipelining depth of the default.
     The default's pair always comes first; fp8 adds larger blocks (a slot row is 64 bytes, not 128)."""
-    base = default_config(G, D, 16)
+    base = default_config(G, D, 16, programs)
     pairs = [(base["block_n"], base["num_warps"])]
     if quick:
         pairs += [(32, 2)] + [(64, 2), (8, 1)] * fp8  # (8, 1): half the registers of 16/1, more programs per SM
@@ -214,7 +214,7 @@ def bench_shape(B, n, H, Hkv, D, quick: bool, copy_gbs: float, kv_dtype=torch.bf
     nbytes = bytes_moved(case)
     ref = pool_attention_torch(**case)
     results = []
-    for cfg in configs(H // Hkv, D, quick, fp8=kv_dtype == torch.float8_e4m3fn):
+    for cfg in configs(H // Hkv, D, Hkv * B, quick, fp8=kv_dtype == torch.float8_e4m3fn):
         err = check(case, cfg, ref)
         fn = lambda cfg=cfg: pool_attention_triton(**case, **cfg)
         ms = do_bench(fn, warmup=5, rep=40, return_mode="median")
@@ -230,7 +230,7 @@ def bench_shape(B, n, H, Hkv, D, quick: bool, copy_gbs: float, kv_dtype=torch.bf
         D=D,
         kv_dtype=str(kv_dtype).removeprefix("torch."),
         bytes=nbytes,
-        default_cfg=default_config(H // Hkv, D, 16),
+        default_cfg=default_config(H // Hkv, D, 16, Hkv * B),
         default_ms=ms,
         default_gbs=nbytes / ms / 1e6,
         default_rel_err=err,

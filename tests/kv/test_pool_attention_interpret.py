@@ -32,7 +32,7 @@ def _check_attention(make_case, check_victims, fresh, set_modes) -> int:
 
     n = 0
     for B, H, Hkv, D in [(5, 4, 4, 16), (5, 4, 2, 24)]:  # MHA; GQA through tl.dot with D padded to 32
-        for block_n in (8, 16, 32):  # half a page (the sweep's smallest), one page per block, two pages
+        for block_n in (8, 16, 32, 64):  # half a page (the sweep's smallest), one page, two, four (small grids)
             case = make_case(B, H, Hkv, D, max_slots=40, seed=B * D + block_n)
             set_modes(case, [9, 1, 2, 3, 3])  # 9: a mode the kernel does not implement: no victim, as in the oracle
             got, ref = fresh(case), fresh(case)  # a pass updates stat (line rows) and lse in place

@@ -212,12 +212,22 @@ def _pool_attention_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
-def default_config(G: int, D: int, page: int) -> dict:
-    """Launch parameters, from tools/bench_pool_attention.py on an H200 (docs/PERFORMANCE.md).
+# Grids up to this many programs (kv heads x rows: GPT-XL's batch 1 is 40, batch 8 is 320) are too few to fill
+# an H200's 132 SMs with small programs: each walks its row in wider, fewer blocks instead.
+FEW_PROGRAMS = 512
 
-    Small programs win: one warp per 16 slots keeps every reduction inside a warp, many programs
-    per SM hide the memory latency, and with page % 16 == 0 each block reads a single page.
+
+def default_config(G: int, D: int, page: int, programs: int) -> dict:
+    """Launch parameters for a grid of `programs` (kv head, row) programs, measured on an H200
+    (docs/PERFORMANCE.md: tools/bench_pool_attention.py for large grids, in-step profiles for small ones).
+
+    Small programs win on large grids: one warp per 16 slots keeps every reduction inside a warp, many programs
+    per SM hide the memory latency, and with page % 16 == 0 each block reads a single page. On a small grid
+    a program's loop latency is the step's: 64 slots and 2 warps per block walk a row in a quarter of the
+    iterations (run 21: the pool kernel's time at batch 1 0.40 -> 0.35 ms a step).
     """
+    if G == 1 and D <= 64 and programs <= FEW_PROGRAMS:
+        return {"block_n": 64, "num_warps": 2, "num_stages": 2}
     if G == 1:
         return {"block_n": 16, "num_warps": 1 if D <= 64 else 2, "num_stages": 2}
     return {"block_n": 32, "num_warps": 4, "num_stages": 2}  # GQA: untuned, no LlamaGen model uses it
@@ -298,7 +308,7 @@ def _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo,
         k_new, v_new, budget, position, spill_k, spill_v, spill_pos = write
         budget = budget.to(torch.int32).contiguous()
     G = H // Hkv
-    cfg = default_config(G, D, page)
+    cfg = default_config(G, D, page, Hkv * B)
     _pool_attention_kernel[(Hkv, B)](
         q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo, hi, mode,
         out, victim,
