@@ -19,10 +19,11 @@ pytestmark = pytest.mark.gpu
 CFG = GPTConfig(dim=768, n_layer=12, n_head=12, vocab_size=16384, block_size=256, num_classes=1000)  # GPT-B 256 px
 
 
-def run_engine(models, labels, sp, policy="dense", budget=None, kv_cache_dtype="auto") -> torch.Tensor:
+def run_engine(models, labels, sp, policy="dense", budget=None, kv_cache_dtype="auto",
+               compile_step=False) -> torch.Tensor:
     eng = Engine(models, EngineConfig(max_batch_size=len(labels), page_size=16,
                                       default_cache=CacheConfig(policy=policy, budget=budget),
-                                      kv_cache_dtype=kv_cache_dtype))
+                                      kv_cache_dtype=kv_cache_dtype, compile_step=compile_step))
     done = {}
     for i, c in enumerate(labels.tolist()):
         eng.submit(GenerationRequest(condition=c, seed=i, sampling=sp, request_id=str(i)),
@@ -64,6 +65,24 @@ def test_engine_matches_reference_on_gpu(dtype):
     assert agree >= (0.98 if dtype == torch.float32 else 0.25)
     assert agree_adsa >= (0.98 if dtype == torch.float32 else 0.25)
     assert agree_fp8 >= 0.25
+
+
+def test_the_compiled_engine_matches_the_reference():
+    """The served step: compiled blocks, each post fused with the next pre in one graph (the block loop
+    nowhere), and the pool kernel's small-grid launch (8 images: 16 rows x 12 heads), fp32 so that only
+    reduction order may differ from the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    gpt = load_gpt(CFG, None, "cuda", torch.float32)
+    models = LoadedModels("gpt-b", gpt, None, CFG, None, 256, torch.device("cuda"), torch.float32)
+    labels = torch.arange(8, device="cuda") * 101 % 1000
+    sp = SamplingParams(cfg_scale=4.0, greedy=True)
+    ref = generate(gpt, labels, sp).cpu()
+    got = run_engine(models, labels, sp, "adsa", 1.0, compile_step=True)  # the full budget: dense by construction
+    assert gpt.post_pre is not None  # the fused path is the one that ran
+    assert (got == ref).float().mean().item() >= 0.98
 
 
 def test_compiled_reference_draws_the_eager_references_tokens():
