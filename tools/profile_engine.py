@@ -211,8 +211,9 @@ def main() -> None:
         finally:
             eng.close()
         return
-    for i in range(a.batch):
-        eng.submit(GenerationRequest(condition=i, seed=i, sampling=sp), lambda ev: None)
+    classes = cfg.num_classes if cfg.model_type == "c2i" else 1
+    for i in range(a.batch):  # batches past 1000 images reuse labels
+        eng.submit(GenerationRequest(condition=i % classes, seed=i, sampling=sp), lambda ev: None)
     for _ in range(a.warm_steps):  # into the steady state (past the budget, graphs captured)
         eng.step()
     sync(dev)
