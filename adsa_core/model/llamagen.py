@@ -205,7 +205,8 @@ class Transformer(nn.Module):
 
     def compile_blocks(self) -> None:
         """Fuse each block's elementwise work around attention with torch.compile (GPU decode), and its
-        w1/w3 matmuls into one. Attention itself stays outside: it is the pool's Triton kernel.
+        w1/w3 matmuls into one. Attention itself stays outside: it is the pool's Triton kernel, so a decode
+        step is one graph before layer 0's attention, one per layer boundary (`block_post_pre`) and one after.
         Only decode steps (one token per row: static shapes, one per batch bucket, compiled at warm-up) run
         compiled; a prefill's shape depends on how many requests arrived together, and compiling each new
         one would stall serving, so prefills run eagerly."""
