@@ -50,6 +50,7 @@ def print_by_part(prof: profile, steps: int, floors: dict[str, tuple[float, str]
     """GPU time per step by part of the step, from the profiler's kernel events, beside each part's floor."""
     by_part: dict[str, float] = {}
     kernels: dict[str, int] = {}  # launches per part: at small batches their count, not their bytes, sets the time
+    largest: dict[str, list[tuple[float, int, str]]] = {}  # per part: (us, launches, kernel name)
     for ev in prof.key_averages():
         us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
         if ev.device_type.name != "CUDA" or not us:  # kernels only, not the CPU-side ops that launched them
@@ -58,6 +59,7 @@ def print_by_part(prof: profile, steps: int, floors: dict[str, tuple[float, str]
         part = next((p for p, keys in PARTS if any(k in name for k in keys)), "other")
         by_part[part] = by_part.get(part, 0.0) + us
         kernels[part] = kernels.get(part, 0) + ev.count
+        largest.setdefault(part, []).append((us, ev.count, ev.key))
     total = sum(by_part.values()) or 1.0  # no kernel events: a CPU smoke run
     print(f"GPU time per step by part (of {total / steps / 1000:.2f} ms, {sum(kernels.values()) / steps:.0f} "
           f"kernels), floor per step:")
@@ -66,6 +68,8 @@ def print_by_part(prof: profile, steps: int, floors: dict[str, tuple[float, str]
         floor, why = floors.get(part, (0.0, ""))
         at = f"floor {floor:6.3f} ms ({100 * floor / ms:5.1f} % of it: {why})" if floor else ""
         print(f"  {part:32s} {ms:6.3f} ms  {100 * us / total:5.1f} %  {kernels[part] / steps:5.0f} kernels  {at}")
+        for k_us, count, name in sorted(largest[part], reverse=True)[:3]:  # what the part is made of
+            print(f"      {k_us / steps / 1000:6.3f} ms  {count / steps:4.0f} x  {name[:90]}")
 
 
 def step_floors(cfg: GPTConfig, gpt: nn.Module, rows: int, slots: int, kv_item: int, copy_tbs: float,
