@@ -107,6 +107,11 @@ def vq_decode_per_image(models, images: int, peak_tflops: float) -> tuple[float,
     return 1000 * (time.perf_counter() - t0) / (3 * images), fc.get_total_flops() / peak_tflops / 1e9
 
 
+def label(cfg: GPTConfig, n: int) -> int:
+    """Image n's class label: labels repeat past num_classes images (batch 1024 of a 1000-class model)."""
+    return n % (cfg.num_classes if cfg.model_type == "c2i" else 1)
+
+
 class ServingLoad:
     """A busy server's load: in flight min(batch, arrivals so far), arrivals at batch / block_size per step from the
     first step on (so the images' ends are spread out as a server's are), each finished image replaced."""
@@ -122,13 +127,12 @@ class ServingLoad:
 
     def run(self, steps: int) -> None:
         cfg = self.eng.cfg
-        classes = cfg.num_classes if cfg.model_type == "c2i" else 1
         for _ in range(steps):
             self.steps += 1
             want = min(self.batch, math.ceil(self.steps * self.batch / cfg.block_size))
             while len(self.eng.requests) < want:
                 n = self.submitted = self.submitted + 1
-                self.eng.submit(GenerationRequest(condition=n % classes, seed=n, sampling=self.sp), self._sink)
+                self.eng.submit(GenerationRequest(condition=label(cfg, n), seed=n, sampling=self.sp), self._sink)
             self.eng.step()
 
 
@@ -215,9 +219,8 @@ def main() -> None:
         finally:
             eng.close()
         return
-    classes = cfg.num_classes if cfg.model_type == "c2i" else 1
-    for i in range(a.batch):  # batches past 1000 images reuse labels
-        eng.submit(GenerationRequest(condition=i % classes, seed=i, sampling=sp), lambda ev: None)
+    for i in range(a.batch):
+        eng.submit(GenerationRequest(condition=label(cfg, i), seed=i, sampling=sp), lambda ev: None)
     for _ in range(a.warm_steps):  # into the steady state (past the budget, graphs captured)
         eng.step()
     sync(dev)
