@@ -2,9 +2,9 @@
 function that turns one step's logits into the next tokens.
 
 `sample_and_feed` runs right after the model step, inside the decode step's CUDA graph: CFG,
-temperature, top-k/top-p and the draw (one Triton kernel on CUDA, torch ops elsewhere), then it
-writes each request's token into its codes row and feeds it to the request's rows. The inputs are
-`StepBatch` fields, packed on the host with numpy only when the batch changes.
+temperature, top-k/top-p and the draw, then it writes each request's token into its codes row and feeds
+it to the request's rows (on CUDA one Triton kernel does all but the feeding; torch ops elsewhere). The
+inputs are `StepBatch` fields, packed on the host with numpy only when the batch changes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..kv.kernels import HAS_TRITON
-from ..sampling import SamplingParams, cfg_combine, k_max_bucket, sample_tokens, uniform_from
+from ..sampling import SamplingParams, cfg_combine, k_max_bucket, sample_tokens
 from .runner import RowState
 from .staging import Staging
 
@@ -120,18 +120,20 @@ def sample_and_feed(b: StepBatch, logits: torch.Tensor, k_max: int, codes: torch
                     rows: RowState, pos_offset: int, guided: torch.Tensor) -> None:
     """Image token j of every item of `b`, from its rows' logits (R, V): CFG-guided while its interval lasts,
     sampled (or forced), written to codes[slot, j] and fed to its rows for the next decode step; then j += 1.
-    guided (W, V) receives the guided logits. Static shapes, no host sync: the decode CUDA graph captures it."""
+    guided (W, V) receives the guided logits. Static shapes, no host sync: the decode CUDA graph captures it.
+    On CUDA one Triton launch does all of an item's work; only the feeding of its rows (a scatter) stays here."""
+    if uses_sampling_kernel(logits.device):
+        from ..sampling_kernel import sample_and_feed_triton
+
+        tok, pos, _ = sample_and_feed_triton(logits, b, codes, forced, pos_offset, guided)
+        rows.tokens[b.row] = tok[b.owner]
+        rows.positions[b.row] = pos[b.owner]
+        return
     jc = b.j.clamp_max(codes.shape[1] - 1)  # an index: padding items (and capture warm-ups) count on past the end
     active = (b.cfg_scale > 1.0) & ((b.cfg_interval < 0) | (b.j <= b.cfg_interval + 1))
-    if uses_sampling_kernel(logits.device):  # one launch instead of ~20 kernels: the same tokens
-        from ..sampling_kernel import sample_guided_triton
-
-        tok = sample_guided_triton(logits, b.cond, b.uncond, active, b.cfg_scale, b.temperature, b.top_k, b.top_p,
-                                   b.greedy, uniform_from(b.seed, b.j), guided)
-    else:
-        cond, uncond = logits[b.cond], logits[b.uncond]  # (W, V)
-        torch.where(active.view(-1, 1), cfg_combine(cond, uncond, b.cfg_scale), cond, out=guided)
-        tok = sample_tokens(guided, b.seed, b.j, b.temperature, b.top_k, b.top_p, b.greedy.bool(), k_max)
+    cond, uncond = logits[b.cond], logits[b.uncond]  # (W, V)
+    torch.where(active.view(-1, 1), cfg_combine(cond, uncond, b.cfg_scale), cond, out=guided)
+    tok = sample_tokens(guided, b.seed, b.j, b.temperature, b.top_k, b.top_p, b.greedy.bool(), k_max)
     tok = torch.where(b.forced.bool(), forced[b.slot, jc], tok)
     codes[b.slot, jc] = tok
     # both rows of a request get the same token, at position T_cond + j
