@@ -165,7 +165,7 @@ def sample_and_feed_triton(logits: torch.Tensor, b: StepBatch, codes: torch.Tens
     if W == 0:
         return tok, pos, u
     BLOCK_V = max(triton.next_power_of_2(V), 128)
-    _sample_kernel[(W,)](
+    _sample_kernel[(W,)](  # b.greedy also stands in for active_ptr, which FEED never reads (it computes activity)
         logits, b.cond, b.uncond, b.greedy, b.cfg_scale, b.temperature, b.top_k, b.top_p, b.greedy, u, guided, tok,
         logits.stride(0), guided.stride(0), V,
         b.seed, b.j, b.cfg_interval, b.forced, b.slot, codes, forced, pos, codes.stride(0), codes.shape[1], pos_offset,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,18 @@ def tiny_t5_dir(tmp_path_factory, manifest) -> Path:
     pytest.importorskip("transformers")
     d_model = manifest["t2i_gpt.pt"]["config"]["caption_dim"]
     return build_tiny_t5(tmp_path_factory.mktemp("tiny_t5"), d_model)
+
+
+@pytest.fixture
+def under_triton_interpreter() -> Callable[[str], str]:
+    """Runs a test file as a script in a child process with TRITON_INTERPRET=1 (Triton picks the interpreter when
+    a kernel module is imported, so not in this process) and returns its stdout; skips without Triton."""
+    pytest.importorskip("triton")
+
+    def run(path: str) -> str:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        r = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        return r.stdout
+
+    return run

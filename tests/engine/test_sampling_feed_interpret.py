@@ -4,19 +4,9 @@ the same uniforms (uniform_from's hash, bit for bit), guided logits, tokens, cod
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
-import pytest
-
-
-def test_feed_in_the_kernel_matches_the_torch_bookkeeping():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "feed matches" in r.stdout
+def test_feed_in_the_kernel_matches_the_torch_bookkeeping(under_triton_interpreter):
+    assert "feed matches" in under_triton_interpreter(__file__)
 
 
 def main() -> None:

@@ -9,19 +9,12 @@ installed. It runs in a child process: the interpreter is chosen when the kernel
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-
-def test_kernel_matches_the_oracle_under_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "kernel cases match" in r.stdout
+def test_kernel_matches_the_oracle_under_the_interpreter(under_triton_interpreter):
+    assert "kernel cases match" in under_triton_interpreter(__file__)
 
 
 def _check_attention(make_case, check_victims, fresh, set_modes) -> int:
