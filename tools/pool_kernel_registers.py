@@ -1,0 +1,82 @@
+"""Registers and spills of the pool kernel for sm_90, compiled offline: no GPU needed.
+
+Triton compiles the kernel for a Hopper target with the argument specialisation a real launch at GPT-XL's shapes
+gets (pointers and 16-divisible strides marked so), and the cuobjdump Triton ships reports its resource use. An SM
+holds 64K registers and at most 32 blocks, so registers decide how many (kv head, row) programs run at once, and
+with them how many K/V bytes are in flight (docs/PERFORMANCE.md, run 22). Judge speed on the GPU; this says why.
+
+    python3 tools/pool_kernel_registers.py            # GPT-XL's launches, fp8 and bf16, with and without the write
+    python3 tools/pool_kernel_registers.py --maxnreg 128,104
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adsa_core.kv.kernels import pool_attention as pa  # noqa: E402
+from adsa_core.kv.policy import ADSA, DENSE, LINE, LINE_DECAY, WINDOW  # noqa: E402
+
+NOT_16 = {"stride_lb", "stride_bt", "stride_xb", "n_pages"}  # GPT-XL: H = 20 and 37 pages, not multiples of 16
+
+
+def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | None = None) -> dict:
+    """{"registers", "spilled" (bytes a thread), "programs" (per SM)} of one launch of the kernel for GPT-XL."""
+    fn = pa._pool_attention_kernel
+    params = list(inspect.signature(fn.fn).parameters)
+    kv = "*fp8e4nv" if fp8 else "*bf16"
+    types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "knew_ptr": "*bf16", "vnew_ptr": "*bf16", "position_ptr": "*i64",
+             "inv_ptr": "*fp32", "vsum_ptr": "*fp32", "lse_ptr": "*fp32", "k_ptr": kv, "v_ptr": kv, "spk_ptr": kv,
+             "spv_ptr": kv, "qk_scale": "fp32"}
+    const = dict(HKV=20, PAGE=16, D=64, D_PAD=64, G=1, G_PAD=1, BLOCK_N=block_n, DOT_PRECISION="tf32",
+                 MAX_PAGES=64, WRITE=write, FP8=fp8, MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode,
+                 MODE_WINDOW=WINDOW.mode, MODE_LINE=LINE.mode, DECAY=LINE_DECAY)
+    const = {k: v for k, v in const.items() if k in params}
+    sig = {p: "constexpr" if p in const else types.get(p, "*i32" if p.endswith("_ptr") else "i32") for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
+             if sig[p] != "constexpr" and p != "qk_scale" and p not in NOT_16}
+    src = ASTSource(fn, sig, {(params.index(k),): v for k, v in const.items()}, attrs)
+    options = {"num_warps": warps, "num_stages": 2, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    programs = min(32, 65536 // (per_warp * warps))  # an SM holds 64K registers and at most 32 blocks
+    return {"registers": regs, "spilled": stack, "programs": programs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--launches", default="16x1,8x1,64x2", help="BLOCK_N x warps, comma separated")
+    ap.add_argument("--maxnreg", default="", help="register caps to add, comma separated")
+    a = ap.parse_args()
+    caps = [None, *(int(c) for c in a.maxnreg.split(",") if c)]
+    print(f"Triton {triton.__version__}, sm_90")
+    for launch in a.launches.split(","):
+        block_n, warps = (int(x) for x in launch.split("x"))
+        for fp8 in (True, False):
+            for write in (True, False):
+                for cap in caps:
+                    name = f"{launch:5s} {'fp8 ' if fp8 else 'bf16'} {'write' if write else 'read '} cap {cap or '-'}"
+                    r = resources(fp8, write, block_n, warps, cap)
+                    print(f"{name:28s} {r['registers']:3d} registers, {r['spilled']:3d} B spilled, "
+                          f"{r['programs']:2d} programs ({r['programs'] * warps} warps) per SM", flush=True)
+
+
+if __name__ == "__main__":
+    main()
