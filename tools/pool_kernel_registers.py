@@ -2,7 +2,7 @@
 
 Triton compiles the kernel for a Hopper target with the argument specialisation a real launch at GPT-XL's shapes
 gets (pointers and 16-divisible strides marked so), and the cuobjdump Triton ships reports its resource use. An SM
-holds 64K registers and at most 32 blocks, so registers decide how many (kv head, row) programs run at once, and
+holds 64K registers (4 x 16K) and at most 32 blocks, so registers decide how many (kv head, row) programs run at once, and
 with them how many K/V bytes are in flight (docs/PERFORMANCE.md, run 22). Judge speed on the GPU; this says why.
 
     python3 tools/pool_kernel_registers.py            # GPT-XL's launches, fp8 and bf16, with and without the write
@@ -27,7 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adsa_core.kv.kernels import pool_attention as pa  # noqa: E402
 from adsa_core.kv.policy import ADSA, DENSE, LINE, LINE_DECAY, WINDOW  # noqa: E402
 
-NOT_16 = {"stride_lb", "stride_bt", "stride_xb", "n_pages"}  # GPT-XL: H = 20 and 37 pages, not multiples of 16
+# GPT-XL: H = 20 and 37 pages, not multiples of 16 (n_pages and MAX_PAGES: exp/write-chain's kernel; unused here)
+NOT_16 = {"stride_lb", "stride_bt", "stride_xb", "n_pages"}
+
+
+def warps_per_sm(registers: int) -> int:
+    """Warps an SM can hold at this many registers a thread, as CUDA's occupancy calculator counts: registers
+    are allocated per warp in units of 256, from 4 sub-partitions of 16K each (a warp lives in one)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return 16384 // per_warp * 4
 
 
 def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | None = None) -> dict:
@@ -55,8 +63,7 @@ def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | N
         usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
-    programs = min(32, 65536 // (per_warp * warps))  # an SM holds 64K registers and at most 32 blocks
+    programs = min(32, warps_per_sm(regs) // warps)  # and at most 32 blocks an SM
     return {"registers": regs, "spilled": stack, "programs": programs}
 
 
