@@ -154,11 +154,14 @@ def sample_and_feed_triton(logits: torch.Tensor, b: StepBatch, codes: torch.Tens
                            pos_offset: int, guided: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """engine.sampler.sample_and_feed's item work in one launch, W = len(b.cond) items: fills guided (W, V),
     writes codes[slot, j] (the forced token where forced), advances b.j in place; returns the tokens, the
-    positions to feed (W,) int64 and the uniforms drawn (W,) fp32, uniform_from(b.seed, b.j) bit for bit."""
+    positions to feed (W,) int64 and the uniforms drawn (W,) fp32, uniform_from(b.seed, b.j) bit for bit (the
+    engine ignores them; the tests check the kernel's hash with them)."""
     R, V = logits.shape
     W = b.cond.shape[0]
     if logits.dtype != torch.float32 or logits.stride(1) != 1 or guided.stride(1) != 1 or V > MAX_VOCAB:
         raise ValueError(f"logits must be fp32 rows of at most {MAX_VOCAB} with a unit last stride")
+    if codes.shape != forced.shape or codes.stride() != forced.stride() or codes.stride(1) != 1:
+        raise ValueError("codes and forced must be (slots, L) alike, with a unit last stride")  # one index for both
     tok = torch.empty(W, dtype=torch.long, device=logits.device)
     pos = torch.empty(W, dtype=torch.long, device=logits.device)
     u = torch.empty(W, dtype=torch.float32, device=logits.device)

@@ -1,9 +1,10 @@
 """Registers and spills of the pool kernel for sm_90, compiled offline: no GPU needed.
 
 Triton compiles the kernel for a Hopper target with the argument specialisation a real launch at GPT-XL's shapes
-gets (pointers and 16-divisible strides marked so), and the cuobjdump Triton ships reports its resource use. An SM
-holds 64K registers (4 x 16K) and at most 32 blocks, so registers decide how many (kv head, row) programs run at once, and
-with them how many K/V bytes are in flight (docs/PERFORMANCE.md, run 22). Judge speed on the GPU; this says why.
+gets (pointers and 16-divisible strides marked so), and the cuobjdump Triton ships reports its resource use. An
+SM holds 64K registers (4 x 16K) and at most 32 blocks, so registers decide how many (kv head, row) programs run
+at once, and with them how many K/V bytes are in flight (docs/PERFORMANCE.md, run 22). Judge speed on the GPU;
+this says why.
 
     python3 tools/pool_kernel_registers.py            # GPT-XL's launches, fp8 and bf16, with and without the write
     python3 tools/pool_kernel_registers.py --maxnreg 128,104

@@ -26,7 +26,7 @@ def main() -> None:
     # every case mixed: CFG on/off/over its interval, seeds past 32 bits and negative, j past the end (padding),
     # forced and greedy items, rows fed in another order than the items
     f = dict(cond=2 * i % R, uncond=(2 * i + 1) % R, seed=torch.tensor([0, 1, -5, 2**40 + 3, 2**62, -(2**50)] * 2),
-             j=torch.tensor([0, 3, 6, 10, 14, 2, 1, 4, 7, 8, 0, 5]),
+             j=torch.tensor([0, 3, 6, 8, 14, 2, 1, 4, 7, 12, 0, 5]),  # items 4 and 9 (forced) past the end
              cfg_interval=torch.tensor([-1, 2, 5, 0, -1, 20] * 2),
              top_k=torch.tensor([0, 50, 1, V] * 3), greedy=(i % 5 == 4).long(), forced=(i % 4 == 1).long(),
              slot=i % slots, row=torch.randperm(R, generator=g)[:W], owner=i.flip(0),

@@ -107,3 +107,63 @@ def test_kernel_draws_follow_the_distribution():
     freq = torch.bincount(tok, minlength=V).float() / n
     assert (freq[probs == 0] == 0).all()
     assert (freq - probs).abs().max() < 0.015  # ~4 standard errors of a frequency near 0.3 at n = 20000
+
+
+def check_step_kernel(W: int, V: int, device: str, monkeypatch) -> float:
+    """sample_and_feed with the kernel doing the step's bookkeeping against its torch path, on one device: the
+    uniforms bit for bit (uniform_from's hash compiled), the CFG guidance bit for bit, codes, fed rows,
+    positions and j as torch writes them. Returns the token agreement (draws within an ulp of a boundary may
+    differ, as in test_kernel_draws_the_oracles_tokens)."""
+    from types import SimpleNamespace
+
+    import adsa_core.engine.sampler as sampler
+    from adsa_core.engine.sampler import FLOAT_FIELDS, INT_FIELDS, StepBatch, sample_and_feed
+    from adsa_core.sampling_kernel import sample_and_feed_triton
+
+    L, T, R = 64, 1, 2 * W
+    g = torch.Generator(device=device).manual_seed(11)
+    i = torch.arange(W, device=device)
+    on = dict(device=device)
+    f = dict(cond=2 * i, uncond=2 * i + 1, seed=i * 7919 - 3 * 2**40, j=(i * 53) % (L + 8),  # some j past the end
+             cfg_interval=torch.tensor([-1, 10, 0, 40], **on)[i % 4],
+             top_k=torch.tensor([0, 2000, 1, V, 50], **on)[i % 5],
+             greedy=(i % 8 == 3).long(), forced=(i % 6 == 1).long(), slot=i,
+             row=torch.randperm(R, generator=g, **on)[:W], owner=torch.randperm(W, generator=g, **on),
+             cfg_scale=torch.tensor([4.0, 1.0, 1.5], **on)[i % 3],
+             temperature=torch.tensor([1.0, 0.7, 1.3], **on)[i % 3],
+             top_p=torch.tensor([1.0, 0.9, 0.5, 1.0], **on)[i % 4])
+    ints = torch.stack([f[k].long() for k in INT_FIELDS])
+    floats = torch.stack([f[k].float() for k in FLOAT_FIELDS])
+    logits = torch.randn(R, V, generator=g, **on) * 3
+    forced = torch.randint(0, V, (W, L), generator=g, **on)
+    runs = []
+    for kernel in (False, True):
+        monkeypatch.setattr(sampler, "uses_sampling_kernel", lambda d, kernel=kernel: kernel)
+        b = StepBatch.of(ints.clone(), floats.clone())
+        rows = SimpleNamespace(tokens=torch.full((R,), -1, **on), positions=torch.full((R,), -1, **on))
+        codes, guided = torch.full((W, L), -1, **on), torch.full((W, V), float("nan"), **on)
+        sample_and_feed(b, logits, 0, codes, forced, rows, T, guided)  # type: ignore[arg-type]
+        runs.append(dict(codes=codes, guided=guided, tokens=rows.tokens, positions=rows.positions, j=b.j))
+    want, got = runs
+    assert torch.equal(got["guided"], want["guided"]), "CFG must be bit-identical to torch's"
+    assert torch.equal(got["positions"], want["positions"]) and torch.equal(got["j"], want["j"])
+    assert torch.equal(got["j"], f["j"] + 1)
+    written = want["codes"] >= 0
+    assert torch.equal(got["codes"] >= 0, written) and int(written.sum()) == W  # the same cells, one an item
+    tok, want_tok = got["codes"][written], want["codes"][written]  # item order: slot = item
+    forced_items = f["forced"].bool()
+    assert torch.equal(tok[forced_items], want_tok[forced_items]), "forced tokens are copied, not drawn"
+    greedy = f["greedy"].bool() & ~forced_items
+    assert torch.equal(tok[greedy], want_tok[greedy]), "greedy is an exact arg-max"
+    assert torch.equal(got["tokens"] >= 0, want["tokens"] >= 0)  # the same rows fed
+    assert torch.equal(got["tokens"][f["row"]], tok[f["owner"]]), "each row gets its owner's token"
+    _, _, u = sample_and_feed_triton(logits, StepBatch.of(ints.clone(), floats.clone()), torch.zeros_like(forced),
+                                     forced, T, torch.empty(W, V, **on))
+    assert torch.equal(u, uniform_from(f["seed"], f["j"])), "uniform_from's hash, compiled, bit for bit"
+    return float((tok == want_tok).float().mean())
+
+
+def test_the_step_kernel_does_the_torch_steps_bookkeeping(monkeypatch):
+    rate = check_step_kernel(256, 16384, "cuda", monkeypatch)
+    print(f"token agreement, step kernel vs torch step: {rate:.5f}")
+    assert rate >= 0.99
