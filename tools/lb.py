@@ -158,6 +158,9 @@ def make_app(upstreams: list[str], read_timeout_s: float = 330.0, connect_timeou
                     if resp.status in RETRY_STATUSES and len(tried) < 2 and len(tried) < len(lb.upstreams):
                         await resp.read()
                         continue
+                    # counted once the answer is this replica's, before any byte reaches the client: a client
+                    # holding its whole response must find it counted (counting after write_eof raced that in CI)
+                    lb.served[up] += 1
                     out = web.StreamResponse(status=resp.status, reason=resp.reason)
                     for k, v in resp.headers.items():
                         if k.lower() not in HOP_BY_HOP:
@@ -166,7 +169,6 @@ def make_app(upstreams: list[str], read_timeout_s: float = 330.0, connect_timeou
                     async for chunk in resp.content.iter_any():
                         await out.write(chunk)
                     await out.write_eof()
-                    lb.served[up] += 1
                     return out
             finally:
                 lb.open[up] -= 1
