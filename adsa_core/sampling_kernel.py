@@ -133,21 +133,27 @@ def sample_guided_triton(logits: torch.Tensor, cond: torch.Tensor, uncond: torch
                          guided: torch.Tensor) -> torch.Tensor:
     """logits (R, V) fp32; per item (W,): rows cond/uncond, CFG active, settings, uniforms u. Fills
     guided (W, V) and returns tokens (W,) int64: `sample_tokens(guided, ...)` with u's seeds/positions."""
-    R, V = logits.shape
     W = cond.shape[0]
-    if logits.dtype != torch.float32 or logits.stride(1) != 1 or guided.stride(1) != 1 or V > MAX_VOCAB:
-        raise ValueError(f"logits must be fp32 rows of at most {MAX_VOCAB} with a unit last stride")
+    launch = _launch_options(logits, guided)
     tok = torch.empty(W, dtype=torch.long, device=logits.device)
     if W == 0:
         return tok
-    BLOCK_V = max(triton.next_power_of_2(V), 128)
     _sample_kernel[(W,)](
         logits, cond, uncond, active.to(torch.int32), cfg_scale.float(), temperature.float(), top_k, top_p.float(),
-        greedy.to(torch.int32), u.float(), guided, tok, logits.stride(0), guided.stride(0), V,
+        greedy.to(torch.int32), u.float(), guided, tok, logits.stride(0), guided.stride(0), logits.shape[1],
         *(tok,) * 8, 0, 1, 0,  # FEED's pointers and sizes: never read
-        BLOCK_V=BLOCK_V, FEED=False, num_warps=min(16, max(4, BLOCK_V // 1024)), enable_fp_fusion=False,
+        FEED=False, **launch,
     )  # fmt: skip
     return tok
+
+
+def _launch_options(logits: torch.Tensor, guided: torch.Tensor) -> dict:
+    """Checks both entries' logits and guided rows; the launch options for their vocabulary size."""
+    V = logits.shape[1]
+    if logits.dtype != torch.float32 or logits.stride(1) != 1 or guided.stride(1) != 1 or V > MAX_VOCAB:
+        raise ValueError(f"logits must be fp32 rows of at most {MAX_VOCAB} with a unit last stride")
+    BLOCK_V = max(triton.next_power_of_2(V), 128)
+    return dict(BLOCK_V=BLOCK_V, num_warps=min(16, max(4, BLOCK_V // 1024)), enable_fp_fusion=False)
 
 
 def sample_and_feed_triton(logits: torch.Tensor, b: StepBatch, codes: torch.Tensor, forced: torch.Tensor,
@@ -156,10 +162,8 @@ def sample_and_feed_triton(logits: torch.Tensor, b: StepBatch, codes: torch.Tens
     writes codes[slot, j] (the forced token where forced), advances b.j in place; returns the tokens, the
     positions to feed (W,) int64 and the uniforms drawn (W,) fp32, uniform_from(b.seed, b.j) bit for bit (the
     engine ignores them; the tests check the kernel's hash with them)."""
-    R, V = logits.shape
     W = b.cond.shape[0]
-    if logits.dtype != torch.float32 or logits.stride(1) != 1 or guided.stride(1) != 1 or V > MAX_VOCAB:
-        raise ValueError(f"logits must be fp32 rows of at most {MAX_VOCAB} with a unit last stride")
+    launch = _launch_options(logits, guided)
     if codes.shape != forced.shape or codes.stride() != forced.stride() or codes.stride(1) != 1:
         raise ValueError("codes and forced must be (slots, L) alike, with a unit last stride")  # one index for both
     tok = torch.empty(W, dtype=torch.long, device=logits.device)
@@ -167,11 +171,10 @@ def sample_and_feed_triton(logits: torch.Tensor, b: StepBatch, codes: torch.Tens
     u = torch.empty(W, dtype=torch.float32, device=logits.device)
     if W == 0:
         return tok, pos, u
-    BLOCK_V = max(triton.next_power_of_2(V), 128)
     _sample_kernel[(W,)](  # b.greedy also stands in for active_ptr, which FEED never reads (it computes activity)
         logits, b.cond, b.uncond, b.greedy, b.cfg_scale, b.temperature, b.top_k, b.top_p, b.greedy, u, guided, tok,
-        logits.stride(0), guided.stride(0), V,
+        logits.stride(0), guided.stride(0), logits.shape[1],
         b.seed, b.j, b.cfg_interval, b.forced, b.slot, codes, forced, pos, codes.stride(0), codes.shape[1], pos_offset,
-        BLOCK_V=BLOCK_V, FEED=True, num_warps=min(16, max(4, BLOCK_V // 1024)), enable_fp_fusion=False,
+        FEED=True, **launch,
     )  # fmt: skip
     return tok, pos, u
