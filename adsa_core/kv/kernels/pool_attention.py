@@ -34,11 +34,12 @@ def _pool_attention_kernel(
     # WRITE only: the new token's K/V, budget and position per row, spill staging outputs
     knew_ptr, vnew_ptr, budget_ptr, position_ptr, spk_ptr, spv_ptr, spp_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in exp2
+    n_pages,  # block table columns (MAX_PAGES: the next power of two)
     stride_qb, stride_qh, stride_sb, stride_sh, stride_lb, stride_bt, stride_ob, stride_oh, stride_xb,
     stride_kb, stride_kh, stride_vb, stride_vh,
     HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WRITE: tl.constexpr, FP8: tl.constexpr,
+    MAX_PAGES: tl.constexpr, WRITE: tl.constexpr, FP8: tl.constexpr,
     MODE_NONE: tl.constexpr, MODE_ADSA: tl.constexpr, MODE_WINDOW: tl.constexpr,  # from kv.policy
     MODE_LINE: tl.constexpr, DECAY: tl.constexpr,
 ):  # fmt: skip
@@ -61,8 +62,12 @@ def _pool_attention_kernel(
         budget = tl.load(budget_ptr + b)
         position = tl.load(position_ptr + b)
         full = n_old >= budget
+        # the row's whole block table, loaded beside the victim rather than after it: the write slot's page
+        # is then a select in registers, one dependent global load less before the old K/V can be read
+        offs_p = tl.arange(0, MAX_PAGES)
+        bt_all = tl.load(bt_ptr + b * stride_bt + offs_p, mask=offs_p < n_pages, other=0)
         wslot = tl.where(full, tl.maximum(tl.load(victim_ptr + b * stride_xb + hk), 0), n_old)
-        wpage = tl.load(bt_ptr + b * stride_bt + wslot // PAGE).to(tl.int64)
+        wpage = tl.sum(tl.where(offs_p == wslot // PAGE, bt_all, 0), axis=0).to(tl.int64)
         wmeta = wpage * (HKV * PAGE) + hk * PAGE + wslot % PAGE
         wkv = wmeta * D + offs_d
         old_v = tl.load(v_ptr + wkv, mask=d_ok, other=0.0)
@@ -313,12 +318,13 @@ def _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo,
         q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo, hi, mode,
         out, victim,
         k_new, v_new, budget, position, spill_k, spill_v, spill_pos,
-        scale * math.log2(math.e),
+        scale * math.log2(math.e), block_table.shape[1],
         q.stride(0), q.stride(1), vsum.stride(0), vsum.stride(1), lse.stride(0), block_table.stride(0),
         out.stride(0), out.stride(1), victim.stride(0),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         HKV=Hkv, PAGE=page, D=D, D_PAD=max(16, triton.next_power_of_2(D)),
         G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n or cfg["block_n"],
+        MAX_PAGES=triton.next_power_of_2(block_table.shape[1]),
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write is not None,
         FP8=k_cache.dtype == torch.float8_e4m3fn, MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode, MODE_WINDOW=WINDOW.mode,
         MODE_LINE=LINE.mode, DECAY=LINE_DECAY,
