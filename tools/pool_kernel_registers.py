@@ -1,10 +1,10 @@
-"""Registers and spills of the pool kernel for sm_90, compiled offline: no GPU needed.
+"""Registers, spills and block-loop length of the pool kernel for sm_90, compiled offline: no GPU needed.
 
 Triton compiles the kernel for a Hopper target with the argument specialisation a real launch at GPT-XL's shapes
 gets (pointers and 16-divisible strides marked so), and the cuobjdump Triton ships reports its resource use. An
 SM holds 64K registers (4 x 16K) and at most 32 blocks, so registers decide how many (kv head, row) programs run
-at once, and with them how many K/V bytes are in flight (docs/PERFORMANCE.md, run 22). Judge speed on the GPU;
-this says why.
+at once, and with them how many K/V bytes are in flight (docs/PERFORMANCE.md, run 22). The loop's instructions a
+block say how much a warp issues per block of K/V bytes (run 23). Judge speed on the GPU; this says why.
 
     python3 tools/pool_kernel_registers.py            # GPT-XL's launches, fp8 and bf16, with and without the write
     python3 tools/pool_kernel_registers.py --maxnreg 128,104
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adsa_core.kv.kernels import pool_attention as pa  # noqa: E402
 from adsa_core.kv.policy import ADSA, DENSE, LINE, LINE_DECAY, WINDOW  # noqa: E402
 
-# GPT-XL: H = 20 and 37 pages, not multiples of 16 (n_pages and MAX_PAGES: exp/write-chain's kernel; unused here)
+# GPT-XL: H = 20 and 37 pages, not multiples of 16
 NOT_16 = {"stride_lb", "stride_bt", "stride_xb", "n_pages"}
 
 
@@ -57,15 +57,25 @@ def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | N
     src = ASTSource(fn, sig, {(params.index(k),): v for k, v in const.items()}, attrs)
     options = {"num_warps": warps, "num_stages": 2, **({"maxnreg": maxnreg} if maxnreg else {})}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        usage, sass = (subprocess.run([str(cuobjdump), flag, f.name], capture_output=True, text=True).stdout
+                       for flag in ("-res-usage", "-sass"))
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     programs = min(32, warps_per_sm(regs) // warps)  # and at most 32 blocks an SM
-    return {"registers": regs, "spilled": stack, "programs": programs}
+    return {"registers": regs, "spilled": stack, "programs": programs, "loop_instructions": loop_instructions(sass)}
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions in the kernel's block loop (both sides of its branches): the span of the widest conditional
+    branch back to an earlier address. A one-warp program issues about this many instructions a block; with fp8
+    the K/V bytes of a block are too few to hide them (docs/PERFORMANCE.md, run 23)."""
+    spans = [int(m[2], 16) - int(m[1], 16)
+             for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+@!?P\d BRA (?:0x)?([0-9a-f]+)", sass)]
+    return max(16 - s for s in spans if s < 0) // 16  # sm_90 instructions are 16 bytes
 
 
 def main() -> None:
@@ -83,7 +93,8 @@ def main() -> None:
                     name = f"{launch:5s} {'fp8 ' if fp8 else 'bf16'} {'write' if write else 'read '} cap {cap or '-'}"
                     r = resources(fp8, write, block_n, warps, cap)
                     print(f"{name:28s} {r['registers']:3d} registers, {r['spilled']:3d} B spilled, "
-                          f"{r['programs']:2d} programs ({r['programs'] * warps} warps) per SM", flush=True)
+                          f"{r['programs']:2d} programs ({r['programs'] * warps} warps) per SM, "
+                          f"{r['loop_instructions']} instructions a block", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""tools/pool_kernel_registers.py compiles the pool kernel for sm_90 without a GPU and reads its resource use:
-the numbers come from ptxas, and a register cap must show up in them (fewer registers, more programs per SM)."""
+"""tools/pool_kernel_registers.py compiles the pool kernel for sm_90 without a GPU and reads its resource use and
+its block loop's length: the numbers come from ptxas, and a register cap must show up in them (fewer registers,
+more programs per SM), and a wider block in the loop."""
 
 from __future__ import annotations
 
@@ -27,3 +28,11 @@ def test_a_register_cap_fits_more_programs_on_an_sm():
     cap = 64  # 32 warps an SM: one-warp programs reach the 32-block limit
     capped = resources(fp8=True, write=True, block_n=16, warps=1, maxnreg=cap)
     assert capped["registers"] <= cap and capped["programs"] == 32 > free["programs"]
+
+
+def test_the_block_loop_grows_with_the_block():
+    from pool_kernel_registers import resources
+
+    # each slot of a block costs its conversions and multiply-adds: twice the slots, about twice the loop
+    eight, sixteen = (resources(fp8=True, write=True, block_n=n, warps=1)["loop_instructions"] for n in (8, 16))
+    assert eight > 100 and 1.5 * eight < sixteen < 2.5 * eight
