@@ -13,6 +13,7 @@ block say how much a warp issues per block of K/V bytes (run 23). Judge speed on
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import re
 import subprocess
@@ -39,8 +40,10 @@ def warps_per_sm(registers: int) -> int:
     return 16384 // per_warp * 4
 
 
+@functools.cache
 def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | None = None) -> dict:
-    """{"registers", "spilled" (bytes a thread), "programs" (per SM)} of one launch of the kernel for GPT-XL."""
+    """{"registers", "spilled" (bytes a thread), "programs" (per SM), "loop_instructions"} of one launch of the
+    kernel for GPT-XL."""
     fn = pa._pool_attention_kernel
     params = list(inspect.signature(fn.fn).parameters)
     kv = "*fp8e4nv" if fp8 else "*bf16"
@@ -70,12 +73,15 @@ def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | N
 
 
 def loop_instructions(sass: str) -> int:
-    """Instructions in the kernel's block loop (both sides of its branches): the span of the widest conditional
-    branch back to an earlier address. A one-warp program issues about this many instructions a block; with fp8
-    the K/V bytes of a block are too few to hide them (docs/PERFORMANCE.md, run 23)."""
-    spans = [int(m[2], 16) - int(m[1], 16)
-             for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+@!?P\d BRA (?:0x)?([0-9a-f]+)", sass)]
-    return max(16 - s for s in spans if s < 0) // 16  # sm_90 instructions are 16 bytes
+    """Instructions in the kernel's block loop (both sides of its branches): the span of the widest branch back
+    to an earlier address. A one-warp program issues about this many instructions a block; with fp8 the K/V
+    bytes of a block are too few to hide them (docs/PERFORMANCE.md, run 23)."""
+    branches = re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA (?:0x)?([0-9a-f]+)", sass)
+    spans = [int(m[1], 16) - int(m[2], 16) for m in branches]
+    loops = [s for s in spans if s > 0]  # a branch to itself (the kernel's closing trap) is no loop
+    if not loops:
+        raise ValueError("no backward branch in the SASS: the kernel has no loop, or cuobjdump's format changed")
+    return max(loops) // 16 + 1  # sm_90 instructions are 16 bytes; the branch itself counts
 
 
 def main() -> None:

@@ -30,6 +30,24 @@ def test_a_register_cap_fits_more_programs_on_an_sm():
     assert capped["registers"] <= cap and capped["programs"] == 32 > free["programs"]
 
 
+def test_the_loop_is_the_widest_backward_branch():
+    from pool_kernel_registers import loop_instructions
+
+    sass = """
+        /*0040*/                   MOV R1, c[0x0][0x28] ;
+        /*0050*/               @P0 BRA 0x90 ;
+        /*0060*/                   FFMA R2, R3, R4, R2 ;
+        /*0070*/              @!P1 BRA 0x60 ;
+        /*0080*/                   FADD R2, R2, R5 ;
+        /*0090*/             @!UP0 BRA 0x40 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   BRA 0xb0;
+    """
+    assert loop_instructions(sass) == 6  # 0x40 .. 0x90: the inner loop (0x60 .. 0x70) and the self-branch are not it
+    with pytest.raises(ValueError, match="no backward branch"):
+        loop_instructions(sass.replace("@!UP0 BRA 0x40", "NOP").replace("@!P1 BRA 0x60", "NOP"))
+
+
 def test_the_block_loop_grows_with_the_block():
     from pool_kernel_registers import resources
 

@@ -63,7 +63,8 @@ def _pool_attention_kernel(
         position = tl.load(position_ptr + b)
         full = n_old >= budget
         # the row's whole block table, loaded beside the victim rather than after it: the write slot's page
-        # is then a select in registers, one dependent global load less before the old K/V can be read
+        # is then a masked reduction in the program (through shared memory with 2 warps), not a dependent
+        # global load before the old K/V can be read
         offs_p = tl.arange(0, MAX_PAGES)
         bt_all = tl.load(bt_ptr + b * stride_bt + offs_p, mask=offs_p < n_pages, other=0)
         wslot = tl.where(full, tl.maximum(tl.load(victim_ptr + b * stride_xb + hk), 0), n_old)
@@ -324,7 +325,7 @@ def _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         HKV=Hkv, PAGE=page, D=D, D_PAD=max(16, triton.next_power_of_2(D)),
         G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n or cfg["block_n"],
-        MAX_PAGES=triton.next_power_of_2(block_table.shape[1]),
+        MAX_PAGES=triton.next_power_of_2(block_table.shape[1]) if write is not None else 1,  # read-only: unused
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write is not None,
         FP8=k_cache.dtype == torch.float8_e4m3fn, MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode, MODE_WINDOW=WINDOW.mode,
         MODE_LINE=LINE.mode, DECAY=LINE_DECAY,
