@@ -230,7 +230,7 @@ def bench_shape(B, n, H, Hkv, D, quick: bool, copy_gbs: float, kv_dtype=torch.bf
         D=D,
         kv_dtype=str(kv_dtype).removeprefix("torch."),
         bytes=nbytes,
-        default_cfg=default_config(H // Hkv, D, 16, Hkv * B),
+        default_cfg=default_config(H // Hkv, D, 16, Hkv * B, kv_dtype == torch.float8_e4m3fn),
         default_ms=ms,
         default_gbs=nbytes / ms / 1e6,
         default_rel_err=err,

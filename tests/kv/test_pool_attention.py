@@ -18,11 +18,13 @@ from adsa_core.kv.policy import LINE, LINE_DECAY, KVPolicy, register, unregister
 NEWEST = KVPolicy("newest", 9, lambda redundancy, position, attention: position.float())
 
 
-def make_case(B, H, Hkv, D, page=16, max_slots=96, dtype=torch.float32, device="cpu", seed=0, n_slots=None):
+def make_case(B, H, Hkv, D, page=16, max_slots=96, dtype=torch.float32, device="cpu", seed=0, n_slots=None,
+              q_scale=1.0):
     """Random pool with scattered pages, random n_slots, unique positions per (row, head), random
     eviction ranges and modes (dense, adsa, window, line). Values share a common direction so redundancies are
     spread out. Line rows' stat is a random attention score; lse is each row's true log-sum-exp plus noise (the
-    previous step's), +inf on row 0 (its first step)."""
+    previous step's), +inf on row 0 (its first step). q_scale > 1 spreads the scores: later slots then pass a
+    row's running maximum by many log2 units, which the kernel's online softmax must rescale for."""
     g = torch.Generator().manual_seed(seed)
     max_pages = -(-max_slots // page)
     P = B * max_pages + 5  # a few pages nobody owns
@@ -45,7 +47,7 @@ def make_case(B, H, Hkv, D, page=16, max_slots=96, dtype=torch.float32, device="
     lo = torch.randint(0, T // 2, (B,), generator=g)
     hi = lo + torch.randint(0, T // 2, (B,), generator=g)
     mode = torch.randint(0, 4, (B,), generator=g)
-    q = torch.randn(B, H, D, generator=g).to(dtype)
+    q = (torch.randn(B, H, D, generator=g) * q_scale).to(dtype)
     case = dict(q=q, k_cache=k, v_cache=v, pos_cache=pos, stat=stat, vsum=None, lse=None,
                 block_table=block_table, n_slots=n_slots, evict_lo=lo.int(), evict_hi=hi.int(),
                 mode=mode.int(), scale=1.0 / math.sqrt(D))  # fmt: skip

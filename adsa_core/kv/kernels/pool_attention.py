@@ -39,7 +39,7 @@ def _pool_attention_kernel(
     stride_kb, stride_kh, stride_vb, stride_vh,
     HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MAX_PAGES: tl.constexpr, WRITE: tl.constexpr, FP8: tl.constexpr,
+    MAX_PAGES: tl.constexpr, WRITE: tl.constexpr, FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     MODE_NONE: tl.constexpr, MODE_ADSA: tl.constexpr, MODE_WINDOW: tl.constexpr,  # from kv.policy
     MODE_LINE: tl.constexpr, DECAY: tl.constexpr,
 ):  # fmt: skip
@@ -159,12 +159,27 @@ def _pool_attention_kernel(
         if G == 1:
             qk = tl.sum(q[None, :] * k.to(tl.float32), axis=1)  # (BLOCK_N,): a reduction within a warp
             qk = tl.where(s_ok, qk, float("-inf"))
-            m_new = tl.maximum(m_i, qk)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no slot yet: no inf - inf
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(qk - m_ref)
-            l_i = l_i * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * vf  # (BLOCK_N, D_PAD)
+            if LAZY_RESCALE:
+                # a lane's reference maximum moves only once a score passes it by more than RESCALE_SLACK (log2
+                # units): until then p <= 2**RESCALE_SLACK and the accumulator needs no rescale, which most
+                # blocks skip once the first ones have set the maxima (FlashAttention-4's conditional rescaling)
+                if tl.max((qk > m_i + RESCALE_SLACK).to(tl.int32), axis=0) > 0:
+                    m_up = tl.maximum(m_i, qk)
+                    alpha = tl.exp2(m_i - tl.where(m_up == float("-inf"), 0.0, m_up))
+                    l_i = l_i * alpha
+                    acc = acc * alpha[:, None]
+                    m_i = m_up
+                m_new = m_i
+                p = tl.exp2(qk - tl.where(m_i == float("-inf"), 0.0, m_i))  # a lane with no slot: no inf - inf
+                l_i = l_i + p
+                acc = acc + p[:, None] * vf  # (BLOCK_N, D_PAD)
+            else:
+                m_new = tl.maximum(m_i, qk)
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no slot yet: no inf - inf
+                alpha = tl.exp2(m_i - m_ref)
+                p = tl.exp2(qk - m_ref)
+                l_i = l_i * alpha + p
+                acc = acc * alpha[:, None] + p[:, None] * vf  # (BLOCK_N, D_PAD)
         else:
             if FP8:
                 k = k.to(tl.bfloat16)
@@ -218,12 +233,16 @@ def _pool_attention_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
+# How far (log2 units) a score may pass its lane's reference maximum before the accumulator is rescaled: p stays
+# <= 2**8, far from fp32's range for the <= 2**15 slots a row holds
+RESCALE_SLACK = tl.constexpr(8.0)
+
 # Grids up to this many programs (kv heads x rows: GPT-XL's batch 1 is 40, batch 8 is 320) are too few to fill
 # an H200's 132 SMs with small programs: each walks its row in wider, fewer blocks instead.
 FEW_PROGRAMS = 512
 
 
-def default_config(G: int, D: int, page: int, programs: int) -> dict:
+def default_config(G: int, D: int, page: int, programs: int, fp8: bool = False) -> dict:
     """Launch parameters for a grid of `programs` (kv head, row) programs, measured on an H200
     (docs/PERFORMANCE.md: tools/bench_pool_attention.py for large grids, in-step profiles for small ones).
 
@@ -231,12 +250,18 @@ def default_config(G: int, D: int, page: int, programs: int) -> dict:
     per SM hide the memory latency, and with page % 16 == 0 each block reads a single page. On a small grid
     a program's loop latency is the step's: 64 slots and 2 warps per block walk a row in a quarter of the
     iterations (run 21: the pool kernel's time at batch 1 0.40 -> 0.35 ms a step).
+
+    The conditional rescale pays where it was measured to (run 24): fp8 K/V on a large grid, 180.8 -> 154.6 us
+    for 1024 rows with the write (it frees registers: 12 -> 16 programs an SM). It lost with bf16 K/V (236.7
+    -> 279.3 us) and on small grids, whose few wide blocks each move the maxima (0.33 -> 0.42 ms a step at
+    batch 1).
     """
+    lazy_rescale = fp8 and G == 1 and programs > FEW_PROGRAMS
     if G == 1 and D <= 64 and programs <= FEW_PROGRAMS:
-        return {"block_n": 64, "num_warps": 2, "num_stages": 2}
+        return {"block_n": 64, "num_warps": 2, "num_stages": 2, "lazy_rescale": False}
     if G == 1:
-        return {"block_n": 16, "num_warps": 1 if D <= 64 else 2, "num_stages": 2}
-    return {"block_n": 32, "num_warps": 4, "num_stages": 2}  # GQA: untuned, no LlamaGen model uses it
+        return {"block_n": 16, "num_warps": 1 if D <= 64 else 2, "num_stages": 2, "lazy_rescale": lazy_rescale}
+    return {"block_n": 32, "num_warps": 4, "num_stages": 2, "lazy_rescale": False}  # GQA: untuned, unused
 
 
 def pool_attention_triton(
@@ -257,13 +282,15 @@ def pool_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    lazy_rescale: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as pool_attention_torch. Keyword overrides are for tuning only."""
+    """Same contract as pool_attention_torch. Keyword overrides are for tuning and tests only."""
     B, H, D = q.shape
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     victim = torch.empty((B, k_cache.shape[1]), dtype=torch.int32, device=q.device)
     _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n_slots, evict_lo, evict_hi, mode,
-            out, victim, None, scale, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+            out, victim, None, scale, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+            lazy_rescale=lazy_rescale)
     return out, victim
 
 
@@ -286,7 +313,7 @@ def pool_decode_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
 
 
 def _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo, hi, mode, out, victim, write,
-            scale, block_n=None, num_warps=None, num_stages=None) -> None:
+            scale, block_n=None, num_warps=None, num_stages=None, lazy_rescale=None) -> None:
     B, H, D = q.shape
     P, Hkv, page, Dk = k_cache.shape
     if Dk != D or H % Hkv or v_cache.shape != k_cache.shape:
@@ -314,7 +341,8 @@ def _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo,
         k_new, v_new, budget, position, spill_k, spill_v, spill_pos = write
         budget = budget.to(torch.int32).contiguous()
     G = H // Hkv
-    cfg = default_config(G, D, page, Hkv * B)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    cfg = default_config(G, D, page, Hkv * B, fp8)
     _pool_attention_kernel[(Hkv, B)](
         q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo, hi, mode,
         out, victim,
@@ -327,7 +355,8 @@ def _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo,
         G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n or cfg["block_n"],
         MAX_PAGES=triton.next_power_of_2(block_table.shape[1]) if write is not None else 1,  # read-only: unused
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write is not None,
-        FP8=k_cache.dtype == torch.float8_e4m3fn, MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode, MODE_WINDOW=WINDOW.mode,
+        FP8=fp8, LAZY_RESCALE=cfg["lazy_rescale"] if lazy_rescale is None else lazy_rescale,
+        MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode, MODE_WINDOW=WINDOW.mode,
         MODE_LINE=LINE.mode, DECAY=LINE_DECAY,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )  # fmt: skip
