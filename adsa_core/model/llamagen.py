@@ -7,7 +7,6 @@ sparse pooled cache, or no cache at all (teacher forcing).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -218,10 +217,9 @@ class Transformer(nn.Module):
         dyn = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
         setattr(dyn, limit, max(getattr(dyn, limit), 32))
-        mode = os.environ.get("ADSA_COMPILE_MODE") or None  # EXPERIMENT: e.g. max-autotune-no-cudagraphs
-        pre_c = torch.compile(block_pre, dynamic=False, mode=mode)
-        post_c = torch.compile(block_post, dynamic=False, mode=mode)
-        self.post_pre = torch.compile(block_post_pre, dynamic=False, mode=mode)
+        pre_c = torch.compile(block_pre, dynamic=False)
+        post_c = torch.compile(block_post, dynamic=False)
+        self.post_pre = torch.compile(block_post_pre, dynamic=False)
 
         def pre(block, x, freqs_cis):  # x: (B, T, dim)
             return (pre_c if x.shape[1] == 1 else block_pre)(block, x, freqs_cis)
@@ -244,7 +242,7 @@ class Transformer(nn.Module):
         if not isinstance(self.cls_embedding, LabelEmbedder):  # t2i: captions were prefilled
             return self.tok_embeddings(tokens).unsqueeze(1)
         # both tables are read for every row (static shapes): clamp each index into its own table
-        # EXPERIMENT: rows by indexing, not nn.Embedding, whose index_select takes its small-index kernel for the
+        # rows by indexing, not nn.Embedding, whose index_select takes its small-index kernel for the
         # <= 16 rows of batches up to 8 (~8.5 us each of the two tables at batch 8, run 23's profile)
         table = self.cls_embedding.embedding_table.weight
         words = self.tok_embeddings.weight
