@@ -251,16 +251,16 @@ def default_config(G: int, D: int, page: int, programs: int, fp8: bool = False) 
     a program's loop latency is the step's: 64 slots and 2 warps per block walk a row in a quarter of the
     iterations (run 21: the pool kernel's time at batch 1 0.40 -> 0.35 ms a step).
 
-    The conditional rescale pays where it was measured to (run 24): fp8 K/V on a large grid, 180.8 -> 154.6 us
-    for 1024 rows with the write (it frees registers: 12 -> 16 programs an SM). It lost with bf16 K/V (236.7
-    -> 279.3 us) and on small grids, whose few wide blocks each move the maxima (0.33 -> 0.42 ms a step at
-    batch 1).
+    The conditional rescale pays where it buys occupancy (run 24): fp8 K/V with the write on a large grid goes
+    from 163 to 128 registers, 12 -> 16 programs an SM, and 180.8 -> 154.6 us for 1024 rows. Where the programs
+    an SM stay the same, its branch costs without paying back: bf16 (168 -> 137 registers, still 12; 236.7 ->
+    279.3 us) and small grids (+25 % for the pool kernel at batch 1).
     """
-    lazy_rescale = fp8 and G == 1 and programs > FEW_PROGRAMS
     if G == 1 and D <= 64 and programs <= FEW_PROGRAMS:
         return {"block_n": 64, "num_warps": 2, "num_stages": 2, "lazy_rescale": False}
-    if G == 1:
-        return {"block_n": 16, "num_warps": 1 if D <= 64 else 2, "num_stages": 2, "lazy_rescale": lazy_rescale}
+    if G == 1:  # the conditional rescale where it was measured: fp8, 64-wide heads (D > 64: 2 warps, unmeasured)
+        lazy = fp8 and D <= 64 and programs > FEW_PROGRAMS
+        return {"block_n": 16, "num_warps": 1 if D <= 64 else 2, "num_stages": 2, "lazy_rescale": lazy}
     return {"block_n": 32, "num_warps": 4, "num_stages": 2, "lazy_rescale": False}  # GQA: untuned, unused
 
 
