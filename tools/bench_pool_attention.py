@@ -190,7 +190,7 @@ def check(case, cfg, ref) -> float:
 def configs(G: int, D: int, programs: int, quick: bool, fp8: bool = False):
     """Launch configurations to sweep: (BLOCK_N, num_warps), and the pipelining depth of the default.
     The default's pair always comes first; fp8 adds larger blocks (a slot row is 64 bytes, not 128)."""
-    base = default_config(G, D, 16, programs)
+    base = default_config(G, D, 16, programs, fp8)
     pairs = [(base["block_n"], base["num_warps"])]
     if quick:
         pairs += [(32, 2)] + [(64, 2), (8, 1)] * fp8  # (8, 1): half the registers of 16/1, more programs per SM

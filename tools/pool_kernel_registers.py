@@ -6,7 +6,8 @@ SM holds 64K registers (4 x 16K) and at most 32 blocks, so registers decide how 
 at once, and with them how many K/V bytes are in flight (docs/PERFORMANCE.md, run 22). The loop's instructions a
 block say how much a warp issues per block of K/V bytes (run 23). Judge speed on the GPU; this says why.
 
-    python3 tools/pool_kernel_registers.py            # GPT-XL's launches, fp8 and bf16, with and without the write
+    python3 tools/pool_kernel_registers.py            # GPT-XL's launches: fp8 and bf16, with and without the write,
+                                                      # eager and conditional rescale
     python3 tools/pool_kernel_registers.py --maxnreg 128,104
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import itertools
 import re
 import subprocess
 import sys
@@ -95,13 +97,13 @@ def main() -> None:
     for launch in a.launches.split(","):
         block_n, warps = (int(x) for x in launch.split("x"))
         for fp8 in (True, False):
-            for write in (True, False):
-                for cap in caps:
-                    name = f"{launch:5s} {'fp8 ' if fp8 else 'bf16'} {'write' if write else 'read '} cap {cap or '-'}"
-                    r = resources(fp8, write, block_n, warps, cap)
-                    print(f"{name:28s} {r['registers']:3d} registers, {r['spilled']:3d} B spilled, "
-                          f"{r['programs']:2d} programs ({r['programs'] * warps} warps) per SM, "
-                          f"{r['loop_instructions']} instructions a block", flush=True)
+            for write, lazy, cap in itertools.product((True, False), (False, True), caps):
+                name = (f"{launch:5s} {'fp8 ' if fp8 else 'bf16'} {'write' if write else 'read '} "
+                        f"{'conditional' if lazy else 'eager'} rescale, cap {cap or '-'}")
+                r = resources(fp8, write, block_n, warps, cap, lazy)
+                print(f"{name:48s} {r['registers']:3d} registers, {r['spilled']:3d} B spilled, "
+                      f"{r['programs']:2d} programs ({r['programs'] * warps} warps) per SM, "
+                      f"{r['loop_instructions']} instructions a block", flush=True)
 
 
 if __name__ == "__main__":

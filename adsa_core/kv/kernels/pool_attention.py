@@ -169,7 +169,6 @@ def _pool_attention_kernel(
                     l_i = l_i * alpha
                     acc = acc * alpha[:, None]
                     m_i = m_up
-                m_new = m_i
                 p = tl.exp2(qk - tl.where(m_i == float("-inf"), 0.0, m_i))  # a lane with no slot: no inf - inf
                 l_i = l_i + p
                 acc = acc + p[:, None] * vf  # (BLOCK_N, D_PAD)
@@ -180,6 +179,7 @@ def _pool_attention_kernel(
                 p = tl.exp2(qk - m_ref)
                 l_i = l_i * alpha + p
                 acc = acc * alpha[:, None] + p[:, None] * vf  # (BLOCK_N, D_PAD)
+                m_i = m_new
         else:
             if FP8:
                 k = k.to(tl.bfloat16)
@@ -191,7 +191,7 @@ def _pool_attention_kernel(
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+            m_i = m_new
 
         # --- next victim: largest v̂·S (adsa), smallest position (window), least attention (line)
         if scoring:  # a_i <- DECAY a_i + p_i with the previous step's normaliser, back into the pool
