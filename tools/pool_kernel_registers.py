@@ -29,7 +29,6 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adsa_core.kv.kernels import pool_attention as pa  # noqa: E402
-from adsa_core.kv.policy import ADSA, DENSE, LINE, LINE_DECAY, WINDOW  # noqa: E402
 
 # GPT-XL: H = 20 and 37 pages, not multiples of 16
 NOT_16 = {"stride_lb", "stride_bt", "stride_xb", "n_pages"}
@@ -54,8 +53,7 @@ def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | N
              "inv_ptr": "*fp32", "vsum_ptr": "*fp32", "lse_ptr": "*fp32", "k_ptr": kv, "v_ptr": kv, "spk_ptr": kv,
              "spv_ptr": kv, "qk_scale": "fp32"}
     const = dict(HKV=20, PAGE=16, D=64, D_PAD=64, G=1, G_PAD=1, BLOCK_N=block_n, DOT_PRECISION="tf32",
-                 MAX_PAGES=64, WRITE=write, FP8=fp8, LAZY_RESCALE=lazy_rescale, MODE_NONE=DENSE.mode,
-                 MODE_ADSA=ADSA.mode, MODE_WINDOW=WINDOW.mode, MODE_LINE=LINE.mode, DECAY=LINE_DECAY)
+                 MAX_PAGES=64, WRITE=write, FP8=fp8, LAZY_RESCALE=lazy_rescale, **pa.POLICY_CONSTANTS)
     const = {k: v for k, v in const.items() if k in params}
     sig = {p: "constexpr" if p in const else types.get(p, "*i32" if p.endswith("_ptr") else "i32") for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)

@@ -237,6 +237,10 @@ def _pool_attention_kernel(
 # <= 2**8, far from fp32's range for the <= 2**15 slots a row holds
 RESCALE_SLACK = tl.constexpr(8.0)
 
+# The policies' modes and line's decay, as the kernel compiles them in (every launch, and offline compiles)
+POLICY_CONSTANTS = dict(MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode, MODE_WINDOW=WINDOW.mode, MODE_LINE=LINE.mode,
+                        DECAY=LINE_DECAY)
+
 # Grids up to this many programs (kv heads x rows: GPT-XL's batch 1 is 40, batch 8 is 320) are too few to fill
 # an H200's 132 SMs with small programs: each walks its row in wider, fewer blocks instead.
 FEW_PROGRAMS = 512
@@ -355,8 +359,6 @@ def _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo,
         G=G, G_PAD=1 if G == 1 else max(16, triton.next_power_of_2(G)), BLOCK_N=block_n or cfg["block_n"],
         MAX_PAGES=triton.next_power_of_2(block_table.shape[1]) if write is not None else 1,  # read-only: unused
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write is not None,
-        FP8=fp8, LAZY_RESCALE=cfg["lazy_rescale"] if lazy_rescale is None else lazy_rescale,
-        MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode, MODE_WINDOW=WINDOW.mode,
-        MODE_LINE=LINE.mode, DECAY=LINE_DECAY,
+        FP8=fp8, LAZY_RESCALE=cfg["lazy_rescale"] if lazy_rescale is None else lazy_rescale, **POLICY_CONSTANTS,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )  # fmt: skip
