@@ -26,7 +26,14 @@ from adsa_core.config import VQConfig
 from adsa_core.model.checkpoint import load_vq
 from adsa_core.model.vq import VQModel
 
-VARIANTS = ("eager", "channels_last", "cudnn_benchmark", "compile", "compile_channels_last")
+VARIANTS = ("eager", "channels_last", "cudnn_benchmark", "compile", "compile_channels_last", "compile_cudnn_benchmark",
+            "compile_max_autotune")
+# kernel name fragments -> what a decode's GPU time is spent on (first match wins), for --profile
+KINDS = (
+    ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("convolutions (cuDNN / CUTLASS)", ("conv", "xmma", "cudnn", "sm90_", "cutlass", "implicit", "gemm", "nvjet")),
+    ("Inductor (GroupNorm, swish, adds, upsample)", ("triton_",)),
+)
 
 
 def measure(fn, codes: torch.Tensor, chunk: int, reps: int) -> tuple[float, int]:
@@ -58,14 +65,40 @@ def channels_last_decoder(vq: VQModel) -> Callable[[torch.Tensor], torch.Tensor]
 
 def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decode function of a variant. channels_last converts `vq` in place (main converts it back)."""
-    torch.backends.cudnn.benchmark = variant == "cudnn_benchmark"
+    torch.backends.cudnn.benchmark = variant in ("cudnn_benchmark", "compile_cudnn_benchmark")
     if variant == "channels_last":
         vq.to(memory_format=torch.channels_last)
-    if variant == "compile":
+    if variant in ("compile", "compile_cudnn_benchmark"):
         return torch.compile(vq.decode_code, dynamic=False)
+    if variant == "compile_max_autotune":  # Inductor's Triton convolution templates against cuDNN, per shape
+        return torch.compile(vq.decode_code, dynamic=False, mode="max-autotune-no-cudagraphs")
     if variant == "compile_channels_last":
         return torch.compile(channels_last_decoder(vq), dynamic=False)
     return vq.decode_code
+
+
+def print_profile(fn, codes: torch.Tensor, variant: str, chunk: int) -> None:
+    """GPU time per image of one chunk's decode, by kind of kernel, and the largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(codes[:chunk])
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = {}
+    kernels = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+        if ev.device_type.name != "CUDA" or not us:
+            continue
+        kind = next((k for k, keys in KINDS if any(f in ev.key.lower() for f in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + us
+        kernels.append((us, ev.count, ev.key))
+    total = sum(by_kind.values()) or 1.0
+    print(f"{variant}, chunk {chunk}: {total / chunk / 1000:.3f} ms of GPU per image, {len(kernels)} kernel names")
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:45s} {us / chunk / 1000:6.3f} ms per image  {100 * us / total:5.1f} %")
+    for us, count, name in sorted(kernels, reverse=True)[:12]:
+        print(f"      {us / chunk / 1000:6.3f} ms  {count:3d} x  {name[:110]}")
 
 
 def same_images(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> tuple[float, float]:
@@ -94,6 +127,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--tol", type=float, default=0.05,
                    help="largest mean |diff| from eager NCHW's images on the first chunk (the max may be 10x)")
+    p.add_argument("--profile", action="store_true", help="also print each variant's GPU time by kind of kernel")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     variants = a.variants.split(",")
@@ -122,6 +156,8 @@ def main() -> None:
             rows.append({"variant": variant, "chunk": chunk, "ms_per_image": round(ms, 3),
                          "peak_mib": round(peak / 2**20, 1), **diff, "card": torch.cuda.get_device_name()})
             print(json.dumps(rows[-1]), flush=True)
+            if a.profile:
+                print_profile(fn, codes, variant, chunk)
         if variant == "channels_last":
             vq.to(memory_format=torch.contiguous_format)
     if a.out:
