@@ -4,10 +4,12 @@ The engine decodes finished images in chunks on its own stream; that work shares
 token decoding, so its cost per image counts directly against images/s.
 
 Variants: eager (NCHW), channels_last (eager, weights channels-last), cudnn_benchmark, compile
-(torch.compile of decode_code, dynamic=False) and compile_channels_last (a channels-last copy of the
-model, its latents made channels-last at the first conv, then compiled the same way). Before timing,
+(torch.compile of decode_code, dynamic=False), compile_channels_last (a channels-last copy of the
+model, its latents made channels-last at the first conv, then compiled the same way) and
+compile_cudnn_benchmark (compile with cuDNN's autotuner). Before timing,
 each variant's images for the first chunk are compared with eager NCHW's: the run stops if they are
-not the same images (--tol).
+not the same images (--tol). --profile also prints one chunk's GPU time per image by kind of kernel
+(docs/PERFORMANCE.md, run 25: 92 % of it is convolutions).
 
     python tools/bench_vq_decode.py --image-size 384 --chunks 8,16 --out vq.json
 """
@@ -21,13 +23,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from profile_engine import print_by_part  # a sibling script: tools/ is on the path when run
 
 from adsa_core.config import VQConfig
 from adsa_core.model.checkpoint import load_vq
 from adsa_core.model.vq import VQModel
 
-VARIANTS = ("eager", "channels_last", "cudnn_benchmark", "compile", "compile_channels_last", "compile_cudnn_benchmark",
-            "compile_max_autotune")
+VARIANTS = ("eager", "channels_last", "cudnn_benchmark", "compile", "compile_channels_last", "compile_cudnn_benchmark")
 # kernel name fragments -> what a decode's GPU time is spent on (first match wins), for --profile
 KINDS = (
     ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose")),
@@ -70,35 +72,20 @@ def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
         vq.to(memory_format=torch.channels_last)
     if variant in ("compile", "compile_cudnn_benchmark"):
         return torch.compile(vq.decode_code, dynamic=False)
-    if variant == "compile_max_autotune":  # Inductor's Triton convolution templates against cuDNN, per shape
-        return torch.compile(vq.decode_code, dynamic=False, mode="max-autotune-no-cudagraphs")
     if variant == "compile_channels_last":
         return torch.compile(channels_last_decoder(vq), dynamic=False)
     return vq.decode_code
 
 
 def print_profile(fn, codes: torch.Tensor, variant: str, chunk: int) -> None:
-    """GPU time per image of one chunk's decode, by kind of kernel, and the largest kernels."""
+    """GPU time per image of one chunk's decode, by kind of kernel, and the largest kernels of each kind."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(codes[:chunk])
         torch.cuda.synchronize()
-    by_kind: dict[str, float] = {}
-    kernels = []
-    for ev in prof.key_averages():
-        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
-        if ev.device_type.name != "CUDA" or not us:
-            continue
-        kind = next((k for k, keys in KINDS if any(f in ev.key.lower() for f in keys)), "other")
-        by_kind[kind] = by_kind.get(kind, 0.0) + us
-        kernels.append((us, ev.count, ev.key))
-    total = sum(by_kind.values()) or 1.0
-    print(f"{variant}, chunk {chunk}: {total / chunk / 1000:.3f} ms of GPU per image, {len(kernels)} kernel names")
-    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:45s} {us / chunk / 1000:6.3f} ms per image  {100 * us / total:5.1f} %")
-    for us, count, name in sorted(kernels, reverse=True)[:12]:
-        print(f"      {us / chunk / 1000:6.3f} ms  {count:3d} x  {name[:110]}")
+    print(f"{variant}, chunk {chunk}:")
+    print_by_part(prof, chunk, {}, parts=KINDS, per="image")
 
 
 def same_images(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> tuple[float, float]:

@@ -46,8 +46,10 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def print_by_part(prof: profile, steps: int, floors: dict[str, tuple[float, str]]) -> None:
-    """GPU time per step by part of the step, from the profiler's kernel events, beside each part's floor."""
+def print_by_part(prof: profile, steps: int, floors: dict[str, tuple[float, str]],
+                  parts: tuple[tuple[str, tuple[str, ...]], ...] = PARTS, per: str = "step") -> None:
+    """GPU time per `per` (a step; `steps` of them profiled) by part, from the profiler's kernel events, each part
+    named by the first of `parts` whose name fragments its kernel's name holds, beside the part's floor."""
     by_part: dict[str, float] = {}
     kernels: dict[str, int] = {}  # launches per part: at small batches their count, not their bytes, sets the time
     largest: dict[str, list[tuple[float, int, str]]] = {}  # per part: (us, launches, kernel name)
@@ -56,13 +58,13 @@ def print_by_part(prof: profile, steps: int, floors: dict[str, tuple[float, str]
         if ev.device_type.name != "CUDA" or not us:  # kernels only, not the CPU-side ops that launched them
             continue
         name = ev.key.lower()
-        part = next((p for p, keys in PARTS if any(k in name for k in keys)), "other")
+        part = next((p for p, keys in parts if any(k in name for k in keys)), "other")
         by_part[part] = by_part.get(part, 0.0) + us
         kernels[part] = kernels.get(part, 0) + ev.count
         largest.setdefault(part, []).append((us, ev.count, ev.key))
     total = sum(by_part.values()) or 1.0  # no kernel events: a CPU smoke run
-    print(f"GPU time per step by part (of {total / steps / 1000:.2f} ms, {sum(kernels.values()) / steps:.0f} "
-          f"kernels), floor per step:")
+    print(f"GPU time per {per} by part (of {total / steps / 1000:.2f} ms, {sum(kernels.values()) / steps:.0f} "
+          f"kernels), floor per {per}:")
     for part, us in sorted(by_part.items(), key=lambda kv: -kv[1]):
         ms = us / steps / 1000
         floor, why = floors.get(part, (0.0, ""))
