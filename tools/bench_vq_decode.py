@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from profile_engine import print_by_part  # a sibling script: tools/ is on the path when run
+from torch.profiler import ProfilerActivity, profile
 
 from adsa_core.config import VQConfig
 from adsa_core.model.checkpoint import load_vq
@@ -79,8 +80,6 @@ def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def print_profile(fn, codes: torch.Tensor, variant: str, chunk: int) -> None:
     """GPU time per image of one chunk's decode, by kind of kernel, and the largest kernels of each kind."""
-    from torch.profiler import ProfilerActivity, profile
-
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(codes[:chunk])
         torch.cuda.synchronize()
