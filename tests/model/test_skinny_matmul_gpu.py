@@ -1,0 +1,56 @@
+"""The skinny matmul kernel on the device (-m gpu): against a float64 matmul at GPT-XL's weight shapes and every
+row count it takes, as `SkinnyLinear` under torch.compile (the custom op inside a graph, with the sum over slices
+fused after it) and captured in a CUDA graph, as the engine's step runs it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # collected on CPU machines too; the marker deselects it there
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from adsa_core.model.llamagen import SkinnyLinear  # noqa: E402
+from adsa_core.model.skinny_matmul import MAX_ROWS, partials, takes  # noqa: E402
+
+GPT_XL = {"wqkv": (3840, 1280), "wo": (1280, 1280), "w13": (7168, 1280), "w2": (1280, 3584), "output": (16384, 1280)}
+
+
+@pytest.mark.parametrize("name", list(GPT_XL))
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_the_kernel_matches_a_float64_matmul(name, rows):
+    N, K = GPT_XL[name]
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+    want = x.double() @ w.double().T
+    got = partials(x, w)
+    assert got.dtype == torch.float32 and got.shape[1:] == (rows, N)
+    torch.testing.assert_close(got.sum(0).double(), want, rtol=1e-3, atol=1e-3)  # fp32 sums of exact bf16 products
+
+
+def test_the_layer_compiled_and_graphed_matches_cublas():
+    layer = SkinnyLinear(torch.randn(7168, 1280, device="cuda", dtype=torch.bfloat16) / 1280**0.5)
+
+    def swiglu(x):  # as FeedForward uses the fused w1/w3 product
+        gate, up = layer(x).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    compiled = torch.compile(swiglu, dynamic=False)
+    x = torch.randn(2, 1, 1280, device="cuda", dtype=torch.bfloat16)
+    assert takes(x, layer.weight) and not takes(torch.randn(MAX_ROWS + 1, 1280, device="cuda",
+                                                            dtype=torch.bfloat16), layer.weight)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        compiled(x)  # compile and warm up off the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = compiled(x)
+    x.copy_(torch.randn_like(x))  # the graph reads the new input
+    gate, up = F.linear(x.float(), layer.weight.float()).chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    g.replay()
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
