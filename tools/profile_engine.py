@@ -30,12 +30,13 @@ from adsa_core.engine.step_clock import StepTiming
 from adsa_core.eval.bench import fp8_matmuls, random_models
 from adsa_core.kv.pool import KV_CACHE_DTYPES
 from adsa_core.loading import MATMUL_DTYPES
+from adsa_core.model.llamagen import SkinnyLinear
 from adsa_core.sampling import SamplingParams
 
 # kernel name fragments -> the part of a step they belong to (first match wins)
 PARTS = (
     ("pool attention", ("pool_",)),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "splitkreduce")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "splitkreduce", "_skinny_kernel")),
     ("sampling", ("topk", "sort", "scan", "radix", "searchsorted", "sample", "gather", "index", "cumsum")),
     ("fused elementwise (Inductor)", ("triton_",)),
 )
@@ -47,7 +48,7 @@ def sync(dev: torch.device) -> None:
 
 
 def print_by_part(prof: profile, steps: int, floors: dict[str, tuple[float, str]],
-                  parts: tuple[tuple[str, tuple[str, ...]], ...] = PARTS, per: str = "step") -> None:
+                  parts: tuple[tuple[str, tuple[str, ...]], ...] = PARTS, per: str = "step", top: int = 3) -> None:
     """GPU time per `per` (a step; `steps` of them profiled) by part, from the profiler's kernel events, each part
     named by the first of `parts` whose name fragments its kernel's name holds, beside the part's floor."""
     by_part: dict[str, float] = {}
@@ -70,7 +71,7 @@ def print_by_part(prof: profile, steps: int, floors: dict[str, tuple[float, str]
         floor, why = floors.get(part, (0.0, ""))
         at = f"floor {floor:6.3f} ms ({100 * floor / ms:5.1f} % of it: {why})" if floor else ""
         print(f"  {part:32s} {ms:6.3f} ms  {100 * us / total:5.1f} %  {kernels[part] / steps:5.0f} kernels  {at}")
-        for k_us, count, name in sorted(largest[part], reverse=True)[:3]:  # what the part is made of
+        for k_us, count, name in sorted(largest[part], reverse=True)[:top]:  # what the part is made of
             print(f"      {k_us / steps / 1000:6.3f} ms  {count / steps:4.0f} x  {name[:90]}")
 
 
@@ -79,7 +80,7 @@ def step_floors(cfg: GPTConfig, gpt: nn.Module, rows: int, slots: int, kv_item: 
     """Lower bounds (ms) of a decode step's parts: `rows` sequences holding `slots` K/V slots each."""
     # per slot, layer and head: K and V, plus the pool's position (int32) and 1/|v| (fp32)
     kv_bytes = rows * slots * cfg.n_layer * cfg.kv_heads * (2 * cfg.head_dim * kv_item + 8)
-    weights = [m.weight for m in gpt.modules() if isinstance(m, nn.Linear)]
+    weights = [m.weight for m in gpt.modules() if isinstance(m, (nn.Linear, SkinnyLinear))]
     flops = 2 * rows * sum(w.numel() for w in weights)
     w_bytes = sum(w.numel() * w.element_size() for w in weights)
     mm_flop_ms, mm_read_ms = flops / peak_tflops / 1e9, w_bytes / hbm_tbs / 1e9
@@ -194,6 +195,7 @@ def main() -> None:
     p.add_argument("--copy-tbs", type=float, default=4.0, help="the card's measured copy bandwidth, TB/s")
     p.add_argument("--hbm-tbs", type=float, default=4.8, help="the card's peak memory bandwidth (weight read), TB/s")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 matmul peak, TFLOP/s")
+    p.add_argument("--top-kernels", type=int, default=3, help="kernels listed under each part, largest first")
     p.add_argument("--vq-images", type=int, default=16, help="images per VQ decode timed for its share of a step")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the tool (no kernel times)")
     p.add_argument("--override", action="append", default=[], metavar="FIELD=INT", type=config_override,
@@ -242,7 +244,7 @@ def main() -> None:
                    cfg.cls_token_num + a.warm_steps + a.steps + 2)  # slots a row holds in the profiled steps
     floors = step_floors(cfg, weights, rows, resident, 1 if a.kv_cache_dtype == "fp8" else 2, a.copy_tbs,
                          a.peak_tflops, a.hbm_tbs)
-    print_by_part(prof, 5, floors)
+    print_by_part(prof, 5, floors, top=a.top_kernels)
     vq_ms, vq_floor = vq_decode_per_image(models, a.vq_images, a.peak_tflops)
     share = a.batch / cfg.block_size  # images finished per step in steady serving
     print(f"VQ decode (not in the steps above; eager, chunks of {a.vq_images}): {vq_ms:.3f} ms per image, FLOP floor "
