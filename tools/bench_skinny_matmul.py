@@ -53,6 +53,8 @@ def graph_us(calls: list[Callable[[], object]], reps: int = 20) -> float:
 
 
 def sweep_configs(N: int, K: int) -> list[SkinnyConfig]:
+    """The default launch and, for each stripe width, K tile, warps and stages, splits for ~1, 2 and 4 programs
+    an SM."""
     out = {default_config(N, K)}
     for block_n, block_k, warps, stages in itertools.product((16, 32, 64), (128, 256), (4, 8), (2, 4)):
         stripes = -(-N // block_n)
@@ -60,7 +62,6 @@ def sweep_configs(N: int, K: int) -> list[SkinnyConfig]:
             split = max(1, min(-(-K // block_k), round(programs / stripes)))
             out.add(SkinnyConfig(block_n, block_k, split, warps, stages))
     return sorted(out, key=dataclasses.astuple)
-
 
 
 def main() -> None:
