@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # collected on CPU machines too; the marker deselects it there
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from adsa_core.model.llamagen import SkinnyLinear  # noqa: E402
+from adsa_core.model.llamagen import RMSNorm, SkinnyLinear  # noqa: E402
 from adsa_core.model.skinny_matmul import MAX_ROWS, partials, takes  # noqa: E402
 
 GPT_XL = {"wqkv": (3840, 1280), "wo": (1280, 1280), "w13": (7168, 1280), "w2": (1280, 3584), "output": (16384, 1280)}
@@ -54,3 +54,34 @@ def test_the_layer_compiled_and_graphed_matches_cublas():
     want = F.silu(gate) * up
     g.replay()
     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [GPT_XL["wo"], GPT_XL["w2"]])
+def test_the_engines_use_compiled_and_graphed_matches_float64(shape):
+    """As the compiled step runs wo and w2: the product, the residual add and the next RMSNorm in one graph, whose
+    norm kernel adds the kernel's slices (10 for wo, 13 for w2: the tuned launches)."""
+    N, K = shape
+    layer = SkinnyLinear(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5)
+    norm = RMSNorm(N).to("cuda", torch.bfloat16)
+
+    def post(x, h):  # x: (B, 1, K) the product's input, h: (B, 1, N) the residual stream
+        h = h + layer(x)
+        return h, norm(h)
+
+    compiled = torch.compile(post, dynamic=False)
+    x = torch.randn(8, 1, K, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(8, 1, N, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        compiled(x, h)  # compile and warm up off the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_h, out_norm = compiled(x, h)
+    x.copy_(torch.randn_like(x))  # the graph reads the new inputs
+    h.copy_(torch.randn_like(h))
+    g.replay()
+    want_h = h.double() + x.double() @ layer.weight.double().T
+    want_norm = want_h * torch.rsqrt(want_h.pow(2).mean(-1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(out_h.double(), want_h, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_norm.double(), want_norm, rtol=3e-2, atol=3e-2)
