@@ -86,7 +86,7 @@ def default_config(N: int, K: int) -> SkinnyConfig:
     return SkinnyConfig(block_n, 128, split, num_warps=4, num_stages=4)
 
 
-def _slices(N: int, K: int, cfg: SkinnyConfig) -> tuple[int, int]:
+def _slices(K: int, cfg: SkinnyConfig) -> tuple[int, int]:
     """(K elements per slice, slices that hold any of K) for a launch."""
     k_per_split = triton.cdiv(triton.cdiv(K, cfg.split), cfg.block_k) * cfg.block_k
     return k_per_split, triton.cdiv(K, k_per_split)
@@ -101,7 +101,7 @@ def partials(x: torch.Tensor, weight: torch.Tensor, cfg: SkinnyConfig | None = N
         raise ValueError(f"skinny matmul takes (M <= {MAX_ROWS}, K) by (N, K), unit column strides: "
                          f"{tuple(x.shape)} by {tuple(weight.shape)}")
     cfg = cfg or default_config(N, K)
-    k_per_split, split = _slices(N, K, cfg)
+    k_per_split, split = _slices(K, cfg)
     out = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     _skinny_kernel[(triton.cdiv(N, cfg.block_n), split)](
         x, weight, out, M, N, K, x.stride(0), weight.stride(0), K_PER_SPLIT=k_per_split,
@@ -119,7 +119,7 @@ def _partials_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @_partials_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     N, K = weight.shape
-    return x.new_empty((_slices(N, K, default_config(N, K))[1], x.shape[0], N), dtype=torch.float32)
+    return x.new_empty((_slices(K, default_config(N, K))[1], x.shape[0], N), dtype=torch.float32)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
