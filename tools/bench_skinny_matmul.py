@@ -24,32 +24,17 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from triton import cdiv
+from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from adsa_core.config import gpt_preset  # noqa: E402
 from adsa_core.model.skinny_matmul import SkinnyConfig, default_config, partials  # noqa: E402
 
 
-def graph_us(calls: list[Callable[[], object]], reps: int = 20) -> float:
-    """Median µs a call of `calls`, run back to back inside one CUDA graph."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for c in calls:  # warm-up: compiles, allocates
-            c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(calls))
-    return sorted(times)[len(times) // 2]
+def graph_us(calls: list[Callable[[], object]]) -> float:
+    """Median µs a call of `calls`, run back to back inside a CUDA graph."""
+    return do_bench_cudagraph(lambda: [c() for c in calls], return_mode="median") * 1000 / len(calls)
 
 
 def sweep_configs(N: int, K: int) -> list[SkinnyConfig]:
@@ -57,9 +42,9 @@ def sweep_configs(N: int, K: int) -> list[SkinnyConfig]:
     an SM."""
     out = {default_config(N, K)}
     for block_n, block_k, warps, stages in itertools.product((16, 32, 64), (128, 256), (4, 8), (2, 4)):
-        stripes = -(-N // block_n)
+        stripes = cdiv(N, block_n)
         for programs in (132, 264, 528):
-            split = max(1, min(-(-K // block_k), round(programs / stripes)))
+            split = max(1, min(cdiv(K, block_k), round(programs / stripes)))
             out.add(SkinnyConfig(block_n, block_k, split, warps, stages))
     return sorted(out, key=dataclasses.astuple)
 
