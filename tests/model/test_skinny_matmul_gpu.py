@@ -16,6 +16,18 @@ if not torch.cuda.is_available():  # collected on CPU machines too; the marker d
 from adsa_core.model.llamagen import RMSNorm, SkinnyLinear  # noqa: E402
 from adsa_core.model.skinny_matmul import MAX_ROWS, partials, takes  # noqa: E402
 
+
+def captured(fn, *inputs):
+    """fn compiled and warmed up off the capture, then captured in a CUDA graph: (graph, its outputs)."""
+    with torch.cuda.stream(torch.cuda.Stream()):
+        fn(*inputs)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(*inputs)
+    return g, out
+
+
 GPT_XL = {"wqkv": (3840, 1280), "wo": (1280, 1280), "w13": (7168, 1280), "w2": (1280, 3584), "output": (16384, 1280)}
 
 
@@ -42,13 +54,7 @@ def test_the_layer_compiled_and_graphed_matches_cublas():
     x = torch.randn(2, 1, 1280, device="cuda", dtype=torch.bfloat16)
     assert takes(x, layer.weight) and not takes(torch.randn(MAX_ROWS + 1, 1280, device="cuda",
                                                             dtype=torch.bfloat16), layer.weight)
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        compiled(x)  # compile and warm up off the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = compiled(x)
+    g, out = captured(compiled, x)
     x.copy_(torch.randn_like(x))  # the graph reads the new input
     gate, up = F.linear(x.float(), layer.weight.float()).chunk(2, dim=-1)
     want = F.silu(gate) * up
@@ -71,13 +77,7 @@ def test_the_engines_use_compiled_and_graphed_matches_float64(shape):
     compiled = torch.compile(post, dynamic=False)
     x = torch.randn(8, 1, K, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(8, 1, N, device="cuda", dtype=torch.bfloat16)
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        compiled(x, h)  # compile and warm up off the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out_h, out_norm = compiled(x, h)
+    g, (out_h, out_norm) = captured(compiled, x, h)
     x.copy_(torch.randn_like(x))  # the graph reads the new inputs
     h.copy_(torch.randn_like(h))
     g.replay()
