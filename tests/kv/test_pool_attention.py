@@ -382,6 +382,17 @@ def test_line_decode_follows_the_naive_sequence():
     assert sum(e >= 0 for e in want_evicted) == T - budget
 
 
+def test_small_grids_walk_wider_blocks_as_run_28_measured():
+    pytest.importorskip("triton")
+    from adsa_core.kv.kernels.pool_attention import default_config
+
+    # GPT-XL (20 kv heads of 64) at batches 1, 2, 4 and 8 with CFG: 40, 80, 160 and 320 programs
+    launches = [(c["block_n"], c["num_warps"]) for c in (default_config(1, 64, 16, 20 * 2 * b, fp8=True)
+                                                       for b in (1, 2, 4, 8))]
+    assert launches == [(256, 8), (256, 8), (128, 4), (64, 2)]
+    assert (default_config(1, 64, 16, 4096, fp8=True)["block_n"], default_config(1, 100, 16, 40)["block_n"]) == (16, 16)
+
+
 def test_the_conditional_rescale_is_chosen_where_run_24_measured_it_pays():
     pytest.importorskip("triton")
     from adsa_core.kv.kernels.pool_attention import FEW_PROGRAMS, default_config

@@ -123,7 +123,7 @@ def refresh(case):
     case["vsum"].copy_((v * valid[:, None, :, None]).sum(2))
 
 
-@pytest.mark.parametrize("block_n", [16, 32, 128])
+@pytest.mark.parametrize("block_n", [16, 32, 128, 256])
 @pytest.mark.parametrize("mode", [1, 2])
 def test_ties_lowest_slot_any_block_size(mode, block_n):
     case = make_case(B=3, H=4, Hkv=2, D=64, max_slots=160, n_slots=[160, 160, 160], seed=11)
@@ -138,7 +138,7 @@ def test_ties_lowest_slot_any_block_size(mode, block_n):
     assert victim.tolist() == [[min(s)] * 2 for s in ties]
 
 
-@pytest.mark.parametrize("cfg", [(16, 1), (32, 8), (128, 4), (64, 2)])
+@pytest.mark.parametrize("cfg", [(16, 1), (32, 8), (128, 4), (64, 2), (256, 8)])
 def test_tuning_configs_are_correct(cfg):
     block_n, warps = cfg
     for H, Hkv, D in [(20, 20, 64), (8, 2, 100)]:
@@ -212,7 +212,7 @@ def assert_same_step(got_layer, ref_layer, rows, got_out, ref_out, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("B,H,Hkv,D", [(12, 20, 20, 64), (9, 8, 2, 100), (64, 16, 16, 64)])
+@pytest.mark.parametrize("B,H,Hkv,D", [(12, 20, 20, 64), (2, 20, 20, 64), (9, 8, 2, 100), (64, 16, 16, 64)])
 def test_fused_decode_matches_torch_step(B, H, Hkv, D, dtype):
     q, k_new, v_new, layer, rows, scale = make_decode_case(B, H, Hkv, D, dtype, seed=B + D)
     q, k_new, v_new = q.cuda(), k_new.cuda(), v_new.cuda()
@@ -231,7 +231,7 @@ def test_fused_decode_matches_torch_step(B, H, Hkv, D, dtype):
     assert (got_layer.victim >= 0).any()
 
 
-@pytest.mark.parametrize("B,H,Hkv,D", [(12, 20, 20, 64), (9, 8, 2, 100)])
+@pytest.mark.parametrize("B,H,Hkv,D", [(12, 20, 20, 64), (2, 20, 20, 64), (9, 8, 2, 100)])  # (2, ...): 256 x 8
 def test_fused_decode_with_an_fp8_pool_matches_torch_step(B, H, Hkv, D):
     """K/V stored as e4m3 (kv_cache_dtype="fp8"): the kernel writes the same saturated bytes as the
     oracle (new values up to 4x past the fp8 range), stages the old fp8 bytes, and attends over them."""

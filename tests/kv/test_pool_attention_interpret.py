@@ -30,7 +30,8 @@ def _check_attention(make_case, check_victims, fresh, set_modes) -> int:
         # slack; short rows (an empty one, rows shorter than a block: early decode) start lanes at -inf
         short = torch.tensor([5, 0, 3, 17, 40], dtype=torch.int32)
         for block_n, q_scale, lazy, n_slots in [(8, 1.0, False, None), (16, 1.0, False, None), (32, 1.0, False, None),
-                                                (64, 1.0, False, None), (8, 12.0, True, None), (16, 12.0, True, None),
+                                                (64, 1.0, False, None), (256, 1.0, False, None),
+                                                (8, 12.0, True, None), (16, 12.0, True, None),
                                                 (16, 12.0, False, None), (16, 12.0, True, short)]:
             case = make_case(B, H, Hkv, D, max_slots=40, seed=B * D + block_n, q_scale=q_scale, n_slots=n_slots)
             set_modes(case, [9, 1, 2, 3, 3])  # 9: a mode the kernel does not implement: no victim, as in the oracle

@@ -244,16 +244,20 @@ POLICY_CONSTANTS = dict(MODE_NONE=DENSE.mode, MODE_ADSA=ADSA.mode, MODE_WINDOW=W
 # Grids up to this many programs (kv heads x rows: GPT-XL's batch 1 is 40, batch 8 is 320) are too few to fill
 # an H200's 132 SMs with small programs: each walks its row in wider, fewer blocks instead.
 FEW_PROGRAMS = 512
+# On those grids, the widest block whose launch stays within this many warps in all (~5 an SM on an H200): fewer
+# loop iterations where programs are few, 2-warp blocks where they are not (run 28, measured at GPT-XL's 40-320)
+SMALL_GRID_WARPS = 640
 
 
 def default_config(G: int, D: int, page: int, programs: int, fp8: bool = False) -> dict:
     """Launch parameters for a grid of `programs` (kv head, row) programs, measured on an H200
-    (docs/PERFORMANCE.md: tools/bench_pool_attention.py for large grids, in-step profiles for small ones).
+    (docs/PERFORMANCE.md: tools/bench_pool_attention.py for large grids, the engine's step for small ones).
 
     Small programs win on large grids: one warp per 16 slots keeps every reduction inside a warp, many programs
     per SM hide the memory latency, and with page % 16 == 0 each block reads a single page. On a small grid
-    a program's loop latency is the step's: 64 slots and 2 warps per block walk a row in a quarter of the
-    iterations (run 21: the pool kernel's time at batch 1 0.40 -> 0.35 ms a step).
+    a program's loop latency is the step's, so it walks its row in wider blocks with more warps: 256 slots and 8
+    warps at batches 1-2 (a row of adsa 1/4 at 384 px in one iteration), 128 and 4 at batch 4, 64 and 2 at
+    batch 8 (run 28: a lone request's step 1.60 -> 1.55 ms; run 21: 64 x 2 against 16 x 1).
 
     The conditional rescale pays where it buys occupancy (run 24): fp8 K/V with the write on a large grid goes
     from 163 to 128 registers, 12 -> 16 programs an SM, and 180.8 -> 154.6 us for 1024 rows. Where the programs
@@ -261,7 +265,8 @@ def default_config(G: int, D: int, page: int, programs: int, fp8: bool = False) 
     279.3 us) and small grids (+25 % for the pool kernel at batch 1).
     """
     if G == 1 and D <= 64 and programs <= FEW_PROGRAMS:
-        return {"block_n": 64, "num_warps": 2, "num_stages": 2, "lazy_rescale": False}
+        block_n, warps = next(((n, w) for n, w in ((256, 8), (128, 4)) if programs * w <= SMALL_GRID_WARPS), (64, 2))
+        return {"block_n": block_n, "num_warps": warps, "num_stages": 2, "lazy_rescale": False}
     if G == 1:  # the conditional rescale where it was measured: fp8, 64-wide heads (D > 64: 2 warps, unmeasured)
         lazy = fp8 and D <= 64 and programs > FEW_PROGRAMS
         return {"block_n": 16, "num_warps": 1 if D <= 64 else 2, "num_stages": 2, "lazy_rescale": lazy}
