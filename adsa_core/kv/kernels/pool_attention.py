@@ -257,7 +257,8 @@ def default_config(G: int, D: int, page: int, programs: int, fp8: bool = False) 
     per SM hide the memory latency, and with page % 16 == 0 each block reads a single page. On a small grid
     a program's loop latency is the step's, so it walks its row in wider blocks with more warps: 256 slots and 8
     warps at batches 1-2 (a row of adsa 1/4 at 384 px in one iteration), 128 and 4 at batch 4, 64 and 2 at
-    batch 8 (run 28: a lone request's step 1.60 -> 1.55 ms; run 21: 64 x 2 against 16 x 1).
+    batch 8 (run 28: a lone request's step 1.60 -> 1.55 ms; run 21: 64 x 2 against 16 x 1). Measured with fp8
+    K/V at adsa 1/4; bf16 pools and longer rows (dense) take the same rule unmeasured.
 
     The conditional rescale pays where it buys occupancy (run 24): fp8 K/V with the write on a large grid goes
     from 163 to 128 registers, 12 -> 16 programs an SM, and 180.8 -> 154.6 us for 1024 rows. Where the programs
