@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv.kernels.pdl import launch_options, pdl_enter
+
 if TYPE_CHECKING:
     from .engine.sampler import StepBatch
 
@@ -69,12 +71,13 @@ def _sample_kernel(
     logits_ptr, cond_ptr, uncond_ptr, active_ptr, scale_ptr, temp_ptr, topk_ptr, topp_ptr, greedy_ptr, u_ptr,
     guided_ptr, tok_ptr, stride_l, stride_g, V,
     seed_ptr, j_ptr, interval_ptr, fflag_ptr, slot_ptr, codes_ptr, forced_ptr, pos_ptr, stride_c, L, pos_offset,
-    BLOCK_V: tl.constexpr, FEED: tl.constexpr,
+    BLOCK_V: tl.constexpr, FEED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """FEED: the item's whole step of engine.sampler.sample_and_feed in this launch, not ~50 one-microsecond
     int64 torch kernels around it (run 22): CFG activity and the uniform from the item's (seed, j) (u_ptr
     receives it), the forced token, the codes write, the position its rows are fed (pos_ptr) and j += 1.
     Without FEED the caller passes activity and uniforms and gets tokens only (the oracle tests' entry)."""
+    pdl_enter(PDL)
     i = tl.program_id(0)
     offs = tl.arange(0, BLOCK_V)
     ok = offs < V
@@ -153,7 +156,8 @@ def _launch_options(logits: torch.Tensor, guided: torch.Tensor) -> dict:
     if logits.dtype != torch.float32 or logits.stride(1) != 1 or guided.stride(1) != 1 or V > MAX_VOCAB:
         raise ValueError(f"logits must be fp32 rows of at most {MAX_VOCAB} with a unit last stride")
     BLOCK_V = max(triton.next_power_of_2(V), 128)
-    return dict(BLOCK_V=BLOCK_V, num_warps=min(16, max(4, BLOCK_V // 1024)), enable_fp_fusion=False)
+    return dict(BLOCK_V=BLOCK_V, num_warps=min(16, max(4, BLOCK_V // 1024)), enable_fp_fusion=False,
+                **launch_options(logits.device, logits.shape[0]))
 
 
 def sample_and_feed_triton(logits: torch.Tensor, b: StepBatch, codes: torch.Tensor, forced: torch.Tensor,

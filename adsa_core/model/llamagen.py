@@ -8,7 +8,7 @@ sparse pooled cache, or no cache at all (teacher forcing).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -237,9 +237,8 @@ class Transformer(nn.Module):
         dyn = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
         setattr(dyn, limit, max(getattr(dyn, limit), 32))
-        pre_c = torch.compile(block_pre, dynamic=False)
-        post_c = torch.compile(block_post, dynamic=False)
-        self.post_pre = torch.compile(block_post_pre, dynamic=False)
+        pre_c, post_c = _compile_decode(block_pre, self.device), _compile_decode(block_post, self.device)
+        self.post_pre = _compile_decode(block_post_pre, self.device)
 
         def pre(block, x, freqs_cis):  # x: (B, T, dim)
             return (pre_c if x.shape[1] == 1 else block_pre)(block, x, freqs_cis)
@@ -332,6 +331,25 @@ class Transformer(nn.Module):
         if emb_masks is not None:
             mask = prompt_attention_mask(emb_masks, L)[:, None]  # (B, 1, L, L)
         return self.forward_embeddings(h, torch.arange(L, device=h.device), None, mask)
+
+
+def _compile_decode(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    """torch.compile of a decode step's block function; steps of few rows get a second compile whose kernels
+    launch with PDL (kv.kernels.pdl: it pays there only). The rows are the first tensor argument's first dim."""
+    big = torch.compile(fn, dynamic=False)
+    if device.type != "cuda" or not HAS_TRITON:
+        return big
+    from ..kv.kernels import pdl as pdl_launch
+
+    if not (pdl := pdl_launch.inductor_options(device)):
+        return big
+    small = torch.compile(fn, dynamic=False, options=pdl)
+
+    def by_rows(*args: Any) -> Any:
+        rows = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]
+        return (small if rows <= pdl_launch.MAX_ROWS else big)(*args)
+
+    return by_rows
 
 
 def prompt_attention_mask(emb_masks: torch.Tensor, length: int) -> torch.Tensor:

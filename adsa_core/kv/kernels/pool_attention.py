@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ..decode_state import DecodeRows, LayerState
 from ..policy import ADSA, DENSE, LINE, LINE_DECAY, WINDOW
+from .pdl import launch_options, pdl_enter
 
 
 @triton.jit
@@ -41,13 +42,14 @@ def _pool_attention_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MAX_PAGES: tl.constexpr, WRITE: tl.constexpr, FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     MODE_NONE: tl.constexpr, MODE_ADSA: tl.constexpr, MODE_WINDOW: tl.constexpr,  # from kv.policy
-    MODE_LINE: tl.constexpr, DECAY: tl.constexpr,
+    MODE_LINE: tl.constexpr, DECAY: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # The pool tensors are contiguous (P, HKV, PAGE, D) / (P, HKV, PAGE): compile-time strides
     # let the compiler prove each slot row's alignment and issue wide loads (also for D = 100).
     # Without WRITE, n/lo/hi are n_slots, evict_lo, evict_hi, and every row picks a victim. With
     # WRITE they are the row state before this step (n_stored, prefix, local), and a row picks a victim
     # only once full. mode is the row's policy either way: a line row scores attention from its first step.
+    pdl_enter(PDL)
     hk = tl.program_id(0)
     b = tl.program_id(1)
     offs_d = tl.arange(0, D_PAD)
@@ -367,4 +369,5 @@ def _launch(q, k_cache, v_cache, pos_cache, stat, vsum, lse, block_table, n, lo,
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write is not None,
         FP8=fp8, LAZY_RESCALE=cfg["lazy_rescale"] if lazy_rescale is None else lazy_rescale, **POLICY_CONSTANTS,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        **launch_options(q.device, B),
     )  # fmt: skip
