@@ -7,8 +7,8 @@ one launches. Under PDL a kernel may start once every program of the kernel befo
 Our kernels call `pdl_enter` before reading anything a recent kernel may have written: wait for the kernel
 before, then signal the next. Signalling only after the wait keeps completion transitive: when a kernel
 starts, every kernel two or more before it has finished. Inductor's kernels take part too
-(`inductor_options`); alone they made the step slower, with ours the step at batch 1 went 1.55 -> 1.51 ms
-(run 29). `ADSA_PDL=0` turns it all off.
+(`inductor_options`); alone they made the step slower, with ours the step at batch 1 went 1.56 -> 1.51 ms
+in one call (run 29). `ADSA_PDL=0` turns it all off.
 """
 
 from __future__ import annotations
