@@ -19,6 +19,7 @@ from ..kv.kernels import HAS_TRITON
 from .rope import apply_rotary_emb, precompute_freqs_cis_2d
 
 if HAS_TRITON:
+    from ..kv.kernels import pdl
     from . import skinny_matmul
 
 
@@ -337,17 +338,13 @@ def _compile_decode(fn: Callable[..., Any], device: torch.device) -> Callable[..
     """torch.compile of a decode step's block function; steps of few rows get a second compile whose kernels
     launch with PDL (kv.kernels.pdl: it pays there only). The rows are the first tensor argument's first dim."""
     big = torch.compile(fn, dynamic=False)
-    if device.type != "cuda" or not HAS_TRITON:
+    if device.type != "cuda" or not HAS_TRITON or not (options := pdl.inductor_options(device)):
         return big
-    from ..kv.kernels import pdl as pdl_launch
-
-    if not (pdl := pdl_launch.inductor_options(device)):
-        return big
-    small = torch.compile(fn, dynamic=False, options=pdl)
+    small = torch.compile(fn, dynamic=False, options=options)
 
     def by_rows(*args: Any) -> Any:
         rows = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]
-        return (small if rows <= pdl_launch.MAX_ROWS else big)(*args)
+        return (small if rows <= pdl.MAX_ROWS else big)(*args)
 
     return by_rows
 
