@@ -57,3 +57,16 @@ def test_the_decode_compile_is_chosen_by_rows(hopper: None, monkeypatch: pytest.
     compiled.clear()
     llamagen._compile_decode(lambda x: x, torch.device("cpu"))
     assert compiled == [{}]
+
+
+def test_the_pool_kernel_reads_early_only_in_fused_writes_under_pdl(hopper: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from adsa_core.kv.kernels import pool_attention
+
+    gpu = torch.device("cuda", 0)
+    opts = pool_attention._pdl_options
+    assert opts(gpu, 1, True) == {"PDL": True, "launch_pdl": True, "EARLY": True, "PREFETCH": True}
+    assert opts(gpu, 1, False)["EARLY"] is False  # read-only launches: the plain order
+    assert opts(gpu, pdl.MAX_ROWS + 1, True) == {"PDL": False, "EARLY": False, "PREFETCH": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # no inline PTX under the interpreter
+    assert opts(gpu, 1, True)["PREFETCH"] is False
