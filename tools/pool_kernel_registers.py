@@ -54,7 +54,7 @@ def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | N
              "spv_ptr": kv, "qk_scale": "fp32"}
     const = dict(HKV=20, PAGE=16, D=64, D_PAD=64, G=1, G_PAD=1, BLOCK_N=block_n, DOT_PRECISION="tf32",
                  MAX_PAGES=64, WRITE=write, FP8=fp8, LAZY_RESCALE=lazy_rescale, PDL=False, EARLY=False,
-                 PREFETCH=False, **pa.POLICY_CONSTANTS)
+                 **pa.POLICY_CONSTANTS)
     const = {k: v for k, v in const.items() if k in params}
     sig = {p: "constexpr" if p in const else types.get(p, "*i32" if p.endswith("_ptr") else "i32") for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)

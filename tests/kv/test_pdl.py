@@ -59,14 +59,11 @@ def test_the_decode_compile_is_chosen_by_rows(hopper: None, monkeypatch: pytest.
     assert compiled == [{}]
 
 
-def test_the_pool_kernel_reads_early_only_in_fused_writes_under_pdl(hopper: None,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_pool_kernel_reads_early_only_in_fused_writes_under_pdl(hopper: None) -> None:
     from adsa_core.kv.kernels import pool_attention
 
     gpu = torch.device("cuda", 0)
     opts = pool_attention._pdl_options
-    assert opts(gpu, 1, True) == {"PDL": True, "launch_pdl": True, "EARLY": True, "PREFETCH": True}
+    assert opts(gpu, 1, True) == {"PDL": True, "launch_pdl": True, "EARLY": True}
     assert opts(gpu, 1, False)["EARLY"] is False  # read-only launches: the plain order
-    assert opts(gpu, pdl.MAX_ROWS + 1, True) == {"PDL": False, "EARLY": False, "PREFETCH": False}
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # no inline PTX under the interpreter
-    assert opts(gpu, 1, True)["PREFETCH"] is False
+    assert opts(gpu, pdl.MAX_ROWS + 1, True) == {"PDL": False, "EARLY": False}
