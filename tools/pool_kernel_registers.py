@@ -43,7 +43,7 @@ def warps_per_sm(registers: int) -> int:
 
 @functools.cache
 def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | None = None,
-              lazy_rescale: bool = False) -> dict:
+              lazy_rescale: bool = False, ahead: int = 0) -> dict:
     """{"registers", "spilled" (bytes a thread), "programs" (per SM), "loop_instructions"} of one launch of the
     kernel for GPT-XL."""
     fn = pa._pool_attention_kernel
@@ -54,7 +54,7 @@ def resources(fp8: bool, write: bool, block_n: int, warps: int, maxnreg: int | N
              "spv_ptr": kv, "qk_scale": "fp32"}
     const = dict(HKV=20, PAGE=16, D=64, D_PAD=64, G=1, G_PAD=1, BLOCK_N=block_n, DOT_PRECISION="tf32",
                  MAX_PAGES=64, WRITE=write, FP8=fp8, LAZY_RESCALE=lazy_rescale, PDL=False, EARLY=False,
-                 **pa.POLICY_CONSTANTS)
+                 AHEAD=ahead, **pa.POLICY_CONSTANTS)
     const = {k: v for k, v in const.items() if k in params}
     sig = {p: "constexpr" if p in const else types.get(p, "*i32" if p.endswith("_ptr") else "i32") for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
@@ -90,17 +90,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--launches", default="16x1,8x1,64x2", help="BLOCK_N x warps, comma separated")
     ap.add_argument("--maxnreg", default="", help="register caps to add, comma separated")
+    ap.add_argument("--ahead", default="0,1", help="blocks prefetched ahead into L2 (AHEAD), comma separated")
     a = ap.parse_args()
     caps = [None, *(int(c) for c in a.maxnreg.split(",") if c)]
     print(f"Triton {triton.__version__}, sm_90")
     for launch in a.launches.split(","):
         block_n, warps = (int(x) for x in launch.split("x"))
         for fp8 in (True, False):
-            for write, lazy, cap in itertools.product((True, False), (False, True), caps):
+            for write, lazy, cap, ahead in itertools.product((True, False), (False, True), caps,
+                                                             [int(x) for x in a.ahead.split(",")]):
                 name = (f"{launch:5s} {'fp8 ' if fp8 else 'bf16'} {'write' if write else 'read '} "
-                        f"{'conditional' if lazy else 'eager'} rescale, cap {cap or '-'}")
-                r = resources(fp8, write, block_n, warps, cap, lazy)
-                print(f"{name:48s} {r['registers']:3d} registers, {r['spilled']:3d} B spilled, "
+                        f"{'conditional' if lazy else 'eager'} rescale, ahead {ahead}, cap {cap or '-'}")
+                r = resources(fp8, write, block_n, warps, cap, lazy, ahead)
+                print(f"{name:56s} {r['registers']:3d} registers, {r['spilled']:3d} B spilled, "
                       f"{r['programs']:2d} programs ({r['programs'] * warps} warps) per SM, "
                       f"{r['loop_instructions']} instructions a block", flush=True)
 

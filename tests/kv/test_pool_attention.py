@@ -404,3 +404,15 @@ def test_the_conditional_rescale_is_chosen_where_run_24_measured_it_pays():
     assert not default_config(1, 64, 16, FEW_PROGRAMS, fp8=True)["lazy_rescale"]
     assert not default_config(1, 100, 16, batch_512, fp8=True)["lazy_rescale"]
     assert not default_config(4, 64, 16, batch_512, fp8=True)["lazy_rescale"]
+
+
+def test_the_l2_prefetch_runs_where_run_31_measured_it():
+    pytest.importorskip("triton")
+    from adsa_core.kv.kernels.pool_attention import FEW_PROGRAMS, default_config
+
+    batch_512 = 20 * 1024
+    assert default_config(1, 64, 16, batch_512, fp8=True)["ahead"] == 1  # 151 -> 138 µs for the write launch
+    # small grids prefetch their whole row before the PDL wait instead (run 30); bf16 would lose occupancy to it
+    for args, fp8 in (((1, 64, 16, FEW_PROGRAMS), True), ((1, 64, 16, batch_512), False),
+                      ((1, 100, 16, batch_512), True), ((4, 64, 16, batch_512), True)):
+        assert default_config(*args, fp8=fp8)["ahead"] == 0, args
