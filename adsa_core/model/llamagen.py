@@ -43,18 +43,23 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
+def few_row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T: products of a few rows on a GPU (decode at batch 1-8) through `skinny_matmul`'s kernel,
+    everything else through F.linear (cuBLAS)."""
+    if HAS_TRITON and skinny_matmul.takes(x, weight):
+        return skinny_matmul.linear(x, weight)
+    return F.linear(x, weight)
+
+
 class SkinnyLinear(nn.Module):
-    """A bias-free linear layer whose products of a few rows on a GPU (decode at batch 1-8) run
-    `skinny_matmul`'s kernel instead of cuBLAS; everything else runs F.linear. Same weight, same state-dict key."""
+    """A bias-free linear layer through `few_row_linear`. Same weight, same state-dict key."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # (N, K), shared with the layer it replaces
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if HAS_TRITON and skinny_matmul.takes(x, self.weight):
-            return skinny_matmul.linear(x, self.weight)
-        return F.linear(x, self.weight)
+        return few_row_linear(x, self.weight)
 
 
 class LabelEmbedder(nn.Module):
@@ -104,8 +109,10 @@ class FeedForward(nn.Module):
         self.register_buffer("w13", None, persistent=False)  # set by fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
-            h = self.w13(x) if isinstance(self.w13, nn.Module) else F.linear(x, self.w13)
+        if self.w13 is not None:  # only the engine fuses (compile_blocks), and its decode step's few rows on a GPU
+            # take the skinny kernel: the SwiGLU adds its slices, and under PDL the step's launch chain stays unbroken
+            # (run 31: a lone request's step 1.46 -> 1.43 ms); fp8 matmuls hold an Fp8Linear here
+            h = self.w13(x) if isinstance(self.w13, nn.Module) else few_row_linear(x, self.w13)
             gate, up = h.chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -253,9 +260,10 @@ class Transformer(nn.Module):
     def _skinny_matmuls(self, blocks: list[TransformerBlock]) -> None:
         """Each block's wo and w2 as a `SkinnyLinear` (bf16/f16; fp8 matmuls keep their own modules): the two
         products of dim outputs, where cuBLAS at 2-16 rows reads 0.7-1.1 TB/s (run 27), and whose consumer, the
-        residual add and RMSNorm, takes the slices' adds in its own kernel. wqkv and the fused w1/w3 keep cuBLAS:
-        as fast there, and their consumers (v straight into the pool kernel) would need extra kernels. Only the
-        engine's decode path calls this: the reference sampler keeps cuBLAS, like the public code it stands for."""
+        residual add and RMSNorm, takes the slices' adds in its own kernel. The fused w1/w3 takes the kernel in
+        FeedForward. wqkv keeps cuBLAS: its consumers (v straight into the pool kernel) would need extra kernels.
+        Only the engine's decode path calls this: the reference sampler keeps cuBLAS, like the public code it
+        stands for."""
         for block in blocks:
             for owner, name in ((block.attention, "wo"), (block.feed_forward, "w2")):
                 layer = getattr(owner, name)

@@ -7,10 +7,15 @@ output channels and one of SPLIT slices of K, and writes its fp32 partial sums: 
 (run 27). The caller adds the slices (`linear`) in pointwise ops that Inductor fuses into the kernel consuming
 the product (the residual add and RMSNorm), so split-K costs no launch, only ~1.2 µs more in that kernel.
 
+The fused w1/w3 (7168 x 1280) runs here too: cuBLAS reads it at ~2.5 TB/s, so the kernel itself saves only
+~0.3 µs, but its consumer, the SwiGLU, adds the slices in its own kernel, and under PDL (kv.kernels.pdl) a
+kernel of ours keeps the step's chain of early launches unbroken where cuBLAS's does not: a lone request's step
+1.46 -> 1.43 ms (run 31).
+
 Run 27 also measured what did not pay: `sum(0)` over the slices is a second reduction that splits the
 RMSNorm's kernel in two; summing in the kernel itself (the stripe's last slice to arrive adds the others)
-costs ~2 µs a launch; and on wqkv and the fused w1/w3, where cuBLAS reads 1.7-2.5 TB/s, the kernel saves
-under 0.6 µs while the consumers need extra kernels (v goes straight to the pool kernel).
+costs ~2 µs a launch; and wqkv, whose consumers would need two extra kernels a layer (v, which goes straight
+to the pool kernel, summed and cast; k copied into the pool's layout).
 
 Import this module only where Triton is installed (adsa_core.kv.kernels.HAS_TRITON).
 """
@@ -84,10 +89,11 @@ def _skinny_kernel(
 
 
 # Launches measured best on one H200 at 2-16 rows (run 27, tools/bench_skinny_matmul.py), by weight shape (N, K):
-# GPT-XL's wo and w2
+# GPT-XL's wo, w2 and fused w1/w3
 TUNED = {
     (1280, 1280): SkinnyConfig(32, 128, 10, 4, 4),
     (1280, 3584): SkinnyConfig(64, 128, 13, 4, 4),
+    (7168, 1280): SkinnyConfig(64, 128, 5, 4, 2),
 }
 
 

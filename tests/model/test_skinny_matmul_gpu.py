@@ -13,7 +13,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # collected on CPU machines too; the marker deselects it there
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from adsa_core.model.llamagen import RMSNorm, SkinnyLinear  # noqa: E402
+from adsa_core.config import gpt_preset  # noqa: E402
+from adsa_core.model.llamagen import FeedForward, RMSNorm, SkinnyLinear  # noqa: E402
 from adsa_core.model.skinny_matmul import MAX_ROWS, partials, takes  # noqa: E402
 
 
@@ -43,23 +44,22 @@ def test_the_kernel_matches_a_float64_matmul(name, rows):
     torch.testing.assert_close(got.sum(0).double(), want, rtol=1e-3, atol=1e-3)  # fp32 sums of exact bf16 products
 
 
-def test_the_layer_compiled_and_graphed_matches_cublas():
-    layer = SkinnyLinear(torch.randn(7168, 1280, device="cuda", dtype=torch.bfloat16) / 1280**0.5)
-
-    def swiglu(x):  # as FeedForward uses the fused w1/w3 product
-        gate, up = layer(x).chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    compiled = torch.compile(swiglu, dynamic=False)
+def test_the_engines_feed_forward_compiled_and_graphed_matches_float64():
+    """As the engine's compiled step runs the feed-forward at a few rows: the fused w1/w3 through the kernel
+    (FeedForward after fuse()), the SwiGLU adding its 5 slices, w2 through the kernel as a SkinnyLinear."""
+    torch.manual_seed(0)
+    ff = FeedForward(gpt_preset("GPT-XL", 384)).to("cuda", torch.bfloat16)
+    ff.fuse()
+    ff.w2 = SkinnyLinear(ff.w2.weight)
     x = torch.randn(2, 1, 1280, device="cuda", dtype=torch.bfloat16)
-    assert takes(x, layer.weight) and not takes(torch.randn(MAX_ROWS + 1, 1280, device="cuda",
-                                                            dtype=torch.bfloat16), layer.weight)
-    g, out = captured(compiled, x)
+    assert ff.w13.shape == GPT_XL["w13"] and takes(x, ff.w13)
+    assert not takes(torch.randn(MAX_ROWS + 1, 1280, device="cuda", dtype=torch.bfloat16), ff.w13)
+    g, out = captured(torch.compile(ff, dynamic=False), x)
     x.copy_(torch.randn_like(x))  # the graph reads the new input
-    gate, up = F.linear(x.float(), layer.weight.float()).chunk(2, dim=-1)
-    want = F.silu(gate) * up
     g.replay()
-    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    gate, up = (x.double() @ ff.w13.double().T).chunk(2, dim=-1)
+    want = (F.silu(gate) * up) @ ff.w2.weight.double().T
+    torch.testing.assert_close(out.double(), want, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("shape", [GPT_XL["wo"], GPT_XL["w2"]])
