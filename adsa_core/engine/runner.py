@@ -255,6 +255,7 @@ class ModelRunner:
             g.replay()
         return self.rows.logits[:B]
 
+    @torch.no_grad()  # as decode: under autograd the compile would trace a backward through the skinny kernel's op
     def capture_all(self, then: StepHook | None = None, key: int = 0) -> int:
         """Capture every bucket's graph for `key` now, so that no step waits mid-serving for a capture (or a
         compile of a new shape). Returns how many were captured."""

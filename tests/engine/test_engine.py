@@ -437,3 +437,17 @@ def test_a_class_label_enters_through_the_decode_step_whatever_the_vocabulary():
     ev = run_all(make_engine(models), reqs)
     got_codes = torch.stack([codes_of(ev, "0"), codes_of(ev, "1")])
     assert torch.equal(got_codes, generate(gpt, labels, sp, seeds=torch.tensor([0, 1])))
+
+
+def test_the_warm_up_capture_runs_without_autograd(monkeypatch):
+    """The server captures every bucket's graph at warm-up (`capture_graphs`), outside any step. The weights
+    require grad, so a capture under autograd makes torch.compile trace a backward through the skinny matmul's
+    custom op, which has none, and the engine fails to start (a GPU server at main 24f18db, run 31)."""
+    eng = make_engine(tiny_models(), "adsa", 0.5)
+    assert any(p.requires_grad for p in eng.models.gpt.parameters())  # what made the capture trace a backward
+    grad_enabled: list[bool] = []
+    monkeypatch.setattr(eng.runner, "use_graphs", True)  # as on a GPU
+    monkeypatch.setattr(eng.runner, "_capture", lambda B, then, key: grad_enabled.append(torch.is_grad_enabled()))
+    assert eng.runner.capture_all() == len(eng.runner.buckets) == len(grad_enabled)
+    assert not any(grad_enabled)
+    eng.close()
