@@ -70,10 +70,6 @@ def _pool_attention_kernel(
         budget = tl.load(budget_ptr + b)
         position = tl.load(position_ptr + b)
         full = n_old >= budget
-        n = tl.minimum(n_old + 1, budget)  # valid slots after this write
-        for a in tl.static_range(AHEAD):  # the first blocks on their way while the old slot is read and staged
-            _prefetch_block(k_ptr, v_ptr, pos_ptr, inv_ptr, bt_ptr + b * stride_bt, hk, a * BLOCK_N, n, HKV, PAGE, D,
-                            BLOCK_N)
         # the row's whole block table, loaded beside the victim rather than after it: the write slot's page
         # is then a masked reduction in the program (through shared memory with 2 warps), not a dependent
         # global load before the old K/V can be read
@@ -88,6 +84,7 @@ def _pool_attention_kernel(
         old_inv = tl.load(inv_ptr + wmeta)
         old_pos = tl.load(pos_ptr + wmeta)
         local = tl.load(hi_ptr + b)
+        n = tl.minimum(n_old + 1, budget)  # valid slots after this write
         if EARLY:
             _prefetch_row(k_ptr, v_ptr, pos_ptr, inv_ptr, bt_ptr + b * stride_bt, hk, n, HKV, PAGE, D, BLOCK_N)
             pdl_enter(PDL)
@@ -121,9 +118,6 @@ def _pool_attention_kernel(
         n = tl.load(n_ptr + b)
         hi = tl.load(hi_ptr + b)
         pick = n >= 0
-        for a in tl.static_range(AHEAD):
-            _prefetch_block(k_ptr, v_ptr, pos_ptr, inv_ptr, bt_ptr + b * stride_bt, hk, a * BLOCK_N, n, HKV, PAGE, D,
-                            BLOCK_N)
     evicting = pick & ((mode == MODE_ADSA) | (mode == MODE_WINDOW) | scoring)
     lse_row = lse_ptr + b * stride_lb + hk * G
     q_row = q_ptr + b * stride_qb + hk * G * stride_qh
@@ -315,8 +309,9 @@ def default_config(G: int, D: int, page: int, programs: int, fp8: bool = False) 
     one-warp program holds one block's loads at a time, and 16 programs an SM (128 registers) keep too few bytes in
     flight to cover the memory latency; a prefetch holds no register. fp8 K/V at 1024 rows x 144 slots, with the
     write: 151 -> 138 µs (read-only 151 -> 126); in the engine at batch 512, 5.22 -> 4.84 ms a step. Two blocks
-    ahead measured the same as one. Only where the conditional rescale is on: offline, the bf16 launch's eager
-    rescale would lose occupancy to the prefetch's registers (12 -> 8 programs an SM), and it is unmeasured.
+    ahead measured the same as one, and so did prefetching the first block before the write's reads. Only where
+    the conditional rescale is on: offline, the bf16 launch's eager rescale would lose occupancy to the prefetch's
+    registers (12 -> 8 programs an SM), and it is unmeasured.
 
     The conditional rescale pays where it buys occupancy (run 24): fp8 K/V with the write on a large grid goes
     from 163 to 128 registers, 12 -> 16 programs an SM, and 180.8 -> 154.6 us for 1024 rows. Where the programs
