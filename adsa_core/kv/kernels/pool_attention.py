@@ -263,7 +263,7 @@ def _prefetch_row(k_ptr, v_ptr, pos_ptr, inv_ptr, bt_row, hk, n, HKV: tl.constex
 def _prefetch_block(k_ptr, v_ptr, pos_ptr, inv_ptr, bt_row, hk, start, n, HKV: tl.constexpr, PAGE: tl.constexpr,
                     D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The K/V, positions and statistics of slots [start, start + BLOCK_N) into L2; nothing when start >= n. Lanes
-    past n fetch the scratch page (id 0): harmless."""
+    past n fetch from their block's page or the scratch page (id 0): valid memory, read by no one."""
     if start < n:
         slot = start + tl.arange(0, BLOCK_N)
         if PAGE % BLOCK_N == 0:  # one page: a uniform id, so the block's offsets are its first slot's plus a range
