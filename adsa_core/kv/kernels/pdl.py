@@ -60,7 +60,8 @@ def pdl_enter(PDL: tl.constexpr):
 
 @triton.jit
 def prefetch_l2(ptrs):
-    """prefetch.global.L2 of the 128-byte line holding each pointer: before a kernel's PDL wait, data it will read
-    can be on its way from HBM while the kernel before it finishes, without holding registers."""
+    """prefetch.global.L2 of the 128-byte line holding each pointer: data a kernel will read is on its way from
+    HBM without holding registers, before its PDL wait (the kernel before it still finishing) or a block ahead of
+    its loads (pool_attention's large-grid loop)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64)],
                               dtype=tl.int32, is_pure=False, pack=1)

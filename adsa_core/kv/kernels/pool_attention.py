@@ -253,8 +253,7 @@ def _pool_attention_kernel(
 @triton.jit
 def _prefetch_row(k_ptr, v_ptr, pos_ptr, inv_ptr, bt_row, hk, n, HKV: tl.constexpr, PAGE: tl.constexpr,
                   D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The K/V, positions and statistics of the row's slots [0, n) into L2, block by block. Lanes past n fetch
-    the scratch page (id 0): harmless."""
+    """Every block of the row's slots [0, n) into L2 (`_prefetch_block`)."""
     for start in range(0, n, BLOCK_N):
         _prefetch_block(k_ptr, v_ptr, pos_ptr, inv_ptr, bt_row, hk, start, n, HKV, PAGE, D, BLOCK_N)
 
