@@ -67,6 +67,11 @@ def _check_decode(make_case) -> int:
         position = 2 * case["pos_cache"].numel() + torch.arange(B)  # newer than every stored position
         local = (position + 1 - case["evict_hi"]).int().clamp_min(1)
         mode = torch.tensor([1, 2, 3] * (B // 3), dtype=torch.int32)  # adsa, window, line
+        # row 1 (window, full after the write): head 0's newest slot is its only candidate, at the edge of the
+        # local window, hi = position + 1 - local, so the window's bound is checked to the position
+        slots, page = torch.arange(int(n_stored[1])), case["k_cache"].shape[2]
+        newest = int(case["pos_cache"][case["block_table"][1, slots // page].long(), 0, slots % page].max())
+        case["evict_lo"][1], local[1] = newest, int(position[1]) + 1 - newest
         rows = DecodeRows(case["block_table"], n_stored, budget, case["evict_lo"], local, mode, position)
         k_new, v_new = torch.randn(2, B, Hkv, D, generator=g)
 
@@ -87,6 +92,7 @@ def _check_decode(make_case) -> int:
         torch.testing.assert_close(got_out, ref_out, rtol=1e-5, atol=1e-5)
         full, n_slots = rows.after_write()
         assert full.any() and (got.victim[n_slots >= budget] >= 0).any() and (got.victim[n_slots < budget] == -1).all()
+        assert int(got.victim[1, 0]) >= 0  # the edge case above has its victim
         n += 1
     return n
 
