@@ -375,7 +375,7 @@ class GenerationService:
             kv_cache_dtype=s.kv_cache_dtype,
             sampling_defaults=dict(info.sampling_defaults or {}),
             limits=ModelLimits(
-                max_images_per_request=MAX_IMAGES,
+                max_images_per_request=min(MAX_IMAGES, info.max_images_per_call),  # more are refused (422)
                 max_batch_size=info.max_batch_size,
                 max_queue=s.max_queue,
                 max_body_bytes=s.max_body_bytes,

@@ -138,6 +138,7 @@ class ModelInfo:
     default_budget: int  # KV slots per sequence when a request asks for none
     seq_len: int  # tokens a sequence holds without eviction
     max_batch_size: int  # images decoded together at most
+    max_images_per_call: int  # images one submission can ever queue (the queue and the batch): more are invalid
     sampling_defaults: dict = field(default_factory=dict)  # the checkpoint's recommended sampling settings
     kv_cache_dtype: str = ""  # storage dtype of the KV pool, e.g. "bfloat16", "float8_e4m3fn"
     kv_pool_bytes: int = 0  # device bytes of the KV pool

@@ -63,6 +63,7 @@ class Scheduler:
         self.page_size = page_size
         self.max_queue = max_queue
         self.max_rows = max_rows
+        self.n_slots = n_slots
         self._free_rows = list(range(max_rows - 1, -1, -1))  # popped from the end: lowest first
         self._free_slots = list(range(n_slots - 1, -1, -1))
         self._waiting: list[tuple[int, int, Schedulable]] = []  # heap of (-priority, order, item)
@@ -86,6 +87,11 @@ class Scheduler:
         """Images that may still be queued: max_queue waiting, beyond those the batch's free slots will
         take at the next plan (a burst into an idle engine of capacity max_batch + max_queue fits)."""
         return self.max_queue + len(self._free_slots) - len(self._waiting)
+
+    @property
+    def queue_capacity(self) -> int:
+        """queue_room of an idle engine: the most images one submission can ever queue."""
+        return self.max_queue + self.n_slots
 
     def pages_needed(self, n_seqs: int, budget: int) -> int:
         return n_seqs * pages_for(budget, self.page_size)

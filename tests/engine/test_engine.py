@@ -304,6 +304,18 @@ def test_full_queue_refuses_and_changes_nothing():
         eng.submit(GenerationRequest(condition=4, seed=4, request_id="4"), lambda ev: None)
 
 
+def test_a_submission_no_queue_could_ever_hold_is_invalid_not_full():
+    """More images in one submission than an idle engine queues (max_queue + max_batch) would be refused
+    however long the client waited: an InvalidRequest (HTTP 422/400), not a QueueFull whose 429 invites a retry."""
+    eng = make_engine(tiny_models(UNSEEN), max_queue=2, max_batch_size=2)
+    reqs = [GenerationRequest(condition=i, seed=i, request_id=str(i)) for i in range(5)]
+    with pytest.raises(InvalidRequest, match="5 images in one request: this server queues at most 4"):
+        eng.submit_all(reqs, [lambda ev: None] * 5)
+    assert not eng.requests and eng.scheduler.num_waiting == 0
+    assert eng.stats().requests_total_by_status == {"invalid": 5}
+    assert eng.submit_all(reqs[:4], [lambda ev: None] * 4) == ["0", "1", "2", "3"]  # the most that fits does
+
+
 @pytest.mark.parametrize("bad", [
     dict(condition=7), dict(condition=-1), dict(condition=True),
     dict(condition=1, cache=CacheConfig(policy="adsa", budget=5, local=7)),

@@ -88,6 +88,7 @@ class FakeEngine:
             default_budget=8,
             seq_len=(1 if model_type == "c2i" else 120) + tokens - 1,  # condition + image tokens - 1, as the real one
             max_batch_size=max_batch_size,
+            max_images_per_call=max_queue + max_batch_size,
             sampling_defaults={"cfg_scale": 4.0, "temperature": 1.0},
             kv_cache_dtype="float32",
             kv_pool_bytes=65536,

@@ -260,11 +260,34 @@ def test_fp8_kv_cache(small_server, live_server):
 
 
 def test_queue_full_is_429(small_server):
+    """The small server queues 5 images (batch 1 + queue 4). Two requests of 5 sent together: whichever arrives
+    second finds the first's images in the way (seconds of work) and gets a 429 to retry; the first runs."""
+
+    def post(_) -> httpx.Response:
+        with small_server.client() as c:
+            return c.post("/v1/generate", json={"class_label": 1, "n": 5})
+
+    with ThreadPoolExecutor(2) as pool:
+        rs = list(pool.map(post, range(2)))
+    assert sorted(r.status_code for r in rs) == [200, 429]
+    refused = next(r for r in rs if r.status_code == 429)
+    error = refused.json()["error"]
+    assert error["code"] == "queue_full" and int(refused.headers["retry-after"]) >= 1
+    assert "this request adds 5" in error["message"], error
+    wait_for(lambda: idle(small_server))
+
+
+def test_a_request_no_queue_could_hold_is_refused_as_invalid(small_server):
+    """6 images where the server can ever queue 5: a 4xx that says so, not a 429 that a retry cannot cure."""
     with small_server.client() as c:
-        r = c.post("/v1/generate", json={"class_label": 1, "n": 16})
-    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
-    assert int(r.headers["retry-after"]) >= 1
-    wait_for(lambda: idle(small_server))  # the admitted part of the job was withdrawn
+        assert c.get("/v1/models").json()["data"][0]["limits"]["max_images_per_request"] == 5  # what it says
+        r = c.post("/v1/generate", json={"class_label": 1, "n": 6})
+        o = c.post("/v1/images/generations", json={"prompt": "1", "n": 6})
+    assert (r.status_code, o.status_code) == (422, 400) and "retry-after" not in r.headers
+    for error in (r.json()["error"], o.json()["error"]):
+        assert error["code"] == "invalid_request", error
+        assert "6 images in one request: this server queues at most 5" in error["message"], error
+    assert idle(small_server)
 
 
 def test_sigterm_drains_then_exits_0(small_server):
