@@ -294,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run_sync(cfg)
     summary = write_run(cfg.out, cfg, result)
     sat = summary["saturation"]
-    rps = summary["saturation_point_rps"]
+    rps, capacity = summary["saturation_point_rps"], sat["capacity_images_per_s"]
     print(
         f"wrote {cfg.out / 'summary.md'} (saturation point: {'not reached' if rps is None else f'{rps} req/s'}; "
-        f"capacity: {sat['capacity_images_per_s']} images/s)",
+        f"capacity: {'none measured' if capacity is None else f'{capacity:.2f} images/s'})",
         file=sys.stderr,
     )
     return 0 if summary["totals"]["ok"] > 0 else 3
