@@ -48,7 +48,7 @@ from .runner import ModelRunner
 from .sampler import Sampler, uses_sampling_kernel
 from .scheduler import Scheduler, StepPlan
 from .step_clock import StepClock, StepTiming
-from .validation import encode_prompts, validate_request
+from .validation import check_submission_size, encode_prompts, validate_request
 
 log = logging.getLogger("adsa.engine")
 
@@ -91,15 +91,12 @@ class Engine:
 
     def submit_all(self, reqs: list[GenerationRequest], sinks: list[Sink]) -> list[str]:
         """Queue requests together or not at all (one HTTP call's images). Raises InvalidRequest or QueueFull."""
-        if len(reqs) > self.scheduler.queue_capacity:  # no wait would make room: not a 429 to retry
-            self.stats_.count("invalid", len(reqs))
-            raise InvalidRequest(f"{len(reqs)} images in one request: this server queues at most "
-                                 f"{self.scheduler.queue_capacity} at once; send them in smaller requests")
-        if len(reqs) > self.scheduler.queue_room:  # refusals are outcomes too (adsa_requests_total)
-            self.stats_.count("rejected", len(reqs))
-            raise QueueFull(f"{self.scheduler.num_waiting} images are waiting and this request adds {len(reqs)} "
-                            f"(room for {self.scheduler.queue_room})")
         try:
+            check_submission_size(len(reqs), self.scheduler.queue_capacity)  # before the 429: no wait would help
+            if len(reqs) > self.scheduler.queue_room:  # refusals are outcomes too (adsa_requests_total)
+                self.stats_.count("rejected", len(reqs))
+                raise QueueFull(f"{self.scheduler.num_waiting} images are waiting and this request adds {len(reqs)} "
+                                f"(room for {self.scheduler.queue_room})")
             encode_prompts(reqs, self.cfg, self.models.text_encoder)  # after the queue check: refusals cost nothing
             caches = [validate_request(r, self.cfg, self.default_cache, self.scheduler.fits_ever) for r in reqs]
         except InvalidRequest:

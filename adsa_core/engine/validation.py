@@ -44,6 +44,13 @@ def validate_request(req: GenerationRequest, cfg: GPTConfig, default_cache: Reso
     return cache
 
 
+def check_submission_size(n_images: int, queue_capacity: int) -> None:
+    """One submission's images all queue or none do: more than an idle engine queues would be refused forever."""
+    if n_images > queue_capacity:
+        raise InvalidRequest(f"{n_images} images in one request: this server queues at most {queue_capacity} at once; "
+                             "send them in smaller requests")
+
+
 def encode_prompts(reqs: list[GenerationRequest], cfg: GPTConfig, text_encoder: object | None) -> None:
     """t2i prompts -> caption features and masks, in place, one batch for all of them."""
     todo = [r for r in reqs if r.prompt is not None]
