@@ -127,7 +127,7 @@ def _pick(logits: torch.Tensor, cfg_scale: float | None, seeds: torch.Tensor, po
 
 def _decode_step(model: Transformer, cache: StaticKVCache, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
     cache.input_pos = input_pos
-    return model.forward_embeddings(h, input_pos, cache)[:, -1]
+    return model.forward_embeddings(h, input_pos, cache)[:, -1].float()
 
 
 @functools.cache

@@ -230,14 +230,14 @@ class ModelRunner:
         cache = PoolPrefillCache(self.pool, self.rows, row_ids, valid)
         logits = self.model.forward_embeddings(cond_emb, torch.arange(T, device=self.device), cache)
         self.rows.n_stored[cache.row_t] = cache.counts
-        return logits[:, -1]
+        return logits[:, -1].float()
 
     def _decode(self, B: int) -> None:
         r = self.rows
         h = self.model.embed_step(r.tokens[:B], r.positions[:B])  # (B, 1, dim)
         cache = PoolDecodeCache(self.pool, r, B, self.scale)
         _, n_slots = cache.step.after_write()
-        r.logits[:B] = self.model.forward_embeddings(h, r.positions[:B, None], cache)[:, 0]
+        r.logits[:B] = self.model.forward_embeddings(h, r.positions[:B, None], cache)[:, 0]  # to fp32 in the copy
         r.n_stored[:B] = n_slots
 
     @torch.no_grad()

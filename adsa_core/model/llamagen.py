@@ -306,14 +306,16 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """h: (B, T, dim) input embeddings at `positions` ((T,) or (B, T)). Returns fp32 logits (B, T, V)."""
+        """h: (B, T, dim) input embeddings at `positions` ((T,) or (B, T)). Returns logits (B, T, V) in the model's
+        dtype, as the output head computes them: a caller that wants fp32 converts where it stores them (the
+        decode step's copy into its fp32 buffer does, in the one kernel the copy takes anyway)."""
         freqs_cis = self.freqs_cis[positions]  # (T|B,T, D/2, 2)
         if self.post_pre is not None and cache is not None and h.shape[1] == 1:
             h = self._decode_layers(h, freqs_cis, cache)
         else:
             for layer in self.layers:
                 h = layer(h, freqs_cis, cache, mask)
-        return self.output(self.norm(h)).float()
+        return self.output(self.norm(h))
 
     def _decode_layers(self, h: torch.Tensor, freqs_cis: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The blocks of a decode step with each post and the next pre as one call (`post_pre`)."""
@@ -332,14 +334,14 @@ class Transformer(nn.Module):
         """Teacher-forced logits over condition + image tokens, no cache.
 
         idx: (B, T) image tokens; cond: labels or caption features. Returns (B, T_cond + T, V);
-        row T_cond - 1 predicts image token 0.
+        row T_cond - 1 predicts image token 0. fp32.
         """
         h = torch.cat([self.embed_condition(cond), self.tok_embeddings(idx)], dim=1)
         L = h.shape[1]
         mask = None
         if emb_masks is not None:
             mask = prompt_attention_mask(emb_masks, L)[:, None]  # (B, 1, L, L)
-        return self.forward_embeddings(h, torch.arange(L, device=h.device), None, mask)
+        return self.forward_embeddings(h, torch.arange(L, device=h.device), None, mask).float()
 
 
 def _compile_decode(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
