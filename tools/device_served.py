@@ -44,12 +44,13 @@ def log(msg: str) -> None:
 
 
 def parse_config(text: str) -> dict:
-    """'adsa0.25:fp8' -> policy adsa, budget 0.25, fp8 K/V; 'dense:bf16' -> dense, model dtype."""
-    name, kv = text.split(":")
+    """'adsa0.25:fp8' -> policy adsa, budget 0.25, fp8 K/V; 'dense:bf16' -> dense, model dtype; a third field
+    is the matmuls' dtype ('adsa0.25:fp8:fp8': fp8 matmuls too; left out: the model's)."""
+    name, kv, *matmul = text.split(":")
     policy = name.rstrip("0123456789.")
     budget = name[len(policy):] or None
     return {"label": text, "policy": policy, "budget": float(budget) if budget else None,
-            "kv": "fp8" if kv == "fp8" else "auto"}
+            "kv": "fp8" if kv == "fp8" else "auto", "matmul": matmul[0] if matmul else "auto"}
 
 
 class Server:
@@ -60,6 +61,7 @@ class Server:
             "ADSA_HOST": "127.0.0.1", "ADSA_PORT": str(port), "ADSA_GPT_MODEL": a.gpt_model,
             "ADSA_IMAGE_SIZE": str(a.image_size), "ADSA_VQ_CKPT": a.vq_ckpt, "ADSA_KV_POLICY": cfg["policy"],
             "ADSA_KV_BUDGET": str(cfg["budget"]) if cfg["budget"] else "none", "ADSA_KV_CACHE_DTYPE": cfg["kv"],
+            "ADSA_MATMUL_DTYPE": cfg["matmul"],
             "ADSA_COMPILE_CACHE_DIR": a.compile_cache, "ADSA_MAX_QUEUE": "4096", "ADSA_REQUEST_TIMEOUT_S": "600",
             "ADSA_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
         })
