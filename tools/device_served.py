@@ -190,7 +190,9 @@ def main() -> int:
     p.add_argument("--compile-cache", default="/tmp/adsa-compile-cache")
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--ramp", type=float, default=3.0)
-    p.add_argument("--clients", type=float, default=2.0, help="closed-loop clients per image of max batch")
+    p.add_argument("--clients", type=float, default=3.0,
+                   help="closed-loop clients per image of max batch; at 2 the batch ran part-empty while images "
+                        "were on their way back to clients (run 18), at 3 it stayed full (run 33)")
     p.add_argument("--bench", action="store_true", help="adsa-bench --compile for the same settings and batch")
     p.add_argument("--bench-old", default="", help="also bench this tree (the previous commit) for comparison")
     p.add_argument("--bench-timeout", type=float, default=240)
