@@ -32,6 +32,7 @@ from adsa_core.engine.request import (
     EngineError,
     Finished,
     GenerationRequest,
+    InvalidRequest,
     ModelInfo,
     PartialImage,
     Progress,
@@ -128,17 +129,19 @@ class GenerationService:
                     request_id=f"{engine_id}-{i}",
                 )
             )
-        job.handles = await engine.submit(job.requests)  # all or nothing
+        try:
+            job.handles = await engine.submit(job.requests)  # all or nothing
+        except InvalidRequest as e:  # the engine core's one validation, its field named in this API's words
+            raise invalid(str(e), _param_of(e.field, body)) from None
         return job
 
     @staticmethod
     def _conditions(info: ModelInfo, body: GenerateRequest) -> list[tuple[int | None, str | None]]:
         """(class label, prompt) per image; the engine core checks them against the model."""
         n = body.image_count
-        param = "class_labels" if body.class_labels is not None else "class_label"
         if info.model_type == "t2i":
             if body.prompt is None:
-                raise invalid("this is a text-to-image model: give a prompt, not class labels", param)
+                raise invalid("this is a text-to-image model: give a prompt, not class labels", _condition_param(body))
             return [(None, body.prompt)] * n  # the core encodes the prompt (it owns the text encoder)
         if body.prompt is not None:
             raise invalid(
@@ -397,8 +400,25 @@ def _class_prompt(info: Any) -> str | None:
     )
 
 
+def _condition_param(body: GenerateRequest) -> str:
+    """The field that holds the request's condition."""
+    return "prompt" if body.prompt is not None else "class_labels" if body.class_labels is not None else "class_label"
+
+
+def _param_of(field: str | None, body: GenerateRequest) -> str | None:
+    """The field of `body` an engine refusal names (InvalidRequest.field, in GenerationRequest's words)."""
+    if field == "condition":
+        return _condition_param(body)
+    if field == "cache":
+        return "kv_budget" if body.kv_budget is not None else "policy" if body.policy is not None else None
+    if field == "n_images":
+        return "class_labels" if body.class_labels is not None else "n"
+    return {"seed": "seed", "sampling": "cfg_scale"}.get(field or "")
+
+
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 __all__ = ["EngineError", "GenerationService", "Job", "sse"]
+

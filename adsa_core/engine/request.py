@@ -29,6 +29,13 @@ class InvalidRequest(EngineError):
 
     kind = "invalid_request"
 
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        # what is at fault, in GenerationRequest's words ("condition", "cache", "seed", "sampling",
+        # "forced_tokens"; "n_images": how many were submitted together); the server names its own field from
+        # it. None: not one field
+        self.field = field
+
 
 class QueueFull(EngineError):
     """Too many requests are waiting; try again later. HTTP 429."""

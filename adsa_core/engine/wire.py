@@ -114,13 +114,14 @@ def event_from_wire(kind: str, payload: list[Any]) -> rq.Event | rq.EngineError:
     raise ValueError(f"unknown event kind {kind!r}")
 
 
-def error_to_wire(err: rq.EngineError) -> list[str]:
-    return [err.kind, str(err)]
+def error_to_wire(err: rq.EngineError) -> list[str | None]:
+    return [err.kind, str(err), err.field if isinstance(err, rq.InvalidRequest) else None]
 
 
-def error_from_wire(payload: list[str]) -> rq.EngineError:
-    kind, message = payload
-    return _ERRORS.get(kind, rq.RequestFailed)(message)
+def error_from_wire(payload: list[str | None]) -> rq.EngineError:
+    kind, message, field = payload
+    cls = _ERRORS.get(str(kind), rq.RequestFailed)
+    return rq.InvalidRequest(str(message), field) if cls is rq.InvalidRequest else cls(message)
 
 
 def stats_to_wire(s: EngineStats) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def test_an_unreadable_submission_is_refused_and_the_core_keeps_serving():
     outbox = RecordingOutbox()
     core = EngineCore(tiny_models(UNSEEN), EngineConfig(max_batch_size=2, decode_images=False), outbox)  # type: ignore
     assert core.handle({"t": "add", "batch": 0, "reqs": [{"id": "broken", "seed": 1}]})  # fields missing
-    refused = ["internal_error", "internal error while queueing the request"]
+    refused = ["internal_error", "internal error while queueing the request", None]  # kind, message, field
     assert outbox.sent[-1] == {"t": "ack", "batch": 0, "error": refused}
     assert not core.engine.has_work  # nothing was queued
     good = wire.request_to_wire(GenerationRequest(condition=2, seed=3, request_id="good"))

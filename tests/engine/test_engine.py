@@ -309,29 +309,34 @@ def test_a_submission_no_queue_could_ever_hold_is_invalid_not_full():
     however long the client waited: an InvalidRequest (HTTP 422/400), not a QueueFull whose 429 invites a retry."""
     eng = make_engine(tiny_models(UNSEEN), max_queue=2, max_batch_size=2)
     reqs = [GenerationRequest(condition=i, seed=i, request_id=str(i)) for i in range(5)]
-    with pytest.raises(InvalidRequest, match="5 images in one request: this server queues at most 4"):
+    with pytest.raises(InvalidRequest, match="5 images in one request: this server queues at most 4") as e:
         eng.submit_all(reqs, [lambda ev: None] * 5)
+    assert e.value.field == "n_images"
     assert not eng.requests and eng.scheduler.num_waiting == 0
     assert eng.stats().requests_total_by_status == {"invalid": 5}
     assert eng.submit_all(reqs[:4], [lambda ev: None] * 4) == ["0", "1", "2", "3"]  # the most that fits does
 
 
-@pytest.mark.parametrize("bad", [
-    dict(condition=7), dict(condition=-1), dict(condition=True),
-    dict(condition=1, cache=CacheConfig(policy="adsa", budget=5, local=7)),
-    dict(condition=1, forced_tokens=torch.zeros(3, dtype=torch.long)),
+@pytest.mark.parametrize("bad, field", [
+    (dict(condition=7), "condition"), (dict(condition=-1), "condition"), (dict(condition=True), "condition"),
+    (dict(condition=1, cache=CacheConfig(policy="adsa", budget=5, local=7)), "cache"),
+    (dict(condition=1, forced_tokens=torch.zeros(3, dtype=torch.long)), "forced_tokens"),
+    (dict(condition=1, seed=-1), "seed"),
 ])
-def test_invalid_requests_are_refused(bad):
+def test_invalid_requests_are_refused(bad, field):
+    """Refused, nothing kept, and the refusal names the field at fault (the server turns it into `param`)."""
     eng = make_engine(tiny_models(UNSEEN), max_batch_size=2, kv_pool_tokens=4 * UNSEEN.seq_len)
-    with pytest.raises(InvalidRequest):
-        eng.submit(GenerationRequest(seed=0, **bad), lambda ev: None)
+    with pytest.raises(InvalidRequest) as e:
+        eng.submit(GenerationRequest(**{"seed": 0, **bad}), lambda ev: None)
+    assert e.value.field == field
     assert not eng.requests
 
 
 def test_a_request_larger_than_the_pool_is_refused():
     eng = make_engine(tiny_models(UNSEEN), kv_pool_tokens=UNSEEN.seq_len)  # one sequence, CFG needs two
-    with pytest.raises(InvalidRequest, match="does not fit"):
+    with pytest.raises(InvalidRequest, match="does not fit") as e:
         eng.submit(GenerationRequest(condition=1, seed=0, sampling=SamplingParams(cfg_scale=4.0)), lambda ev: None)
+    assert e.value.field == "cache"
     eng.submit(GenerationRequest(condition=1, seed=0, sampling=SamplingParams(cfg_scale=1.0)), lambda ev: None)
 
 

@@ -40,13 +40,16 @@ def test_requests_events_and_stats_round_trip():
     pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8)
     stats = rq.RequestStats(queue_s=0.5, evictions=7, kv_bytes=1024)
     events = [rq.Progress(3, 9), rq.PartialImage(3, 1, pixels[:2]),
-              rq.Finished(torch.arange(9), pixels, stats), rq.QueueFull("9 waiting"), rq.EngineDead("gone")]
+              rq.Finished(torch.arange(9), pixels, stats), rq.QueueFull("9 waiting"), rq.EngineDead("gone"),
+              rq.InvalidRequest("class label 9 is outside 0..7", "condition"), rq.InvalidRequest("no field")]
     for ev in events:
         rid, kind, payload = wire.loads(wire.dumps({"e": wire.event_to_wire("r", ev)}))["e"]
         got = wire.event_from_wire(kind, payload)
         assert rid == "r" and type(got) is type(ev)
         if isinstance(ev, rq.EngineError):
             assert str(got) == str(ev)
+            if isinstance(ev, rq.InvalidRequest):
+                assert isinstance(got, rq.InvalidRequest) and got.field == ev.field  # the server's `param`
         elif isinstance(ev, rq.Finished):
             assert torch.equal(got.codes, ev.codes) and torch.equal(got.pixels, ev.pixels) and got.stats == stats
         elif isinstance(ev, rq.PartialImage):

@@ -144,11 +144,12 @@ class FakeEngine:
             if self.info.model_type == "c2i" and not (
                 isinstance(req.condition, int) and 0 <= req.condition < self.info.num_classes
             ):
-                raise InvalidRequest(f"class label {req.condition!r} is outside 0..{self.info.num_classes - 1}")
+                raise InvalidRequest(f"class label {req.condition!r} is outside 0..{self.info.num_classes - 1}",
+                                     "condition")
             if self.info.model_type == "c2i" and req.prompt is not None:
-                raise InvalidRequest("this is a class-conditional model: give a class label, not a prompt")
+                raise InvalidRequest("this is a class-conditional model: give a class label, not a prompt", "condition")
             if req.cache is not None and req.cache.budget == 7:  # a budget the fake engine calls impossible
-                raise InvalidRequest("kv budget 7 tokens must be larger than prefix + local window")
+                raise InvalidRequest("kv budget 7 tokens must be larger than prefix + local window", "cache")
         seqs = [_Seq(req, RequestHandle(req.request_id, self._cancel)) for req in reqs]
         self.waiting.extend(seqs)
         return [s.handle for s in seqs]

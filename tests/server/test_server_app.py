@@ -183,6 +183,22 @@ async def test_invalid_requests_are_422(body, fragment):
 
 
 @pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"class_label": 10}, "class_label"),
+        ({"class_labels": [1, 10]}, "class_labels"),
+        ({"prompt": "a red fox"}, "prompt"),
+        ({"class_label": 1, "kv_budget": 7}, "kv_budget"),
+    ],
+)
+async def test_an_engine_refusal_names_the_request_field(body, param):
+    """The engine core knows its own request's fields (InvalidRequest.field); `param` is this API's name."""
+    async with fake_client() as (c, _):
+        r = await c.post("/v1/generate", json=body)
+    assert_error(r, 422, "invalid_request", param)
+
+
+@pytest.mark.parametrize(
     "content, message, param",
     [
         # the request model's own checks: the message alone, no location prefix

@@ -175,20 +175,23 @@ def test_deadline_is_504(live_server):
 
 
 @pytest.mark.parametrize(
-    "body",
+    "body, param",
     [
-        {"prompt": "a cat"},  # text prompt on a class model
-        {"class_label": 1000},  # out of range for this model
-        {"class_label": 1, "kv_budget": 3},  # budget smaller than prefix + local window: the engine refuses
-        {"class_label": 1, "n": 17},
-        {"class_label": "1"},
-        {"class_label": 1, "policy": "nope"},
+        ({"prompt": "a cat"}, "prompt"),  # text prompt on a class model
+        ({"class_label": 1000}, "class_label"),  # out of range for this model: the engine core refuses
+        ({"class_labels": [1, 1000]}, "class_labels"),
+        ({"class_label": 1, "kv_budget": 3}, "kv_budget"),  # smaller than prefix + local window: the core refuses
+        ({"class_label": 1, "n": 17}, "n"),
+        ({"class_label": "1"}, "class_label"),
+        ({"class_label": 1, "policy": "nope"}, "policy"),
     ],
 )
-def test_invalid_inputs_are_422(live_server, body):
+def test_invalid_inputs_are_422(live_server, body, param):
+    """A 422 whose `param` names the field at fault, wherever the check is (schema, service or engine core)."""
     with live_server.client(headers=AUTH) as c:
         r = c.post("/v1/generate", json=body)
-    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+    error = r.json()["error"]
+    assert r.status_code == 422 and (error["code"], error["param"]) == ("invalid_request", param), r.text
 
 
 def test_malformed_unknown_oversized(live_server):
@@ -285,7 +288,7 @@ def test_a_request_no_queue_could_hold_is_refused_as_invalid(small_server):
         o = c.post("/v1/images/generations", json={"prompt": "1", "n": 6})
     assert (r.status_code, o.status_code) == (422, 400) and "retry-after" not in r.headers
     for error in (r.json()["error"], o.json()["error"]):
-        assert error["code"] == "invalid_request", error
+        assert (error["code"], error["param"]) == ("invalid_request", "n"), error
         assert "6 images in one request: this server queues at most 5" in error["message"], error
     assert idle(small_server)
 

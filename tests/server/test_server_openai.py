@@ -61,7 +61,7 @@ async def test_images_by_class_name_with_native_options():
         ({"prompt": "clas 3"}, 400, "invalid_request", "prompt", "closest: 'class3' (3)"),
         ({"prompt": "class3", "quality": "hd"}, 400, "invalid_request", "quality", "Extra inputs"),
         ({"prompt": "class3", "n": 17}, 400, "invalid_request", "n", "less than or equal to 16"),
-        ({"prompt": "class3", "kv_budget": 7}, 400, "invalid_request", None, "kv budget 7"),  # the engine's refusal
+        ({"prompt": "class3", "kv_budget": 7}, 400, "invalid_request", "kv_budget", "kv budget 7"),  # the engine's
         ({"prompt": "class3", "policy": "nope"}, 400, "invalid_request", "policy", "unknown policy"),
         ({"prompt": "class3", "model": "dall-e-3"}, 404, "model_not_found", "model", "not served here"),
         ({"n": 2}, 400, "invalid_request", "prompt", "Field required"),
@@ -194,6 +194,9 @@ def test_openai_client_reads_error_code_and_param(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="tench", size="1024x1024")
     assert (e.value.code, e.value.param) == ("invalid_request", "size") and "32x32" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # the engine core's refusal, named in this API's words
+        client.images.generate(prompt="tench", extra_body={"kv_budget": 3})
+    assert (e.value.code, e.value.param) == ("invalid_request", "kv_budget") and "kv budget 3" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="crane")  # two ImageNet classes are called crane
     assert "134 (crane), 517 (crane)" in e.value.message
