@@ -421,4 +421,3 @@ def sse(event: str, data: dict[str, Any]) -> str:
 
 
 __all__ = ["EngineError", "GenerationService", "Job", "sse"]
-

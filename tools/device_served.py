@@ -36,6 +36,8 @@ from pathlib import Path
 
 import httpx
 
+from adsa_core.loading import MATMUL_DTYPES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,11 +48,14 @@ def log(msg: str) -> None:
 def parse_config(text: str) -> dict:
     """'adsa0.25:fp8' -> policy adsa, budget 0.25, fp8 K/V; 'dense:bf16' -> dense, model dtype; a third field
     is the matmuls' dtype ('adsa0.25:fp8:fp8': fp8 matmuls too; left out: the model's)."""
-    name, kv, *matmul = text.split(":")
+    name, kv, *rest = text.split(":")
     policy = name.rstrip("0123456789.")
     budget = name[len(policy):] or None
+    matmul = rest[0] if rest else "auto"
+    if matmul not in MATMUL_DTYPES:
+        raise SystemExit(f"config {text!r}: matmul dtype {matmul!r} is not one of {', '.join(MATMUL_DTYPES)}")
     return {"label": text, "policy": policy, "budget": float(budget) if budget else None,
-            "kv": "fp8" if kv == "fp8" else "auto", "matmul": matmul[0] if matmul else "auto"}
+            "kv": "fp8" if kv == "fp8" else "auto", "matmul": matmul}
 
 
 class Server:
@@ -161,6 +166,8 @@ def bench_row(cfg: dict, a: argparse.Namespace, batch: int, tree: Path, out: Pat
     module = "adsa_core.eval.bench" if (tree / "adsa_core/eval/bench.py").is_file() else "adsa_core.bench"
     cmd = [sys.executable, "-m", module, "--presets", a.gpt_model, "--image-sizes", str(a.image_size),
            "--no-reference", "--compile", "--waves", "2", "--kv-cache-dtypes", cfg["kv"], "--out", str(out)]
+    if cfg["matmul"] != "auto":  # older trees have no such option: only asked for when a config sets it
+        cmd += ["--matmul-dtypes", cfg["matmul"]]
     if policy == "dense":
         cmd += ["--batches", str(batch), "--policies", ""]
     else:

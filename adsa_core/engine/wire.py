@@ -9,7 +9,7 @@ client -> core   {"t": "add", "batch": n, "reqs": [request, ...]}   all or nothi
                  {"t": "abort_all"}, {"t": "stop"}                   shutdown
 core -> client   {"t": "ready", "info": {...}, "warmup_s": s}        once, after load and warm-up
                  {"t": "fatal", "error": "..."}                      load or warm-up failed; the core exits
-                 {"t": "ack", "batch": n, "error": null | [kind, message]}
+                 {"t": "ack", "batch": n, "error": null | [kind, message, field]}
                  {"t": "out", "events": [[id, kind, payload], ...], "stats": {...} | null, "steps": [[dev, per, rows]]}
 """
 
@@ -119,7 +119,8 @@ def error_to_wire(err: rq.EngineError) -> list[str | None]:
 
 
 def error_from_wire(payload: list[str | None]) -> rq.EngineError:
-    kind, message, field = payload
+    kind, message, *rest = payload  # field: InvalidRequest's only
+    field = rest[0] if rest else None
     cls = _ERRORS.get(str(kind), rq.RequestFailed)
     return rq.InvalidRequest(str(message), field) if cls is rq.InvalidRequest else cls(message)
 

@@ -56,6 +56,8 @@ def test_requests_events_and_stats_round_trip():
             assert torch.equal(got.pixels, ev.pixels) and (got.tokens_done, got.rows_done) == (3, 1)
         else:
             assert got == ev
+    old = wire.error_from_wire(["invalid_request", "from a core that sends no field"])  # [kind, message]
+    assert isinstance(old, rq.InvalidRequest) and old.field is None
     s = EngineStats(running=2, evictions_total=5, requests_total_by_status={"ok": 3})
     assert wire.stats_from_wire(wire.loads(wire.dumps(wire.stats_to_wire(s)))) == s
 

@@ -256,3 +256,14 @@ def test_device_served_reads_the_engine_over_the_steady_window_only():
     assert got["steady_mean_rows"] == (201000 - 1000) / (220 - 20)
     assert got["mean_waiting"] == 4 and got["queue_empty_share"] == 1 / 3
     assert served.steady_window(samples, 5, 9) == {}
+
+
+def test_device_served_configs_name_policy_kv_and_matmul_dtypes():
+    """'policy[budget]:kv[:matmul]'; a matmul dtype the server would refuse at start-up is refused here."""
+    parse = _tool("device_served").parse_config
+    assert parse("adsa0.25:fp8:fp8") == {"label": "adsa0.25:fp8:fp8", "policy": "adsa", "budget": 0.25, "kv": "fp8",
+                                         "matmul": "fp8"}
+    assert parse("dense:bf16") == {"label": "dense:bf16", "policy": "dense", "budget": None, "kv": "auto",
+                                   "matmul": "auto"}
+    with pytest.raises(SystemExit, match="matmul dtype 'bf16' is not one of auto, fp8"):
+        parse("dense:bf16:bf16")
