@@ -4,6 +4,7 @@ swap, queue limits, deadlines, batch invariance)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -330,6 +331,16 @@ def test_invalid_requests_are_refused(bad, field):
         eng.submit(GenerationRequest(**{"seed": 0, **bad}), lambda ev: None)
     assert e.value.field == field
     assert not eng.requests
+
+
+def test_guidance_without_a_null_class_is_refused_as_a_sampling_error():
+    """A checkpoint trained without label dropout has no 'no class' row: CFG cannot run, and the refusal says the
+    sampling settings are at fault (the server names cfg_scale)."""
+    eng = make_engine(tiny_models(dataclasses.replace(UNSEEN, class_dropout_prob=0.0)), max_batch_size=2)
+    with pytest.raises(InvalidRequest, match="no 'no class' embedding") as e:
+        eng.submit(GenerationRequest(condition=1, seed=0, sampling=SamplingParams(cfg_scale=4.0)), lambda ev: None)
+    assert e.value.field == "sampling" and not eng.requests
+    eng.submit(GenerationRequest(condition=1, seed=0, sampling=SamplingParams(cfg_scale=1.0)), lambda ev: None)
 
 
 def test_a_request_larger_than_the_pool_is_refused():

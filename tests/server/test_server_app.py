@@ -12,6 +12,8 @@ from server_fake_engine import FakeEngine, fake_client
 
 from server import Settings, create_app
 from server.errors import to_api_error
+from server.schemas import GenerateRequest
+from server.service import _param_of
 
 pytestmark = pytest.mark.anyio
 
@@ -196,6 +198,27 @@ async def test_an_engine_refusal_names_the_request_field(body, param):
     async with fake_client() as (c, _):
         r = await c.post("/v1/generate", json=body)
     assert_error(r, 422, "invalid_request", param)
+
+
+@pytest.mark.parametrize(
+    "field, body, param",
+    [
+        ("condition", {"class_label": 1}, "class_label"),
+        ("condition", {"class_labels": [1, 2]}, "class_labels"),
+        ("condition", {"prompt": "a fox"}, "prompt"),
+        ("cache", {"class_label": 1, "kv_budget": 0.5}, "kv_budget"),
+        ("cache", {"class_label": 1, "policy": "adsa"}, "policy"),
+        ("cache", {"class_label": 1}, None),  # the server's own default budget: no field of the request
+        ("n_images", {"class_label": 1, "n": 3}, "n"),
+        ("n_images", {"class_labels": [1, 2]}, "class_labels"),
+        ("seed", {"class_label": 1}, "seed"),
+        ("sampling", {"class_label": 1}, "cfg_scale"),
+        (None, {"class_label": 1}, None),
+    ],
+)
+def test_every_engine_field_has_its_api_name(field, body, param):
+    """The whole mapping, including refusals no fake-engine request reaches (a checkpoint without a null class)."""
+    assert _param_of(field, GenerateRequest(**body)) == param
 
 
 @pytest.mark.parametrize(
