@@ -282,7 +282,9 @@ class CacheConfig:
         if local < 1:
             raise ConfigError(f"kv local window {local} must be at least 1")
         if budget < seq_len and budget <= prefix + local:
-            raise ConfigError(f"kv budget {budget} tokens must be larger than prefix {prefix} + local window {local}")
+            hint = " (an integer counts tokens: the whole cache is 1.0)" if self.budget == 1 else ""
+            raise ConfigError(f"kv budget {budget} token{'s' * (budget != 1)} must be larger than prefix {prefix} + "
+                              f"local window {local}{hint}")
         return ResolvedCache(self.policy, budget, prefix, local, seq_len)
 
 

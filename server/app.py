@@ -73,7 +73,8 @@ class BodyLimitMiddleware:
     its body (the routes' own key check is the same function, deps.api_key_error).
 
     Also reads a POST body without a JSON content type as JSON: `curl -d '{...}'` sends
-    application/x-www-form-urlencoded, and the API only ever takes JSON bodies."""
+    application/x-www-form-urlencoded, a browser's `fetch(url, {body: JSON.stringify(...)})` text/plain,
+    and the API only ever takes JSON bodies."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, api_keys: list[str] | None = None,
                  read_timeout_s: float = 30.0):
@@ -114,7 +115,7 @@ class BodyLimitMiddleware:
                 return
         body, replayed = b"".join(chunks), False
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if scope["method"] == "POST" and ctype in (b"", b"application/x-www-form-urlencoded"):
+        if scope["method"] == "POST" and ctype in (b"", b"application/x-www-form-urlencoded", b"text/plain"):
             headers[b"content-type"] = b"application/json"
             # in place, not a copy: the router records the matched route in this same dict, and the
             # metrics middleware outside reads it from there (a copy counted these as "unmatched")

@@ -142,7 +142,7 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     for e in errors[:MAX_ERRORS]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        params.append(loc or None)
+        params.append(loc or (e.get("ctx") or {}).get("param"))  # a check across fields names its own
         if loc:
             parts.append(f"{loc}: {msg}")
         elif e.get("type") == "value_error":  # the request model's own checks name their fields

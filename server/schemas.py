@@ -18,6 +18,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from adsa_core.config import ConfigError, check_budget
 
@@ -41,6 +42,11 @@ def _kv_budget(value: Any) -> Any:
 
 
 KvBudget = Annotated[int | float | None, BeforeValidator(_kv_budget)]
+
+
+def _refusal(message: str, param: str | None = None) -> PydanticCustomError:
+    """A check across fields, worded as is; `param`: the field the error body names (errors.validation_error)."""
+    return PydanticCustomError("value_error", message, {"param": param} if param else None)
 
 
 class ErrorDetail(BaseModel):
@@ -149,13 +155,13 @@ class GenerateRequest(GenerationOptions):
     def _one_condition(self) -> GenerateRequest:
         given = [k for k in _CONDITIONS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of class_label, class_labels or prompt")
+            raise _refusal("give exactly one of class_label, class_labels or prompt")
         if self.class_labels is not None and self.n is not None and self.n != len(self.class_labels):
-            raise ValueError(f"n={self.n} but {len(self.class_labels)} class_labels were given")
+            raise _refusal(f"n={self.n} but {len(self.class_labels)} class_labels were given", "n")
         if self.stream and self.response_format == "png":
-            raise ValueError("stream=true sends base64 images; response_format png is not streamable")
+            raise _refusal("stream=true sends base64 images; response_format png is not streamable", "response_format")
         if self.response_format == "png" and self.image_count > 1:
-            raise ValueError("response_format png returns one image; use b64_json for n > 1")
+            raise _refusal("response_format png returns one image; use b64_json for n > 1", "response_format")
         return self
 
     @property

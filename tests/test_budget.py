@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from adsa_core import cli
-from adsa_core.config import CacheConfig, ConfigError, parse_budget
+from adsa_core.config import CacheConfig, ConfigError, GPTConfig, parse_budget
 from adsa_core.eval import fidelity
 from loadtest.cli import build_run_parser, workload_from_args
 from server.__main__ import load_settings
@@ -87,3 +87,16 @@ def test_server_settings_read_budgets_with_it(monkeypatch, capsys):
         load_settings([])
     assert e.value.code == 2
     assert "invalid setting kv_budget: Value error, kv budget -3 tokens must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget, message", [
+    (1, "kv budget 1 token must be larger than prefix 1 + local window 9 (an integer counts tokens: the whole cache is "
+        "1.0)"),  # JSON clients (JavaScript's JSON.stringify(1.0) is "1") meant the whole cache
+    (4, "kv budget 4 tokens must be larger than prefix 1 + local window 9"),
+])  # fmt: skip
+def test_a_budget_too_small_for_its_regions_says_so(budget, message):
+    cfg = GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=64, num_classes=10)
+    with pytest.raises(ConfigError) as e:
+        CacheConfig(policy="adsa", budget=budget, local=9).resolve(cfg)
+    assert str(e.value) == message
+    assert CacheConfig(policy="adsa", budget=1.0).resolve(cfg).budget == cfg.seq_len

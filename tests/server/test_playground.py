@@ -263,7 +263,8 @@ def test_errors_are_readable(page, demo_server, artifacts):
     page.wait_for_selector("#error:not([hidden])")
     assert page.get_attribute("#error", "data-status") == "422"
     assert re.fullmatch(
-        r"The server rejected these settings: kv budget 1 tokens must be larger than prefix \d+ \+ local window \d+\.",
+        r"The server rejected these settings: kv budget 1 token must be larger than prefix \d+ \+ local window \d+ "
+        r"\(an integer counts tokens: the whole cache is 1\.0\)\.",
         page.inner_text("#error"),
     )
     # the page asks for no more images than the server can ever queue at once (its queue of 4 and batch of 8)

@@ -80,8 +80,9 @@ async def test_generate_json_png_and_alias():
         assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
         r = await c.post("/v1/generate", json={"class_label": 1}, headers={"Accept": "image/png"})
         assert r.headers["content-type"] == "image/png"
-        # `curl -d '{...}'` without -H Content-Type sends form-urlencoded: still JSON to us
-        for ctype in ("application/x-www-form-urlencoded", None):
+        # `curl -d '{...}'` without -H Content-Type sends form-urlencoded, a browser's fetch of a string text/plain:
+        # still JSON to us
+        for ctype in ("application/x-www-form-urlencoded", "text/plain;charset=UTF-8", None):
             headers = {"Accept": "image/png"} | ({"Content-Type": ctype} if ctype else {})
             r = await c.post("/v1/generate", content=b'{"class_label": 3}', headers=headers)
             assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
@@ -224,14 +225,19 @@ def test_every_engine_field_has_its_api_name(field, body, param):
 @pytest.mark.parametrize(
     "content, message, param",
     [
-        # the request model's own checks: the message alone, no location prefix
+        # the request model's own checks across fields: the message alone, and the field they name, if one
         (
             '{"class_label": 1, "n": 2, "response_format": "png"}',
             "response_format png returns one image; use b64_json for n > 1",
-            None,
+            "response_format",
+        ),
+        (
+            '{"class_label": 1, "stream": true, "response_format": "png"}',
+            "stream=true sends base64 images; response_format png is not streamable",
+            "response_format",
         ),
         ("{}", "give exactly one of class_label, class_labels or prompt", None),
-        ('{"class_labels": [1, 2], "n": 3}', "n=3 but 2 class_labels were given", None),
+        ('{"class_labels": [1, 2], "n": 3}', "n=3 but 2 class_labels were given", "n"),
         # a field's own check: the field, then the message
         ('{"class_label": 1, "n": 17}', "n: Input should be less than or equal to 16", "n"),
         # a body that is not an object at all, or none (curl -d '' sends an empty body)
