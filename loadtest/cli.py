@@ -119,7 +119,8 @@ def build_run_parser() -> argparse.ArgumentParser:
         "--probe-concurrency",
         type=_positive_int,
         default=None,
-        help="first run a closed-loop capacity probe with this many clients (e.g. 2 x the server's max batch)",
+        help="first run a closed-loop capacity probe with this many clients (e.g. 3 x the server's max batch: at 2 x "
+        "the batch can run part-empty while finished images travel back to their clients)",
     )
     g.add_argument(
         "--probe-duration", type=_positive_float, default=None, help="seconds of the probe (default --duration)"
