@@ -6,7 +6,10 @@ token decoding, so its cost per image counts directly against images/s.
 Variants: eager (NCHW), channels_last (eager, weights channels-last), cudnn_benchmark, compile
 (torch.compile of decode_code, dynamic=False), compile_channels_last (a channels-last copy of the
 model, its latents made channels-last at the first conv, then compiled the same way) and
-compile_cudnn_benchmark (compile with cuDNN's autotuner). Before timing,
+compile_cudnn_benchmark (compile with cuDNN's autotuner) and compile_max_autotune (Inductor's
+max-autotune: each conv the faster of cuDNN and Inductor's Triton templates, and its coordinate descent
+over the launch parameters of the Triton kernels it writes) and compile_coordinate_descent (that descent
+alone). Before timing,
 each variant's images for the first chunk are compared with eager NCHW's: the run stops if they are
 not the same images (--tol). --profile also prints one chunk's GPU time per image by kind of kernel
 (docs/PERFORMANCE.md, run 25: 92 % of it is convolutions).
@@ -30,12 +33,16 @@ from adsa_core.config import VQConfig
 from adsa_core.model.checkpoint import load_vq
 from adsa_core.model.vq import VQModel
 
-VARIANTS = ("eager", "channels_last", "cudnn_benchmark", "compile", "compile_channels_last", "compile_cudnn_benchmark")
+VARIANTS = ("eager", "channels_last", "cudnn_benchmark", "compile", "compile_channels_last", "compile_cudnn_benchmark",
+            "compile_max_autotune", "compile_coordinate_descent")
 # kernel name fragments -> what a decode's GPU time is spent on (first match wins), for --profile
+# Inductor's pointwise and reduction kernels come before the convolutions: their names list every op fused into
+# them, a convolution's bias among them (before run 34 their GroupNorms were counted as convolutions)
 KINDS = (
     ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose")),
-    ("convolutions (cuDNN / CUTLASS)", ("conv", "xmma", "cudnn", "sm90_", "cutlass", "implicit", "gemm", "nvjet")),
-    ("Inductor (GroupNorm, swish, adds, upsample)", ("triton_",)),
+    ("Inductor (GroupNorm, swish, adds, upsample)", ("triton_poi_", "triton_red_", "triton_per_")),
+    ("convolutions and matmuls (cuDNN, cuBLAS, templates)",
+     ("conv", "xmma", "cudnn", "sm90_", "cutlass", "implicit", "gemm", "nvjet", "triton_")),
 )
 
 
@@ -75,16 +82,20 @@ def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return torch.compile(vq.decode_code, dynamic=False)
     if variant == "compile_channels_last":
         return torch.compile(channels_last_decoder(vq), dynamic=False)
+    if variant == "compile_max_autotune":  # Inductor times its Triton conv templates against cuDNN, per conv
+        return torch.compile(vq.decode_code, dynamic=False, mode="max-autotune-no-cudagraphs")
+    if variant == "compile_coordinate_descent":  # only the Triton kernels' launch parameters tuned (Inductor's)
+        return torch.compile(vq.decode_code, dynamic=False, options={"coordinate_descent_tuning": True})
     return vq.decode_code
 
 
-def print_profile(fn, codes: torch.Tensor, variant: str, chunk: int) -> None:
-    """GPU time per image of one chunk's decode, by kind of kernel, and the largest kernels of each kind."""
+def print_profile(fn, codes: torch.Tensor, variant: str, chunk: int, top: int) -> None:
+    """GPU time per image of one chunk's decode, by kind of kernel, and the `top` largest kernels of each kind."""
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(codes[:chunk])
         torch.cuda.synchronize()
     print(f"{variant}, chunk {chunk}:")
-    print_by_part(prof, chunk, {}, parts=KINDS, per="image")
+    print_by_part(prof, chunk, {}, parts=KINDS, per="image", top=top)
 
 
 def same_images(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> tuple[float, float]:
@@ -114,6 +125,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=0.05,
                    help="largest mean |diff| from eager NCHW's images on the first chunk (the max may be 10x)")
     p.add_argument("--profile", action="store_true", help="also print each variant's GPU time by kind of kernel")
+    p.add_argument("--profile-top", type=int, default=3, help="with --profile: the largest kernels listed per kind")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     variants = a.variants.split(",")
@@ -143,7 +155,7 @@ def main() -> None:
                          "peak_mib": round(peak / 2**20, 1), **diff, "card": torch.cuda.get_device_name()})
             print(json.dumps(rows[-1]), flush=True)
             if a.profile:
-                print_profile(fn, codes, variant, chunk)
+                print_profile(fn, codes, variant, chunk, a.profile_top)
         if variant == "channels_last":
             vq.to(memory_format=torch.contiguous_format)
     if a.out:
