@@ -10,6 +10,7 @@ in flight end with 503 engine_dead, /healthz fails, and the server exits non-zer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -89,7 +90,9 @@ class Runtime:
         in flight at once (503 draining), also when a drain is under way (it is cancelled, its engine runs)."""
         self.draining = True
         if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
+            self._load_task.cancel()  # a core still loading is killed, and waited for, before the server exits
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
         if self.engine is not None and (now or not self._stopped):
             self._stopped = True
             await self.engine.shutdown(drain=not now, timeout=timeout)

@@ -195,7 +195,14 @@ class ProcessEngineClient:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self._proc = subprocess.Popen(launch_args(self.spec, self.config, to_core, from_core), env=env)
         threading.Thread(target=self._watch, args=(self._proc, loop), name="adsa-engine-watch", daemon=True).start()
-        await self._started
+        try:
+            await self._started
+        except asyncio.CancelledError:  # the server stops while the core loads: it holds nothing worth a drain
+            self._stopping = True
+            self._proc.kill()
+            await asyncio.to_thread(self._proc.wait)
+            self._release()
+            raise
 
     def _watch(self, proc: subprocess.Popen, loop: asyncio.AbstractEventLoop) -> None:
         rc = proc.wait()
@@ -242,6 +249,10 @@ class ProcessEngineClient:
                 self._proc.kill()
         self._stopping = True
         self._fail_everything(EngineDraining("the server shut down before this request finished"))
+        self._release()
+
+    def _release(self) -> None:
+        """The API side's resources: the reader, the sockets and their directory, the PNG threads."""
         if self._reader is not None:
             self._reader.cancel()
         self._ctx.destroy(linger=0)

@@ -12,7 +12,8 @@ decode completed (an event query), so the core has one thread and one output soc
 A step that raises fails the requests in its batch (logged with their ids) and the loop goes on;
 three failures in a row, or an error while failing them, end the process, which the client sees.
 The core ignores SIGINT and SIGTERM (the API process drains and then tells it to stop) and exits
-when its parent dies, so it never outlives the server holding the GPU.
+when its parent dies, from its first moment on (`_exit_when_orphaned`), so it never outlives the server
+holding the GPU: not while serving, and not while it loads and warms up, which takes minutes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -41,7 +43,8 @@ from .step_clock import StepTiming
 
 log = logging.getLogger("adsa.engine")
 
-IDLE_POLL_MS = 200  # how long an idle loop waits for input before checking on its parent
+IDLE_POLL_MS = 200  # how long an idle loop waits for input before it sends stats (its sign of life)
+ORPHAN_POLL_S = 0.2  # how often the core looks whether the API process that started it is still there
 STATS_EVERY_S = 0.05  # stats go out with events at most this often while busy (and whenever idle)
 MAX_FAILED_STEPS = 3  # consecutive failing steps that mean the engine is broken, not one batch
 
@@ -100,7 +103,6 @@ class EngineCore:
 
     # --- the loop ------------------------------------------------------------------------------------
     def run(self, inbox: zmq.Socket) -> None:
-        parent = os.getppid()
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
         while True:
@@ -118,9 +120,6 @@ class EngineCore:
             elif busy:
                 self.engine.clock.reset()  # went idle: the next step's period must not count the pause
             self.flush(force=not self.engine.has_work)
-            if os.getppid() != parent:
-                log.error("the API process is gone: stopping")
-                return
 
     def step(self) -> None:
         try:
@@ -200,7 +199,8 @@ def launch_args(spec: ModelSpec, config: EngineConfig, input_address: str, outpu
     """The command line that starts a core (the client runs it with the same interpreter)."""
     cfg = asdict(config)
     return [sys.executable, "-m", "adsa_core.engine", "--spec", json.dumps(asdict(spec)),
-            "--config", json.dumps(cfg), "--input", input_address, "--output", output_address]
+            "--config", json.dumps(cfg), "--input", input_address, "--output", output_address,
+            "--parent-pid", str(os.getpid())]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="EngineConfig as JSON")
     p.add_argument("--input", required=True, help="zmq address the client pushes requests to")
     p.add_argument("--output", required=True, help="zmq address the core pushes events to")
+    p.add_argument("--parent-pid", type=int, required=True, help="the API process: the core exits once it is gone")
     a = p.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGTERM):  # the API process decides when the core stops
         signal.signal(sig, signal.SIG_IGN)
     handler = logging.StreamHandler()
     handler.setFormatter(log_formatter(os.environ.get("ADSA_LOG_FORMAT", "text")))  # as the server's lines
     logging.basicConfig(level=os.environ.get("ADSA_ENGINE_LOG_LEVEL", "INFO").upper(), handlers=[handler])
+    threading.Thread(target=_exit_when_orphaned, args=(a.parent_pid,), name="adsa-orphan-watch", daemon=True).start()
     cfg = json.loads(a.config)
     config = EngineConfig(**{**cfg, "default_cache": CacheConfig(**cfg["default_cache"])})
     ctx = zmq.Context()
@@ -241,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         core.close()
         ctx.destroy(linger=2000)
     return 0
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """End the process once `parent` (the API process, passed by pid: it may be gone before this starts) is no
+    longer its parent. Nothing is left to send results to, and SIGTERM is ignored, so this is how a core whose
+    server failed to start (a port in use) or was killed ends, also in the middle of loading or warm-up."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
+    log.error("the API process (pid %d) is gone: exiting", parent)
+    os._exit(1)
 
 
 def _inject_fault(rid: str, marker: str) -> None:
