@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from adsa_core.config import GPTConfig, VQConfig
@@ -47,3 +48,31 @@ def test_fp8_matmul_rows_run_a_quantized_copy_and_the_reference_keeps_the_model(
     fp8 = bench.fp8_matmuls(models)
     assert isinstance(fp8.gpt.layers[0].attention.wqkv, Fp8Linear)
     assert isinstance(models.gpt.layers[0].attention.wqkv, torch.nn.Linear)  # the reference's model is untouched
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--smoke", "--device", "cpu", "--policies", "foo"], "--policies: unknown 'foo'"),
+    (["--device", "cpu", "--presets", "GPT-Z"], "unknown GPT preset 'GPT-Z'"),
+    (["--device", "cpu", "--batches", "abc"], "--batches: 'abc' is not a positive integer"),
+    (["--device", "cpu", "--sparse-batches", "0"], "--sparse-batches: '0' is not a positive integer"),
+    (["--device", "cpu", "--image-sizes", "100"], "image size 100 is not a multiple"),
+    (["--device", "cpu", "--kv-cache-dtypes", "fp16"], "--kv-cache-dtypes: unknown 'fp16'"),
+    (["--device", "cpu", "--matmul-dtypes", "int4"], "--matmul-dtypes: unknown 'int4'"),
+    (["--smoke", "--device", "cpu", "--presets", "GPT-B", "--batches", "8"],
+     "--smoke runs its own tiny model at batch 2 and budget 1/2: drop --presets, --batches"),
+])
+def test_a_mistake_in_the_arguments_is_one_line_before_any_model_is_built(args, message, capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*args, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: adsa-bench") and f"adsa-bench: error: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_a_preset_without_a_gpu_is_refused_unless_the_cpu_is_asked_for(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--presets", "GPT-B"])
+    assert "no GPU: the presets need one" in capsys.readouterr().err
+    assert bench.parse_args(["--presets", "GPT-B", "--device", "cpu"]).device == torch.device("cpu")

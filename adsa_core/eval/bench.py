@@ -27,8 +27,9 @@ import torch
 from .. import reference
 from ..config import CacheConfig, ConfigError, EngineConfig, GPTConfig, VQConfig, gpt_preset, parse_budget
 from ..engine import Engine, Finished, GenerationRequest
-from ..kv.pool import pages_for
-from ..loading import LoadedModels, check_matmul_dtype, resolve_device, resolve_dtype
+from ..kv.policy import policy_names
+from ..kv.pool import KV_CACHE_DTYPES, pages_for
+from ..loading import MATMUL_DTYPES, LoadedModels, check_matmul_dtype, resolve_device, resolve_dtype
 from ..model.checkpoint import load_gpt, load_vq
 from ..model.fp8 import quantize_matmuls
 from ..reference import generate
@@ -192,18 +193,77 @@ def _fractions(text: str) -> list[float]:
     return out
 
 
+def _choices(text: str, known: tuple[str, ...], what: str) -> list[str]:
+    """A comma list, each item one of `known` (ConfigError naming the flag otherwise)."""
+    items = [t for t in text.split(",") if t]
+    if unknown := [t for t in items if t not in known]:
+        raise ConfigError(f"{what}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+    return items
+
+
+def _positive_ints(text: str, what: str) -> list[int]:
+    """'64,128' -> [64, 128] ("" -> []), ConfigError naming the flag for anything but positive integers."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if bad := [t for t in items if not (t.isdigit() and int(t) > 0)]:
+        raise ConfigError(f"{what}: {', '.join(map(repr, bad))} is not a positive integer")
+    return [int(t) for t in items]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _parser()
+    a = p.parse_args(argv)
+    try:
+        _check(a)
+    except ConfigError as e:
+        p.error(str(e))
+    return a
+
+
+def _check(a: argparse.Namespace) -> None:
+    """Every mistake in the arguments before any model is built: one line from argparse, not a traceback
+    minutes in. Converts the comma lists in place."""
+    cpu_asked = a.device == "cpu"
+    a.device = resolve_device(a.device)
+    if a.device.type == "cpu" and not a.smoke and not cpu_asked:
+        raise ConfigError("no GPU: the presets need one (GPT-XL at batch 64 takes tens of GiB); use --smoke for "
+                          "a tiny model on the CPU, or --device cpu to run a preset there anyway")
+    a.dtype = resolve_dtype(a.dtype, a.device)
+    given = {"--presets": a.presets, "--image-sizes": a.image_sizes, "--batches": a.batches,
+             "--sparse-batches": a.sparse_batches, "--budgets": a.budgets}
+    if a.smoke and (customised := [flag for flag, value in given.items() if value is not None]):
+        raise ConfigError(f"--smoke runs its own tiny model at batch 2 and budget 1/2: drop {', '.join(customised)}")
+    a.presets, a.image_sizes = a.presets or "GPT-XL", a.image_sizes or "384"
+    a.batches = "64,128" if a.batches is None else a.batches
+    a.budgets = [0.5, 0.25, 1 / 6] if a.budgets is None else a.budgets
+    a.policies = _choices(a.policies, policy_names(), "--policies")
+    a.batches = _positive_ints(a.batches, "--batches")  # "": sparse rows only
+    a.sparse_batches = _positive_ints(a.sparse_batches, "--sparse-batches") if a.sparse_batches else a.batches
+    a.kv_cache_dtypes = _choices(a.kv_cache_dtypes, KV_CACHE_DTYPES, "--kv-cache-dtypes")
+    a.dense_kv_cache_dtypes = (a.kv_cache_dtypes if a.dense_kv_cache_dtypes is None
+                               else _choices(a.dense_kv_cache_dtypes, KV_CACHE_DTYPES, "--dense-kv-cache-dtypes"))
+    a.matmul_dtypes = _choices(a.matmul_dtypes, MATMUL_DTYPES, "--matmul-dtypes")
+    for d in a.matmul_dtypes:
+        check_matmul_dtype(d, a.device, a.dtype)
+    a.presets = [p for p in a.presets.split(",") if p]
+    a.image_sizes = _positive_ints(a.image_sizes, "--image-sizes")
+    if not a.smoke:
+        for name in a.presets:
+            for size in a.image_sizes:
+                gpt_preset(name, size)  # an unknown preset, a size the VQ cannot make
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adsa-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default="GPT-XL", help="comma list of GPT presets")
-    p.add_argument("--image-sizes", default="384")
-    p.add_argument("--batches", default="64,128")
+    p.add_argument("--presets", help="comma list of GPT presets (default GPT-XL)")
+    p.add_argument("--image-sizes", help="comma list (default 384)")
+    p.add_argument("--batches", help="comma list (default 64,128; empty: sparse rows only)")
     p.add_argument("--policies", default="line,adsa,window", help="sparse policies to run besides dense")
-    p.add_argument("--budgets", type=_fractions, default=[0.5, 0.25, 1 / 6],
+    p.add_argument("--budgets", type=_fractions,
                    help="budget fractions for the sparse policies, e.g. 1/2,0.25 (default 1/2,1/4,1/6)")
     p.add_argument("--sparse-batches", default=None, help="batches for sparse policies (default: --batches)")
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--top-k", type=int, default=2000)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto: cuda when available; cpu runs a preset on the CPU")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-reference", action="store_true", help="skip the compiled reference baseline")
     p.add_argument("--eager-reference", action="store_true", help="baseline without torch.compile")
@@ -223,36 +283,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "~3/4 of the time of 8, tools/bench_vq_decode.py)")
     p.add_argument("--smoke", action="store_true", help="tiny model, seconds, for CI")
     p.add_argument("--out", default="bench-out")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    device = resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
+    device, dtype = a.device, a.dtype
     sampling = SamplingParams(cfg_scale=a.cfg_scale, top_k=a.top_k)
-    budgets = a.budgets
-    policies = [p for p in a.policies.split(",") if p]
-    batches = [int(b) for b in a.batches.split(",") if b]  # "": sparse rows only
-    sparse_batches = [int(b) for b in a.sparse_batches.split(",")] if a.sparse_batches else batches
-    kv_dtypes = [d for d in a.kv_cache_dtypes.split(",") if d]
-    dense_kv_dtypes = kv_dtypes if a.dense_kv_cache_dtypes is None else [
-        d for d in a.dense_kv_cache_dtypes.split(",") if d]
+    budgets, policies, batches, sparse_batches = a.budgets, a.policies, a.batches, a.sparse_batches
+    kv_dtypes, dense_kv_dtypes = a.kv_cache_dtypes, a.dense_kv_cache_dtypes
     if a.smoke:
         setups = [("smoke", 32, GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10),
                    VQConfig(codebook_size=64, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2), z_channels=32,
                             ch=32))]
         batches, sparse_batches, budgets = [2], [2], [0.5]
     else:
-        setups = [(name, size, gpt_preset(name, size), VQConfig()) for name in a.presets.split(",")
-                  for size in (int(s) for s in a.image_sizes.split(","))]
+        setups = [(name, size, gpt_preset(name, size), VQConfig()) for name in a.presets for size in a.image_sizes]
     rows: list[Row] = []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     spill = int(a.spill_limit_mb * 2**20)
-    matmul_dtypes = [d for d in a.matmul_dtypes.split(",") if d]
-    for d in matmul_dtypes:
-        check_matmul_dtype(d, device, dtype)
+    matmul_dtypes = a.matmul_dtypes
     for name, size, cfg, vq_cfg in setups:
         models = random_models(cfg, vq_cfg, name, size, device, dtype)
         by_matmul = {d: models if d == "auto" else fp8_matmuls(models) for d in matmul_dtypes}
