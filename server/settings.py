@@ -7,12 +7,14 @@ from settings onto `adsa_core` types. Engine defaults come from `EngineConfig` i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adsa_core.config import CacheConfig, EngineConfig, parse_budget
+from adsa_core.kv.policy import get_policy
 
 if TYPE_CHECKING:
     from adsa_core.loading import ModelSpec
@@ -126,6 +128,19 @@ class Settings(BaseSettings):
     @classmethod
     def _budget(cls, v: object) -> object:
         return parse_budget(v) if isinstance(v, str) else v  # env vars and flags are text
+
+    @field_validator("kv_policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        get_policy(v)  # an unknown name fails here, at start-up, not after the server has begun to listen
+        return v
+
+    @field_validator("gpt_ckpt", "vq_ckpt")
+    @classmethod
+    def _checkpoint(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():  # before minutes of loading, not as a traceback after it
+            raise ValueError(f"no such file: {v}")
+        return v
 
     @field_validator("log_level", "log_format", "kv_cache_dtype", "compile", mode="before")
     @classmethod

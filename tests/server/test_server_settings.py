@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import get_args
 
 import pytest
+from pydantic import ValidationError
 
-from adsa_core.config import CacheConfig, ConfigError, EngineConfig
+from adsa_core.config import CacheConfig, EngineConfig
 from adsa_core.kv.pool import KV_CACHE_DTYPES
 from adsa_core.loading import MATMUL_DTYPES
 from server.__main__ import build_parser, load_settings
@@ -91,8 +92,17 @@ def test_engine_config_mapping():
         "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor",
         "TRITON_CACHE_DIR": "/cache/triton",
     }
-    with pytest.raises(ConfigError):
-        Settings(_env_file=None, kv_policy="nope").cache_config()
+
+
+def test_an_unknown_policy_or_a_missing_checkpoint_is_refused_at_start_up(tmp_path):
+    # as settings, before the server listens and the engine loads for minutes
+    with pytest.raises(ValidationError, match="unknown KV policy 'nope'"):
+        Settings(_env_file=None, kv_policy="nope")
+    for field in ("gpt_ckpt", "vq_ckpt"):
+        with pytest.raises(ValidationError, match=f"{field}\n.*no such file: {tmp_path}/missing.pt"):
+            Settings(_env_file=None, **{field: str(tmp_path / "missing.pt")})
+    (tmp_path / "gpt.pt").write_bytes(b"")
+    assert Settings(_env_file=None, gpt_ckpt=str(tmp_path / "gpt.pt")).gpt_ckpt == str(tmp_path / "gpt.pt")
 
 
 def test_matmul_dtype(monkeypatch):
