@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, get_args, get_origin
 
@@ -53,12 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
 def load_settings(argv: list[str] | None = None) -> Settings:
     args = vars(build_parser().parse_args(argv))
     try:
-        return Settings(**args)  # init values (flags) take precedence over ADSA_* variables
+        settings = Settings(**args)  # init values (flags) take precedence over ADSA_* variables
     except ValidationError as e:
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
             print(f"adsa-serve: invalid setting {loc}: {err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
+    # checked here, on the machine that serves (settings also validate offline, for deploy files), before minutes
+    # of loading rather than as a traceback after them
+    for name in ("gpt_ckpt", "vq_ckpt"):
+        if (path := getattr(settings, name)) is not None and not Path(path).is_file():
+            print(f"adsa-serve: invalid setting {name}: no such file: {path}", file=sys.stderr)
+            raise SystemExit(2)
+    return settings
 
 
 class DrainingServer(uvicorn.Server):

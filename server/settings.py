@@ -7,7 +7,6 @@ from settings onto `adsa_core` types. Engine defaults come from `EngineConfig` i
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -133,13 +132,6 @@ class Settings(BaseSettings):
     @classmethod
     def _policy(cls, v: str) -> str:
         get_policy(v)  # an unknown name fails here, at start-up, not after the server has begun to listen
-        return v
-
-    @field_validator("gpt_ckpt", "vq_ckpt")
-    @classmethod
-    def _checkpoint(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():  # before minutes of loading, not as a traceback after it
-            raise ValueError(f"no such file: {v}")
         return v
 
     @field_validator("log_level", "log_format", "kv_cache_dtype", "compile", mode="before")

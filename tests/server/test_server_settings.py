@@ -94,15 +94,18 @@ def test_engine_config_mapping():
     }
 
 
-def test_an_unknown_policy_or_a_missing_checkpoint_is_refused_at_start_up(tmp_path):
+def test_an_unknown_policy_or_a_missing_checkpoint_is_refused_at_start_up(tmp_path, capsys):
     # as settings, before the server listens and the engine loads for minutes
     with pytest.raises(ValidationError, match="unknown KV policy 'nope'"):
         Settings(_env_file=None, kv_policy="nope")
-    for field in ("gpt_ckpt", "vq_ckpt"):
-        with pytest.raises(ValidationError, match=f"{field}\n.*no such file: {tmp_path}/missing.pt"):
-            Settings(_env_file=None, **{field: str(tmp_path / "missing.pt")})
+    for flag in ("--gpt-ckpt", "--vq-ckpt"):
+        with pytest.raises(SystemExit) as exit_:
+            load_settings([flag, str(tmp_path / "missing.pt")])
+        assert exit_.value.code == 2
+        assert f"invalid setting {flag[2:].replace('-', '_')}: no such file: {tmp_path}/missing.pt" in (
+            capsys.readouterr().err)
     (tmp_path / "gpt.pt").write_bytes(b"")
-    assert Settings(_env_file=None, gpt_ckpt=str(tmp_path / "gpt.pt")).gpt_ckpt == str(tmp_path / "gpt.pt")
+    assert load_settings(["--gpt-ckpt", str(tmp_path / "gpt.pt")]).gpt_ckpt == str(tmp_path / "gpt.pt")
 
 
 def test_matmul_dtype(monkeypatch):
