@@ -79,7 +79,8 @@ def build_run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=None, help="output directory (default out/loadtest-<UTC timestamp>)")
     g = p.add_argument_group("stages and bounds")
-    g.add_argument("--rates", default=None, help="open-loop Poisson rates, requests/s, comma separated")
+    g.add_argument("--rates", default=None, help="open-loop Poisson rates, requests/s, comma separated "
+                   "(without any stage flag: 0.5,1,2,4)")
     g.add_argument("--concurrency", default=None, help="closed-loop client counts, comma separated")
     g.add_argument("--requests", type=_positive_int, default=100, help="max requests per stage (default 100)")
     g.add_argument(
@@ -221,10 +222,18 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     return wl
 
 
+def _flag_list(args: argparse.Namespace, name: str, cast: type) -> list:
+    """A comma-list flag, its error naming the flag ('--rates: could not convert ...')."""
+    try:
+        return parse_csv(getattr(args, name), cast)
+    except ValueError as e:
+        raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    stages = [Stage("poisson", float(r)) for r in parse_csv(args.rates, float)]
-    stages += [Stage("concurrency", float(c)) for c in parse_csv(args.concurrency, int)]
-    relative = [float(f) for f in parse_csv(args.relative_rates, float)]
+    stages = [Stage("poisson", float(r)) for r in _flag_list(args, "rates", float)]
+    stages += [Stage("concurrency", float(c)) for c in _flag_list(args, "concurrency", int)]
+    relative = [float(f) for f in _flag_list(args, "relative_rates", float)]
     if relative and not args.probe_concurrency:
         raise ValueError("--relative-rates needs --probe-concurrency (the probe measures what they are relative to)")
     if any(f is None or f <= 0 for f in relative):
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except (ValueError, WorkloadError) as e:
         parser.error(str(e))
-    from .report import write_run  # matplotlib is imported only when a run is written
+    from .report import error_line, write_run  # matplotlib is imported only when a run is written
 
     result = run_sync(cfg)
     summary = write_run(cfg.out, cfg, result)
@@ -301,4 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         f"capacity: {'none measured' if capacity is None else f'{capacity:.2f} images/s'})",
         file=sys.stderr,
     )
+    for e in summary["top_errors"][:3]:
+        print(f"errors: {error_line(e)}", file=sys.stderr)
     return 0 if summary["totals"]["ok"] > 0 else 3

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,27 @@ def build_summary(cfg: RunConfig, result: RunResult) -> dict[str, Any]:
         "probe": result.probe,
         "saturation": saturation_summary(stages, result.probe),
         "totals": totals,
+        "top_errors": top_errors(result.records),
         "server_totals": delta["totals"] if delta and "totals" in delta else None,
     }
+
+
+def top_errors(records: Sequence[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:
+    """The most common failures (429s apart), each with the server's or the client's own message: the counts
+    alone say that requests failed, not why (a class the model does not have, a server that is not there)."""
+    failed = Counter(
+        (r.get("status"), str(r.get("error") or "unknown"), r.get("error_message") or "")
+        for r in records
+        if not r.get("ok") and r.get("status") != 429
+    )
+    return [{"status": status, "error": error, "message": message, "count": count}
+            for (status, error, message), count in failed.most_common(n)]
+
+
+def error_line(e: dict[str, Any]) -> str:
+    """'3 x 422 invalid_value: class label 9999 is outside 0..1869'."""
+    what = " ".join(str(x) for x in (e["status"], e["error"]) if x is not None)
+    return f"{e['count']} x {what}" + (f": {e['message']}" if e["message"] else "")
 
 
 def cell(v: Any, digits: int = 3) -> str:
@@ -216,6 +236,8 @@ def summary_markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
         *_server_table(summary["stages"]),
         "",
     ]
+    if summary.get("top_errors"):
+        lines += ["## Most common errors", "", *[f"- {error_line(e)}" for e in summary["top_errors"]], ""]
     if summary.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in summary["notes"]], ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]

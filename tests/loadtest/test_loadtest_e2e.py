@@ -233,7 +233,7 @@ def test_client_overload_and_unreachable_metrics(tmp_path, make_fake_server):
         _png_ok(tmp_path / png)  # drawn even with no metric samples
 
 
-def test_no_server_exits_3(tmp_path):
+def test_no_server_exits_3(tmp_path, capsys):
     # a closed port on loopback: every request fails; the run still writes its report
     import socket
 
@@ -263,6 +263,12 @@ def test_no_server_exits_3(tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["totals"]["ok"] == 0 and s["totals"]["errors"] == 3
     assert set(s["stages"][0]["errors_by_kind"]) == {"ConnectError"}
+    # why they failed, not only how many: in summary.json, summary.md and on the console
+    [top] = s["top_errors"]
+    assert (top["error"], top["count"], top["status"]) == ("ConnectError", 3, None) and top["message"]
+    line = f"3 x ConnectError: {top['message']}"
+    assert f"- {line}" in (tmp_path / "summary.md").read_text()
+    assert f"errors: {line}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -270,12 +276,15 @@ def test_no_server_exits_3(tmp_path):
     [
         ["--rates", "0"],
         ["--rates", "x"],
+        ["--concurrency", "2.5"],
         ["--requests", "0"],
         ["compare", "a"],
         ["--workload", "/nonexistent.json"],
     ],
 )
-def test_bad_arguments_exit_2(argv, tmp_path):
+def test_bad_arguments_exit_2(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--out", str(tmp_path)] if argv[0] != "compare" else argv)
     assert e.value.code == 2
+    if argv in (["--rates", "x"], ["--concurrency", "2.5"]):  # not a number: the message names the flag
+        assert f"error: {argv[0]}" in capsys.readouterr().err
