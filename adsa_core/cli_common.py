@@ -41,9 +41,10 @@ def run_main(prog: str, body: Callable[[list[str] | None], int], argv: list[str]
 
 
 def int_list(text: str) -> list[int]:
-    """'1,7, 3' -> [1, 7, 3]."""
+    """'1,7, 3' -> [1, 7, 3] (a trailing comma is fine; '1,,3' is a label left out, and an error)."""
+    items = text.replace(" ", "").removesuffix(",").split(",")
     try:
-        labels = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+        labels = [int(t) for t in items] if text.strip(" ,") else []
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not labels:

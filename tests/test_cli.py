@@ -265,6 +265,7 @@ def bad_cases(testdata: Path, manifest: dict, tmp: Path) -> dict[str, list]:
         "label out of range": [*c2i, "--class-labels", "1,10", *out],
         "negative label": [*c2i, "--class-labels=-1", *out],
         "labels not integers": [*c2i, "--class-labels", "1,cat", *out],
+        "a label left out": [*c2i, "--class-labels", "1,,3", *out],
         "preset/checkpoint mismatch": ["--gpt-model", "GPT-B", "--image-size", "64", "--gpt-ckpt",
                                        testdata / "c2i_gpt.pt", "--class-labels", "1", *out],
         "config/checkpoint mismatch": ["--gpt-config", json.dumps(three_layers), "--gpt-ckpt",
