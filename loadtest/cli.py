@@ -310,6 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         f"capacity: {'none measured' if capacity is None else f'{capacity:.2f} images/s'})",
         file=sys.stderr,
     )
-    for e in summary["top_errors"][:3]:
-        print(f"errors: {error_line(e)}", file=sys.stderr)
+    for failure in summary["top_errors"][:3]:
+        print(f"errors: {error_line(failure)}", file=sys.stderr)
     return 0 if summary["totals"]["ok"] > 0 else 3

@@ -53,7 +53,6 @@ class Runtime:
         try:
             from adsa_core.engine.client import ProcessEngineClient
 
-            self.settings.cache_config()  # fail fast on a bad default policy, before minutes of loading
             engine = ProcessEngineClient(self.settings.model_spec(), self.settings.engine_config(),
                                          env=self.settings.engine_env())
             await self._start_engine(engine)

@@ -197,11 +197,12 @@ class ProcessEngineClient:
         threading.Thread(target=self._watch, args=(self._proc, loop), name="adsa-engine-watch", daemon=True).start()
         try:
             await self._started
-        except asyncio.CancelledError:  # the server stops while the core loads: it holds nothing worth a drain
+        except BaseException:  # the core failed to start, or the server stops while it loads (nothing to drain)
             self._stopping = True
-            self._proc.kill()
-            await asyncio.to_thread(self._proc.wait)
-            self._release()
+            if self._proc.poll() is None:
+                self._proc.kill()
+                await asyncio.to_thread(self._proc.wait)
+            self._release()  # a context left to the garbage collector blocks the thread that collects it
             raise
 
     def _watch(self, proc: subprocess.Popen, loop: asyncio.AbstractEventLoop) -> None:

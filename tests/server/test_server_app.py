@@ -334,15 +334,17 @@ async def test_not_ready_and_draining_are_503():
 
 
 async def test_load_failure_reported():
-    # a bad default policy fails loading: healthz and readyz say so (the CLI then exits 1)
-    app = create_app(S(kv_policy="nope"))
+    # a model config the engine cannot build fails loading in the engine process: healthz and readyz say so (the
+    # CLI then exits 1)
+    app = create_app(S(gpt_config='{"dim": 64, "colour": 1}', device="cpu"))
     import httpx
 
     async with app.router.lifespan_context(app):
-        for _ in range(200):
+        for _ in range(3000):
             if app.state.runtime.load_error:
                 break
             await asyncio.sleep(0.01)
+        assert "colour" in app.state.runtime.load_error
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             assert_error(await c.get("/healthz"), 503, "load_failed")
             assert_error(await c.get("/readyz"), 503, "load_failed")
