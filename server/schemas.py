@@ -7,6 +7,7 @@ checked in `server.service` against the engine's ModelInfo.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -15,6 +16,8 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -169,10 +172,30 @@ class GenerateRequest(GenerationOptions):
         return len(self.class_labels) if self.class_labels is not None else (self.n or 1)
 
 
+# OpenAI's image parameters besides prompt, n, size and model, which its SDKs send as the caller gives them. This server
+# makes opaque PNGs and returns them inline, and this route does not stream: it takes a value that it honours or that
+# changes nothing here (null too), and refuses any other saying what it takes. field -> (values taken, what is taken)
+OPENAI_IMAGE_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
+    "response_format": (("b64_json",), "images come back inline only (b64_json)"),
+    "quality": (("auto", "standard"), "this server has one quality (auto or standard)"),
+    "output_format": (("png",), "images are PNG (png)"),
+    "output_compression": ((100,), "PNG is lossless (100; compression is for jpeg and webp)"),
+    "background": (("auto", "opaque"), "images are opaque (auto or opaque)"),
+    "stream": ((False,), "this route does not stream (false); POST /v1/generate streams (stream: true)"),
+    "partial_images": ((0,), "this route does not stream (0); POST /v1/generate streams previews (stream: true)"),
+    "style": ((), "this server has no styles (leave style out)"),
+    "complexity": ((), "this server has no complexity setting (leave it out)"),
+    "frame_count": ((), "images are PNG, not GIF (leave it out)"),
+    "frame_duration_ms": ((), "images are PNG, not GIF (leave it out)"),
+    "svg": ((), "images are PNG, not SVG (leave it out)"),
+}
+
+
 class ImagesRequest(GenerationOptions):
     """OpenAI's `POST /v1/images/generations`. Class-conditional models read the prompt as a class name
     (GET /v1/models/{id}: `class_prompt`). This server's own options (seed, policy, kv_budget, cfg_scale,
-    ...) are extra body fields (the openai SDK's `extra_body`)."""
+    ...) are extra body fields (the openai SDK's `extra_body`). OpenAI's other parameters are taken with the
+    values this server honours (OPENAI_IMAGE_VALUES); fields that are not OpenAI's are refused."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -187,10 +210,36 @@ class ImagesRequest(GenerationOptions):
     size: str | None = Field(
         None, max_length=32, description="WIDTHxHEIGHT: the served model's size (GET /v1/models), or auto"
     )
-    response_format: Literal["b64_json", "url"] | None = Field(
+    response_format: Literal["b64_json"] | None = Field(
         None, description="b64_json (default); url is refused: this server returns images inline only"
     )
+    quality: Literal["auto", "standard"] | None = Field(None, description="One quality; hd, high, ... are refused")
+    output_format: Literal["png"] | None = Field(None, description="png (default): jpeg, webp, ... are refused")
+    output_compression: Literal[100] | None = Field(None, description="100 (default): PNG is lossless")
+    background: Literal["auto", "opaque"] | None = Field(None, description="Images are opaque: transparent is refused")
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted for compatibility, unused")
+    stream: Literal[False] | None = Field(None, description="false (default); POST /v1/generate streams")
+    partial_images: Literal[0] | None = Field(None, description="0 (default); POST /v1/generate streams previews")
+    style: None = Field(None, description="Refused (OpenAI's vivid, natural): this server has no styles")
+    complexity: None = Field(None, description="Refused: no such setting here")
+    frame_count: None = Field(None, description="Refused: images are PNG, not GIF")
+    frame_duration_ms: None = Field(None, description="Refused: images are PNG, not GIF")
+    svg: None = Field(None, description="Refused: images are PNG, not SVG")
     user: str | None = Field(None, max_length=256, description="End-user id; accepted for compatibility, unused")
+    safety_identifier: str | None = Field(
+        None, max_length=256, description="End-user id (OpenAI's successor to user); accepted for compatibility, unused"
+    )
+
+    @field_validator(*OPENAI_IMAGE_VALUES, mode="before")
+    @classmethod
+    def _openai_value(cls, value: Any, info: ValidationInfo) -> Any:
+        """Before the type check, so that every refused value, OpenAI's or not, says what is taken."""
+        taken, what = OPENAI_IMAGE_VALUES[str(info.field_name)]
+        # by type as well: JSON's false is not 0, nor 100.0 the integer 100
+        if value is None or any(type(value) is type(t) and value == t for t in taken):
+            return value
+        shown = repr(value[:40]) if isinstance(value, str) else json.dumps(value, default=str)[:40]
+        raise ValueError(f"{shown} is not supported; {what}")
 
 
 class KVStats(BaseModel):

@@ -314,15 +314,13 @@ class GenerationService:
     # --- OpenAI Images
 
     def images_request(self, body: ImagesRequest) -> GenerateRequest:
-        """The native request an OpenAI images request stands for: its size and format checked, its prompt
-        read as a class name by class models."""
+        """The native request an OpenAI images request stands for: its size checked against the model, its prompt
+        read as a class name by class models (OpenAI's other parameters are checked by ImagesRequest itself)."""
         engine = self.rt.require_engine()
         info = engine.info
         size = f"{info.image_size}x{info.image_size}"
         if body.size not in (None, "auto", size):
             raise invalid(f"size {body.size!r} is not served: this model makes {size} images (or give auto)", "size")
-        if body.response_format == "url":
-            raise invalid("this server returns images inline only: use response_format b64_json", "response_format")
         options = body.model_dump(include=set(GenerationOptions.model_fields), exclude_none=True)
         if info.model_type == "t2i":
             return GenerateRequest(**options, prompt=body.prompt)

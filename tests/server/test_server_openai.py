@@ -59,7 +59,8 @@ async def test_images_by_class_name_with_native_options():
         ({"prompt": "class3", "size": "1024x1024"}, 400, "invalid_request", "size", "this model makes 64x64 images"),
         ({"prompt": "class3", "response_format": "url"}, 400, "invalid_request", "response_format", "b64_json"),
         ({"prompt": "clas 3"}, 400, "invalid_request", "prompt", "closest: 'class3' (3)"),
-        ({"prompt": "class3", "quality": "hd"}, 400, "invalid_request", "quality", "Extra inputs"),
+        ({"prompt": "class3", "quality": "hd"}, 400, "invalid_request", "quality", "(auto or standard)"),
+        ({"prompt": "class3", "qualty": "hd"}, 400, "invalid_request", "qualty", "Extra inputs"),  # not OpenAI's
         ({"prompt": "class3", "n": 17}, 400, "invalid_request", "n", "less than or equal to 16"),
         ({"prompt": "class3", "kv_budget": 7}, 400, "invalid_request", "kv_budget", "kv budget 7"),  # the engine's
         ({"prompt": "class3", "policy": "nope"}, 400, "invalid_request", "policy", "unknown policy"),
@@ -74,6 +75,74 @@ async def test_images_errors_are_openai_400s(body, status, code, param, fragment
         err = r.json()["error"]
         assert (err["code"], err["param"]) == (code, param) and fragment in err["message"], err
         assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+# every OpenAI image parameter with each value that changes nothing here: this server makes opaque PNGs, inline
+_OPENAI_NO_OPS = {
+    "quality": ["auto", "standard"],
+    "output_format": ["png"],
+    "output_compression": [100],
+    "background": ["auto", "opaque"],
+    "moderation": ["auto", "low"],
+    "stream": [False],
+    "partial_images": [0],
+    "response_format": ["b64_json"],
+    "user": ["user-1234"],
+    "safety_identifier": ["5f2b9c"],
+    "style": [None],
+    "complexity": [None],
+    "frame_count": [None],
+    "frame_duration_ms": [None],
+    "svg": [None],
+}
+
+
+@pytest.mark.anyio
+async def test_openai_parameters_with_values_that_change_nothing_are_taken():
+    async with fake_client() as (c, _):
+        plain = await c.post("/v1/images/generations", json={"prompt": "class3", "seed": 5})
+        assert plain.status_code == 200, plain.text
+        for field, values in _OPENAI_NO_OPS.items():
+            for value in values:
+                r = await c.post("/v1/images/generations", json={"prompt": "class3", "seed": 5, field: value})
+                assert r.status_code == 200, (field, value, r.text)
+                assert r.json()["data"] == plain.json()["data"], (field, value)  # the same image
+        everything = {k: v[-1] for k, v in _OPENAI_NO_OPS.items()}
+        r = await c.post("/v1/images/generations", json={"prompt": "class3", "seed": 5, **everything})
+        assert r.status_code == 200 and r.json()["data"] == plain.json()["data"], r.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("quality", "hd", "'hd' is not supported; this server has one quality (auto or standard)"),
+        ("quality", "high", "(auto or standard)"),
+        ("quality", "ultra", "(auto or standard)"),  # not even OpenAI's: worded the same
+        ("style", "vivid", "'vivid' is not supported; this server has no styles"),
+        ("style", "natural", "no styles"),
+        ("output_format", "jpeg", "images are PNG (png)"),
+        ("output_format", "webp", "images are PNG (png)"),
+        ("output_compression", 80, "80 is not supported; PNG is lossless (100"),
+        ("background", "transparent", "images are opaque (auto or opaque)"),
+        ("moderation", "none", "'auto' or 'low'"),
+        ("stream", True, "true is not supported; this route does not stream (false); POST /v1/generate streams"),
+        ("stream", 0, "this route does not stream (false)"),  # JSON's 0 is not false
+        ("partial_images", 2, "POST /v1/generate streams previews"),
+        ("response_format", "url", "images come back inline only (b64_json)"),
+        ("complexity", "high", "no complexity setting"),
+        ("frame_count", 4, "not GIF"),
+        ("svg", {"model": "x"}, "not SVG"),
+    ],
+)
+async def test_openai_parameters_the_server_cannot_honour_are_400s_saying_what_it_takes(field, value, fragment):
+    async with fake_client() as (c, engine):
+        r = await c.post("/v1/images/generations", json={"prompt": "class3", field: value})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["code"], err["param"], err["type"]) == ("invalid_request", field, "invalid_request_error"), err
+        assert err["message"].startswith(f"{field}: ") and fragment in err["message"], err
+        assert engine.images == 0  # refused before anything ran
 
 
 @pytest.mark.anyio
@@ -207,6 +276,37 @@ def test_openai_client_reads_error_code_and_param(client):
     with pytest.raises(openai.AuthenticationError) as e:
         bad_key.models.list()
     assert e.value.code == "unauthorized" and e.value.type == "authentication_error"
+
+
+def test_openai_client_standard_parameters(client):
+    """What the SDK's own parameters send: taken where the server honours the value or it changes nothing, else a
+    BadRequestError naming the parameter and what the server takes."""
+    resp = client.images.generate(
+        prompt="tench",
+        size="32x32",
+        quality="standard",
+        output_format="png",
+        output_compression=100,
+        background="opaque",
+        moderation="low",
+        partial_images=0,
+        stream=False,
+        user="user-1234",
+        safety_identifier="5f2b9c",
+        extra_body={"seed": 3},
+    )
+    assert len(resp.data) == 1 and png_size(resp.data[0].b64_json) == (32, 32) and resp.output_format == "png"
+    for kw, fragment in [
+        ({"quality": "hd"}, "(auto or standard)"),
+        ({"style": "vivid"}, "no styles"),
+        ({"output_format": "webp"}, "images are PNG (png)"),
+        ({"background": "transparent"}, "images are opaque (auto or opaque)"),
+        ({"stream": True}, "POST /v1/generate streams (stream: true)"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.generate(prompt="tench", **kw)
+        assert (e.value.code, e.value.param) == ("invalid_request", next(iter(kw))), e.value.message
+        assert fragment in e.value.message
 
 
 def test_request_id_in_every_log_line_about_the_request(live_server):
