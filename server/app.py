@@ -72,9 +72,10 @@ class BodyLimitMiddleware:
     (every POST route takes one): a client without a key gets its 401 at once and cannot make the server hold
     its body (the routes' own key check is the same function, deps.api_key_error).
 
-    Also reads a POST body without a JSON content type as JSON: `curl -d '{...}'` sends
+    Also reads a POST body without a JSON content type as JSON (_READ_AS_JSON): `curl -d '{...}'` sends
     application/x-www-form-urlencoded, a browser's `fetch(url, {body: JSON.stringify(...)})` text/plain,
-    and the API only ever takes JSON bodies."""
+    and the API only ever takes JSON bodies. Any other type (application/xml, multipart/form-data) is a 415,
+    before the body is read."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, api_keys: list[str] | None = None,
                  read_timeout_s: float = 30.0):
@@ -95,6 +96,13 @@ class BodyLimitMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await too_large.response()(scope, receive, send)
             return
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        is_json = ctype == b"application/json" or (ctype.startswith(b"application/") and ctype.endswith(b"+json"))
+        if scope["method"] == "POST" and not is_json and ctype not in _READ_AS_JSON:
+            received = ctype.decode("latin-1")[:100]
+            unsupported = f"Content-Type {received!r} is not supported: send the JSON body as application/json"
+            await ApiError(415, "unsupported_media_type", unsupported).response()(scope, receive, send)
+            return
         # JSON bodies are small: buffer them (bounded in size and time), then replay to the app
         chunks, size, more = [], 0, True
         deadline = time.monotonic() + self.read_timeout_s
@@ -114,8 +122,7 @@ class BodyLimitMiddleware:
                 await too_large.response()(scope, receive, send)
                 return
         body, replayed = b"".join(chunks), False
-        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if scope["method"] == "POST" and ctype in (b"", b"application/x-www-form-urlencoded", b"text/plain"):
+        if scope["method"] == "POST" and ctype in _READ_AS_JSON:
             headers[b"content-type"] = b"application/json"
             # in place, not a copy: the router records the matched route in this same dict, and the
             # metrics middleware outside reads it from there (a copy counted these as "unmatched")
@@ -129,3 +136,8 @@ class BodyLimitMiddleware:
             return await receive()  # later calls: wait for http.disconnect (is_disconnected() needs it)
 
         await self.app(scope, replay, send)
+
+
+# types clients send a JSON body as without saying so, read as JSON: none, `curl -d`'s, a browser fetch's of a string
+# (FastAPI itself reads application/json and application/*+json as JSON)
+_READ_AS_JSON = (b"", b"application/x-www-form-urlencoded", b"text/plain")

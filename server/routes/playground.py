@@ -19,12 +19,15 @@ _static_files = StaticFiles(directory=STATIC_DIR)
 router = APIRouter(tags=["playground"])
 
 
+# HEAD too (`curl -I`), as the probes take it (routes/health.py): FileResponse and StaticFiles send headers only
 @router.get("/", response_class=FileResponse, include_in_schema=False)
+@router.head("/", include_in_schema=False)
 async def playground() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html")
 
 
 @router.get("/static/{path:path}", include_in_schema=False)
+@router.head("/static/{path:path}", include_in_schema=False)
 async def static_file(path: str, request: Request) -> Response:
     """The page's script, styles, vendored SSE parser and class names (StaticFiles keeps to STATIC_DIR)."""
     return await _static_files.get_response(path, request.scope)

@@ -252,6 +252,44 @@ async def test_validation_messages_are_exact(content, message, param):
         assert assert_error(r, 422, "invalid_request", param)["message"] == message
 
 
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/images/generations"])
+async def test_a_body_sent_as_another_type_than_json_is_415_naming_both(path):
+    """Even a JSON body: the client said it is something else. The types clients send JSON as without saying so
+    (none, curl -d's form type, text/plain) stay JSON (test_generate_json_png_and_alias)."""
+    body = {"class_label": 3} if path == "/v1/generate" else {"prompt": "class3"}
+    async with fake_client() as (c, engine):
+        r = await c.post(path, content=json.dumps(body), headers={"Content-Type": "application/xml; charset=utf-8"})
+        err = assert_error(r, 415, "unsupported_media_type")
+        assert err["message"] == (
+            "Content-Type 'application/xml' is not supported: send the JSON body as application/json"
+        )
+        assert err["type"] == "invalid_request_error"
+        r = await c.post(path, data={k: str(v) for k, v in body.items()}, files={"f": b"x"})  # multipart form
+        assert "'multipart/form-data' is not supported" in assert_error(r, 415, "unsupported_media_type")["message"]
+        assert engine.images == 0
+        for ctype in ("application/json", "application/json; charset=utf-8", "application/vnd.api+json", None):
+            r = await c.post(path, content=json.dumps(body), headers={"Content-Type": ctype} if ctype else {})
+            assert r.status_code == 200, (ctype, r.text)
+    async with fake_client(S(api_keys="k1")) as (c, _):  # a key is checked first, as for every POST
+        r = await c.post(path, content=json.dumps(body), headers={"Content-Type": "application/xml"})
+        assert_error(r, 401, "unauthorized")
+
+
+async def test_probes_and_the_page_answer_head_as_get_without_a_body():
+    """`curl -I`: GET's status and headers, no body (test_server_live checks the bytes on the wire)."""
+    async with fake_client() as (c, engine):
+        for path in ("/healthz", "/health", "/readyz", "/", "/static/playground.js"):
+            get, head = await c.get(path), await c.head(path)
+            assert head.status_code == get.status_code == 200 and head.content == b"", path
+            assert {k: v for k, v in head.headers.items() if k != "x-request-id"} == {
+                k: v for k, v in get.headers.items() if k != "x-request-id"
+            }, path
+        engine.die()
+        assert (await c.head("/healthz")).status_code == 503  # the same answer, not only a 200
+        paths = (await c.get("/openapi.json")).json()["paths"]
+        assert set(paths["/healthz"]) == set(paths["/readyz"]) == {"get"}  # HEAD would repeat GET: not listed
+
+
 async def test_malformed_json_wrong_method_unknown_route_oversized():
     async with fake_client(S(max_body_bytes=2048)) as (c, _):
         r = await c.post("/v1/generate", content=b'{"class_label": ', headers={"Content-Type": "application/json"})

@@ -74,6 +74,23 @@ def test_probes_models_docs(live_server):
         assert "/v1/generate" in c.get("/openapi.json").json()["paths"]
 
 
+def test_head_sends_headers_only(live_server):
+    """HEAD /healthz, /readyz and /: GET's status line and Content-Length, and no body bytes on the wire (a client
+    cannot see those through an HTTP library, which reads no body for HEAD)."""
+    host, port = live_server.url.removeprefix("http://").rsplit(":", 1)
+    for path in ("/healthz", "/readyz", "/"):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and rest == b"", (path, raw[:500])
+        length = re.search(rb"(?i)\r\ncontent-length: (\d+)\r\n", head + b"\r\n")
+        with live_server.client() as c:
+            assert length and int(length[1]) == len(c.get(path).content) > 0, (path, head)
+
+
 def test_api_keys(live_server):
     with live_server.client() as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
