@@ -76,6 +76,8 @@ def channels_last_decoder(vq: VQModel) -> Callable[[torch.Tensor], torch.Tensor]
 def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decode function of a variant. channels_last converts `vq` in place (main converts it back)."""
     torch.backends.cudnn.benchmark = variant in ("cudnn_benchmark", "compile_cudnn_benchmark")
+    # every compiled variant compiles the same function: past dynamo's recompile limit (8) one would run eager
+    torch._dynamo.reset()
     if variant == "channels_last":
         vq.to(memory_format=torch.channels_last)
     if variant in ("compile", "compile_cudnn_benchmark"):
