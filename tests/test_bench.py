@@ -53,11 +53,13 @@ def test_fp8_matmul_rows_run_a_quantized_copy_and_the_reference_keeps_the_model(
 @pytest.mark.parametrize(("args", "message"), [
     (["--smoke", "--device", "cpu", "--policies", "foo"], "--policies: unknown 'foo'"),
     (["--device", "cpu", "--presets", "GPT-Z"], "unknown GPT preset 'GPT-Z'"),
-    (["--device", "cpu", "--batches", "abc"], "--batches: 'abc' is not a positive integer"),
-    (["--device", "cpu", "--sparse-batches", "0"], "--sparse-batches: '0' is not a positive integer"),
+    (["--device", "cpu", "--batches", "abc"], "--batches: expected a positive integer, got 'abc'"),
+    (["--device", "cpu", "--sparse-batches", "0"], "--sparse-batches: expected a positive integer, got '0'"),
+    (["--device", "cpu", "--dtype", "bogus"], "unknown dtype"),
+    (["--device", "cpu", "--waves", "0"], "argument --waves: expected a positive integer, got '0'"),
     (["--device", "cpu", "--image-sizes", "100"], "image size 100 is not a multiple"),
     (["--device", "cpu", "--kv-cache-dtypes", "fp16"], "--kv-cache-dtypes: unknown 'fp16'"),
-    (["--device", "cpu", "--matmul-dtypes", "int4"], "--matmul-dtypes: unknown 'int4'"),
+    (["--device", "cpu", "--matmul-dtypes", "int4"], "matmul dtype 'int4': choose one of auto, fp8"),
     (["--smoke", "--device", "cpu", "--presets", "GPT-B", "--batches", "8"],
      "--smoke runs its own tiny model at batch 2 and budget 1/2: drop --presets, --batches"),
 ])

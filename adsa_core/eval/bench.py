@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from .. import reference
+from ..cli_common import positive_int
 from ..config import CacheConfig, ConfigError, EngineConfig, GPTConfig, VQConfig, gpt_preset, parse_budget
 from ..engine import Engine, Finished, GenerationRequest
 from ..kv.policy import policy_names
 from ..kv.pool import KV_CACHE_DTYPES, pages_for
-from ..loading import MATMUL_DTYPES, LoadedModels, check_matmul_dtype, resolve_device, resolve_dtype
+from ..loading import LoadedModels, check_matmul_dtype, resolve_device, resolve_dtype
 from ..model.checkpoint import load_gpt, load_vq
 from ..model.fp8 import quantize_matmuls
 from ..reference import generate
@@ -203,10 +204,10 @@ def _choices(text: str, known: tuple[str, ...], what: str) -> list[str]:
 
 def _positive_ints(text: str, what: str) -> list[int]:
     """'64,128' -> [64, 128] ("" -> []), ConfigError naming the flag for anything but positive integers."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if bad := [t for t in items if not (t.isdigit() and int(t) > 0)]:
-        raise ConfigError(f"{what}: {', '.join(map(repr, bad))} is not a positive integer")
-    return [int(t) for t in items]
+    try:
+        return [positive_int(t) for t in text.split(",") if t.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -214,7 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     try:
         _check(a)
-    except ConfigError as e:
+    except ValueError as e:  # ConfigError among them; parse_dtype's own
         p.error(str(e))
     return a
 
@@ -241,7 +242,7 @@ def _check(a: argparse.Namespace) -> None:
     a.kv_cache_dtypes = _choices(a.kv_cache_dtypes, KV_CACHE_DTYPES, "--kv-cache-dtypes")
     a.dense_kv_cache_dtypes = (a.kv_cache_dtypes if a.dense_kv_cache_dtypes is None
                                else _choices(a.dense_kv_cache_dtypes, KV_CACHE_DTYPES, "--dense-kv-cache-dtypes"))
-    a.matmul_dtypes = _choices(a.matmul_dtypes, MATMUL_DTYPES, "--matmul-dtypes")
+    a.matmul_dtypes = [d for d in a.matmul_dtypes.split(",") if d]
     for d in a.matmul_dtypes:
         check_matmul_dtype(d, a.device, a.dtype)
     a.presets = [p for p in a.presets.split(",") if p]
@@ -269,7 +270,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eager-reference", action="store_true", help="baseline without torch.compile")
     p.add_argument("--no-graphs", action="store_true", help="engine without CUDA graphs")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
-    p.add_argument("--waves", type=int, default=3, help="engine: requests = waves x batch, at most batch at once")
+    p.add_argument("--waves", type=positive_int, default=3,
+                   help="engine: requests = waves x batch, at most batch at once")
     p.add_argument("--spill-limit-mb", type=float, default=16.0, help="per-sequence spill limit")
     p.add_argument("--kv-cache-dtypes", default="auto",
                    help="engine rows for each KV storage dtype: auto (the model's), fp8 (e4m3), or both: auto,fp8")
@@ -278,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-dtypes", default="auto",
                    help="engine rows for each matmul dtype: auto (the model's), fp8 (experimental, docs/FIDELITY.md), "
                         "or both: auto,fp8; the reference row keeps the model's")
-    p.add_argument("--vq-chunk", type=int, default=16,
+    p.add_argument("--vq-chunk", type=positive_int, default=16,
                    help="engine: images per VQ decode (a wave finishes together; compiled, 16 decodes an image in "
                         "~3/4 of the time of 8, tools/bench_vq_decode.py)")
     p.add_argument("--smoke", action="store_true", help="tiny model, seconds, for CI")
