@@ -199,10 +199,12 @@ class ProcessEngineClient:
             await self._started
         except BaseException:  # the core failed to start, or the server stops while it loads (nothing to drain)
             self._stopping = True
-            if self._proc.poll() is None:
-                self._proc.kill()
-                await asyncio.to_thread(self._proc.wait)
-            self._release()  # a context left to the garbage collector blocks the thread that collects it
+            try:
+                if self._proc.poll() is None:
+                    self._proc.kill()
+                    await asyncio.to_thread(self._proc.wait)
+            finally:  # also if a second signal cancels this wait: a context left to the garbage collector
+                self._release()  # blocks the thread that collects it
             raise
 
     def _watch(self, proc: subprocess.Popen, loop: asyncio.AbstractEventLoop) -> None:
