@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adsa_core.engine.client import EngineClient
@@ -98,7 +99,7 @@ class BodyLimitMiddleware:
             return
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         is_json = ctype == b"application/json" or (ctype.startswith(b"application/") and ctype.endswith(b"+json"))
-        if scope["method"] == "POST" and not is_json and ctype not in _READ_AS_JSON:
+        if scope["method"] == "POST" and not is_json and ctype not in _READ_AS_JSON and _routed(scope):
             received = ctype.decode("latin-1")[:100]
             unsupported = f"Content-Type {received!r} is not supported: send the JSON body as application/json"
             await ApiError(415, "unsupported_media_type", unsupported).response()(scope, receive, send)
@@ -136,6 +137,11 @@ class BodyLimitMiddleware:
             return await receive()  # later calls: wait for http.disconnect (is_disconnected() needs it)
 
         await self.app(scope, replay, send)
+
+
+def _routed(scope: Scope) -> bool:
+    """A route takes this method at this path: elsewhere the router's own 404 or 405 is the answer, not a 415."""
+    return any(route.matches(scope)[0] == Match.FULL for route in scope["app"].router.routes)
 
 
 # types clients send a JSON body as without saying so, read as JSON: none, `curl -d`'s, a browser fetch's of a string

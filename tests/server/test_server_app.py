@@ -270,6 +270,10 @@ async def test_a_body_sent_as_another_type_than_json_is_415_naming_both(path):
         for ctype in ("application/json", "application/json; charset=utf-8", "application/vnd.api+json", None):
             r = await c.post(path, content=json.dumps(body), headers={"Content-Type": ctype} if ctype else {})
             assert r.status_code == 200, (ctype, r.text)
+        # where no route takes a POST body, the router's answer stands
+        xml = {"Content-Type": "application/xml"}
+        assert (await c.post("/healthz", content="<a/>", headers=xml)).status_code == 405
+        assert (await c.post("/nope", content="<a/>", headers=xml)).status_code == 404
     async with fake_client(S(api_keys="k1")) as (c, _):  # a key is checked first, as for every POST
         r = await c.post(path, content=json.dumps(body), headers={"Content-Type": "application/xml"})
         assert_error(r, 401, "unauthorized")
