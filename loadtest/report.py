@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from . import __version__, promtext
 from .runner import RunConfig, RunResult
-from .stats import ecdf, saturation_point, saturation_summary
+from .stats import ecdf, is_error, saturation_point, saturation_summary
 
 PLOTS = ("throughput_vs_offered.png", "latency_cdf.png", "kv_usage.png")
 
@@ -72,7 +72,7 @@ def build_summary(cfg: RunConfig, result: RunResult) -> dict[str, Any]:
         "requests": len(result.records),
         "ok": sum(1 for r in result.records if r.get("ok")),
         "rejected_429": sum(1 for r in result.records if r.get("status") == 429),
-        "errors": sum(1 for r in result.records if not r.get("ok") and r.get("status") != 429),
+        "errors": sum(1 for r in result.records if is_error(r)),
         "images": sum(int(r.get("images") or 0) for r in result.records if r.get("ok")),
     }
     delta = _delta_json(result.metrics_before, result.metrics_after)
@@ -103,7 +103,7 @@ def top_errors(records: Sequence[dict[str, Any]], n: int = 5) -> list[dict[str, 
     failed = Counter(
         (r.get("status"), str(r.get("error") or "unknown"), r.get("error_message") or "")
         for r in records
-        if not r.get("ok") and r.get("status") != 429
+        if is_error(r)
     )
     return [{"status": status, "error": error, "message": message, "count": count}
             for (status, error, message), count in failed.most_common(n)]

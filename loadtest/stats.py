@@ -91,6 +91,11 @@ def _images(r: dict[str, Any]) -> int:
     return int(r.get("images") or 0)
 
 
+def is_error(record: dict[str, Any]) -> bool:
+    """A request that failed: not ok, and not a 429 (the server's backpressure, counted apart)."""
+    return not record.get("ok") and record.get("status") != 429
+
+
 def summarize_stage(
     records: Sequence[dict[str, Any]],
     *,
@@ -113,7 +118,7 @@ def summarize_stage(
     sent = [r for r in records if r.get("sent_s") is not None]
     ok = [r for r in records if r.get("ok")]
     rejected = [r for r in records if r.get("status") == 429]
-    failed = [r for r in records if not r.get("ok") and r.get("status") != 429]
+    failed = [r for r in records if is_error(r)]
     errors = Counter(str(r.get("status") or r.get("error") or "unknown") for r in failed)
     lat = [r["latency_s"] for r in ok if r.get("latency_s") is not None]
     ends = [r["end_s"] for r in records if r.get("end_s") is not None]
