@@ -8,7 +8,7 @@ checked in `server.service` against the engine's ModelInfo.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -173,21 +173,21 @@ class GenerateRequest(GenerationOptions):
 
 
 # OpenAI's image parameters besides prompt, n, size and model, which its SDKs send as the caller gives them. This server
-# makes opaque PNGs and returns them inline, and this route does not stream: it takes a value that it honours or that
-# changes nothing here (null too), and refuses any other saying what it takes. field -> (values taken, what is taken)
-OPENAI_IMAGE_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
-    "response_format": (("b64_json",), "images come back inline only (b64_json)"),
-    "quality": (("auto", "standard"), "this server has one quality (auto or standard)"),
-    "output_format": (("png",), "images are PNG (png)"),
-    "output_compression": ((100,), "PNG is lossless (100; compression is for jpeg and webp)"),
-    "background": (("auto", "opaque"), "images are opaque (auto or opaque)"),
-    "stream": ((False,), "this route does not stream (false); POST /v1/generate streams (stream: true)"),
-    "partial_images": ((0,), "this route does not stream (0); POST /v1/generate streams previews (stream: true)"),
-    "style": ((), "this server has no styles (leave style out)"),
-    "complexity": ((), "this server has no complexity setting (leave it out)"),
-    "frame_count": ((), "images are PNG, not GIF (leave it out)"),
-    "frame_duration_ms": ((), "images are PNG, not GIF (leave it out)"),
-    "svg": ((), "images are PNG, not SVG (leave it out)"),
+# makes opaque PNGs and returns them inline, and this route does not stream: each field's type takes the values that it
+# honours or that change nothing here (null too); any other is refused saying what is taken. field -> what is taken
+OPENAI_IMAGE_VALUES: dict[str, str] = {
+    "response_format": "images come back inline only (b64_json)",
+    "quality": "this server has one quality (auto or standard)",
+    "output_format": "images are PNG (png)",
+    "output_compression": "PNG is lossless (100; compression is for jpeg and webp)",
+    "background": "images are opaque (auto or opaque)",
+    "stream": "this route does not stream (false); POST /v1/generate streams (stream: true)",
+    "partial_images": "this route does not stream (0); POST /v1/generate streams previews (stream: true)",
+    "style": "this server has no styles (leave style out)",
+    "complexity": "this server has no complexity setting (leave it out)",
+    "frame_count": "images are PNG, not GIF (leave it out)",
+    "frame_duration_ms": "images are PNG, not GIF (leave it out)",
+    "svg": "images are PNG, not SVG (leave it out)",
 }
 
 
@@ -234,10 +234,13 @@ class ImagesRequest(GenerationOptions):
     @classmethod
     def _openai_value(cls, value: Any, info: ValidationInfo) -> Any:
         """Before the type check, so that every refused value, OpenAI's or not, says what is taken."""
-        taken, what = OPENAI_IMAGE_VALUES[str(info.field_name)]
-        # by type as well: JSON's false is not 0, nor 100.0 the integer 100
+        name = str(info.field_name)
+        # the values its Literal type takes; by type as well: JSON's false is not 0, nor 100.0 the integer 100
+        taken = [v for arg in get_args(cls.model_fields[name].annotation) if get_origin(arg) is Literal
+                 for v in get_args(arg)]
         if value is None or any(type(value) is type(t) and value == t for t in taken):
             return value
+        what = OPENAI_IMAGE_VALUES[name]
         shown = repr(value[:40]) if isinstance(value, str) else json.dumps(value, default=str)[:40]
         raise ValueError(f"{shown} is not supported; {what}")
 
