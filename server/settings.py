@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         "auto", description="torch.compile the decode step and the VQ decoder for every batch bucket at warm-up. "
         "auto: on for CUDA"
     )
+    vq_autotune: bool = Field(
+        _ENGINE.vq_autotune,
+        description="Compile the VQ decoder with Inductor's max-autotune: ~15 % less GPU time an image (1.59 against "
+        "1.86 ms on an H200), for ~5 minutes more at the first start; set compile_cache_dir so that restarts reuse it",
+    )
     compile_cache_dir: str | None = Field(
         None, description="Persistent torch.compile / Triton cache (a volume): a restart skips the compile"
     )
@@ -170,6 +175,7 @@ class Settings(BaseSettings):
             cuda_graphs=self.cuda_graphs,
             kv_cache_dtype=self.kv_cache_dtype,
             compile_step={"auto": None, "on": True, "off": False}[self.compile],
+            vq_autotune=self.vq_autotune,
             default_cache=self.cache_config(),
         )
 

@@ -30,6 +30,7 @@ from profile_engine import print_by_part  # a sibling script: tools/ is on the p
 from torch.profiler import ProfilerActivity, profile
 
 from adsa_core.config import VQConfig
+from adsa_core.engine.imaging import vq_decoder
 from adsa_core.model.checkpoint import load_vq
 from adsa_core.model.vq import VQModel
 
@@ -80,12 +81,10 @@ def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
     torch._dynamo.reset()
     if variant == "channels_last":
         vq.to(memory_format=torch.channels_last)
-    if variant in ("compile", "compile_cudnn_benchmark"):
-        return torch.compile(vq.decode_code, dynamic=False)
+    if variant in ("compile", "compile_cudnn_benchmark", "compile_max_autotune"):  # the engine's own compile
+        return vq_decoder(vq, torch.device("cuda"), compiled=True, autotune=variant == "compile_max_autotune")
     if variant == "compile_channels_last":
         return torch.compile(channels_last_decoder(vq), dynamic=False)
-    if variant == "compile_max_autotune":  # Inductor times its Triton conv templates against cuDNN, per conv
-        return torch.compile(vq.decode_code, dynamic=False, mode="max-autotune-no-cudagraphs")
     if variant == "compile_coordinate_descent":  # only the Triton kernels' launch parameters tuned (Inductor's)
         return torch.compile(vq.decode_code, dynamic=False, options={"coordinate_descent_tuning": True})
     return vq.decode_code

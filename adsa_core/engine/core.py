@@ -82,7 +82,11 @@ class EngineCore:
         if n := eng.capture_graphs():
             log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t0)
         cfg = self.models.gpt_config
+        if eng.config.vq_autotune:  # an operator would otherwise see a silent start minutes long
+            log.info("VQ decoder: compiling with max-autotune (minutes, unless the compile cache holds it)")
+        t_vq = time.perf_counter()
         eng.images.warm_up(cfg.block_size)
+        log.info("VQ decoder ready in %.1f s", time.perf_counter() - t_vq)
         cond: Any = 0 if cfg.model_type == "c2i" else None
         prompt = None if cfg.model_type == "c2i" else "warm-up"
         req = GenerationRequest(condition=cond, prompt=prompt, seed=0, request_id="warm-up")

@@ -71,7 +71,7 @@ class Engine:
         self.sampler = Sampler(self.max_batch_size, self.max_rows, self.cfg.vocab_size, self.cfg.block_size,
                                self.runner.rows, self.cfg.cls_token_num, self.runner.staging)
         self.images = ImageStage(models.vq if config.decode_images else None, self.device, config.vq_decode_batch,
-                                 compile_decode=compiled)
+                                 compile_decode=compiled, autotune=config.vq_autotune)
         self.spill = SpillArena(config.spill_arena_bytes, geo.n_layer, geo.kv_heads, geo.head_dim, geo.dtype,
                                 self.device)
         self.spill_steps_per_seq = config.spill_limit_bytes // self.spill.step_bytes

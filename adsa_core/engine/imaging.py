@@ -70,15 +70,25 @@ def encode_png(pixels: torch.Tensor) -> bytes:
     return png_bytes(to_pil(pixels[None])[0], compress_level=1)
 
 
+def vq_decoder(vq: VQModel | None, device: torch.device, compiled: bool,
+               autotune: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The VQ decode the image stage calls: (n, block_size) codes -> (n, 3, H, W) pixels in [-1, 1].
+
+    Compiled on a GPU: GroupNorm + swish fused, ~2x faster and less memory per chunk on an H100
+    (tools/bench_vq_decode.py); one static chunk shape either way. `autotune` (EngineConfig.vq_autotune) adds
+    Inductor's max-autotune, without CUDA graphs: the decode runs on its own stream, outside the steps' graphs."""
+    if vq is None or not compiled or device.type != "cuda":
+        return vq and vq.decode_code
+    return torch.compile(vq.decode_code, dynamic=False, mode="max-autotune-no-cudagraphs" if autotune else None)
+
+
 class ImageStage:
-    def __init__(self, vq: VQModel | None, device: torch.device, chunk: int | None, compile_decode: bool = False):
+    def __init__(self, vq: VQModel | None, device: torch.device, chunk: int | None, compile_decode: bool = False,
+                 autotune: bool = False):
         self.vq = vq
         self.device = device
         self.chunk = chunk or (16 if device.type == "cuda" else 1)
-        # compiled VQ decode (GPU): GroupNorm + swish fused, ~2x faster and less memory per chunk on
-        # an H100 (tools/bench_vq_decode.py); one static chunk shape either way
-        compiled = vq is not None and compile_decode and device.type == "cuda"
-        self._decode = torch.compile(vq.decode_code, dynamic=False) if compiled else (vq and vq.decode_code)
+        self._decode = vq_decoder(vq, device, compile_decode, autotune)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pending: deque[tuple[float, DoneImage]] = deque()  # finished, not launched: (time.monotonic(), image)
         self.chunks_launched = 0  # decodes of finished images (their fill: images / chunks)

@@ -109,7 +109,7 @@ def bench_reference(models: LoadedModels, batch: int, sampling: SamplingParams, 
 
 def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, policy: str,
                  budget: float | None, graphs: bool, spill_limit: int, compile_step: bool = False,
-                 waves: int = 3, kv_cache_dtype: str = "auto", vq_chunk: int = 16) -> Row:
+                 waves: int = 3, kv_cache_dtype: str = "auto", vq_chunk: int = 16, vq_autotune: bool = False) -> Row:
     """`waves` x `batch` requests submitted at once to an engine running at most `batch` at a time:
     serving throughput, where each wave's VQ decode overlaps the next wave's tokens (only the
     last wave's decode is exposed). The KV pool holds exactly what one wave needs."""
@@ -123,7 +123,7 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
                       max_queue=(waves + 1) * batch, spill_limit_bytes=spill_limit, cuda_graphs=graphs,
                       compile_step=compile_step,
                       default_cache=cache,  # the engine decodes to pixels, like the baseline (no PNG)
-                      vq_decode_batch=vq_chunk, kv_cache_dtype=kv_cache_dtype)
+                      vq_decode_batch=vq_chunk, vq_autotune=vq_autotune, kv_cache_dtype=kv_cache_dtype)
     _sync(dev)
     _reset_peak(dev)
     engine = Engine(models, ec)
@@ -149,7 +149,8 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
     engine.close()
     return Row(models.name, models.image_size, policy, budget, batch, n / total, n * cfg.block_size / total,
                _peak(dev), kv, 1000 * total / (waves * cfg.block_size), total, card_name(dev),
-               note=f"{waves} waves" + ("" if kv_cache_dtype == "auto" else f", {kv_cache_dtype} KV"),
+               note=f"{waves} waves" + ("" if kv_cache_dtype == "auto" else f", {kv_cache_dtype} KV")
+               + (", VQ max-autotune" if vq_autotune else ""),
                kv_cache_dtype=kv_cache_dtype)
 
 
@@ -233,6 +234,8 @@ def _check(a: argparse.Namespace) -> None:
              "--sparse-batches": a.sparse_batches, "--budgets": a.budgets}
     if a.smoke and (customised := [flag for flag, value in given.items() if value is not None]):
         raise ConfigError(f"--smoke runs its own tiny model at batch 2 and budget 1/2: drop {', '.join(customised)}")
+    if a.vq_autotune and not a.compile:
+        raise ConfigError("--vq-autotune tunes the compiled VQ decoder: add --compile")
     a.presets, a.image_sizes = a.presets or "GPT-XL", a.image_sizes or "384"
     a.batches = "64,128" if a.batches is None else a.batches
     a.budgets = [0.5, 0.25, 1 / 6] if a.budgets is None else a.budgets
@@ -283,6 +286,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vq-chunk", type=positive_int, default=16,
                    help="engine: images per VQ decode (a wave finishes together; compiled, 16 decodes an image in "
                         "~3/4 of the time of 8, tools/bench_vq_decode.py)")
+    p.add_argument("--vq-autotune", action="store_true",
+                   help="engine, with --compile: the VQ decoder under Inductor's max-autotune "
+                        "(EngineConfig.vq_autotune; minutes of compile unless TORCHINDUCTOR_CACHE_DIR holds it)")
     p.add_argument("--smoke", action="store_true", help="tiny model, seconds, for CI")
     p.add_argument("--out", default="bench-out")
     return p
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                         row = bench_reference(models, batch, sampling, not a.eager_reference and device.type == "cuda")
                     else:
                         row = bench_engine(by_matmul[mm], batch, sampling, policy, budget, not a.no_graphs, spill,
-                                           a.compile, a.waves, kv_dtype, a.vq_chunk)
+                                           a.compile, a.waves, kv_dtype, a.vq_chunk, a.vq_autotune)
                         row.matmul_dtype = mm
                         row.note += ", fp8 matmuls" if mm == "fp8" else ""
                 except torch.cuda.OutOfMemoryError as e:
