@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     matmul_dtype: Literal["auto", "fp8"] = Field(
         "auto",
         description="fp8: the transformer blocks' matmuls in e4m3 with row-wise scales (experimental: quality in "
-        "docs/FIDELITY.md; no speed gain measured, docs/PERFORMANCE.md run 19; needs compute capability >= 8.9 and "
-        "bfloat16 on a GPU)",
+        "docs/FIDELITY.md; +0.5-2.6 % offline and none served, docs/PERFORMANCE.md runs 32-34; needs compute "
+        "capability >= 8.9 and bfloat16 on a GPU)",
     )
 
     # --- KV cache and engine

@@ -60,6 +60,7 @@ def test_fp8_matmul_rows_run_a_quantized_copy_and_the_reference_keeps_the_model(
     (["--device", "cpu", "--image-sizes", "100"], "image size 100 is not a multiple"),
     (["--device", "cpu", "--kv-cache-dtypes", "fp16"], "--kv-cache-dtypes: unknown 'fp16'"),
     (["--device", "cpu", "--matmul-dtypes", "int4"], "matmul dtype 'int4': choose one of auto, fp8"),
+    (["--smoke", "--device", "cpu", "--vq-autotune"], "--vq-autotune tunes the compiled VQ decoder: add --compile"),
     (["--smoke", "--device", "cpu", "--presets", "GPT-B", "--batches", "8"],
      "--smoke runs its own tiny model at batch 2 and budget 1/2: drop --presets, --batches"),
 ])

@@ -138,3 +138,17 @@ def test_previews_never_hold_back_finished_images(vq_model, vq_io):
     assert seen == [("d", "Finished"), ("e", "Finished"), ("a", "PartialImage"), ("b", "PartialImage")]
     stage.close()
     assert seen[-1] == ("c", "PartialImage") and len(seen) == 5
+
+
+def test_the_vq_decoder_is_compiled_on_a_gpu_only_and_autotuned_when_asked(monkeypatch, vq_model):
+    compiled: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    assert imaging.vq_decoder(vq_model, torch.device("cpu"), compiled=True, autotune=True) == vq_model.decode_code
+    assert imaging.vq_decoder(vq_model, torch.device("cuda"), compiled=False, autotune=True) == vq_model.decode_code
+    assert imaging.vq_decoder(None, torch.device("cuda"), compiled=True, autotune=True) is None
+    assert compiled == []
+    cuda = torch.device("cuda")  # only named: vq_decoder touches no GPU
+    imaging.vq_decoder(vq_model, cuda, compiled=True, autotune=False)
+    imaging.vq_decoder(vq_model, cuda, compiled=True, autotune=True)
+    # one static chunk shape; the autotuned decode without CUDA graphs (it runs on its own stream)
+    assert compiled == [{"dynamic": False, "mode": None}, {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]

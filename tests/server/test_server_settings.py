@@ -108,6 +108,15 @@ def test_an_unknown_policy_or_a_missing_checkpoint_is_refused_at_start_up(tmp_pa
     assert load_settings(["--gpt-ckpt", str(tmp_path / "gpt.pt")]).gpt_ckpt == str(tmp_path / "gpt.pt")
 
 
+def test_vq_autotune(monkeypatch):
+    # off unless asked for (its first compile takes minutes); the environment or the flag turns it on
+    assert Settings(_env_file=None).engine_config().vq_autotune is False
+    monkeypatch.setenv("ADSA_VQ_AUTOTUNE", "1")
+    assert Settings(_env_file=None).engine_config().vq_autotune is True
+    monkeypatch.delenv("ADSA_VQ_AUTOTUNE")
+    assert load_settings(["--vq-autotune"]).engine_config().vq_autotune is True
+
+
 def test_matmul_dtype(monkeypatch):
     # the setting offers exactly the loader's names, and reaches the model spec from the environment or the flag
     assert get_args(Settings.model_fields["matmul_dtype"].annotation) == MATMUL_DTYPES
