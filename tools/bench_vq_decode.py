@@ -9,10 +9,12 @@ model, its latents made channels-last at the first conv, then compiled the same 
 compile_cudnn_benchmark (compile with cuDNN's autotuner) and compile_max_autotune (Inductor's
 max-autotune: each conv the faster of cuDNN and Inductor's Triton templates, and its coordinate descent
 over the launch parameters of the Triton kernels it writes) and compile_coordinate_descent (that descent
-alone). Before timing,
-each variant's images for the first chunk are compared with eager NCHW's: the run stops if they are
-not the same images (--tol). --profile also prints one chunk's GPU time per image by kind of kernel
-(docs/PERFORMANCE.md, run 25: 92 % of it is convolutions).
+alone); compile_nchw (Inductor's layout optimisation off: NCHW throughout), compile_cooperative (its
+cooperative reductions) and compile_channel_stats (each GroupNorm from per-channel statistics,
+ChannelStatsGroupNorm). Before timing, each variant's images for the first chunk are compared with eager
+NCHW's: the run stops if they are not the same images (--tol). --profile also prints one chunk's GPU time
+per image by kind of kernel (docs/PERFORMANCE.md, run 35: about half convolutions, half Inductor's
+GroupNorm, swish and upsample kernels).
 
     python tools/bench_vq_decode.py --image-size 384 --chunks 8,16 --out vq.json
 """
@@ -27,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 from profile_engine import print_by_part  # a sibling script: tools/ is on the path when run
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from adsa_core.config import VQConfig
@@ -35,7 +38,8 @@ from adsa_core.model.checkpoint import load_vq
 from adsa_core.model.vq import VQModel
 
 VARIANTS = ("eager", "channels_last", "cudnn_benchmark", "compile", "compile_channels_last", "compile_cudnn_benchmark",
-            "compile_max_autotune", "compile_coordinate_descent")
+            "compile_max_autotune", "compile_coordinate_descent", "compile_nchw", "compile_cooperative",
+            "compile_channel_stats")
 # kernel name fragments -> what a decode's GPU time is spent on (first match wins), for --profile
 # Inductor's pointwise and reduction kernels come before the convolutions: their names list every op fused into
 # them, a convolution's bias among them (before run 34 their GroupNorms were counted as convolutions)
@@ -74,6 +78,38 @@ def channels_last_decoder(vq: VQModel) -> Callable[[torch.Tensor], torch.Tensor]
     return cl.decode_code
 
 
+class ChannelStatsGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm with its group statistics combined from per-channel ones: the same result (a test holds it
+    to F.group_norm in float64) from a reduction that reads channels-last memory coalesced.
+
+    Why: compiled, Inductor keeps the decoder's activations channels-last for cuDNN. A group's C/32 channels
+    are then C apart in memory, and Inductor's GroupNorm kernels took 0.90 ms of a 1.86 ms decode an image,
+    against 0.61 ms for the same graph kept NCHW, whose layout copies cost more (docs/PERFORMANCE.md run 35).
+    Per-channel statistics reduce over H x W with the channels contiguous, and the law of total variance
+    combines them exactly: var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, g = x.shape[0], x.shape[1], self.num_groups
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 activations: fp32 statistics, like torch's
+        var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)  # (n, c) each
+        mean_c, var_c = mean_c.view(n, g, c // g), var_c.view(n, g, c // g)
+        mean_g = mean_c.mean(-1, keepdim=True)  # (n, g, 1)
+        rstd = torch.rsqrt((var_c + (mean_c - mean_g).square()).mean(-1, keepdim=True) + self.eps)
+        scale = rstd * self.weight.to(xf.dtype).view(g, c // g)  # (n, g, c/g): x * scale + shift normalises
+        shift = self.bias.to(xf.dtype).view(g, c // g) - mean_g * scale
+        spatial = (1,) * (x.dim() - 2)
+        return (xf * scale.view(n, c, *spatial) + shift.view(n, c, *spatial)).to(x.dtype)
+
+
+def channel_stats_decoder(vq: VQModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """decode_code of a copy of `vq` whose GroupNorms are ChannelStatsGroupNorm (the same parameters)."""
+    cs = copy.deepcopy(vq)
+    for module in cs.modules():
+        if type(module) is nn.GroupNorm:
+            module.__class__ = ChannelStatsGroupNorm  # same attributes, another forward
+    return cs.decode_code
+
+
 def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decode function of a variant. channels_last converts `vq` in place (main converts it back)."""
     torch.backends.cudnn.benchmark = variant in ("cudnn_benchmark", "compile_cudnn_benchmark")
@@ -85,6 +121,12 @@ def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return vq_decoder(vq, torch.device("cuda"), compiled=True, autotune=variant == "compile_max_autotune")
     if variant == "compile_channels_last":
         return torch.compile(channels_last_decoder(vq), dynamic=False)
+    if variant == "compile_nchw":  # Inductor keeps NCHW: each GroupNorm group contiguous, the convs not channels-last
+        return torch.compile(vq.decode_code, dynamic=False, options={"layout_optimization": False})
+    if variant == "compile_cooperative":  # reductions split across thread blocks (Inductor's cooperative reductions)
+        return torch.compile(vq.decode_code, dynamic=False, options={"triton.cooperative_reductions": True})
+    if variant == "compile_channel_stats":
+        return torch.compile(channel_stats_decoder(vq), dynamic=False)
     if variant == "compile_coordinate_descent":  # only the Triton kernels' launch parameters tuned (Inductor's)
         return torch.compile(vq.decode_code, dynamic=False, options={"coordinate_descent_tuning": True})
     return vq.decode_code
