@@ -200,7 +200,8 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=0, help="0: the server's default (from the KV pool)")
     p.add_argument("--compile-cache", default="/tmp/adsa-compile-cache")
     p.add_argument("--vq-autotune", action="store_true",
-                   help="ADSA_VQ_AUTOTUNE=1 for every server (the first start compiles for minutes: --ready-timeout)")
+                   help="ADSA_VQ_AUTOTUNE=1 for every server and --vq-autotune for the --bench rows (the first "
+                        "start compiles for minutes: --ready-timeout)")
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--ramp", type=float, default=3.0)
     p.add_argument("--clients", type=float, default=3.0,
