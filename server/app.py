@@ -48,17 +48,19 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     install_error_handlers(app, runtime.retry_after_s)
     for router in routers:
         app.include_router(router)
+    # added later = further out: metrics also count 413s from the body limit, and its answers (401, 408, 413,
+    # 415) pass through CORS, so that a page on another origin can read them
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, api_keys=settings.api_keys,
+                       read_timeout_s=settings.read_timeout_s)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            # any request header: the origins are the limit, and OpenAI's JS SDK sends its own (x-stainless-*)
+            allow_headers=["*"],
             expose_headers=["X-Seed", "X-Request-Id"],
         )
-    # added last = outermost: metrics also count 413s from the body limit
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, api_keys=settings.api_keys,
-                       read_timeout_s=settings.read_timeout_s)
     # every route with its full template, for requests answered before the router runs (413) and for
     # FastAPI's own /docs and /openapi.json (app.routes may hold the included routers, not their routes)
     route_table = (*app.routes, *(route for router in routers for route in router.routes))

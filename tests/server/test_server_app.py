@@ -542,6 +542,22 @@ async def test_cors_when_configured():
             "/v1/generate", headers={"Origin": "https://ui.example", "Access-Control-Request-Method": "POST"}
         )
         assert r.headers["access-control-allow-origin"] == "https://ui.example"
+    # answers from before the router (a missing key, a body too large, not JSON) carry the headers too: a page
+    # on that origin can read why
+    async with fake_client(S(cors_origins="https://ui.example", api_keys=["k"], max_body_bytes=1024)) as (c, _):
+        origin = {"Origin": "https://ui.example"}
+        answers = [await c.post("/v1/generate", json={"class_label": 1}, headers=origin),
+                   await c.post("/v1/generate", content=b"{}", headers={**origin, "Authorization": "Bearer k",
+                                                                        "Content-Type": "application/xml"}),
+                   await c.post("/v1/generate", json={"prompt": "x" * 2048},
+                                headers={**origin, "Authorization": "Bearer k"})]
+        assert [r.status_code for r in answers] == [401, 415, 413]
+        assert all(r.headers["access-control-allow-origin"] == "https://ui.example" for r in answers)
+        # the official OpenAI JS SDK's own headers pass the preflight
+        pre = await c.options("/v1/images/generations", headers={
+            **origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-lang,x-stainless-retry-count"})
+        assert pre.status_code == 200 and "x-stainless-lang" in pre.headers["access-control-allow-headers"].lower()
     async with fake_client() as (c, _):  # off by default
         r = await c.get("/healthz", headers={"Origin": "https://ui.example"})
         assert "access-control-allow-origin" not in r.headers
