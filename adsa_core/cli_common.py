@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from .config import ConfigError, parse_budget
+from .config import MATMUL_DTYPE_HELP, ConfigError, parse_budget
 from .loading import MATMUL_DTYPES, ModelSpec
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
@@ -82,8 +82,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--vq-config", metavar="JSON", help="VQ config JSON (file or inline); default VQ-16")
     m.add_argument("--num-classes", type=int, metavar="N", help="classes of a c2i model (default 1000)")
     m.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="auto",
-                   help="fp8: the transformer blocks' matmuls in e4m3 with row-wise scales (experimental: quality in "
-                        "docs/FIDELITY.md; no speed gain measured, docs/PERFORMANCE.md run 19)")
+                   help=MATMUL_DTYPE_HELP)
 
 
 def model_spec_from_args(a: argparse.Namespace) -> ModelSpec:

@@ -303,6 +303,12 @@ class ResolvedCache:
         return self.budget < self.seq_len
 
 
+# the help of every --matmul-dtype flag and ADSA_MATMUL_DTYPE (no "%": argparse formats help with it)
+MATMUL_DTYPE_HELP = ("fp8: the transformer blocks' matmuls in e4m3 with row-wise scales (experimental: quality in "
+                     "docs/FIDELITY.md; a few percent faster offline and no faster served, docs/PERFORMANCE.md runs "
+                     "32-34; needs compute capability >= 8.9 and bfloat16 on a GPU)")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine-wide settings (the server maps ADSA_* settings onto these)."""

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = f.get_default(call_default_factory=True)
-        help_ = f"{f.description or ''} (env ADSA_{name.upper()}; default: {default!r})"
+        # argparse formats help with %: a description's own "%" (a speed-up) must not be read as one
+        help_ = f"{f.description or ''} (env ADSA_{name.upper()}; default: {default!r})".replace("%", "%%")
         # SUPPRESS: flags not given stay out of the namespace, so environment variables still apply
         if f.annotation is bool:
             p.add_argument(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from adsa_core.config import CacheConfig, EngineConfig, parse_budget
+from adsa_core.config import MATMUL_DTYPE_HELP, CacheConfig, EngineConfig, parse_budget
 from adsa_core.kv.policy import get_policy
 
 if TYPE_CHECKING:
@@ -55,9 +55,7 @@ class Settings(BaseSettings):
     # the values of adsa_core.loading.MATMUL_DTYPES (a test keeps them equal)
     matmul_dtype: Literal["auto", "fp8"] = Field(
         "auto",
-        description="fp8: the transformer blocks' matmuls in e4m3 with row-wise scales (experimental: quality in "
-        "docs/FIDELITY.md; +0.5-2.6 % offline and none served, docs/PERFORMANCE.md runs 32-34; needs compute "
-        "capability >= 8.9 and bfloat16 on a GPU)",
+        description=MATMUL_DTYPE_HELP,
     )
 
     # --- KV cache and engine

@@ -328,3 +328,10 @@ def test_module_entry_point_error_has_no_traceback(tmp_path, testdata, manifest)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "adsa-generate: error: class label 300 is out of range 0..9"
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("module", ["adsa_core.cli", "adsa_core.eval.bench", "adsa_core.eval.fidelity"])
+def test_help_prints(module):
+    # argparse formats help text with %: one stray "%" in a flag's help and --help is a traceback
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--matmul-dtype" in r.stdout and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -108,6 +108,17 @@ def test_an_unknown_policy_or_a_missing_checkpoint_is_refused_at_start_up(tmp_pa
     assert load_settings(["--gpt-ckpt", str(tmp_path / "gpt.pt")]).gpt_ckpt == str(tmp_path / "gpt.pt")
 
 
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_settings(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name, field in Settings.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in out and f"ADSA_{name.upper()}" in out
+        if field.description and "%" in field.description:  # printed as written, not read as a format
+            assert field.description.split("%")[0].split()[-1] in out
+
+
 def test_vq_autotune(monkeypatch):
     # off unless asked for (its first compile takes minutes); the environment or the flag turns it on
     assert Settings(_env_file=None).engine_config().vq_autotune is False
