@@ -33,7 +33,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from adsa_core.config import VQConfig
-from adsa_core.engine.imaging import vq_decoder
+from adsa_core.engine.imaging import VQ_AUTOTUNE_MODE, vq_decoder
 from adsa_core.model.checkpoint import load_vq
 from adsa_core.model.vq import VQModel
 
@@ -118,7 +118,7 @@ def build(vq: VQModel, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if variant == "channels_last":
         vq.to(memory_format=torch.channels_last)
     if variant in ("compile", "compile_cudnn_benchmark", "compile_max_autotune"):  # the engine's own compile
-        return vq_decoder(vq, torch.device("cuda"), compiled=True, autotune=variant == "compile_max_autotune")
+        return vq_decoder(vq, VQ_AUTOTUNE_MODE if variant == "compile_max_autotune" else "default")
     if variant == "compile_channels_last":
         return torch.compile(channels_last_decoder(vq), dynamic=False)
     if variant == "compile_nchw":  # Inductor keeps NCHW: each GroupNorm group contiguous, the convs not channels-last

@@ -38,6 +38,7 @@ from ..loading import LoadedModels, ModelSpec, load_models
 from ..logfmt import log_formatter
 from . import wire
 from .engine import Engine
+from .imaging import VQ_AUTOTUNE_MODE
 from .request import EngineDraining, EngineError, Event, GenerationRequest, ModelInfo, RequestFailed
 from .step_clock import StepTiming
 
@@ -82,7 +83,7 @@ class EngineCore:
         if n := eng.capture_graphs():
             log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t0)
         cfg = self.models.gpt_config
-        if eng.config.vq_autotune:  # an operator would otherwise see a silent start minutes long
+        if eng.images.compile_mode == VQ_AUTOTUNE_MODE:  # an operator would otherwise see a silent start minutes long
             log.info("VQ decoder: compiling with max-autotune (minutes, unless the compile cache holds it)")
         t_vq = time.perf_counter()
         eng.images.warm_up(cfg.block_size)

@@ -70,16 +70,26 @@ def encode_png(pixels: torch.Tensor) -> bytes:
     return png_bytes(to_pil(pixels[None])[0], compress_level=1)
 
 
-def vq_decoder(vq: VQModel | None, device: torch.device, compiled: bool,
-               autotune: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
+# EngineConfig.vq_autotune: Inductor's max-autotune, without CUDA graphs (the decode runs on its own stream,
+# outside the steps' graphs)
+VQ_AUTOTUNE_MODE = "max-autotune-no-cudagraphs"
+
+
+def vq_compile_mode(vq: VQModel | None, device: torch.device, compiled: bool, autotune: bool) -> str | None:
+    """torch.compile's mode for the VQ decoder: None where it runs eager (no decoder, a CPU, compile off)."""
+    if vq is None or not compiled or device.type != "cuda":
+        return None
+    return VQ_AUTOTUNE_MODE if autotune else "default"
+
+
+def vq_decoder(vq: VQModel | None, mode: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The VQ decode the image stage calls: (n, block_size) codes -> (n, 3, H, W) pixels in [-1, 1].
 
-    Compiled on a GPU: GroupNorm + swish fused, ~2x faster and less memory per chunk on an H100
-    (tools/bench_vq_decode.py); one static chunk shape either way. `autotune` (EngineConfig.vq_autotune) adds
-    Inductor's max-autotune, without CUDA graphs: the decode runs on its own stream, outside the steps' graphs."""
-    if vq is None or not compiled or device.type != "cuda":
+    Compiled (a `mode`, on a GPU): GroupNorm + swish fused, ~2x faster and less memory per chunk on an H100
+    (tools/bench_vq_decode.py); one static chunk shape either way."""
+    if vq is None or mode is None:
         return vq and vq.decode_code
-    return torch.compile(vq.decode_code, dynamic=False, mode="max-autotune-no-cudagraphs" if autotune else None)
+    return torch.compile(vq.decode_code, dynamic=False, mode=mode)
 
 
 class ImageStage:
@@ -88,7 +98,8 @@ class ImageStage:
         self.vq = vq
         self.device = device
         self.chunk = chunk or (16 if device.type == "cuda" else 1)
-        self._decode = vq_decoder(vq, device, compile_decode, autotune)
+        self.compile_mode = vq_compile_mode(vq, device, compile_decode, autotune)  # None: eager
+        self._decode = vq_decoder(vq, self.compile_mode)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pending: deque[tuple[float, DoneImage]] = deque()  # finished, not launched: (time.monotonic(), image)
         self.chunks_launched = 0  # decodes of finished images (their fill: images / chunks)

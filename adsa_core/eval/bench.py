@@ -28,6 +28,7 @@ from .. import reference
 from ..cli_common import positive_int
 from ..config import CacheConfig, ConfigError, EngineConfig, GPTConfig, VQConfig, gpt_preset, parse_budget
 from ..engine import Engine, Finished, GenerationRequest
+from ..engine.imaging import VQ_AUTOTUNE_MODE
 from ..kv.policy import policy_names
 from ..kv.pool import KV_CACHE_DTYPES, pages_for
 from ..loading import LoadedModels, check_matmul_dtype, resolve_device, resolve_dtype
@@ -146,11 +147,12 @@ def bench_engine(models: LoadedModels, batch: int, sampling: SamplingParams, pol
     n = waves * batch
     total = wave(n, "run")
     kv = sum(f.stats.kv_bytes for f in done) // waves
+    autotuned = engine.images.compile_mode == VQ_AUTOTUNE_MODE  # not on a CPU, nor without --compile
     engine.close()
     return Row(models.name, models.image_size, policy, budget, batch, n / total, n * cfg.block_size / total,
                _peak(dev), kv, 1000 * total / (waves * cfg.block_size), total, card_name(dev),
                note=f"{waves} waves" + ("" if kv_cache_dtype == "auto" else f", {kv_cache_dtype} KV")
-               + (", VQ max-autotune" if vq_autotune else ""),
+               + (", VQ max-autotune" if autotuned else ""),
                kv_cache_dtype=kv_cache_dtype)
 
 

@@ -141,14 +141,20 @@ def test_previews_never_hold_back_finished_images(vq_model, vq_io):
 
 
 def test_the_vq_decoder_is_compiled_on_a_gpu_only_and_autotuned_when_asked(monkeypatch, vq_model):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only named: nothing here touches a GPU
+    assert imaging.vq_compile_mode(vq_model, cpu, compiled=True, autotune=True) is None
+    assert imaging.vq_compile_mode(vq_model, cuda, compiled=False, autotune=True) is None
+    assert imaging.vq_compile_mode(None, cuda, compiled=True, autotune=True) is None
+    assert imaging.vq_compile_mode(vq_model, cuda, compiled=True, autotune=False) == "default"
+    assert imaging.vq_compile_mode(vq_model, cuda, compiled=True, autotune=True) == imaging.VQ_AUTOTUNE_MODE
+    # an eager image stage says so (the engine's log and adsa-bench's labels read it)
+    assert ImageStage(vq_model, cpu, None, compile_decode=True, autotune=True).compile_mode is None
     compiled: list[dict] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
-    assert imaging.vq_decoder(vq_model, torch.device("cpu"), compiled=True, autotune=True) == vq_model.decode_code
-    assert imaging.vq_decoder(vq_model, torch.device("cuda"), compiled=False, autotune=True) == vq_model.decode_code
-    assert imaging.vq_decoder(None, torch.device("cuda"), compiled=True, autotune=True) is None
+    assert imaging.vq_decoder(vq_model, None) == vq_model.decode_code and imaging.vq_decoder(None, "default") is None
     assert compiled == []
-    cuda = torch.device("cuda")  # only named: vq_decoder touches no GPU
-    imaging.vq_decoder(vq_model, cuda, compiled=True, autotune=False)
-    imaging.vq_decoder(vq_model, cuda, compiled=True, autotune=True)
+    imaging.vq_decoder(vq_model, "default")
+    imaging.vq_decoder(vq_model, imaging.VQ_AUTOTUNE_MODE)
     # one static chunk shape; the autotuned decode without CUDA graphs (it runs on its own stream)
-    assert compiled == [{"dynamic": False, "mode": None}, {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
+    assert compiled == [{"dynamic": False, "mode": "default"},
+                        {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
