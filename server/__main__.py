@@ -90,6 +90,13 @@ class DrainingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
+    async def shutdown(self, sockets: Any = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:  # the stop under way is cancelled as the process exits: it would leave the core
+            self.runtime.abandon()  # and the sockets' directory behind
+            # uvicorn skips the app's shutdown when forced, and its lifespan, cancelled at exit, logs a traceback
+            await self.lifespan.shutdown()
+
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         bound = [sock.getsockname() for server in self.servers for sock in server.sockets]

@@ -96,6 +96,14 @@ class Runtime:
             self._stopped = True
             await self.engine.shutdown(drain=not now, timeout=timeout)
 
+    def abandon(self) -> None:
+        """A forced exit (a third signal): the engine stops and every request ends now, nothing waited for."""
+        self.draining = self._stopped = True
+        if self._load_task is not None:
+            self._load_task.cancel()  # a core still loading: its start() kills it
+        if self.engine is not None:
+            self.engine.abandon()
+
     async def stop(self) -> None:
         await self.drain(self.settings.drain_timeout_s)
 

@@ -154,6 +154,10 @@ class EngineClient(Protocol):
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None: ...
 
+    def abandon(self) -> None:
+        """A forced exit: stop the engine and end every request now, waiting for nothing."""
+        ...
+
 
 class ProcessEngineClient:
     """The engine core in a child process (`python -m adsa_core.engine`), over ZeroMQ."""
@@ -251,6 +255,15 @@ class ProcessEngineClient:
                 log.error("the engine process did not stop: killing it")
                 self._proc.kill()
         self._stopping = True
+        self._fail_everything(EngineDraining("the server shut down before this request finished"))
+        self._release()
+
+    def abandon(self) -> None:
+        """Kill the core, end every request, free the sockets and their directory. A shutdown under way (its
+        waits are cancelled as the process exits) must not be left to do it."""
+        self._stopping, self.draining, self.ready = True, True, False
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
         self._fail_everything(EngineDraining("the server shut down before this request finished"))
         self._release()
 

@@ -131,6 +131,14 @@ class FakeEngine:
         if self._task is not None:
             self._task.cancel()
 
+    def abandon(self) -> None:
+        self.draining, self.ready = True, False
+        for s in self.running + self.waiting:
+            self._end(s, "cancelled", RequestCancelled("engine stopped"))
+        self.running, self.waiting = [], []
+        if self._task is not None:
+            self._task.cancel()
+
     async def submit(self, reqs: list[GenerationRequest]) -> list[RequestHandle]:
         """All or nothing, like the real engine core."""
         assert self.info is not None
