@@ -4,6 +4,7 @@ and the entry-point wrapper that turns every error into one line and exit status
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -32,6 +33,9 @@ def run_main(prog: str, body: Callable[[list[str] | None], int], argv: list[str]
     """A tool's entry point: every error one line on stderr with status 2, never a traceback."""
     try:
         return body(argv)
+    except BrokenPipeError:  # the reader left (`| head`): what it wanted was written, like any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing at exit
+        return 0
     except (UsageError, ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -335,3 +335,14 @@ def test_help_prints(module):
     # argparse formats help text with %: one stray "%" in a flag's help and --help is a traceback
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--matmul-dtype" in r.stdout and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    # `adsa-generate --list-classes | head`: the demo model's list (~90 KB) outgrows the pipe, and the reader
+    # leaves; a Unix tool stops quietly then
+    p = subprocess.Popen([sys.executable, "-m", "adsa_core.cli", "--list-classes"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.read(10)
+    p.stdout.close()
+    assert p.wait(120) == 0
+    assert p.stderr is not None and p.stderr.read() == b""
