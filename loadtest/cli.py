@@ -58,6 +58,17 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _http_url(text: str) -> str:
+    """A base URL the client can reach: http(s)://host[:port][/prefix] ('localhost:8000' would fail every request)."""
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"expected http://host:port or https://..., got {text!r}")
+    return text
+
+
 def _budget(text: str) -> int | float:
     """A kv_budget for the request body (config.parse_budget's rules). Its 'full' (no eviction) is sent as 1.0:
     the API's null is the server's default budget, which parse_csv's 'default' already stands for."""
@@ -74,6 +85,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--url",
+        type=_http_url,
         default=os.environ.get("ADSA_LOADTEST_URL", DEFAULT_URL),
         help=f"server base URL, the only address contacted (default {DEFAULT_URL})",
     )
@@ -159,7 +171,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     w.add_argument("--response-format", choices=["b64_json", "png"], default="b64_json")
     m = p.add_argument_group("metrics and output")
     m.add_argument("--no-metrics", action="store_true", help="do not scrape /metrics")
-    m.add_argument("--metrics-url", default=None, help="where to scrape (default URL/metrics)")
+    m.add_argument("--metrics-url", type=_http_url, default=None, help="where to scrape (default URL/metrics)")
     m.add_argument(
         "--metrics-interval",
         type=_positive_float,

@@ -280,6 +280,9 @@ def test_no_server_exits_3(tmp_path, capsys):
         ["--requests", "0"],
         ["compare", "a"],
         ["--workload", "/nonexistent.json"],
+        ["--url", "localhost:8000"],  # no scheme: every request would fail
+        ["--url", "http://"],
+        ["--metrics-url", "ftp://host/metrics"],
     ],
 )
 def test_bad_arguments_exit_2(argv, tmp_path, capsys):
@@ -288,3 +291,5 @@ def test_bad_arguments_exit_2(argv, tmp_path, capsys):
     assert e.value.code == 2
     if argv in (["--rates", "x"], ["--concurrency", "2.5"]):  # not a number: the message names the flag
         assert f"error: {argv[0]}" in capsys.readouterr().err
+    if argv[0].endswith("url"):
+        assert f"argument {argv[0]}: expected http://host:port" in capsys.readouterr().err
