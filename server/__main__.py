@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import logging
+import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, get_args, get_origin
@@ -52,8 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def misspelt_settings(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ADSA_* variable that is no setting but nearly one (ADSA_MAX_QUEU): pydantic ignores
+    it, and the server would run on the default. Others (the load tester's, tests') are not settings at all."""
+    names = [f"ADSA_{name.upper()}" for name in Settings.model_fields]
+    return [f"adsa-serve: warning: {var} is not a setting and is ignored; did you mean {close[0]}?"
+            for var in sorted(environ) if var.startswith("ADSA_") and var not in names
+            if (close := difflib.get_close_matches(var, names, n=1, cutoff=0.85))]
+
+
 def load_settings(argv: list[str] | None = None) -> Settings:
     args = vars(build_parser().parse_args(argv))
+    for warning in misspelt_settings(os.environ):
+        print(warning, file=sys.stderr)
     try:
         settings = Settings(**args)  # init values (flags) take precedence over ADSA_* variables
     except ValidationError as e:

@@ -119,6 +119,15 @@ def test_help_lists_every_setting(capsys):
             assert field.description.split("%")[0].split()[-1] in out
 
 
+def test_a_misspelt_setting_is_named_with_the_one_meant(monkeypatch, capsys):
+    # pydantic ignores an unknown ADSA_* variable: the server would start on the default without a word
+    monkeypatch.setenv("ADSA_MAX_QUEU", "3")
+    monkeypatch.setenv("ADSA_LOADTEST_URL", "http://x")  # another tool's variable, nothing like a setting
+    assert load_settings([]).max_queue == Settings.model_fields["max_queue"].default
+    assert capsys.readouterr().err.splitlines() == [
+        "adsa-serve: warning: ADSA_MAX_QUEU is not a setting and is ignored; did you mean ADSA_MAX_QUEUE?"]
+
+
 def test_vq_autotune(monkeypatch):
     # off unless asked for (its first compile takes minutes); the environment or the flag turns it on
     assert Settings(_env_file=None).engine_config().vq_autotune is False
