@@ -10,11 +10,16 @@ written as digits (the only way to reach a class whose names are shared, like Im
 from __future__ import annotations
 
 import difflib
+import reprlib
 from functools import cache
 from pathlib import Path
 
 IMAGENET_CLASSES = Path(__file__).parent / "assets" / "imagenet" / "classes.tsv"
 IMAGENET_NUM_CLASSES = 1000
+
+
+_SHORT = reprlib.Repr()  # an error echoes at most 80 characters of a prompt (the API takes thousands)
+_SHORT.maxstring = 80
 
 
 class UnknownClass(ValueError):
@@ -88,4 +93,4 @@ class ClassNames:
         containing = sorted((n for n in self.by_name if f" {key} " in f" {n} "), key=len)
         close = list(dict.fromkeys(containing[:3] + difflib.get_close_matches(key, self.by_name, n=5, cutoff=0.6)))[:5]
         listed = ", ".join(f"{n!r} ({'/'.join(map(str, self.by_name[n]))})" for n in close)
-        raise UnknownClass(f"no class is named {prompt!r}" + (f"; closest: {listed}" if close else ""))
+        raise UnknownClass(f"no class is named {_SHORT.repr(prompt)}" + (f"; closest: {listed}" if close else ""))

@@ -35,6 +35,10 @@ def test_prompts_name_imagenet_classes():
         names.resolve("golden retreiver")
     with pytest.raises(UnknownClass, match="closest: 'red fox' \\(277\\)"):
         names.resolve("fox")  # names that contain the word come first
+    with pytest.raises(UnknownClass) as long_prompt:  # a long prompt is not echoed whole
+        names.resolve("a photograph of " * 250)
+    assert "no class is named 'a photograph of a photograph" in str(long_prompt.value)
+    assert len(str(long_prompt.value)) < 400
     with pytest.raises(UnknownClass, match="out of range 0..999"):
         names.resolve("1000")
 
