@@ -192,7 +192,9 @@ def test_end_to_end_tiny(tiny, tmp_path, capsys) -> None:
             str(out),
         ]
     )
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "images in " in err and f"-> {out}" in err  # a successful run says where its report went
     for name in ("fidelity.json", "fidelity.md", "grid.png"):
         assert (out / name).is_file(), name
     report, rows = _rows(out)

@@ -477,9 +477,9 @@ def run_fidelity(plan: FidelityPlan) -> dict:
             for i in idx
         ]
         save_grid(grids, col, out / "grid.png")
-    if plan.show_progress:
-        what = f"{len(rows)} sampling candidates" if sweep_sampling else f"{len(rows)} settings"
-        print(f"{PROG}: {what} x {len(images.seeds)} images in {seconds:.1f} s -> {out}", file=sys.stderr)
+    # always, TTY or not: without it a run that succeeded said nothing of where its report went
+    what = f"{len(rows)} sampling candidates" if sweep_sampling else f"{len(rows)} settings"
+    print(f"{PROG}: {what} x {len(images.seeds)} images in {seconds:.1f} s -> {out}", file=sys.stderr)
     return report
 
 
