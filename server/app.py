@@ -89,6 +89,9 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if scope["method"] == "POST" and not _routed(scope):  # the router's 404 or 405, the body never read
+            await self.app(scope, receive, send)
+            return
         if scope["method"] == "POST":
             authorization = headers.get(b"authorization", b"").decode("latin-1") or None
             if (err := api_key_error(self.api_keys, bearer_token(authorization))) is not None:
@@ -101,7 +104,7 @@ class BodyLimitMiddleware:
             return
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         is_json = ctype == b"application/json" or (ctype.startswith(b"application/") and ctype.endswith(b"+json"))
-        if scope["method"] == "POST" and not is_json and ctype not in _READ_AS_JSON and _routed(scope):
+        if scope["method"] == "POST" and not is_json and ctype not in _READ_AS_JSON:
             received = ctype.decode("latin-1")[:100]
             unsupported = f"Content-Type {received!r} is not supported: send the JSON body as application/json"
             await ApiError(415, "unsupported_media_type", unsupported).response()(scope, receive, send)
@@ -142,7 +145,8 @@ class BodyLimitMiddleware:
 
 
 def _routed(scope: Scope) -> bool:
-    """A route takes this method at this path: elsewhere the router's own 404 or 405 is the answer, not a 415."""
+    """A route takes this method at this path: elsewhere the router's own 404 or 405 is the answer, not a 401
+    or a 415."""
     return any(route.matches(scope)[0] == Match.FULL for route in scope["app"].router.routes)
 
 

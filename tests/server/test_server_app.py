@@ -274,9 +274,12 @@ async def test_a_body_sent_as_another_type_than_json_is_415_naming_both(path):
         xml = {"Content-Type": "application/xml"}
         assert (await c.post("/healthz", content="<a/>", headers=xml)).status_code == 405
         assert (await c.post("/nope", content="<a/>", headers=xml)).status_code == 404
-    async with fake_client(S(api_keys="k1")) as (c, _):  # a key is checked first, as for every POST
+    async with fake_client(S(api_keys="k1")) as (c, _):  # a key is checked first, as for every POST a route takes
         r = await c.post(path, content=json.dumps(body), headers={"Content-Type": "application/xml"})
         assert_error(r, 401, "unauthorized")
+        # where none takes it, the router's 404 or 405 without a key: the method or the path is what is wrong
+        assert_error(await c.post("/metrics", content="{}"), 405, "method_not_allowed")
+        assert (await c.post("/nope", content="x" * 100)).status_code == 404
 
 
 async def test_probes_and_the_page_answer_head_as_get_without_a_body():
