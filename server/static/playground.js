@@ -32,8 +32,8 @@ class ApiError extends Error {
   }
 }
 
-// The server's error body is {"error": message, "type": kind}; OpenAI-style routes nest it as
-// {"error": {"message", "type", "param", "code"}}. Both read the same here. (Exported for the tests.)
+// Every error of this server is {"error": {"message", "type", "param", "code"}} (docs/API.md, "Errors"); a flat
+// {"error": message} (a proxy's, an older server's) reads too. (Exported for the tests.)
 export function errorFromBody(status, body, retryAfter = null) {
   const e = body?.error;
   const message = (e && typeof e === 'object' ? e.message : e) || `HTTP ${status}`;
