@@ -182,6 +182,7 @@ class ProcessEngineClient:
         self._started: asyncio.Future[None] | None = None
         self._reader: asyncio.Task | None = None
         self._dir = tempfile.mkdtemp(prefix="adsa-ipc-")
+        self._released = False  # the sockets and their directory are gone (_release)
         self._ctx = zmq.asyncio.Context()
         self._to_core = self._ctx.socket(zmq.PUSH)
         self._from_core = self._ctx.socket(zmq.PULL)
@@ -269,6 +270,7 @@ class ProcessEngineClient:
 
     def _release(self) -> None:
         """The API side's resources: the reader, the sockets and their directory, the PNG threads."""
+        self._released = True
         if self._reader is not None:
             self._reader.cancel()
         self._ctx.destroy(linger=0)
@@ -311,6 +313,8 @@ class ProcessEngineClient:
             self._send({"t": "abort", "ids": [request_id]})
 
     def _send(self, msg: dict) -> None:
+        if self._released:  # after a forced exit's abandon(): the stop it cut short, or a late cancel, says nothing
+            return
         self._to_core.send(wire.dumps(msg), copy=False)  # a PUSH socket queues; it never blocks here
 
     # --- what the core sends ---------------------------------------------------------------------------

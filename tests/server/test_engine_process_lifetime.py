@@ -69,3 +69,19 @@ def test_an_engine_whose_server_is_gone_exits_while_loading():
     while running(core):  # the core notices within ORPHAN_POLL_S of starting, before it loads anything
         assert time.monotonic() < deadline, "the orphaned engine process is still running"
         time.sleep(0.05)
+
+
+async def test_an_abandoned_client_frees_everything_and_a_stop_it_cut_short_says_nothing():
+    # a forced exit (a second Ctrl-C) abandons the engine while a stop is under way: that stop, or a request
+    # cancelled late, must not send on the destroyed sockets (a ZMQError traceback in the log)
+    from adsa_core.engine.client import ProcessEngineClient
+
+    client = ProcessEngineClient(ModelSpec(gpt_config=json.dumps(TINY_GPT), device="cpu"), EngineConfig())
+    assert Path(client._dir).is_dir()
+    client.abandon()
+    assert not Path(client._dir).exists() and client.draining and not client.ready
+    sent: list = []  # a closed asyncio socket fails in a future nobody awaits: a traceback in the log at exit
+    client._to_core.send = lambda *a, **kw: sent.append(a)  # type: ignore[method-assign]
+    client._send({"t": "stop"})
+    await client.shutdown(drain=False)  # the stop that was under way, resumed: returns, raises nothing
+    assert sent == []
