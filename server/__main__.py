@@ -97,6 +97,7 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
         self._stop_task: asyncio.Task | None = None
+        self._stop_asked = False  # a stop-now signal came (its task starts on the loop)
         self._signals = 0
         runtime.on_fatal = self._fatal
 
@@ -106,10 +107,13 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: Any = None) -> None:
         await super().shutdown(sockets)
-        if self.force_exit:  # the stop under way is cancelled as the process exits: it would leave the core
-            self.runtime.abandon()  # and the sockets' directory behind
-            # uvicorn skips the app's shutdown when forced, and its lifespan, cancelled at exit, logs a traceback
-            await self.lifespan.shutdown()
+        if self.force_exit:  # _abandon ended every request and killed the core; what is left before exiting:
+            # the requests write their JSON 503s (at exit asyncio cancels what still runs: uvicorn's text 500s),
+            if self.server_state.tasks:
+                await asyncio.wait(list(self.server_state.tasks), timeout=1)
+            # and the app's shutdown, which uvicorn skips when forced (its lifespan, cancelled, logs a traceback)
+            if not self.lifespan.shutdown_event.is_set():
+                await self.lifespan.shutdown()
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
@@ -124,10 +128,16 @@ class DrainingServer(uvicorn.Server):
         self._signals += 1
         if self._signals == 1 and sig == signal.SIGTERM:
             self._loop.call_soon_threadsafe(self._start_drain)
-        elif self._signals <= 2 and self._stop_task is None:
+        elif not self._stop_asked:  # decided here, not when the loop gets to it: a busy loop must not need three
+            self._stop_asked = True
             self._loop.call_soon_threadsafe(self._start_stop, signal.Signals(sig).name)
-        else:
+        elif not self.force_exit:
             self.should_exit = self.force_exit = True
+            self._loop.call_soon_threadsafe(self._abandon, signal.Signals(sig).name)
+
+    def _abandon(self, name: str) -> None:
+        log.warning("%s again: exiting now; the engine is killed, requests in flight end with 503 draining", name)
+        self.runtime.abandon()
 
     def _start_drain(self) -> None:
         log.info("SIGTERM: draining (up to %.0f s)", self.drain_timeout_s)
