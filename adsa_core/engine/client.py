@@ -255,16 +255,19 @@ class ProcessEngineClient:
             except subprocess.TimeoutExpired:
                 log.error("the engine process did not stop: killing it")
                 self._proc.kill()
-        self._stopping = True
-        self._fail_everything(EngineDraining("the server shut down before this request finished"))
-        self._release()
+        self._end_all()
 
     def abandon(self) -> None:
         """Kill the core, end every request, free the sockets and their directory. A shutdown under way (its
         waits are cancelled as the process exits) must not be left to do it."""
-        self._stopping, self.draining, self.ready = True, True, False
+        self.draining, self.ready = True, False
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
+        self._end_all()
+
+    def _end_all(self) -> None:
+        """How every stop ends: the requests left get EngineDraining, the API side's resources are freed."""
+        self._stopping = True
         self._fail_everything(EngineDraining("the server shut down before this request finished"))
         self._release()
 

@@ -125,11 +125,7 @@ class FakeEngine:
 
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(idle(), timeout)
-        for s in self.running + self.waiting:
-            self._end(s, "cancelled", RequestCancelled("engine stopped"))
-        self.running, self.waiting = [], []
-        if self._task is not None:
-            self._task.cancel()
+        self.abandon()
 
     def abandon(self) -> None:
         self.draining, self.ready = True, False

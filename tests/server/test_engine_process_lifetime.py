@@ -72,16 +72,28 @@ def test_an_engine_whose_server_is_gone_exits_while_loading():
 
 
 async def test_an_abandoned_client_frees_everything_and_a_stop_it_cut_short_says_nothing():
-    # a forced exit (a second Ctrl-C) abandons the engine while a stop is under way: that stop, or a request
-    # cancelled late, must not send on the destroyed sockets (a ZMQError traceback in the log)
+    # a forced exit (a second Ctrl-C) abandons the engine while a stop waits for the requests to end: that stop,
+    # resumed, must send nothing on the destroyed sockets (a zmq.asyncio send fails in a future nobody awaits:
+    # a traceback in the log at exit)
     from adsa_core.engine.client import ProcessEngineClient
 
     client = ProcessEngineClient(ModelSpec(gpt_config=json.dumps(TINY_GPT), device="cpu"), EngineConfig())
-    assert Path(client._dir).is_dir()
+    client._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a core that hangs
+    delivered: list = []
+
+    class Pending:  # a request in flight: only abandon() ends it (the hung core never answers the abort)
+        def deliver(self, event):
+            delivered.append(event)
+
+    client._handles["r1"] = Pending()  # type: ignore[assignment]
+    sent: list = []
+    send = client._to_core.send
+    client._to_core.send = lambda *a, **kw: sent.append(a) or send(*a, **kw)  # type: ignore[method-assign]
+    stop = asyncio.create_task(client.shutdown(drain=False))
+    while not sent:  # the stop sent its abort and waits for the request to end
+        await asyncio.sleep(0.01)
     client.abandon()
-    assert not Path(client._dir).exists() and client.draining and not client.ready
-    sent: list = []  # a closed asyncio socket fails in a future nobody awaits: a traceback in the log at exit
-    client._to_core.send = lambda *a, **kw: sent.append(a)  # type: ignore[method-assign]
-    client._send({"t": "stop"})
-    await client.shutdown(drain=False)  # the stop that was under way, resumed: returns, raises nothing
-    assert sent == []
+    assert client._proc.wait(5) is not None and not Path(client._dir).exists()
+    assert [type(e).__name__ for e in delivered] == ["EngineDraining"]
+    await asyncio.wait_for(stop, 5)  # resumed: it ends without sending its "stop"
+    assert len(sent) == 1  # the abort, before abandon()
