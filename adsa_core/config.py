@@ -332,7 +332,7 @@ class EngineConfig:
     vq_decode_batch: int | None = None
     # compile the VQ decoder under Inductor's max-autotune (with compile_step, GPU only): its Triton templates
     # timed against cuDNN per convolution, its own kernels' launch parameters by coordinate descent. 1.59-1.63
-    # against 1.81-1.86 ms an image at chunks of 16 on an H200 (docs/PERFORMANCE.md runs 34-35), for ~4.5 minutes
+    # against 1.81-1.86 ms an image at chunks of 16 on an H200 (docs/PERFORMANCE.md runs 34-35), for ~5 minutes
     # of compile at warm-up: use it with a kept compile cache (TORCHINDUCTOR_CACHE_DIR), which a restart reads
     vq_autotune: bool = False
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": e4m3 K/V (half the bytes read per step)

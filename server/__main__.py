@@ -61,6 +61,7 @@ def misspelt_settings(environ: Mapping[str, str]) -> list[str]:
     names = [f"ADSA_{name.upper()}" for name in Settings.model_fields]
     return [f"adsa-serve: warning: {var} is not a setting and is ignored; did you mean {close[0]}?"
             for var in sorted(environ) if var.startswith("ADSA_") and var not in names
+            and not var.startswith("ADSA_LT_")  # tools/device_loadtest.sh's own, which its servers inherit
             if (close := difflib.get_close_matches(var, names, n=1, cutoff=0.85))]
 
 
