@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 from collections.abc import Callable
 
@@ -29,13 +30,26 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _stdout_reader_gone() -> bool:
+    """stdout is a pipe nobody reads any more (poll reports an error on a pipe's write end then)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fd (a test's capture), no poll (not POSIX)
+        return False
+
+
 def run_main(prog: str, body: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     """A tool's entry point: every error one line on stderr with status 2, never a traceback."""
     try:
         return body(argv)
-    except BrokenPipeError:  # the reader left (`| head`): what it wanted was written, like any Unix tool
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing at exit
-        return 0
+    except BrokenPipeError as e:
+        if _stdout_reader_gone():  # `| head` left: it had what it wanted; quiet, like any Unix tool
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing at exit
+            return 0
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)  # another pipe: an error like any
+        return 2
     except (UsageError, ValueError, OSError) as e:  # ConfigError and CheckpointError are ValueErrors
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -346,3 +346,13 @@ def test_a_reader_that_leaves_early_is_no_error():
     p.stdout.close()
     assert p.wait(120) == 0
     assert p.stderr is not None and p.stderr.read() == b""
+
+
+def test_a_broken_pipe_elsewhere_than_stdout_is_an_error(capsys):
+    from adsa_core.cli_common import run_main
+
+    def body(argv):
+        raise BrokenPipeError(32, "Broken pipe")  # e.g. a FIFO given as an output path, its reader gone
+
+    assert run_main("adsa-generate", body, []) == 2
+    assert capsys.readouterr().err == "adsa-generate: error: [Errno 32] Broken pipe\n"
