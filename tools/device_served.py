@@ -70,7 +70,7 @@ class Server:
             "ADSA_COMPILE_CACHE_DIR": a.compile_cache, "ADSA_MAX_QUEUE": "4096", "ADSA_REQUEST_TIMEOUT_S": "600",
             "ADSA_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
         })
-        if a.vq_autotune:
+        if a.vq_autotune and tree == REPO:  # this tree only: --serve-old's trees compare against it
             env["ADSA_VQ_AUTOTUNE"] = "1"
         if a.max_batch:
             env["ADSA_MAX_BATCH_SIZE"] = str(a.max_batch)
@@ -170,7 +170,7 @@ def bench_row(cfg: dict, a: argparse.Namespace, batch: int, tree: Path, out: Pat
            "--no-reference", "--compile", "--waves", "2", "--kv-cache-dtypes", cfg["kv"], "--out", str(out)]
     if cfg["matmul"] != "auto":  # older trees have no such option: only asked for when a config sets it
         cmd += ["--matmul-dtypes", cfg["matmul"]]
-    if a.vq_autotune:
+    if a.vq_autotune and tree == REPO:  # older trees have no such option
         cmd += ["--vq-autotune"]
     if policy == "dense":
         cmd += ["--batches", str(batch), "--policies", ""]
@@ -200,8 +200,8 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=0, help="0: the server's default (from the KV pool)")
     p.add_argument("--compile-cache", default="/tmp/adsa-compile-cache")
     p.add_argument("--vq-autotune", action="store_true",
-                   help="ADSA_VQ_AUTOTUNE=1 for every server and --vq-autotune for the --bench rows (the first "
-                        "start compiles for minutes: --ready-timeout)")
+                   help="ADSA_VQ_AUTOTUNE=1 for this tree's servers and --bench rows, not --serve-old's or "
+                        "--bench-old's (the first start compiles for minutes: --ready-timeout)")
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--ramp", type=float, default=3.0)
     p.add_argument("--clients", type=float, default=3.0,
