@@ -183,13 +183,17 @@ def header_timeout_h11(seconds: float) -> type[H11Protocol]:
             self._head_timer = self.loop.call_later(seconds, self._head_timeout)
 
         def _head_timeout(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            # no request head in time; or, after an answer given before the body was read (401, 413, 404), a body
+            # still trickling in: uvicorn discards it, and each byte would restart its keep-alive timer
+            waiting = self.conn.their_state is h11.IDLE or self.conn.our_state is h11.DONE
+            if waiting and not self.transport.is_closing():
                 self.transport.close()
 
         def handle_events(self) -> None:
             super().handle_events()
-            if self.conn.their_state is not h11.IDLE and self._head_timer is not None:
-                self._head_timer.cancel()  # the head arrived; the body has BodyLimitMiddleware's timeout
+            head_arrived = self.conn.their_state is not h11.IDLE and self.conn.our_state is not h11.DONE
+            if head_arrived and self._head_timer is not None:
+                self._head_timer.cancel()  # the body has BodyLimitMiddleware's timeout
                 self._head_timer = None
 
         def on_response_complete(self) -> None:

@@ -144,6 +144,33 @@ def test_slow_and_unauthenticated_clients_pin_nothing(chaos_server, chaos_rows):
     assert after - before < 30, sc.row.rss
 
 
+def test_a_body_trickling_after_an_early_answer_is_cut_off(chaos_server, chaos_rows):
+    """A client without a key gets its 401 before its body is read, then keeps sending that body a byte at a
+    time: the connection is closed within the read timeout, not held for as long as the bytes come."""
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+    with Scenario(chaos_rows, chaos_server.proc.pid, "a body trickling in after its 401, one byte every 0.1 s") as sc:
+        s = socket.create_connection(("127.0.0.1", chaos_server.port))
+        s.sendall(head + b"{")
+        s.settimeout(READ_TIMEOUT_S + 5)
+        answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+        t0, closed_after = time.monotonic(), None
+        while closed_after is None and time.monotonic() - t0 < READ_TIMEOUT_S + 5:
+            try:
+                s.sendall(b" ")
+                s.settimeout(0.1)
+                if s.recv(1) == b"":  # the server closed it
+                    closed_after = time.monotonic() - t0
+            except TimeoutError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - t0
+        s.close()
+        sc.count("401, then closed" if closed_after is not None else "held open")
+        sc.row.hangs += closed_after is None
+    assert closed_after is not None and closed_after < READ_TIMEOUT_S + 1.5, closed_after
+
+
 def test_large_validation_errors_do_not_stall_the_loop(chaos_server, chaos_rows):
     """Four ~900 KB bodies of unknown keys, with a valid key: one short 422 each, and /healthz stays fast."""
     body = json.dumps({"class_label": 1, **{f"k{i}": 1 for i in range(70_000)}})
