@@ -88,8 +88,9 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 class DrainingServer(uvicorn.Server):
     """Signals as docs/OPERATIONS.md says: SIGTERM drains (readyz 503, new requests 503, in-flight ones
     finish); Ctrl-C or a second SIGTERM stops now (requests in flight end with 503 `draining`, JSON like
-    every error); a third signal exits without waiting. uvicorn's own handling closes the listener on the
-    first signal and re-raises it at exit (a KeyboardInterrupt traceback, exit -15): not used."""
+    every error); one signal more exits without waiting, the engine killed (Runtime.abandon). uvicorn's own
+    handling closes the listener on the first signal and re-raises it at exit (a KeyboardInterrupt traceback,
+    exit -15): not used."""
 
     def __init__(self, config: uvicorn.Config, runtime: Runtime, drain_timeout_s: float):
         super().__init__(config)
