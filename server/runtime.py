@@ -97,7 +97,8 @@ class Runtime:
             await self.engine.shutdown(drain=not now, timeout=timeout)
 
     def abandon(self) -> None:
-        """A forced exit (a third signal): the engine stops and every request ends now, nothing waited for."""
+        """A forced exit (one signal after the stop): the engine stops and every request ends now, nothing waited
+        for."""
         self.draining = self._stopped = True
         if self._load_task is not None:
             self._load_task.cancel()  # a core still loading: its start() kills it
