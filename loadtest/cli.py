@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import os
 import sys
 from pathlib import Path
@@ -44,17 +45,34 @@ exit status: 0 done, 2 bad arguments, 3 no request succeeded.
 """
 
 
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+# Argument types of its own, not adsa_core.cli_common's: that module imports torch (a second or more), which this
+# HTTP client never needs.
+def _number(text: str, *, zero_ok: bool) -> float:
+    """A finite float > 0 (>= 0 with zero_ok); nan or inf would make a stage that never ends or never starts."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if zero_ok else '>'} 0, got {text!r}")
     return v
 
 
+def _positive_float(text: str) -> float:
+    return _number(text, zero_ok=False)
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, zero_ok=True)
+
+
 def _positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return v
 
 
@@ -110,11 +128,11 @@ def build_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=_positive_float, default=300.0, help="per-request timeout s (default 300)")
     g.add_argument(
         "--drain-timeout",
-        type=float,
+        type=_non_negative_float,
         default=None,
         help="wait at most this long for a stage's in-flight requests (default: --timeout)",
     )
-    g.add_argument("--pause", type=float, default=0.0, help="seconds between stages (default 0)")
+    g.add_argument("--pause", type=_non_negative_float, default=0.0, help="seconds between stages (default 0)")
     g.add_argument(
         "--max-inflight",
         type=_positive_int,
@@ -140,7 +158,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--ramp",
-        type=float,
+        type=_non_negative_float,
         default=0.0,
         help="closed loop: start the clients evenly over this many seconds (desynchronizes batch waves)",
     )

@@ -283,6 +283,12 @@ def test_no_server_exits_3(tmp_path, capsys):
         ["--url", "localhost:8000"],  # no scheme: every request would fail
         ["--url", "http://"],
         ["--metrics-url", "ftp://host/metrics"],
+        ["--duration", "nan"],  # a stage that would never end, or never start
+        ["--duration", "inf"],
+        ["--timeout", "1e400"],
+        ["--pause", "-1"],
+        ["--ramp", "soon"],
+        ["--requests", "many"],
     ],
 )
 def test_bad_arguments_exit_2(argv, tmp_path, capsys):
@@ -293,3 +299,5 @@ def test_bad_arguments_exit_2(argv, tmp_path, capsys):
         assert f"error: {argv[0]}" in capsys.readouterr().err
     if argv[0].endswith("url"):
         assert f"argument {argv[0]}: expected http://host:port" in capsys.readouterr().err
+    if argv[0] in ("--duration", "--timeout", "--pause", "--ramp", "--requests"):  # one line naming flag and value
+        assert f"argument {argv[0]}: expected a " in (err := capsys.readouterr().err) and repr(argv[1]) in err
