@@ -8,6 +8,7 @@ its own seed only, never on its batch neighbours or on a shared generator.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,9 @@ class SamplingParams:
     greedy: bool = False  # arg-max instead of sampling
 
     def __post_init__(self) -> None:
+        for name in ("cfg_scale", "temperature", "top_p"):  # nan passes every comparison below
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.cfg_interval < -1:

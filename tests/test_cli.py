@@ -292,6 +292,8 @@ def bad_cases(testdata: Path, manifest: dict, tmp: Path) -> dict[str, list]:
         "unknown policy": [*c2i, "--class-labels", "1", "--policy", "h2o", *out],
         "bad temperature": [*c2i, "--class-labels", "1", "--temperature", "0", *out],
         "bad top-p": [*c2i, "--class-labels", "1", "--top-p", "1.5", *out],
+        "guidance not a number": [*c2i, "--class-labels", "1", "--cfg-scale", "nan", *out],  # was: no guidance
+        "infinite temperature": [*c2i, "--class-labels", "1", "--temperature", "inf", *out],  # was: noise
         "bad batch size": [*c2i, "--class-labels", "1", "--batch-size", "0", *out],
         "unknown device": [*c2i, "--class-labels", "1", "--device", "tpu9", *out],
         "unknown dtype": [*c2i, "--class-labels", "1", "--dtype", "float8", *out],
