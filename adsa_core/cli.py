@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import reference
+from .argtypes import positive_int
 from .cli_common import (
     DTYPE_CHOICES,
     Parser,
@@ -31,7 +32,6 @@ from .cli_common import (
     budget_arg,
     int_list,
     model_spec_from_args,
-    positive_int,
     run_main,
 )
 from .config import CacheConfig, ConfigError, VQConfig

@@ -70,16 +70,6 @@ def int_list(text: str) -> list[int]:
     return labels
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def budget_arg(text: str) -> int | float | None:
     """A KV budget flag: config.parse_budget, its message shown by argparse."""
     try:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import math
 import os
 import sys
 from pathlib import Path
 
 import httpx
 
+from adsa_core.argtypes import non_negative_float, positive_float, positive_int
 from adsa_core.config import parse_budget
 
 from .runner import RunConfig, Stage, run_sync
@@ -43,37 +43,6 @@ compare two runs:
 
 exit status: 0 done, 2 bad arguments, 3 no request succeeded.
 """
-
-
-# Argument types of its own, not adsa_core.cli_common's: that module imports torch (a second or more), which this
-# HTTP client never needs.
-def _number(text: str, *, zero_ok: bool) -> float:
-    """A finite float > 0 (>= 0 with zero_ok); nan or inf would make a stage that never ends or never starts."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
-        raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if zero_ok else '>'} 0, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    return _number(text, zero_ok=False)
-
-
-def _non_negative_float(text: str) -> float:
-    return _number(text, zero_ok=True)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def _http_url(text: str) -> str:
@@ -112,53 +81,53 @@ def build_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--rates", default=None, help="open-loop Poisson rates, requests/s, comma separated "
                    "(without any stage flag: 0.5,1,2,4)")
     g.add_argument("--concurrency", default=None, help="closed-loop client counts, comma separated")
-    g.add_argument("--requests", type=_positive_int, default=100, help="max requests per stage (default 100)")
+    g.add_argument("--requests", type=positive_int, default=100, help="max requests per stage (default 100)")
     g.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         help="max seconds of new requests per stage (default 60)",
     )
     g.add_argument(
         "--max-duration",
-        type=_positive_float,
+        type=positive_float,
         default=900.0,
         help="hard stop for the whole run in seconds, in-flight requests included (default 900)",
     )
-    g.add_argument("--timeout", type=_positive_float, default=300.0, help="per-request timeout s (default 300)")
+    g.add_argument("--timeout", type=positive_float, default=300.0, help="per-request timeout s (default 300)")
     g.add_argument(
         "--drain-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         help="wait at most this long for a stage's in-flight requests (default: --timeout)",
     )
-    g.add_argument("--pause", type=_non_negative_float, default=0.0, help="seconds between stages (default 0)")
+    g.add_argument("--pause", type=non_negative_float, default=0.0, help="seconds between stages (default 0)")
     g.add_argument(
         "--max-inflight",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         help="open loop: arrivals beyond this many in flight count as client_overload",
     )
     g.add_argument(
         "--slo-ms",
-        type=_positive_float,
+        type=positive_float,
         default=10_000.0,
         help="latency target for goodput and the saturation point (default 10000)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule and the mix (default 0)")
     g.add_argument(
         "--probe-concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="first run a closed-loop capacity probe with this many clients (e.g. 3 x the server's max batch: at 2 x "
         "the batch can run part-empty while finished images travel back to their clients)",
     )
     g.add_argument(
-        "--probe-duration", type=_positive_float, default=None, help="seconds of the probe (default --duration)"
+        "--probe-duration", type=positive_float, default=None, help="seconds of the probe (default --duration)"
     )
     g.add_argument(
         "--ramp",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         help="closed loop: start the clients evenly over this many seconds (desynchronizes batch waves)",
     )
@@ -192,7 +161,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     m.add_argument("--metrics-url", type=_http_url, default=None, help="where to scrape (default URL/metrics)")
     m.add_argument(
         "--metrics-interval",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         help="seconds between /metrics samples during the run (default 1)",
     )

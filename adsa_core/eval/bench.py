@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import reference
-from ..cli_common import positive_int
+from ..argtypes import positive_int
 from ..config import CacheConfig, ConfigError, EngineConfig, GPTConfig, VQConfig, gpt_preset, parse_budget
 from ..engine import Engine, Finished, GenerationRequest
 from ..engine.imaging import VQ_AUTOTUNE_MODE

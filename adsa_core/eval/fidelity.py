@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..argtypes import positive_int
 from ..cli_common import (
     DTYPE_CHOICES,
     Parser,
@@ -40,7 +41,6 @@ from ..cli_common import (
     budget_arg,
     int_list,
     model_spec_from_args,
-    positive_int,
     run_main,
 )
 from ..config import ConfigError
