@@ -376,6 +376,10 @@ class ModelCard(BaseModel):
     policies: list[str]
     default_policy: str
     default_budget: int | float | None = Field(description="Default KV budget in tokens per sequence")
+    min_budget: int | None = Field(
+        None, description="Smallest kv_budget in tokens a sparse policy accepts with the default prefix and local"
+        " window",
+    )
     seq_len: int | None = Field(None, description="Tokens a sequence holds without eviction (dense budget)")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="KV cache storage (ADSA_KV_CACHE_DTYPE): auto, the model's dtype; fp8, e4m3 K/V"

@@ -372,6 +372,7 @@ class GenerationService:
             policies=list(info.policies),
             default_policy=info.default_policy,
             default_budget=info.default_budget,
+            min_budget=info.min_budget,
             seq_len=info.seq_len,
             kv_cache_dtype=s.kv_cache_dtype,
             sampling_defaults=dict(info.sampling_defaults or {}),

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from adsa_core import cli
-from adsa_core.config import CacheConfig, ConfigError, GPTConfig, parse_budget
+from adsa_core.config import CacheConfig, ConfigError, GPTConfig, gpt_preset, min_budget, parse_budget
 from adsa_core.eval import fidelity
 from loadtest.cli import build_run_parser, workload_from_args
 from server.__main__ import load_settings
@@ -100,3 +100,21 @@ def test_a_budget_too_small_for_its_regions_says_so(budget, message):
         CacheConfig(policy="adsa", budget=budget, local=9).resolve(cfg)
     assert str(e.value) == message
     assert CacheConfig(policy="adsa", budget=1.0).resolve(cfg).budget == cfg.seq_len
+
+
+@pytest.mark.parametrize("cfg, expected", [
+    (GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=256, num_classes=10), 19),  # the demo's grid
+    (gpt_preset("GPT-XL", 384), 27),  # larger than prefix 1 + local one row + 1 (25)
+    (gpt_preset("GPT-XL", 512), 35),
+    (gpt_preset("GPT-B", 256, model_type="t2i"), 138),  # the prefix holds the 120 condition tokens, then 17 local
+], ids=["demo", "xl384", "xl512", "t2i"])  # fmt: skip
+def test_min_budget_is_where_every_sparse_budget_starts_to_resolve(cfg, expected):
+    """The playground's slider runs from min_budget to seq_len: every budget there must run, none below it."""
+    assert min_budget(cfg) == expected
+    for budget in range(1, cfg.seq_len + 1):
+        for policy in ("adsa", "line", "window"):
+            if budget < expected:
+                with pytest.raises(ConfigError):
+                    CacheConfig(policy=policy, budget=budget).resolve(cfg)
+            else:
+                assert CacheConfig(policy=policy, budget=budget).resolve(cfg).budget == budget

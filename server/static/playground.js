@@ -236,6 +236,7 @@ function setupSampling(card) {
   $('policy').replaceChildren(...card.policies.map((p) => new Option(p, p, false, p === card.default_policy)));
   const budget = $('budget');
   budget.max = card.seq_len ?? card.default_budget ?? 256;
+  budget.min = card.min_budget ?? 1;  // below it the server refuses every sparse policy (422)
   budget.value = card.default_budget ?? budget.max;
 }
 
@@ -398,6 +399,7 @@ function generate() {
 
 // Same seed twice: dense, then the chosen policy and budget, one after the other so each time is its own.
 function compare() {
+  if (!$('controls').reportValidity()) return undefined;  // as Generate's submit does
   return busy(async () => {
     const sparseBody = requestBody();
     const denseBody = requestBody('dense');

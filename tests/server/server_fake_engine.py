@@ -86,6 +86,7 @@ class FakeEngine:
             policies=("dense", "adsa", "window"),
             default_policy="adsa",
             default_budget=8,
+            min_budget=6,  # a number below the default: the fake never resolves a budget
             seq_len=(1 if model_type == "c2i" else 120) + tokens - 1,  # condition + image tokens - 1, as the real one
             max_batch_size=max_batch_size,
             max_images_per_call=max_queue + max_batch_size,

@@ -9,6 +9,7 @@ temp directory, printed: `pytest -s` shows it).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -256,9 +257,21 @@ def wait_for_queue(server: LiveServer, images: int, timeout: float = 60.0) -> No
 
 def test_errors_are_readable(page, demo_server, artifacts):
     choose_fox(page)
-    # 422: a budget the model cannot run (the slider goes down to 1 token; the server decides)
+    # the budget slider stops at the smallest budget the server accepts (the model card's; the demo's 19 of 256)
+    card = httpx.get(f"{demo_server.url}/v1/models", headers=AUTH).json()["data"][0]
+    assert page.get_attribute("#budget", "min") == str(card["min_budget"]) == "19"
     set_range(page, "#budget", 1)
-    assert page.inner_text("#budget-out") == "1 of 256 tokens (0 %)"
+    assert page.inner_text("#budget-out") == "19 of 256 tokens (7 %)"
+    # a seed that a JavaScript number cannot hold exactly is refused before anything is sent (it would go rounded)
+    page.fill("#seed", "9007199254740993")
+    page.click("#compare")
+    assert page.eval_on_selector("#seed", "el => el.validity.rangeOverflow")
+    assert page.locator(".pane").count() == 0
+    page.fill("#seed", str(SEED))
+    # 422: settings the model cannot run. The page offers none, so one is made on the way (a budget of 1 token):
+    # what the page shows is the server's own answer.
+    page.route("**/v1/generate", lambda route: route.continue_(
+        post_data=json.dumps({**route.request.post_data_json, "kv_budget": 1})))
     page.click("#generate")
     page.wait_for_selector("#error:not([hidden])")
     assert page.get_attribute("#error", "data-status") == "422"
@@ -267,6 +280,7 @@ def test_errors_are_readable(page, demo_server, artifacts):
         r"\(an integer counts tokens: the whole cache is 1\.0\)\.",
         page.inner_text("#error"),
     )
+    page.unroute("**/v1/generate")
     # the page asks for no more images than the server can ever queue at once (its queue of 4 and batch of 8)
     assert page.get_attribute("#n", "max") == "12"
     # 429: the queue is full right now. Another client's request fills it, the page's one image finds no room.

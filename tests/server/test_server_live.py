@@ -70,6 +70,13 @@ def test_probes_models_docs(live_server):
         assert card["model_type"] == "c2i" and card["num_classes"] == 1000 and card["image_size"] == 32
         assert card["classes"][207]["name"] == "golden retriever"  # a 1,000-class model gets ImageNet's names
         assert card["default_policy"] == "line" and card["seq_len"] == 64
+        # the smallest budget a sparse policy runs with (8 x 8 tokens: one row + 1 of local window, the condition
+        # token, one slot more); one token less is refused with the reason
+        assert card["min_budget"] == 11
+        ok = c.post("/v1/generate", json={"class_label": 1, "policy": "adsa", "kv_budget": 11}, headers=AUTH)
+        assert ok.status_code == 200, ok.text
+        refused = c.post("/v1/generate", json={"class_label": 1, "policy": "adsa", "kv_budget": 10}, headers=AUTH)
+        assert refused.status_code == 422 and "must be larger than prefix" in refused.text
         assert c.get("/docs").status_code == 200
         assert "/v1/generate" in c.get("/openapi.json").json()["paths"]
 
