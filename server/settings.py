@@ -30,7 +30,8 @@ def _split_commas(v: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ADSA_", extra="forbid", validate_default=True)
+    # no inf or nan: nan passes no bound check, and an infinite drain timeout crashed the start-up with a traceback
+    model_config = SettingsConfigDict(env_prefix="ADSA_", extra="forbid", validate_default=True, allow_inf_nan=False)
 
     # --- listener
     host: str = Field(

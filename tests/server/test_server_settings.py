@@ -67,6 +67,17 @@ def test_bad_flag_value_exits_2(capsys):
         load_settings(["--dtype", "int8"])  # argparse choices from the Literal
 
 
+@pytest.mark.parametrize("argv", [["--drain-timeout-s", "inf"], ["--request-timeout-s", "nan"],
+                                  ["--health-stall-s", "inf"], ["--kv-pool-memory-fraction", "nan"]])
+def test_no_setting_is_infinite_or_nan(argv, capsys):
+    """nan passes no bound, and an infinite drain timeout was a traceback at start-up: both are one line, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        load_settings(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"invalid setting {argv[0][2:].replace('-', '_')}: Input should be a finite number" in err, err
+
+
 def test_engine_config_mapping():
     s = Settings(
         _env_file=None,
