@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import reference
-from ..argtypes import positive_int
+from ..argtypes import non_negative_float, positive_int
 from ..config import CacheConfig, ConfigError, EngineConfig, GPTConfig, VQConfig, gpt_preset, parse_budget
 from ..engine import Engine, Finished, GenerationRequest
 from ..engine.imaging import VQ_AUTOTUNE_MODE
@@ -226,6 +226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _check(a: argparse.Namespace) -> None:
     """Every mistake in the arguments before any model is built: one line from argparse, not a traceback
     minutes in. Converts the comma lists in place."""
+    a.sampling = SamplingParams(cfg_scale=a.cfg_scale, top_k=a.top_k)  # its ValueError: a usage error
     cpu_asked = a.device == "cpu"
     a.device = resolve_device(a.device)
     if a.device.type == "cpu" and not a.smoke and not cpu_asked:
@@ -277,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     p.add_argument("--waves", type=positive_int, default=3,
                    help="engine: requests = waves x batch, at most batch at once")
-    p.add_argument("--spill-limit-mb", type=float, default=16.0, help="per-sequence spill limit")
+    p.add_argument("--spill-limit-mb", type=non_negative_float, default=16.0, help="per-sequence spill limit")
     p.add_argument("--kv-cache-dtypes", default="auto",
                    help="engine rows for each KV storage dtype: auto (the model's), fp8 (e4m3), or both: auto,fp8")
     p.add_argument("--dense-kv-cache-dtypes", default=None,
@@ -299,7 +300,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     device, dtype = a.device, a.dtype
-    sampling = SamplingParams(cfg_scale=a.cfg_scale, top_k=a.top_k)
+    sampling = a.sampling
     budgets, policies, batches, sparse_batches = a.budgets, a.policies, a.batches, a.sparse_batches
     kv_dtypes, dense_kv_dtypes = a.kv_cache_dtypes, a.dense_kv_cache_dtypes
     if a.smoke:
