@@ -73,10 +73,12 @@ class SpillArena:
         if tail is None:
             self.head = 0
             return 0 if rows <= self.capacity else None
-        if self.head >= tail:  # free space is [head, capacity) and [0, tail)
+        if self.head > tail:  # free space is [head, capacity) and [0, tail)
             if self.head + rows <= self.capacity:
                 return self.head
             return 0 if rows <= tail else None
+        if self.head == tail:  # live blocks reach all the way round to the oldest: full, not empty
+            return None
         return self.head if self.head + rows <= tail else None
 
     def store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor,
