@@ -138,9 +138,16 @@ class Engine:
         self._reap()
         plan = self.scheduler.schedule()
         self.runner.apply(plan)
-        for item, _ in plan.swap_out:
+        # the token buffers follow the request: its slot went back with its rows, another may take it now
+        buffers = (self.sampler.codes, self.sampler.forced)
+        for item, _, slot in plan.swap_out:
+            item.swap_tokens = [buffer[slot].to("cpu", copy=True) for buffer in buffers]
             item.stats.swapped_out += 1  # type: ignore[attr-defined]  # the engine enqueues EngineRequests
             self.stats_.swapped_out_total += 1
+        for item in plan.swapped_in:
+            for buffer, saved in zip(buffers, item.swap_tokens):
+                buffer[item.slot].copy_(saved)
+            item.swap_tokens = None
         if plan.admitted:
             self._start(plan.admitted)  # type: ignore[arg-type]  # the engine enqueues only EngineRequests
             if self.scheduler.changed:  # a prefill failed, or a new request freed a row: plan again first

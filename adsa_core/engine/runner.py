@@ -156,7 +156,7 @@ class ModelRunner:
     def apply(self, plan: StepPlan) -> None:
         """Swap-outs are saved before any released row or page is reused; then rows are cleared, moved,
         assigned to admitted requests, and restored for swapped-in ones."""
-        for item, allocs in plan.swap_out:
+        for item, allocs, _ in plan.swap_out:
             item.swap_data = [(_to_cpu(self.pool.read_pages(a.pages)), self._save_row(a.row)) for a in allocs]
         for row in plan.cleared_rows:
             self.clear_row(row)

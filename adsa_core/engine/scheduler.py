@@ -7,7 +7,8 @@ to the physical pool; nothing else writes block tables or pool tensors.
 
 Rows: a sequence (one CFG branch of one image) occupies one row while it runs; running rows are
 kept at 0..n-1 so that a decode step over the first `bucket` rows has a static shape.
-Slots: each request's row of the sampler's token buffers, held from first admission to the end.
+Slots: each running request's row of the sampler's token buffers. A swap-out gives the slot back with the rows
+and pages (the engine keeps its tokens), so that a higher priority can take every kind of room it needs.
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ class Schedulable:
     cache: ResolvedCache  # policy, budget (slots per sequence), prefix and local window
     order: int = 0  # arrival order (FIFO tiebreak)
     allocs: list[SeqAlloc] = field(default_factory=list)  # while running: one per sequence
-    slot: int = -1  # row of the sampler's token buffers, from first admission to the end
+    slot: int = -1  # row of the sampler's token buffers while it runs (-1 waiting, swapped out too)
     swapped: bool = False  # waiting after a swap-out: its saved state must be restored, not prefilled
     swap_data: Any = None  # the runner's CPU copy of the rows and pages while swapped out
+    swap_tokens: Any = None  # the engine's CPU copy of its slot's token buffers while swapped out
 
 
 @dataclass
 class StepPlan:
     """What the runner applies before a decode step, in field order: reads of old places come first."""
 
-    swap_out: list[tuple[Schedulable, list[SeqAlloc]]]  # save these (old) rows and pages to CPU first
+    swap_out: list[tuple[Schedulable, list[SeqAlloc], int]]  # save these (old) rows, pages and slot to CPU first
     cleared_rows: list[int]  # rows released since the last plan: point them at the scratch page
     moves: list[tuple[int, int]]  # (src, dst) row moves that keep running rows at 0..n-1
     admitted: list[Schedulable]  # new requests with fresh rows and pages: assign, then prefill
@@ -176,12 +178,12 @@ class Scheduler:
             a.row = hole
         return moves
 
-    def _swap_out_for_head(self) -> list[tuple[Schedulable, list[SeqAlloc]]]:
+    def _swap_out_for_head(self) -> list[tuple[Schedulable, list[SeqAlloc], int]]:
         """If the head of the queue does not fit, release the lowest-priority, latest running requests
-        whose resources let it in (only strictly lower priorities), and requeue them."""
+        whose pages, rows and slots let it in (only strictly lower priorities), and requeue them."""
         if not self._waiting or self._can_allocate(head := self._waiting[0][2]):
             return []
-        pages, rows = self.allocator.num_free, len(self._free_rows)
+        pages, rows, slots = self.allocator.num_free, len(self._free_rows), len(self._free_slots)
         chosen: list[Schedulable] = []
         for item in sorted(self.running, key=lambda it: (it.priority, -it.order)):
             if item.priority >= head.priority:
@@ -189,16 +191,19 @@ class Scheduler:
             chosen.append(item)
             pages += sum(len(a.pages) for a in item.allocs)
             rows += len(item.allocs)
-            if pages >= self.pages_needed(head.n_seqs, head.cache.budget) and rows >= head.n_seqs:
+            slots += 1
+            if (pages >= self.pages_needed(head.n_seqs, head.cache.budget) and rows >= head.n_seqs
+                    and (head.slot >= 0 or slots > 0)):
                 break
         else:
             return []
         out = []
         for item in chosen:
-            out.append((item, item.allocs))
+            out.append((item, item.allocs, item.slot))
             self._release_rows(item.allocs)
             self.running.remove(item)
-            item.allocs = []
+            self._free_slots.append(item.slot)
+            item.allocs, item.slot = [], -1
             item.swapped = True
             self.enqueue(item)
         return out

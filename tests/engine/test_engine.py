@@ -289,6 +289,36 @@ def test_swap_out_and_in_gives_the_same_output(policy, budget):
         assert torch.equal(codes_of(events, rid), ref)
 
 
+def test_a_higher_priority_takes_the_image_slot_of_the_request_it_swaps_out():
+    """Image slots, not pages, run out here (max batch 2, a pool for more): the high-priority request swaps the latest
+    low one out and takes its slot. That one's tokens, sampled and forced, come back with it. (The slot stayed with
+    the swapped-out request before: nothing ran, and the high one waited forever.)"""
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=1.0, temperature=1.0)
+    forced = torch.randint(0, UNSEEN.vocab_size, (2, UNSEEN.block_size), generator=torch.Generator().manual_seed(0))
+    low = [GenerationRequest(condition=0, seed=0, sampling=sp, request_id="low0"),
+           GenerationRequest(condition=1, seed=1, sampling=sp, request_id="low1", forced_tokens=forced[0])]
+    high = GenerationRequest(condition=3, seed=3, sampling=sp, priority=1, request_id="high", forced_tokens=forced[1])
+    eng = make_engine(models, max_batch_size=2)
+    events: dict = {}
+    for r in low:
+        eng.submit(r, lambda ev, rid=r.request_id: events.setdefault(rid, []).append(ev))
+    for _ in range(3):
+        eng.step()
+    eng.submit(high, lambda ev: events.setdefault("high", []).append(ev))
+    for _ in range(4 * UNSEEN.block_size):
+        if not eng.has_work:
+            break
+        eng.step()
+    assert not eng.has_work, "stalled: nothing runs while requests wait"
+    eng.close()
+    assert [events[rid][-1].stats.swapped_out for rid in ("low0", "low1", "high")] == [0, 1, 0]
+    assert torch.equal(codes_of(events, "low1"), forced[0]) and torch.equal(codes_of(events, "high"), forced[1])
+    assert torch.equal(codes_of(events, "low0"), codes_of(run_all(make_engine(models), [low[0]]), "low0"))
+    sched = eng.scheduler
+    assert len(sched._free_slots) == 2 and sched.allocator.num_free == sched.allocator.num_usable  # nothing leaked
+
+
 def test_full_queue_refuses_and_changes_nothing():
     """Capacity is max_queue waiting plus the batch's free slots: a burst of 2 + 2 into an idle engine fits
     (the first two start at the next step, they do not wait); one more is refused and counted."""
