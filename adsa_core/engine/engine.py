@@ -71,7 +71,7 @@ class Engine:
         self.sampler = Sampler(self.max_batch_size, self.max_rows, self.cfg.vocab_size, self.cfg.block_size,
                                self.runner.rows, self.cfg.cls_token_num, self.runner.staging)
         self.images = ImageStage(models.vq if config.decode_images else None, self.device, config.vq_decode_batch,
-                                 compile_decode=compiled, autotune=config.vq_autotune)
+                                 compile_decode=compiled, autotune=config.vq_autotune, on_outcome=self._count_image)
         self.spill = SpillArena(config.spill_arena_bytes, geo.n_layer, geo.kv_heads, geo.head_dim, geo.dtype,
                                 self.device)
         self.spill_steps_per_seq = config.spill_limit_bytes // self.spill.step_bytes
@@ -155,8 +155,9 @@ class Engine:
         if plan.running:
             self._decode(plan)
 
-    def _finish(self, item: EngineRequest, outcome: Event | EngineError | None, status: str) -> None:
-        """Release everything a request holds and deliver its last event (if any)."""
+    def _finish(self, item: EngineRequest, outcome: Event | EngineError | None, status: str | None) -> None:
+        """Release everything a request holds and deliver its last event (if any). Status None: a finished image,
+        counted once the image stage has delivered it (or failed it)."""
         self.scheduler.release(item)
         # stored slots only grow, and the conditional sequence holds the most: its count is the peak
         item.stats.peak_kv_tokens = item.n_stored[0] if item.n_stored else 0
@@ -164,7 +165,8 @@ class Engine:
         for rec in item.spill:
             self.spill.release(rec)
         self.requests.pop(item.request_id, None)
-        self.stats_.count(status)
+        if status is not None:
+            self.stats_.count(status)
         if outcome is not None:
             item.sink(outcome)
 
@@ -321,8 +323,12 @@ class Engine:
         logprobs = torch.stack(it.logprobs).cpu() if it.logprobs else None
         # a device-side copy: the slot may be reused before the image stage reads it
         self._done.append(DoneImage(it.sink, self.sampler.codes[it.slot].clone(), it.stats, logprobs))
-        self.stats_.images_total += 1
-        self._finish(it, None, "ok")
+        self._finish(it, None, None)  # counted when the image stage has delivered it, or failed it
+
+    def _count_image(self, ok: bool) -> None:
+        self.stats_.count("ok" if ok else "error")
+        if ok:
+            self.stats_.images_total += 1
 
     def _preview(self, it: EngineRequest, rows_done: int) -> None:
         grid = self.cfg.grid_size

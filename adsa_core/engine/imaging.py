@@ -94,8 +94,9 @@ def vq_decoder(vq: VQModel | None, mode: str | None) -> Callable[[torch.Tensor],
 
 class ImageStage:
     def __init__(self, vq: VQModel | None, device: torch.device, chunk: int | None, compile_decode: bool = False,
-                 autotune: bool = False):
+                 autotune: bool = False, on_outcome: Callable[[bool], None] | None = None):
         self.vq = vq
+        self.on_outcome = on_outcome  # once per finished image: True delivered, False failed (the engine's counts)
         self.device = device
         self.chunk = chunk or (16 if device.type == "cuda" else 1)
         self.compile_mode = vq_compile_mode(vq, device, compile_decode, autotune)  # None: eager
@@ -200,15 +201,18 @@ class ImageStage:
         for i, d in enumerate(job.images):
             pixels = job.pixels[i] if job.pixels is not None else None
             d.sink(Finished(job.codes[i], pixels, d.stats, d.logprobs))
+            if self.on_outcome is not None:
+                self.on_outcome(True)
 
-    @staticmethod
-    def _failed(work: list[DoneImage] | Preview) -> None:
+    def _failed(self, work: list[DoneImage] | Preview) -> None:
         if isinstance(work, Preview):  # a failed preview is skipped; the final image still comes
             log.exception("preview decode failed")
             return
         log.exception("image decode failed")
         for d in work:
             d.sink(RequestFailed("image decode failed"))
+            if self.on_outcome is not None:
+                self.on_outcome(False)
 
     def close(self) -> None:
         self.drain()  # finished images still go out

@@ -401,6 +401,30 @@ def test_a_failing_request_fails_alone():
     assert eng.scheduler.allocator.num_free == eng.scheduler.allocator.num_usable
 
 
+def test_an_image_the_image_stage_fails_is_counted_as_an_error(monkeypatch):
+    """The image stage fails one image (its device-to-host copy raises): that request ends with an error and is
+    counted as one; the others arrive and are counted as ok. (It was counted ok, and as an image, at its last
+    token, before the stage ran.)"""
+    import adsa_core.engine.imaging as imaging
+
+    real, calls = imaging._to_host, []
+
+    def to_host(t):
+        calls.append(t)
+        if len(calls) == 3:  # the second image's codes (each image is a chunk of its own on the CPU)
+            raise RuntimeError("injected copy fault")
+        return real(t)
+
+    monkeypatch.setattr(imaging, "_to_host", to_host)
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=4.0, greedy=True)
+    eng = make_engine(models, max_batch_size=1)  # one at a time: the images reach the stage in request order
+    ev = run_all(eng, [GenerationRequest(condition=i, seed=i, sampling=sp, request_id=str(i)) for i in range(3)])
+    assert [type(ev[rid][-1]).__name__ for rid in "012"] == ["Finished", "RequestFailed", "Finished"]
+    stats = eng.stats()
+    assert stats.requests_total_by_status == {"ok": 2, "error": 1} and stats.images_total == 2
+
+
 def test_deadline_exceeded():
     eng = make_engine(tiny_models(UNSEEN))
     events = []
