@@ -33,8 +33,13 @@ def validate_request(req: GenerationRequest, cfg: GPTConfig, default_cache: Reso
         raise InvalidRequest("this checkpoint has no 'no class' embedding: use cfg_scale <= 1", "sampling")
     if not 0 <= req.seed < 2**63:
         raise InvalidRequest("seed must be in [0, 2**63)", "seed")
-    if req.forced_tokens is not None and tuple(req.forced_tokens.shape) != (cfg.block_size,):
-        raise InvalidRequest(f"forced tokens must have shape ({cfg.block_size},)", "forced_tokens")
+    if req.forced_tokens is not None:
+        forced = req.forced_tokens
+        if tuple(forced.shape) != (cfg.block_size,):
+            raise InvalidRequest(f"forced tokens must have shape ({cfg.block_size},)", "forced_tokens")
+        # one out of range would index past the embedding and the codebook: on a GPU a device assert for everyone
+        if forced.is_floating_point() or not 0 <= int(forced.min()) <= int(forced.max()) < cfg.vocab_size:
+            raise InvalidRequest(f"forced tokens must be integers in [0, {cfg.vocab_size})", "forced_tokens")
     try:
         cache = req.cache.resolve(cfg) if req.cache is not None else default_cache
     except ConfigError as e:

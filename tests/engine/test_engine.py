@@ -352,6 +352,9 @@ def test_a_submission_no_queue_could_ever_hold_is_invalid_not_full():
     (dict(condition=7), "condition"), (dict(condition=-1), "condition"), (dict(condition=True), "condition"),
     (dict(condition=1, cache=CacheConfig(policy="adsa", budget=5, local=7)), "cache"),
     (dict(condition=1, forced_tokens=torch.zeros(3, dtype=torch.long)), "forced_tokens"),
+    (dict(condition=1, forced_tokens=torch.full((UNSEEN.block_size,), UNSEEN.vocab_size)), "forced_tokens"),
+    (dict(condition=1, forced_tokens=torch.full((UNSEEN.block_size,), -1)), "forced_tokens"),
+    (dict(condition=1, forced_tokens=torch.zeros(UNSEEN.block_size)), "forced_tokens"),  # floats
     (dict(condition=1, seed=-1), "seed"),
 ])
 def test_invalid_requests_are_refused(bad, field):
