@@ -177,8 +177,12 @@ class Engine:
 
     def fail_running(self) -> list[str]:
         """A step raised: the requests in the batch end with a generic error naming their id (details are for
-        the log, not for clients); waiting requests stay queued. Returns the failed ids."""
+        the log, not for clients); waiting requests stay queued, unless the step swapped them out. Returns the
+        failed ids."""
         ids = [it.request_id for it in list(self.scheduler.running)]
+        # swapped out in the failed step before its state was saved: it could never resume, and would fail the
+        # batch it is swapped into
+        ids += [rid for rid, it in self.requests.items() if it.swapped and it.swap_tokens is None]
         for rid in ids:
             self._finish(self.requests[rid], RequestFailed(f"internal error in request {rid}"), "error")
         self.clock.reset()

@@ -319,6 +319,39 @@ def test_a_higher_priority_takes_the_image_slot_of_the_request_it_swaps_out():
     assert len(sched._free_slots) == 2 and sched.allocator.num_free == sched.allocator.num_usable  # nothing leaked
 
 
+def test_a_step_that_fails_while_swapping_out_fails_that_request_not_the_next_batch(monkeypatch):
+    """Saving a swapped-out request's rows raises (the CPU copy): the step fails, and with it the batch it planned
+    (the high-priority request just admitted) and the request being swapped out, whose state is lost. The next
+    request runs, and no later step fails. (The swapped-out request stayed queued without its state and failed the
+    batch it was swapped back into.)"""
+    models = tiny_models(UNSEEN)
+    sp = SamplingParams(cfg_scale=1.0, temperature=1.0)
+    eng = make_engine(models, max_batch_size=1)
+    events: dict = {}
+    sink = lambda rid: lambda ev: events.setdefault(rid, []).append(ev)  # noqa: E731
+    eng.submit(GenerationRequest(condition=0, seed=0, sampling=sp, request_id="low"), sink("low"))
+    for _ in range(3):
+        eng.step()
+    eng.submit(GenerationRequest(condition=1, seed=1, sampling=sp, priority=1, request_id="high"), sink("high"))
+
+    def broken(row):
+        raise RuntimeError("injected: no CPU memory for the swap")
+
+    monkeypatch.setattr(eng.runner, "_save_row", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.step()
+    assert sorted(eng.fail_running()) == ["high", "low"]  # what the engine core does after a failed step
+    monkeypatch.undo()
+    after = GenerationRequest(condition=2, seed=2, sampling=sp, request_id="after")
+    eng.submit(after, sink("after"))
+    while eng.has_work:
+        eng.step()  # raises if a later step fails
+    eng.close()
+    assert all(isinstance(events[rid][-1], RequestFailed) for rid in ("low", "high"))
+    assert torch.equal(codes_of(events, "after"), codes_of(run_all(make_engine(models), [after]), "after"))
+    assert eng.scheduler.allocator.num_free == eng.scheduler.allocator.num_usable
+
+
 def test_full_queue_refuses_and_changes_nothing():
     """Capacity is max_queue waiting plus the batch's free slots: a burst of 2 + 2 into an idle engine fits
     (the first two start at the next step, they do not wait); one more is refused and counted."""
