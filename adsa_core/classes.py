@@ -2,8 +2,8 @@
 
 A class-conditional model reads a class id; people (and OpenAI-style clients) send a text prompt.
 `ClassNames.resolve` turns the prompt into the id: any of a class's names or synonyms, compared
-case-insensitively with runs of spaces collapsed, the emoji itself for the demo model, or the id
-written as digits (the only way to reach a class whose names are shared, like ImageNet's two
+case-insensitively with runs of spaces collapsed, the emoji itself (with or without U+FE0F) for the demo
+model, or the id written as digits (the only way to reach a class whose names are shared, like ImageNet's two
 "crane"s, or the classes of a model that has no names).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import reprlib
+import unicodedata
 from functools import cache
 from pathlib import Path
 
@@ -46,8 +47,14 @@ def default_classes(model_type: str, num_classes: int) -> list[dict] | None:
     return None
 
 
+# emoji presentation selectors: keyboards add or drop U+FE0F freely ("❤" and "❤️" are one emoji to a reader)
+_VARIATION_SELECTORS = dict.fromkeys((0xFE0E, 0xFE0F))
+
+
 def _key(text: str) -> str:
-    return " ".join(text.casefold().split())
+    """What two spellings of one name share: NFKC (full-width "１９" is "19"), no variation selectors, case folded,
+    runs of spaces collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).translate(_VARIATION_SELECTORS).casefold().split())
 
 
 def _names(entry: dict) -> list[str]:

@@ -52,6 +52,20 @@ def test_prompts_name_demo_emoji():
         names.resolve("fox")
 
 
+def test_an_emoji_with_or_without_its_presentation_selector_is_one_name():
+    """Keyboards add or drop the invisible U+FE0F: 344 of the demo's emoji carry it, and both spellings name the
+    class (the error offered "closest: '❤️'", which looks the same as the '❤' typed). Full-width text reads as ASCII."""
+    classes = json.loads((DEMO_DIR / "classes.json").read_text())
+    names = ClassNames(classes, 1870)
+    with_selector = [c for c in classes if "\ufe0f" in c["emoji"]]
+    assert len(with_selector) == 344
+    for c in with_selector:
+        assert names.resolve(c["emoji"].replace("\ufe0f", "")) == c["id"], c
+    assert names.resolve("\u2764") == names.resolve("\u2764\ufe0f") == 140  # red heart
+    assert names.resolve("\u270b\ufe0f") == names.resolve("\u270b") == 169  # raised hand, stored without it
+    assert names.resolve("ｆｏｘ ｆａｃｅ") == 539 and names.resolve("１９") == 19
+
+
 def test_models_without_names_take_ids():
     names = ClassNames(None, 10)
     assert names.resolve("3") == 3
