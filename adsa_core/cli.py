@@ -34,7 +34,7 @@ from .cli_common import (
     model_spec_from_args,
     run_main,
 )
-from .config import CacheConfig, ConfigError, VQConfig
+from .config import SEED_END, CacheConfig, ConfigError, VQConfig
 from .engine.offline import run_offline
 from .images import make_grid, save_pngs, to_uint8
 from .kv.policy import policy_names
@@ -401,6 +401,9 @@ def generate(
     sampling = SamplingParams(**{**defaults, **sampling_overrides})
     conds, emb_masks = build_conditions(models, conditions, batch_size)
     n = conds.shape[0]
+    if not 0 <= seed <= SEED_END - n:
+        raise UsageError(f"--seed must be in [0, {SEED_END - n}] for {n} images: image i uses seed + i, a signed "
+                         "64-bit integer")
     seeds = seed + torch.arange(n, dtype=torch.long)
 
     bar = progress_bar(n * models.gpt_config.block_size, "tok", PROG, progress_delay)

@@ -21,6 +21,9 @@ GPT_PRESETS: dict[str, tuple[int, int, int]] = {
     "GPT-3B": (24, 32, 3200),
 }
 
+SEED_END = 2**63  # seeds are signed 64-bit integers: image i of a request uses seed + i, which must stay below
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work; the message names the offending field."""
 

@@ -23,11 +23,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from adsa_core.config import ConfigError, check_budget
+from adsa_core.config import SEED_END, ConfigError, check_budget
 
 MAX_IMAGES = 16  # per request; larger jobs should be split so one client cannot fill the queue alone
 MAX_ERRORS = 20  # validation problems reported one by one; beyond this a request gets one summary
-MAX_SEED = 2**63 - 1 - MAX_IMAGES  # image i uses seed + i, which must stay a signed 64-bit integer
+MAX_SEED = SEED_END - 1 - MAX_IMAGES  # image i uses seed + i, which must stay a signed 64-bit integer
 
 ClassLabel = Annotated[int, Field(ge=0, le=1_000_000)]
 

@@ -294,6 +294,9 @@ def bad_cases(testdata: Path, manifest: dict, tmp: Path) -> dict[str, list]:
         "bad top-p": [*c2i, "--class-labels", "1", "--top-p", "1.5", *out],
         "guidance not a number": [*c2i, "--class-labels", "1", "--cfg-scale", "nan", *out],  # was: no guidance
         "infinite temperature": [*c2i, "--class-labels", "1", "--temperature", "inf", *out],  # was: noise
+        "seed past 2**64": [*c2i, "--class-labels", "1", "--seed", str(2**64), *out],  # was: a traceback
+        "seed + i past 2**63": [*c2i, "--class-labels", "1,1", "--seed", str(2**63 - 1), *out],  # was: wrapped
+        "negative seed": [*c2i, "--class-labels", "1", "--seed", "-1", *out],  # the server refuses it too
         "bad batch size": [*c2i, "--class-labels", "1", "--batch-size", "0", *out],
         "unknown device": [*c2i, "--class-labels", "1", "--device", "tpu9", *out],
         "unknown dtype": [*c2i, "--class-labels", "1", "--dtype", "float8", *out],

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import ConfigError, GPTConfig, ResolvedCache
+from ..config import SEED_END, ConfigError, GPTConfig, ResolvedCache
 from .request import GenerationRequest, InvalidRequest
 
 
@@ -31,7 +31,7 @@ def validate_request(req: GenerationRequest, cfg: GPTConfig, default_cache: Reso
             raise InvalidRequest(f"caption mask must have shape ({cfg.cls_token_num},)", "condition")
     if req.sampling.uses_cfg and cfg.model_type == "c2i" and not cfg.has_null_class:
         raise InvalidRequest("this checkpoint has no 'no class' embedding: use cfg_scale <= 1", "sampling")
-    if not 0 <= req.seed < 2**63:
+    if not 0 <= req.seed < SEED_END:
         raise InvalidRequest("seed must be in [0, 2**63)", "seed")
     if req.forced_tokens is not None:
         forced = req.forced_tokens
