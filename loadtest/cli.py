@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import os
 import sys
 from pathlib import Path
@@ -147,10 +148,10 @@ def build_run_parser() -> argparse.ArgumentParser:
         help="kv_budget values to mix: tokens, fractions (0.25, 1/4) or full (no eviction), e.g. 256,0.25,default",
     )
     w.add_argument("--n", default="1", help="images per request to mix (default 1)")
-    w.add_argument("--cfg-scale", type=float, default=None)
-    w.add_argument("--temperature", type=float, default=None)
+    w.add_argument("--cfg-scale", type=non_negative_float, default=None)
+    w.add_argument("--temperature", type=positive_float, default=None)
     w.add_argument("--top-k", type=int, default=None)
-    w.add_argument("--top-p", type=float, default=None)
+    w.add_argument("--top-p", type=positive_float, default=None)
     w.add_argument("--seed-base", type=int, default=0, help="request i is sent with seed seed_base + i")
     w.add_argument(
         "--stream", action="store_true", help="ask for server-sent events and time the first partial preview"
@@ -235,13 +236,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     relative = [float(f) for f in _flag_list(args, "relative_rates", float)]
     if relative and not args.probe_concurrency:
         raise ValueError("--relative-rates needs --probe-concurrency (the probe measures what they are relative to)")
-    if any(f is None or f <= 0 for f in relative):
-        raise ValueError("--relative-rates must all be > 0")
+    if any(f is None or not 0 < f < math.inf for f in relative):  # nan fails both comparisons
+        raise ValueError("--relative-rates must all be finite and > 0")
     if not stages and not args.probe_concurrency:
         stages = [Stage("poisson", r) for r in (0.5, 1.0, 2.0, 4.0)]
     for s in stages:
-        if s.value is None or s.value <= 0:
-            raise ValueError(f"stage {s.label}: rates and concurrencies must be > 0")
+        if s.value is None or not 0 < s.value < math.inf:  # nan fails both comparisons
+            raise ValueError(f"stage {s.label}: rates and concurrencies must be finite and > 0")
     out = args.out or Path("out") / ("loadtest-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
     return RunConfig(
         url=args.url,

@@ -289,6 +289,10 @@ def test_no_server_exits_3(tmp_path, capsys):
         ["--pause", "-1"],
         ["--ramp", "soon"],
         ["--requests", "many"],
+        ["--rates", "nan"],  # was: sent, and reported a capacity of nan images/s
+        ["--rates", "inf"],
+        ["--cfg-scale", "nan"],  # was: a worker's traceback (JSON has no nan), and exit 3
+        ["--temperature", "inf"],
     ],
 )
 def test_bad_arguments_exit_2(argv, tmp_path, capsys):
