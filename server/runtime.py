@@ -63,6 +63,9 @@ class Runtime:
                      info.name, info.device, info.kv_cache_dtype, info.kv_pool_bytes / 2**30, info.max_batch_size,
                      engine.warmup_s)
             self.metrics.warmup_seconds.set(engine.warmup_s)
+            keys = len(self.settings.api_keys)  # said at every start: a typo in the keys must not open the API unseen
+            log.info(f"/v1 routes need one of {keys} API keys" if keys else "/v1 routes need no API key "
+                     "(ADSA_API_KEYS)")
             self.metrics.start_seconds.set(time.monotonic() - t0)
             # the one line a person starting the server waits for: /readyz says 200 from now on
             elapsed = time.monotonic() - self.created_at

@@ -128,6 +128,14 @@ class Settings(BaseSettings):
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _some_key(cls, v: object) -> object:
+        """',' or ' , ' names no key: read as 'no auth' it would open the API to anyone, without a word."""
+        if isinstance(v, str) and v.strip() and not _split_commas(v):
+            raise ValueError(f"{v!r} names no key (leave it unset or empty to run without keys)")
+        return v
+
     @field_validator("kv_budget", mode="before")
     @classmethod
     def _budget(cls, v: object) -> object:

@@ -179,3 +179,17 @@ def test_kv_cache_dtype(monkeypatch, capsys):
         load_settings([])
     assert e.value.code == 2
     assert "adsa-serve: invalid setting kv_cache_dtype: Input should be 'auto' or 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keys", [",", " , ", ",,"])
+def test_a_key_list_that_names_no_key_is_refused(keys, monkeypatch, capsys):
+    """Read as 'no keys' it would run the API open to anyone, without a word; empty (or unset) still means no auth."""
+    monkeypatch.setenv("ADSA_API_KEYS", keys)
+    with pytest.raises(SystemExit) as e:
+        load_settings([])
+    assert e.value.code == 2
+    assert f"invalid setting api_keys: Value error, {keys!r} names no key" in capsys.readouterr().err
+    monkeypatch.setenv("ADSA_API_KEYS", "")
+    assert load_settings([]).api_keys == []
+    monkeypatch.setenv("ADSA_API_KEYS", " a , ,b ")
+    assert load_settings([]).api_keys == ["a", "b"]
