@@ -162,9 +162,9 @@ class DrainingServer(uvicorn.Server):
             log.exception("shutdown failed")
         self.should_exit = True  # uvicorn now waits for open responses, then runs lifespan shutdown
 
-    def _fatal(self, message: str) -> None:
+    def _fatal(self, message: str, status: int) -> None:
         log.error("exiting: %s", message)
-        self.exit_code = 1
+        self.exit_code = status
         self.should_exit = True
 
 

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from adsa_core.config import ConfigError
 from adsa_core.engine.client import EngineClient
 from adsa_core.engine.request import EngineDead, EngineDraining, EngineStats
 
@@ -33,7 +34,8 @@ class Runtime:
         self.model_loaded_at = 0  # Unix time the engine became ready (the model object's `created`)
         self.draining = False
         self.load_error: str | None = None
-        self.on_fatal: Callable[[str], None] = lambda msg: None  # set by __main__: exit when loading fails
+        # set by __main__: exit when loading fails (status 2 for settings that cannot work, as a bad flag's)
+        self.on_fatal: Callable[[str, int], None] = lambda msg, status: None
         self._latency_ewma_s = 1.0  # per-image latency estimate for Retry-After
         self._load_task: asyncio.Task | None = None
         self._stopped = False  # engine shut down (drain() ran); stop() must not do it twice
@@ -72,10 +74,13 @@ class Runtime:
             log.info("ready: %s on %s in %.1f s \u2014 %s", info.name, info.device, elapsed, self.url())
         except asyncio.CancelledError:
             raise
+        except ConfigError as e:  # the engine core logged it; no traceback for a setting to fix
+            self.load_error = f"invalid settings for this model: {e}"
+            self.on_fatal(self.load_error, 2)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
-            self.on_fatal(self.load_error)
+            self.on_fatal(self.load_error, 1)
 
     async def _start_engine(self, engine: EngineClient) -> None:
         engine.add_step_listener(self.metrics.on_engine_step)
@@ -85,7 +90,7 @@ class Runtime:
 
     def _engine_died(self, reason: str) -> None:
         """The engine process is gone: requests in flight already failed; exit for the supervisor to restart."""
-        self.on_fatal(reason)
+        self.on_fatal(reason, 1)
 
     async def drain(self, timeout: float | None = None, now: bool = False) -> None:
         """Refuse new work (readyz 503), let in-flight requests finish, stop the engine. now: end the requests

@@ -38,7 +38,7 @@ from typing import Protocol
 import zmq
 import zmq.asyncio
 
-from ..config import EngineConfig
+from ..config import ConfigError, EngineConfig
 from ..loading import ModelSpec
 from . import wire
 from .core import launch_args
@@ -356,7 +356,8 @@ class ProcessEngineClient:
         elif t == "fatal":
             self.alive = False
             if self._started is not None and not self._started.done():
-                self._started.set_exception(RuntimeError(msg["error"]))
+                # a bad setting is raised as what it was in the core, for the server to say it in one line
+                self._started.set_exception((ConfigError if msg.get("config") else RuntimeError)(msg["error"]))
 
     def _event(self, rid: str, ev: Event | EngineError) -> None:
         handle = self._handles.get(rid)

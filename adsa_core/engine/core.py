@@ -32,14 +32,14 @@ from typing import Any
 
 import zmq
 
-from ..config import CacheConfig, EngineConfig, min_budget
+from ..config import CacheConfig, ConfigError, EngineConfig, min_budget
 from ..kv.policy import policy_names
 from ..loading import LoadedModels, ModelSpec, load_models
 from ..logfmt import log_formatter
 from . import wire
 from .engine import Engine
 from .imaging import VQ_AUTOTUNE_MODE
-from .request import EngineDraining, EngineError, Event, GenerationRequest, ModelInfo, RequestFailed
+from .request import EngineDraining, EngineError, Event, GenerationRequest, InvalidRequest, ModelInfo, RequestFailed
 from .step_clock import StepTiming
 
 log = logging.getLogger("adsa.engine")
@@ -95,7 +95,10 @@ class EngineCore:
             import torch
 
             req.condition, req.prompt = torch.zeros(cfg.cls_token_num, cfg.caption_dim), None
-        eng.submit(req, lambda ev: None)
+        try:
+            eng.submit(req, lambda ev: None)
+        except InvalidRequest as e:  # a request with the default settings could never run: the settings are wrong
+            raise ConfigError(f"a request with the default settings cannot run: {e}") from None
         while eng.has_work:  # until the image stage has handed out its image too
             eng.step()
         eng.stats_.requests_total_by_status.clear()
@@ -238,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         if step_fault := os.environ.get("ADSA_FAULT_STEP_REQUEST_ID"):  # tests: whole steps fail while it runs
             core.engine.step = _failing_steps(core.engine, step_fault)  # type: ignore[method-assign]
         warmup_s = core.warm_up()
+    except ConfigError as e:  # settings that cannot work with this model or machine: the user's to fix, no traceback
+        log.error("engine core failed to start: %s", e)
+        outbox.send({"t": "fatal", "error": str(e), "config": True})
+        return 2
     except BaseException as e:  # noqa: BLE001 - reported to the client, then the process ends
         log.exception("engine core failed to start")
         outbox.send({"t": "fatal", "error": f"{type(e).__name__}: {e}"})

@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_live import API_KEY, LiveServer
+from server_live import API_KEY, CPU_ENV, REPO, LiveServer, free_port
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -337,3 +340,18 @@ def test_sigterm_drains_then_exits_0(small_server):
     r = result["r"]
     assert r.status_code == 200 and len(r.json()["data"]) == 4  # in-flight work finished
     assert small_server.proc.wait(30) == 0, small_server.logs()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ADSA_GPT_MODEL": "GPT-Q"}, "unknown GPT preset 'GPT-Q'"),
+    ({"ADSA_KV_LOCAL": "100000"}, "kv budget 128 tokens must be larger than prefix 1 + local window 100000"),
+    ({"ADSA_KV_POOL_TOKENS": "10"}, "a request with the default settings cannot run: kv budget 128 x 2 sequences"),
+])  # fmt: skip
+def test_settings_the_model_cannot_run_end_in_one_line_and_status_2(env, message):
+    """Found only once the engine has the model, after the port is open: said once, as a bad flag is (status 2),
+    not as two tracebacks and status 1."""
+    full = {**os.environ, **CPU_ENV, "ADSA_PORT": str(free_port()), **env}
+    r = subprocess.run([sys.executable, "-m", "server"], cwd=REPO, env=full, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "exiting: invalid settings for this model: " in r.stderr and message in r.stderr, r.stderr[-3000:]
