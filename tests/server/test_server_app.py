@@ -380,7 +380,7 @@ async def test_not_ready_and_draining_are_503():
 
 async def test_load_failure_reported():
     # a model config the engine cannot build fails loading in the engine process: healthz and readyz say so (the
-    # CLI then exits 1)
+    # CLI then exits 2: a setting to fix)
     app = create_app(S(gpt_config='{"dim": 64, "colour": 1}', device="cpu"))
     import httpx
 
