@@ -41,7 +41,7 @@ import zmq.asyncio
 from ..config import ConfigError, EngineConfig
 from ..loading import ModelSpec
 from . import wire
-from .core import launch_args
+from .core import IPC_DIR_PREFIX, launch_args
 from .imaging import encode_png
 from .request import (
     DeadlineExceeded,
@@ -181,7 +181,7 @@ class ProcessEngineClient:
         self._stopping = False
         self._started: asyncio.Future[None] | None = None
         self._reader: asyncio.Task | None = None
-        self._dir = tempfile.mkdtemp(prefix="adsa-ipc-")
+        self._dir = tempfile.mkdtemp(prefix=IPC_DIR_PREFIX)
         self._released = False  # the sockets and their directory are gone (_release)
         self._ctx = zmq.asyncio.Context()
         self._to_core = self._ctx.socket(zmq.PUSH)

@@ -22,12 +22,14 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -46,6 +48,7 @@ log = logging.getLogger("adsa.engine")
 
 IDLE_POLL_MS = 200  # how long an idle loop waits for input before it sends stats (its sign of life)
 ORPHAN_POLL_S = 0.2  # how often the core looks whether the API process that started it is still there
+IPC_DIR_PREFIX = "adsa-ipc-"  # the temporary folder of a client's sockets: the orphaned core removes it
 STATS_EVERY_S = 0.05  # stats go out with events at most this often while busy (and whenever idle)
 MAX_FAILED_STEPS = 3  # consecutive failing steps that mean the engine is broken, not one batch
 
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(log_formatter(os.environ.get("ADSA_LOG_FORMAT", "text")))  # as the server's lines
     logging.basicConfig(level=os.environ.get("ADSA_ENGINE_LOG_LEVEL", "INFO").upper(), handlers=[handler])
-    threading.Thread(target=_exit_when_orphaned, args=(a.parent_pid,), name="adsa-orphan-watch", daemon=True).start()
+    threading.Thread(target=_exit_when_orphaned, args=(a.parent_pid, socket_dir(a.input)), name="adsa-orphan-watch",
+                     daemon=True).start()
     cfg = json.loads(a.config)
     config = EngineConfig(**{**cfg, "default_cache": CacheConfig(**cfg["default_cache"])})
     ctx = zmq.Context()
@@ -258,13 +262,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _exit_when_orphaned(parent: int) -> None:
+def socket_dir(address: str) -> Path | None:
+    """The folder of a socket address that ProcessEngineClient made (ipc://<tmp>/adsa-ipc-*/in); None for others."""
+    folder = Path(address.removeprefix("ipc://")).parent
+    return folder if address.startswith("ipc://") and folder.name.startswith(IPC_DIR_PREFIX) else None
+
+
+def _exit_when_orphaned(parent: int, sockets: Path | None) -> None:
     """End the process once `parent` (the API process, passed by pid: it may be gone before this starts) is no
     longer its parent. Nothing is left to send results to, and SIGTERM is ignored, so this is how a core whose
-    server failed to start (a port in use) or was killed ends, also in the middle of loading or warm-up."""
+    server failed to start (a port in use) or was killed ends, also in the middle of loading or warm-up. A
+    killed server could not remove its socket folder: the core does."""
     while os.getppid() == parent:
         time.sleep(ORPHAN_POLL_S)
     log.error("the API process (pid %d) is gone: exiting", parent)
+    if sockets is not None:
+        shutil.rmtree(sockets, ignore_errors=True)
     os._exit(1)
 
 

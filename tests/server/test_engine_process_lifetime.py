@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from server_live import TINY_GPT
 
 from adsa_core.config import EngineConfig
-from adsa_core.engine.core import launch_args
+from adsa_core.engine.core import IPC_DIR_PREFIX, launch_args, socket_dir
 from adsa_core.loading import ModelSpec
 from server import Settings, create_app
 
@@ -56,9 +57,11 @@ async def test_a_server_stopped_while_its_engine_loads_kills_the_engine():
     assert cores and not any(running(pid) for pid in cores) and not engine_children()
 
 
-def test_an_engine_whose_server_is_gone_exits_while_loading():
+def test_an_engine_whose_server_is_gone_exits_while_loading_and_removes_the_sockets(tmp_path):
+    """A killed server cannot remove its socket folder (/tmp/adsa-ipc-*): its orphaned core does."""
+    sockets = Path(tempfile.mkdtemp(prefix=IPC_DIR_PREFIX, dir=tmp_path))
     spec = ModelSpec(gpt_config=json.dumps(TINY_GPT), device="cpu")
-    args = launch_args(spec, EngineConfig(max_batch_size=1), "ipc:///tmp/adsa-orphan-in", "ipc:///tmp/adsa-orphan-out")
+    args = launch_args(spec, EngineConfig(max_batch_size=1), f"ipc://{sockets}/in", f"ipc://{sockets}/out")
     # a stand-in server: starts the core as ProcessEngineClient does (its own pid as the parent), then dies at once
     stand_in = ("import os, subprocess, sys; args = sys.argv[1:]; "
                 "args[args.index('--parent-pid') + 1] = str(os.getpid()); "
@@ -69,6 +72,8 @@ def test_an_engine_whose_server_is_gone_exits_while_loading():
     while running(core):  # the core notices within ORPHAN_POLL_S of starting, before it loads anything
         assert time.monotonic() < deadline, "the orphaned engine process is still running"
         time.sleep(0.05)
+    assert not sockets.exists() and tmp_path.exists()  # its own folder only
+    assert socket_dir("ipc:///tmp/in") is None and socket_dir("tcp://127.0.0.1:5555") is None  # never another
 
 
 async def test_an_abandoned_client_frees_everything_and_a_stop_it_cut_short_says_nothing():
