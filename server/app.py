@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -45,6 +48,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.openapi = _without_fastapi_validation_bodies(app)  # type: ignore[method-assign]
     install_error_handlers(app, runtime.retry_after_s)
     for router in routers:
         app.include_router(router)
@@ -67,6 +71,27 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     app.add_middleware(HTTPMetricsMiddleware, metrics=lambda: runtime.metrics, routes=route_table)
     app.add_middleware(RequestContextMiddleware)  # every response (413s, preflights) carries X-Request-Id
     return app
+
+
+def _without_fastapi_validation_bodies(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI lists its own 422 body (HTTPValidationError) on every route that parses input and declares no 422 of
+    its own. No route answers with it: validation errors take the API's error body (422 on the native routes, which
+    declare it; 400 on OpenAI's). Left in, it would mislead a client generated from the schema."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()  # FastAPI keeps it as app.openapi_schema
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                if "HTTPValidationError" in json.dumps(operation.get("responses", {}).get("422", {})):
+                    del operation["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    return openapi
 
 
 class BodyLimitMiddleware:

@@ -56,6 +56,15 @@ async def test_health_ready_models_openapi():
         spec = (await c.get("/openapi.json")).json()
         assert {"/v1/generate", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
         assert (await c.get("/docs")).status_code == 200
+        # the schema promises the answers the routes give: OpenAI's route refuses bad input with 400, in the API's
+        # error body, and never with FastAPI's own 422 body (which a schema-generated client would expect)
+        images = spec["paths"]["/v1/images/generations"]["post"]["responses"]
+        assert "422" not in images and images["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/ErrorBody")
+        assert "422" not in spec["paths"]["/v1/models/{model_id}"]["get"]["responses"]
+        assert "HTTPValidationError" not in json.dumps(spec)
+        r = await c.post("/v1/images/generations", json={"prompt": "class3", "n": "two"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
 
 
 async def test_model_card_reports_kv_cache_dtype():
