@@ -291,12 +291,12 @@ class CacheConfig:
         return ResolvedCache(self.policy, budget, prefix, local, seq_len)
 
 
-def min_budget(gpt: GPTConfig) -> int:
-    """The smallest budget in tokens that CacheConfig.resolve accepts for an evicting policy with the default
-    prefix and local window (GPT-XL 384: 27; the demo: 19). Clients size their budget controls with it."""
+def min_budget(gpt: GPTConfig, prefix: int | None = None, local: int | None = None) -> int:
+    """The smallest budget in tokens that CacheConfig.resolve accepts for an evicting policy with this prefix and
+    local window (None: default_regions'; GPT-XL 384: 27, the demo: 19). Clients size their budget controls with it."""
     for budget in range(1, gpt.seq_len):
         try:
-            CacheConfig(budget=budget).resolve(gpt)
+            CacheConfig(budget=budget, prefix=prefix, local=local).resolve(gpt)
         except ConfigError:
             continue
         return budget

@@ -377,7 +377,7 @@ class ModelCard(BaseModel):
     default_policy: str
     default_budget: int | float | None = Field(description="Default KV budget in tokens per sequence")
     min_budget: int | None = Field(
-        None, description="Smallest kv_budget in tokens a sparse policy accepts with the default prefix and local"
+        None, description="Smallest kv_budget in tokens a sparse policy accepts with this server's prefix and local"
         " window",
     )
     seq_len: int | None = Field(None, description="Tokens a sequence holds without eviction (dense budget)")

@@ -102,19 +102,25 @@ def test_a_budget_too_small_for_its_regions_says_so(budget, message):
     assert CacheConfig(policy="adsa", budget=1.0).resolve(cfg).budget == cfg.seq_len
 
 
-@pytest.mark.parametrize("cfg, expected", [
-    (GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=256, num_classes=10), 19),  # the demo's grid
-    (gpt_preset("GPT-XL", 384), 27),  # larger than prefix 1 + local one row + 1 (25)
-    (gpt_preset("GPT-XL", 512), 35),
-    (gpt_preset("GPT-B", 256, model_type="t2i"), 138),  # the prefix holds the 120 condition tokens, then 17 local
-], ids=["demo", "xl384", "xl512", "t2i"])  # fmt: skip
-def test_min_budget_is_where_every_sparse_budget_starts_to_resolve(cfg, expected):
-    """The playground's slider runs from min_budget to seq_len: every budget there must run, none below it."""
-    assert min_budget(cfg) == expected
+DEMO_GRID = GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=256, num_classes=10)
+
+
+@pytest.mark.parametrize("cfg, regions, expected", [
+    (DEMO_GRID, {}, 19),
+    (gpt_preset("GPT-XL", 384), {}, 27),  # larger than prefix 1 + local one row + 1 (25)
+    (gpt_preset("GPT-XL", 512), {}, 35),
+    (gpt_preset("GPT-B", 256, model_type="t2i"), {}, 138),  # the prefix holds the 120 condition tokens, then 17 local
+    (DEMO_GRID, {"local": 64}, 66),  # a server's ADSA_KV_LOCAL
+    (DEMO_GRID, {"prefix": 1, "local": 3}, 5),
+], ids=["demo", "xl384", "xl512", "t2i", "local-64", "prefix-1-local-3"])  # fmt: skip
+def test_min_budget_is_where_every_sparse_budget_starts_to_resolve(cfg, regions, expected):
+    """The playground's slider runs from min_budget to seq_len: every budget there must run, none below it, with the
+    server's own prefix and local window."""
+    assert min_budget(cfg, **regions) == expected
     for budget in range(1, cfg.seq_len + 1):
         for policy in ("adsa", "line", "window"):
             if budget < expected:
                 with pytest.raises(ConfigError):
-                    CacheConfig(policy=policy, budget=budget).resolve(cfg)
+                    CacheConfig(policy=policy, budget=budget, **regions).resolve(cfg)
             else:
-                assert CacheConfig(policy=policy, budget=budget).resolve(cfg).budget == budget
+                assert CacheConfig(policy=policy, budget=budget, **regions).resolve(cfg).budget == budget

@@ -185,12 +185,12 @@ class EngineCore:
 
 def model_info(models: LoadedModels, engine: Engine) -> ModelInfo:
     cfg = models.gpt_config
-    c = engine.default_cache
+    c, regions = engine.default_cache, engine.config.default_cache  # regions as set (None: default_regions)
     return ModelInfo(
         name=models.name, model_type=cfg.model_type, image_size=models.image_size,
         num_classes=cfg.num_classes if cfg.model_type == "c2i" else 0, classes=models.classes,
-        policies=policy_names(), default_policy=c.policy, default_budget=c.budget, min_budget=min_budget(cfg),
-        seq_len=cfg.seq_len,
+        policies=policy_names(), default_policy=c.policy, default_budget=c.budget,
+        min_budget=min_budget(cfg, regions.prefix, regions.local), seq_len=cfg.seq_len,
         max_batch_size=engine.max_batch_size, max_images_per_call=engine.scheduler.queue_capacity,
         sampling_defaults=dict(models.sampling_defaults),
         kv_cache_dtype=str(engine.runner.geo.dtype).removeprefix("torch."),

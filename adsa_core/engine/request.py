@@ -143,7 +143,7 @@ class ModelInfo:
     policies: tuple[str, ...]  # KV policies a request may ask for
     default_policy: str
     default_budget: int  # KV slots per sequence when a request asks for none
-    min_budget: int  # the smallest budget an evicting policy accepts with the default regions
+    min_budget: int  # the smallest budget an evicting policy accepts with the server's prefix and local window
     seq_len: int  # tokens a sequence holds without eviction
     max_batch_size: int  # images decoded together at most
     max_images_per_call: int  # images one submission can ever queue (the queue and the batch): more are invalid

@@ -3,12 +3,12 @@ is refused with an error ack and the core goes on serving."""
 
 from __future__ import annotations
 
-from adsa_core.config import EngineConfig
+from adsa_core.config import CacheConfig, EngineConfig, min_budget
 from adsa_core.engine import wire
-from adsa_core.engine.core import EngineCore
+from adsa_core.engine.core import EngineCore, model_info
 from adsa_core.engine.request import GenerationRequest
 
-from .test_engine import UNSEEN, tiny_models
+from .test_engine import UNSEEN, make_engine, tiny_models
 
 
 class RecordingOutbox:
@@ -39,3 +39,13 @@ def test_an_unreadable_submission_is_refused_and_the_core_keeps_serving():
         core.step()
     assert [kind for rid, kind, _ in outbox.batch if rid == "good"][-1] == "finished"  # the loop delivered it
     core.close()
+
+
+def test_the_model_card_minimum_budget_follows_the_servers_local_window():
+    """ADSA_KV_LOCAL raises the smallest budget that runs: the card (and the playground's slider) say so."""
+    models = tiny_models(UNSEEN)  # 6 x 6 grid
+    assert model_info(models, make_engine(models, "adsa", 0.5)).min_budget == min_budget(UNSEEN) == 9
+    eng = make_engine(models, "adsa", 0.75, local=20)
+    assert model_info(models, eng).min_budget == 22  # larger than the condition token + 20
+    eng.submit(GenerationRequest(condition=1, seed=0, cache=CacheConfig(policy="adsa", budget=22, local=20)),
+               lambda ev: None)
