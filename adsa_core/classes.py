@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import reprlib
-import unicodedata
 from functools import cache
 from pathlib import Path
 
@@ -47,14 +46,15 @@ def default_classes(model_type: str, num_classes: int) -> list[dict] | None:
     return None
 
 
-# emoji presentation selectors: keyboards add or drop U+FE0F freely ("❤" and "❤️" are one emoji to a reader)
-_VARIATION_SELECTORS = dict.fromkeys((0xFE0E, 0xFE0F))
+# What two spellings of one name share. The emoji presentation selectors go: keyboards add or drop U+FE0F freely
+# ("❤" and "❤️" are one emoji to a reader). Full-width ASCII ("ｆｏｘ", "１９", an ideographic space) reads as ASCII.
+# Not all of NFKC: it would also fold emoji names into letters ("ℹ️" into "i", "™️" into "tm").
+_FOLD = {0xFE0E: None, 0xFE0F: None, 0x3000: " ", **{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}}
 
 
 def _key(text: str) -> str:
-    """What two spellings of one name share: NFKC (full-width "１９" is "19"), no variation selectors, case folded,
-    runs of spaces collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).translate(_VARIATION_SELECTORS).casefold().split())
+    """A name or prompt as compared: folded (_FOLD), case folded, runs of spaces collapsed."""
+    return " ".join(text.translate(_FOLD).casefold().split())
 
 
 def _names(entry: dict) -> list[str]:
