@@ -153,16 +153,16 @@ class Scheduler:
         return plan
 
     def _can_allocate(self, item: Schedulable) -> bool:
-        # a slot too: rows alone may be free while every slot is held (a request that released its CFG row)
+        # a slot too (waiting requests hold none): rows alone may be free while every slot is held (a request that
+        # released its CFG row)
         return (self.pages_needed(item.n_seqs, item.cache.budget) <= self.allocator.num_free
-                and item.n_seqs <= len(self._free_rows) and (item.slot >= 0 or bool(self._free_slots)))
+                and item.n_seqs <= len(self._free_rows) and bool(self._free_slots))
 
     def _allocate(self, item: Schedulable) -> None:
         self._free_rows.sort(reverse=True)  # compact rows: the lowest free rows first
         per_seq = pages_for(item.cache.budget, self.page_size)
         item.allocs = [SeqAlloc(self._free_rows.pop(), self.allocator.allocate(per_seq)) for _ in range(item.n_seqs)]
-        if item.slot < 0:
-            item.slot = self._free_slots.pop()
+        item.slot = self._free_slots.pop()
         self.running.append(item)
 
     def _compact(self) -> list[tuple[int, int]]:
@@ -192,8 +192,7 @@ class Scheduler:
             pages += sum(len(a.pages) for a in item.allocs)
             rows += len(item.allocs)
             slots += 1
-            if (pages >= self.pages_needed(head.n_seqs, head.cache.budget) and rows >= head.n_seqs
-                    and (head.slot >= 0 or slots > 0)):
+            if pages >= self.pages_needed(head.n_seqs, head.cache.budget) and rows >= head.n_seqs and slots > 0:
                 break
         else:
             return []
