@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.datastructures import Headers
+from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -58,7 +60,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
                        read_timeout_s=settings.read_timeout_s)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            ApiErrorCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             # any request header: the origins are the limit, and OpenAI's JS SDK sends its own (x-stainless-*)
@@ -92,6 +94,20 @@ def _without_fastapi_validation_bodies(app: FastAPI) -> Callable[[], dict[str, A
         return schema
 
     return openapi
+
+
+class ApiErrorCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight (an origin, method or header not allowed) answered in the API's
+    error body like every other error, not as the text "Disallowed CORS origin"."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # e.g. "origin, method"
+        message = f"CORS preflight refused: {refused} not allowed (ADSA_CORS_ORIGINS lists the allowed origins)"
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return ApiError(400, "cors_refused", message, headers).response()
 
 
 class BodyLimitMiddleware:

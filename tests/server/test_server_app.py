@@ -554,6 +554,13 @@ async def test_cors_when_configured():
             "/v1/generate", headers={"Origin": "https://ui.example", "Access-Control-Request-Method": "POST"}
         )
         assert r.headers["access-control-allow-origin"] == "https://ui.example"
+        # a refused preflight is an error like any other: the API's body, not Starlette's text
+        refused = await c.options(
+            "/v1/generate", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "PUT"}
+        )
+        assert_error(refused, 400, "cors_refused")
+        assert refused.json()["error"]["message"] == ("CORS preflight refused: origin, method not allowed "
+                                                      "(ADSA_CORS_ORIGINS lists the allowed origins)")
     # answers from before the router (a missing key, a body too large, not JSON) carry the headers too: a page
     # on that origin can read why
     async with fake_client(S(cors_origins="https://ui.example", api_keys=["k"], max_body_bytes=1024)) as (c, _):
