@@ -183,7 +183,7 @@ class Scheduler:
         whose pages, rows and slots let it in (only strictly lower priorities), and requeue them."""
         if not self._waiting or self._can_allocate(head := self._waiting[0][2]):
             return []
-        pages, rows, slots = self.allocator.num_free, len(self._free_rows), len(self._free_slots)
+        pages, rows = self.allocator.num_free, len(self._free_rows)  # slots: any victim gives one back
         chosen: list[Schedulable] = []
         for item in sorted(self.running, key=lambda it: (it.priority, -it.order)):
             if item.priority >= head.priority:
@@ -191,8 +191,7 @@ class Scheduler:
             chosen.append(item)
             pages += sum(len(a.pages) for a in item.allocs)
             rows += len(item.allocs)
-            slots += 1
-            if pages >= self.pages_needed(head.n_seqs, head.cache.budget) and rows >= head.n_seqs and slots > 0:
+            if pages >= self.pages_needed(head.n_seqs, head.cache.budget) and rows >= head.n_seqs:
                 break
         else:
             return []
