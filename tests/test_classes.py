@@ -61,7 +61,7 @@ def test_an_emoji_with_or_without_its_presentation_selector_is_one_name():
     assert len(with_selector) == 344
     for c in with_selector:
         assert names.resolve(c["emoji"].replace("\ufe0f", "")) == c["id"], c
-    assert names.resolve("\u2764") == names.resolve("\u2764\ufe0f") == 140  # red heart
+    assert names.resolve("\u2764") == names.resolve("\u2764\ufe0f") == 140  # heavy black heart
     assert names.resolve("\u270b\ufe0f") == names.resolve("\u270b") == 169  # raised hand, stored without it
     assert names.resolve("ｆｏｘ\u3000ｆａｃｅ") == 539 and names.resolve("１９") == 19
     assert names.resolve("\u2139") == 1539  # information, without its selector

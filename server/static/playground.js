@@ -188,9 +188,24 @@ function chooseClass(id) {
   for (const li of $('class-list').children) li.setAttribute('aria-selected', String(Number(li.dataset.id) === id));
 }
 
+// as the server reads a prompt (adsa_core/classes.py): no emoji presentation selectors, full-width ASCII as ASCII
+function fold(text) {
+  return text
+    .replace(/[\uFE0E\uFE0F]/g, '')
+    .replace(/[\uFF01-\uFF5E]/g, (ch) => String.fromCharCode(ch.charCodeAt(0) - 0xfee0))
+    .replace(/\u3000/g, ' ')
+    .toLowerCase();
+}
+
+// a class by any of its names (ImageNet's synonyms too), its emoji pasted with or without U+FE0F, or its id
+function classMatches(c, q) {
+  return !q || [c.name, ...(c.synonyms ?? [])].some((name) => fold(name).includes(q))
+    || (c.emoji && fold(c.emoji) === q) || String(c.id) === q;
+}
+
 function renderClassList(query) {
-  const q = query.trim().toLowerCase();
-  const matches = state.classes.filter((c) => !q || c.name.toLowerCase().includes(q) || String(c.id) === q);
+  const q = fold(query.trim());
+  const matches = state.classes.filter((c) => classMatches(c, q));
   const list = $('class-list');
   list.replaceChildren(
     ...matches.slice(0, MAX_LISTED_CLASSES).map((c) => {

@@ -119,6 +119,9 @@ def page(browser, demo_server):
 
 
 def choose_fox(tab) -> None:
+    # an emoji pasted without its U+FE0F finds its class (the server reads prompts so too)
+    tab.fill("#class-search", "\u2764")
+    assert tab.locator("#class-list li[data-id]").all_inner_texts() == ["\u2764\ufe0f heavy black heart (#140)"]
     tab.fill("#class-search", "fox")
     option = tab.locator("#class-list li[data-id]").first
     assert option.inner_text() == "🦊 fox face (#539)"  # the demo's classes.json, emoji and name
@@ -334,6 +337,8 @@ def test_imagenet_names_and_text_prompts(browser, demo_server):
     with those fields changed drives the page's other branches against the real server."""
     tab, errors = open_playground(browser, demo_server, {"num_classes": 1000, "classes": None})
     tab.fill("#class-search", "golden retriever")
+    assert tab.locator("#class-list li[data-id]").all_inner_texts() == ["golden retriever (#207)"]
+    tab.fill("#class-search", "ｇｏｌｄｅｎ ｒｅｔｒｉｅｖｅｒ")  # full-width
     assert tab.locator("#class-list li[data-id]").all_inner_texts() == ["golden retriever (#207)"]
     tab.fill("#class-search", "")
     assert tab.inner_text("#class-list li.more") == "… 940 more: refine the search"  # 60 listed of 1,000
