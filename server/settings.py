@@ -126,15 +126,17 @@ class Settings(BaseSettings):
         "text", description="Log lines as text, or one JSON object each (with request_id) for log pipelines"
     )
 
-    _split = field_validator("api_keys", "cors_origins", mode="before")(_split_commas)
+    _split = field_validator("cors_origins", mode="before")(_split_commas)
 
     @field_validator("api_keys", mode="before")
     @classmethod
-    def _some_key(cls, v: object) -> object:
-        """',' or ' , ' names no key: read as 'no auth' it would open the API to anyone, without a word."""
-        if isinstance(v, str) and v.strip() and not _split_commas(v):
+    def _keys(cls, v: object) -> object:
+        """Split as the origins are; but ',' or ' , ' names no key: read as 'no auth' it would open the API to
+        anyone, without a word."""
+        keys = _split_commas(v)
+        if isinstance(v, str) and v.strip() and not keys:
             raise ValueError(f"{v!r} names no key (leave it unset or empty to run without keys)")
-        return v
+        return keys
 
     @field_validator("kv_budget", mode="before")
     @classmethod
