@@ -94,7 +94,7 @@ def vq_decoder(vq: VQModel | None, mode: str | None) -> Callable[[torch.Tensor],
 
 class ImageStage:
     def __init__(self, vq: VQModel | None, device: torch.device, chunk: int | None, compile_decode: bool = False,
-                 autotune: bool = False, on_outcome: Callable[[bool], None] | None = None):
+                 autotune: bool = False, on_outcome: Callable[[bool], None] = lambda ok: None):
         self.vq = vq
         self.on_outcome = on_outcome  # once per finished image: True delivered, False failed (the engine's counts)
         self.device = device
@@ -201,8 +201,7 @@ class ImageStage:
         for i, d in enumerate(job.images):
             pixels = job.pixels[i] if job.pixels is not None else None
             d.sink(Finished(job.codes[i], pixels, d.stats, d.logprobs))
-            if self.on_outcome is not None:
-                self.on_outcome(True)
+            self.on_outcome(True)
 
     def _failed(self, work: list[DoneImage] | Preview) -> None:
         if isinstance(work, Preview):  # a failed preview is skipped; the final image still comes
@@ -211,8 +210,7 @@ class ImageStage:
         log.exception("image decode failed")
         for d in work:
             d.sink(RequestFailed("image decode failed"))
-            if self.on_outcome is not None:
-                self.on_outcome(False)
+            self.on_outcome(False)
 
     def close(self) -> None:
         self.drain()  # finished images still go out
