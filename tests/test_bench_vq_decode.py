@@ -51,3 +51,27 @@ def test_channel_stats_decoder_decodes_the_same_images():
     assert all(type(m) is torch.nn.GroupNorm for m in vq.modules() if isinstance(m, torch.nn.GroupNorm))  # a copy
     with torch.no_grad():
         torch.testing.assert_close(decode(codes), vq.decode_code(codes), rtol=0, atol=1e-10)
+
+
+def test_engine_bench_wrapper_builds_channel_stats_decoders(tmp_path, monkeypatch):
+    """tools/bench_engine_channel_stats.py: the bench's models decode with ChannelStatsGroupNorm, end to end."""
+    import bench_engine_channel_stats
+
+    import adsa_core.model.vq as vq_module
+    from adsa_core.eval import bench
+
+    built: list[VQModel] = []
+    real_random_models = bench.random_models
+
+    def record(*args, **kwargs):
+        models = real_random_models(*args, **kwargs)
+        built.append(models.vq)
+        return models
+
+    monkeypatch.setattr(bench, "random_models", record)
+    monkeypatch.setattr(vq_module, "group_norm", vq_module.group_norm)  # restored after the test
+    assert bench_engine_channel_stats.main(["--smoke", "--device", "cpu", "--waves", "1", "--policies", "adsa",
+                                            "--out", str(tmp_path)]) == 0
+    norms = [m for m in built[0].modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(type(m) is bench_vq_decode.ChannelStatsGroupNorm for m in norms)
+    assert (tmp_path / "bench.json").exists()

@@ -8,6 +8,7 @@
 #   SECTIONS=c bash tools/device_throughput.sh        # the adsa 1/4 fp8 curve at 512 and 1024, ~3 min
 #   SECTIONS="g e" bash tools/device_throughput.sh    # the rest of the curve, small-batch profiles
 #   SECTIONS=f bash tools/device_throughput.sh        # the reference's kernels, sampling compiled vs eager
+#   SECTIONS=h bash tools/device_throughput.sh        # issue 19's best row beside its baseline, ~9 min
 #   SMOKE=1 OUT=/tmp/tp bash tools/device_throughput.sh   # CPU, GPT-B 256, tiny batches: every command once
 # From the repo root; LLAMAGEN=<LlamaGen checkout> (default .device-carry/llamagen).
 #
@@ -35,18 +36,23 @@
 #       and in fp8 (runs 19-20: ~30-40 s each).                                       ~170 s, box 4 x 50 s
 #   (f) tools/reference_ab.py --profile at batches 1 and 64: one step compile per batch, its top kernels
 #       (run 19: 64 alone took 213 s while the reference was slow).                  ~240 s, box 300 s
+#   (h) issue 19's best row with the corrected baseline in the same call: the public sampler at 128 (its best
+#       batch: 256 does not fit its memory), then adsa 1/4 at 1024 with fp8 K/V and fp8 matmuls, as main builds
+#       it and with the VQ GroupNorms from per-channel statistics (tools/bench_engine_channel_stats.py; the
+#       second engine process finds the step's compile in Inductor's cache).     ~480 s, box 150 + 2 x 190 s
 # Files in $OUT: env.txt and log.txt, then a: public.jsonl, b: bench_b.json, c: curve_fp8.json,
 # d: profile.txt, g: curve_fp8_more.json and curve_bf16.json, e: profile_b{1,8}_{auto,fp8}.txt,
-# f: reference_ab.jsonl. That is 6 files for the default call and at most 6 for the others (e: 4).
+# f: reference_ab.jsonl, h: public_best.jsonl, best_main.json and
+# best_channel_stats.json. That is 6 files for the default call and at most 6 for the others (e: 4).
 set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # keeps carried wheels (/tmp/site)
 OUT=${OUT:?set by the device machine}
 LLAMAGEN=${LLAMAGEN:-.device-carry/llamagen}
 SECTIONS=${SECTIONS:-a d}
 MODEL=GPT-XL SIZE=384 B_PUBLIC=${B_PUBLIC:-1,64,128,8} B_BENCH=${B_BENCH:-1,8,64,128} B_FP8=512,1024 B_FP8_MORE=256,2048
-B_BF16=256,512,1024,2048 B_PROF=512 WARM=150 VQ_IMAGES=16 B_SMALL="1 8" B_AB=1,64 CPU="" PUB_CPU="" BOX=1
+B_BF16=256,512,1024,2048 B_BEST=1024 B_PUB_BEST=128 B_PROF=512 WARM=150 VQ_IMAGES=16 B_SMALL="1 8" B_AB=1,64 CPU="" PUB_CPU="" BOX=1
 if [ "${SMOKE:-0}" = 1 ]; then  # the same commands on the CPU with a small model and batches
-  MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2 B_FP8_MORE=4 B_BF16=2 B_PROF=2 WARM=70 VQ_IMAGES=1 B_SMALL=1 B_AB=2
+  MODEL=GPT-B SIZE=256 B_PUBLIC=1,2 B_BENCH=1,2 B_FP8=2 B_FP8_MORE=4 B_BF16=2 B_BEST=2 B_PUB_BEST=2 B_PROF=2 WARM=70 VQ_IMAGES=1 B_SMALL=1 B_AB=2
   CPU="--device cpu" PUB_CPU="--device cpu --no-compile" BOX=8
 fi
 LOG=$OUT/log.txt
@@ -108,5 +114,21 @@ if wants f; then
   stamp "f: reference A/B"
   timeout $((300 * BOX)) python3 tools/reference_ab.py --preset $MODEL --image-size $SIZE --batches $B_AB $CPU --profile \
       > "$OUT/reference_ab.jsonl" 2>> "$LOG" || echo "f: rc=$?" >> "$LOG"
+fi
+if wants h; then
+  stamp "h: public sampler at $B_PUB_BEST"
+  timeout $((150 * BOX)) python3 tools/public_sampler_bench.py --llamagen "$LLAMAGEN" --gpt-model $MODEL \
+      --image-size $SIZE --batches $B_PUB_BEST $PUB_CPU --out "$OUT/public_best.jsonl" >> "$LOG" 2>&1 \
+      || echo "h public: rc=$?" >> "$LOG"
+  for variant in main channel_stats; do
+    stamp "h: adsa 1/4 fp8 K/V, fp8 matmuls at $B_BEST, VQ GroupNorm: $variant"
+    bench="-m adsa_core.eval.bench"
+    [ $variant = channel_stats ] && bench=tools/bench_engine_channel_stats.py
+    timeout $((190 * BOX)) python3 $bench --presets $MODEL --image-sizes $SIZE --batches= $CPU \
+        --sparse-batches $B_BEST --no-reference --policies adsa --budgets 0.25 --waves 1 --compile \
+        --kv-cache-dtypes fp8 --matmul-dtypes fp8 --out /tmp/tp_best_$variant >> "$LOG" 2>&1 \
+        || echo "h $variant: rc=$?" >> "$LOG"
+    cp /tmp/tp_best_$variant/bench.json "$OUT/best_$variant.json" 2>> "$LOG"
+  done
 fi
 stamp "done"
