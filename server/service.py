@@ -102,6 +102,9 @@ class GenerationService:
             raise ApiError(
                 404, "model_not_found", f"model {body.model!r} is not served here; this is {info.name!r}", param="model"
             )
+        if body.response_format is not None and not info.has_decoder:  # asked for images: refuse before any work
+            raise ApiError(501, "no_decoder", "this server runs without a VQ decoder: POST /v1/generate without "
+                           "response_format returns token ids", param="response_format")
         conditions = self._conditions(info, body)
         sampling = self._sampling(info, body)
         cache = self._cache(info, body)
@@ -322,6 +325,7 @@ class GenerationService:
         if body.size not in (None, "auto", size):
             raise invalid(f"size {body.size!r} is not served: this model makes {size} images (or give auto)", "size")
         options = body.model_dump(include=set(GenerationOptions.model_fields), exclude_none=True)
+        options["response_format"] = "b64_json"  # OpenAI's only format: images, which need a decoder
         if info.model_type == "t2i":
             return GenerateRequest(**options, prompt=body.prompt)
         names = _class_names.get(engine)
@@ -338,8 +342,6 @@ class GenerationService:
         positions it read (seq_len + 1 - image tokens: 1 class token, or 120 caption positions) and the
         image tokens it sampled."""
         info = self.rt.require_engine().info
-        if any(d.b64_json is None for d in result.data):
-            raise ApiError(501, "no_decoder", "this server runs without a VQ decoder: POST /v1/generate returns tokens")
         sampled = sum(ev.codes.numel() for ev in finished)
         read = len(finished) * (info.seq_len + 1) - sampled
         size = info.image_size

@@ -88,9 +88,10 @@ class EngineCore:
         cfg = self.models.gpt_config
         if eng.images.compile_mode == VQ_AUTOTUNE_MODE:  # an operator would otherwise see a silent start minutes long
             log.info("VQ decoder: compiling with max-autotune (minutes, unless the compile cache holds it)")
-        t_vq = time.perf_counter()
-        eng.images.warm_up(cfg.block_size)
-        log.info("VQ decoder ready in %.1f s", time.perf_counter() - t_vq)
+        if eng.images.vq is not None:
+            t_vq = time.perf_counter()
+            eng.images.warm_up(cfg.block_size)
+            log.info("VQ decoder ready in %.1f s", time.perf_counter() - t_vq)
         cond: Any = 0 if cfg.model_type == "c2i" else None
         prompt = None if cfg.model_type == "c2i" else "warm-up"
         req = GenerationRequest(condition=cond, prompt=prompt, seed=0, request_id="warm-up")
@@ -195,7 +196,7 @@ def model_info(models: LoadedModels, engine: Engine) -> ModelInfo:
         sampling_defaults=dict(models.sampling_defaults),
         kv_cache_dtype=str(engine.runner.geo.dtype).removeprefix("torch."),
         kv_pool_bytes=engine.stats_.kv_pool_bytes, device=str(models.device),
-        has_text_encoder=models.text_encoder is not None,
+        has_text_encoder=models.text_encoder is not None, has_decoder=engine.images.vq is not None,
     )
 
 

@@ -152,6 +152,7 @@ class ModelInfo:
     kv_pool_bytes: int = 0  # device bytes of the KV pool
     device: str = ""  # e.g. "cuda:0", "cpu"
     has_text_encoder: bool = False  # t2i: prompts can be encoded
+    has_decoder: bool = True  # finished images are decoded to pixels; False: a request gets its token ids alone
 
 
 @dataclass

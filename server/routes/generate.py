@@ -42,13 +42,38 @@ class JobStream(StreamingResponse):
             self.job.cancel_unfinished()
 
 
+def accept_preference(accept: str, media_type: str) -> tuple[float, int]:
+    """(q, index) of the media range in an Accept header that speaks for `media_type`: the most specific one
+    that matches (the type itself, then type/*, then */*; RFC 9110, 12.5.1), case-insensitive. (0, -1): none."""
+    kind = media_type.split("/")[0]
+    specificity = {media_type: 3, f"{kind}/*": 2, "*/*": 1}
+    best = (0, 0.0, -1)  # (specificity, q, index)
+    for index, item in enumerate(accept.lower().split(",")):
+        media_range, *params = (part.strip() for part in item.split(";"))
+        rank = specificity.get(media_range, 0)
+        if rank > best[0]:
+            q = 1.0
+            for name, _, value in (param.partition("=") for param in params):
+                if name.strip() == "q":
+                    try:
+                        q = float(value)
+                    except ValueError:
+                        q = 0.0  # an unreadable weight: not an acceptable type
+                    q = min(q, 1.0) if q >= 0 else 0.0  # nan and negative weights: 0
+            best = (rank, q, index)
+    return best[1], best[2]
+
+
 def wants_png(body: GenerateRequest, accept: str | None) -> bool:
     if body.response_format is not None:
         return body.response_format == "png"
-    # Accept: image/png selects raw bytes for a single image, unless JSON is listed before it
-    types = [t.split(";")[0].strip() for t in (accept or "").split(",")]
-    first = next((t for t in types if t in ("image/png", "application/json")), None)
-    return first == "image/png" and body.image_count == 1
+    if body.image_count != 1 or not accept:
+        return False
+    # Accept: raw bytes when it weighs image/png above JSON; at equal weights, the range listed first (the same
+    # range, as */*: JSON, the API's default)
+    png_q, png_index = accept_preference(accept, "image/png")
+    json_q, json_index = accept_preference(accept, "application/json")
+    return png_q > json_q or (png_q == json_q > 0 and png_index < json_index)
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, responses=_RESPONSES)

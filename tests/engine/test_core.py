@@ -3,10 +3,13 @@ is refused with an error ack and the core goes on serving."""
 
 from __future__ import annotations
 
-from adsa_core.config import CacheConfig, EngineConfig, min_budget
+import dataclasses
+
+from adsa_core.config import CacheConfig, EngineConfig, VQConfig, min_budget
 from adsa_core.engine import wire
 from adsa_core.engine.core import EngineCore, model_info
 from adsa_core.engine.request import GenerationRequest
+from adsa_core.model.vq import VQModel
 
 from .test_engine import UNSEEN, make_engine, tiny_models
 
@@ -49,3 +52,14 @@ def test_the_model_card_minimum_budget_follows_the_servers_local_window():
     assert model_info(models, eng).min_budget == 22  # larger than the condition token + 20
     eng.submit(GenerationRequest(condition=1, seed=0, cache=CacheConfig(policy="adsa", budget=22, local=20)),
                lambda ev: None)
+
+
+def test_the_model_card_says_whether_finished_images_are_decoded():
+    """The API refuses image formats up front on a server whose engine decodes none (API.md, 501 no_decoder)."""
+    models = tiny_models(UNSEEN)  # tokens only
+    assert not model_info(models, make_engine(models, "adsa", 0.5)).has_decoder
+    vq_config = VQConfig(codebook_size=UNSEEN.vocab_size, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2), z_channels=32,
+                         ch=32)
+    models = dataclasses.replace(models, vq=VQModel(vq_config).eval(), vq_config=vq_config)
+    assert model_info(models, make_engine(models, "adsa", 0.5)).has_decoder
+    assert not model_info(models, make_engine(models, "adsa", 0.5, decode_images=False)).has_decoder

@@ -71,10 +71,13 @@ class FakeEngine:
         num_classes: int = 10,
         model_type: str = "c2i",
         fail_labels: tuple[int, ...] = (),
+        decoder: bool = True,
     ):
         self.grid = math.isqrt(tokens)
         self.tokens, self.step_s, self.max_queue, self.max_batch_size = tokens, step_s, max_queue, max_batch_size
         self.fail_labels = fail_labels
+        self.decoder = decoder  # False: finished images carry token ids alone, as a server without a VQ
+        self.submitted = 0  # requests accepted so far
         self.info: ModelInfo | None = ModelInfo(
             name="fake-demo",
             model_type=model_type,
@@ -94,6 +97,7 @@ class FakeEngine:
             kv_cache_dtype="float32",
             kv_pool_bytes=65536,
             has_text_encoder=model_type == "t2i",
+            has_decoder=decoder,
         )
         self.ready = False
         self.draining = False
@@ -157,6 +161,7 @@ class FakeEngine:
                 raise InvalidRequest("kv budget 7 tokens must be larger than prefix + local window", "cache")
         seqs = [_Seq(req, RequestHandle(req.request_id, self._cancel)) for req in reqs]
         self.waiting.extend(seqs)
+        self.submitted += len(seqs)
         return [s.handle for s in seqs]
 
     def _cancel(self, request_id: str) -> None:
@@ -244,7 +249,8 @@ class FakeEngine:
                     self._end(
                         s,
                         "finished",
-                        Finished(codes, None, stats, png=png_for(label, s.req.seed, self.grid, self.grid)),
+                        Finished(codes, None, stats, png=png_for(label, s.req.seed, self.grid, self.grid)
+                                 if self.decoder else None),
                     )
 
 

@@ -648,3 +648,46 @@ async def test_ready_url_has_the_bound_port_when_the_os_picks_it():
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize("accept, png", [
+    ("image/png", True),
+    ("IMAGE/PNG", True),  # media types are case-insensitive
+    ("application/json, image/png", False),  # equal weights: the first listed
+    ("image/png, application/json", True),
+    ("application/json;q=0.1, image/png", True),  # weights decide before order
+    ("image/png;q=0.5, application/json", False),
+    ("image/png; q=0", False),  # q=0: not acceptable
+    ("image/*", True),
+    ("image/*;q=0.9, application/json;q=0.8", True),
+    ("image/png;q=0.2, image/*;q=1", True),  # the most specific range speaks for image/png: 0.2 > JSON's 0
+    ("*/*", False),  # both acceptable, the same range: JSON, the default
+    ("text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8", False),  # a browser
+    ("image/png;q=nan, application/json;q=0.1", False),
+    ("image/png;q=abc", False),
+    ("text/plain", False),
+])
+async def test_accept_header_picks_png_by_weight_then_order(accept, png):
+    async with fake_client() as (c, _):
+        r = await c.post("/v1/generate", json={"class_label": 1}, headers={"Accept": accept})
+        assert r.status_code == 200
+        assert r.headers["content-type"] == ("image/png" if png else "application/json"), accept
+        assert r.content.startswith(b"\x89PNG") == png
+
+
+async def test_a_server_without_a_decoder_refuses_image_formats_before_any_work():
+    async with fake_client(decoder=False) as (c, engine):
+        for path, body in [("/v1/generate", {"class_label": 1, "response_format": "png"}),
+                           ("/v1/generate", {"class_label": 1, "response_format": "b64_json"}),
+                           ("/v1/images/generations", {"prompt": "class1"})]:
+            r = await c.post(path, json=body)
+            assert r.status_code == 501, r.text
+            err = r.json()["error"]
+            assert err["code"] == "no_decoder" and "token ids" in err["message"], err
+        assert engine.submitted == 0  # refused before the engine saw a request
+        # without a format: token ids, as API.md says; Accept: image/png cannot be met, so JSON
+        for headers in ({}, {"Accept": "image/png"}):
+            r = await c.post("/v1/generate", json={"class_label": 1}, headers=headers)
+            assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+            image = r.json()["data"][0]
+            assert image["b64_json"] is None and len(image["tokens"]) == 16
