@@ -217,7 +217,7 @@ def check_budget(budget: object) -> None:
     if isinstance(budget, bool):
         raise ConfigError("kv budget must be a token count or a fraction, not a boolean")
     if not isinstance(budget, (int, float)):
-        raise ConfigError(f"kv budget must be a token count, a fraction or none, not {budget!r}")
+        raise ConfigError(f"kv budget must be a number: a token count or a fraction, not {budget!r}")
     if isinstance(budget, float) and not (0.0 < budget <= 1.0):  # NaN fails this too
         raise ConfigError(f"kv budget fraction {budget} is outside (0, 1]")
     if isinstance(budget, int) and budget <= 0:

@@ -137,7 +137,9 @@ async def test_stream_without_previews_by_default_setting():
 @pytest.mark.parametrize("budget,message", [
     (1.5, "kv budget fraction 1.5 is outside (0, 1]"),
     (0, "kv budget 0 tokens must be positive"),
-    ("abc", "kv budget must be a token count, a fraction or none, not 'abc'"),
+    ("abc", "kv budget must be a number: a token count or a fraction, not 'abc'"),
+    ("none", "kv budget must be a number: a token count or a fraction, not 'none'"),  # JSON's null: the default
+    ("1/4", "kv budget must be a number: a token count or a fraction, not '1/4'"),
     (True, "kv budget must be a token count or a fraction, not a boolean"),
     (2_000_000, "kv budget 2000000 tokens is larger than any model's sequence"),
 ])
