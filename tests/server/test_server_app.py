@@ -308,6 +308,16 @@ async def test_probes_and_the_page_answer_head_as_get_without_a_body():
         assert set(paths["/healthz"]) == set(paths["/readyz"]) == {"get"}  # HEAD would repeat GET: not listed
 
 
+@pytest.mark.parametrize("body, why", [(b"\xff{}", "can't decode byte 0xff"), (b"1" * 5000, "4300"),
+                                       (b"[" * 100_000 + b"]" * 100_000, "recursion")])
+async def test_json_that_python_cannot_read_is_invalid_json_saying_why(body, why):
+    """What json.loads raises beyond JSONDecodeError: the message says what is wrong, not an exception's name."""
+    async with fake_client() as (c, _):
+        r = await c.post("/v1/generate", content=body, headers={"Content-Type": "application/json"})
+    assert_error(r, 422, "invalid_json")
+    assert why in r.json()["error"]["message"], r.json()
+
+
 async def test_malformed_json_wrong_method_unknown_route_oversized():
     async with fake_client(S(max_body_bytes=2048)) as (c, _):
         r = await c.post("/v1/generate", content=b'{"class_label": ', headers={"Content-Type": "application/json"})
