@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:
             choices = get_args(f.annotation) if get_origin(f.annotation) is Literal else None
-            p.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_, choices=choices)
+            # words read as their variables are (Settings' _lower): --log-level INFO as ADSA_LOG_LEVEL=INFO
+            lower = choices is not None and all(isinstance(c, str) and c == c.lower() for c in choices)
+            p.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_, choices=choices,
+                           type=str.lower if lower else str)
     return p
 
 

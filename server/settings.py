@@ -149,7 +149,8 @@ class Settings(BaseSettings):
         get_policy(v)  # an unknown name fails here, at start-up, not after the server has begun to listen
         return v
 
-    @field_validator("log_level", "log_format", "kv_cache_dtype", "compile", mode="before")
+    @field_validator("device", "dtype", "matmul_dtype", "compile", "kv_cache_dtype", "log_level", "log_format",
+                     mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v

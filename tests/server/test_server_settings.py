@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import get_args
+from typing import Literal, get_args, get_origin
 
 import pytest
 from pydantic import ValidationError
@@ -56,6 +56,20 @@ def test_every_setting_has_a_flag_and_flags_beat_env(monkeypatch):
     s = load_settings(["--port", "9002", "--kv-budget", "0.5", "--api-keys", "x,y", "--no-cuda-graphs"])
     assert s.port == 9002 and s.max_queue == 7 and s.kv_budget == 0.5 and s.api_keys == ["x", "y"]
     assert s.cuda_graphs is False
+
+
+def test_every_word_setting_reads_any_case_alike_from_a_flag_and_a_variable(monkeypatch):
+    """--log-level INFO as ADSA_LOG_LEVEL=INFO: each Literal setting, its first choice in capitals."""
+    words = {name: get_args(f.annotation) for name, f in Settings.model_fields.items()
+             if get_origin(f.annotation) is Literal}
+    assert {"device", "dtype", "matmul_dtype", "compile", "kv_cache_dtype", "log_level", "log_format"} <= set(words)
+    for name, choices in words.items():
+        value = choices[-1]
+        flag = load_settings([f"--{name.replace('_', '-')}", value.upper()])
+        monkeypatch.setenv(f"ADSA_{name.upper()}", value.title())
+        env = load_settings([])
+        monkeypatch.delenv(f"ADSA_{name.upper()}")
+        assert getattr(flag, name) == getattr(env, name) == value, name
 
 
 def test_bad_flag_value_exits_2(capsys):
