@@ -12,10 +12,9 @@ from pathlib import Path
 import httpx
 
 from adsa_core.argtypes import non_negative_float, positive_float, positive_int
-from adsa_core.config import parse_budget
 
 from .runner import RunConfig, Stage, run_sync
-from .workload import COMMON_FIELDS, Workload, WorkloadError, load_workload_file, parse_csv
+from .workload import COMMON_FIELDS, Workload, WorkloadError, load_workload_file, parse_csv, request_budget
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -55,13 +54,6 @@ def _http_url(text: str) -> str:
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise argparse.ArgumentTypeError(f"expected http://host:port or https://..., got {text!r}")
     return text
-
-
-def _budget(text: str) -> int | float:
-    """A kv_budget for the request body (config.parse_budget's rules). Its 'full' (no eviction) is sent as 1.0:
-    the API's null is the server's default budget, which parse_csv's 'default' already stands for."""
-    budget = parse_budget(text)
-    return 1.0 if budget is None else budget
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -208,7 +200,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
             classes=parse_csv(args.classes, int),
             prompts=list(args.prompt),
             policies=parse_csv(args.policies) or [None],
-            kv_budgets=parse_csv(args.budgets, _budget) or [None],
+            kv_budgets=parse_csv(args.budgets, request_budget) or [None],
             n=[k for k in parse_csv(args.n, int) if k is not None] or [1],
             seed_base=args.seed_base,
         )

@@ -27,13 +27,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adsa_core.config import ConfigError, check_budget, parse_budget
+
 # Sampling knobs copied verbatim into every request when set (None: server default).
 COMMON_FIELDS = ("cfg_scale", "temperature", "top_k", "top_p")
 TEMPLATE_FIELDS = ("class_label", "prompt", "policy", "kv_budget", "n", *COMMON_FIELDS)
 
 
+# words a list entry uses for "leave it to the server" (the API's null)
+DEFAULT_WORDS = ("default", "none", "null")
+
+
 class WorkloadError(ValueError):
     pass
+
+
+def request_budget(value: Any) -> int | float | None:
+    """A kv_budget for a request body, read one way from a flag's text and a workload file's value: null or a
+    DEFAULT_WORDS word is the server's default; other text config.parse_budget's ('256', '0.25', '1/4', 'full'),
+    its 'full' (no eviction) sent as 1.0, since the API's null already means the default; numbers as they are.
+    Raises ConfigError."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in DEFAULT_WORDS):
+        return None
+    budget = parse_budget(value) if isinstance(value, str) else value
+    if budget is None:
+        return 1.0
+    check_budget(budget)
+    return budget
 
 
 @dataclass
@@ -123,17 +143,24 @@ def load_workload_file(path: str | Path) -> Workload:
     unknown = set(data) - known
     if unknown:
         raise WorkloadError(f"unknown keys in {path}: {sorted(unknown)}")
-    wl = Workload(
+    mix = [dict(e) for e in _as_list(data.get("mix"))]
+    try:  # budgets as the flags write them, checked before the run rather than refused by every request
+        kv_budgets = [request_budget(b) for b in _as_list(data.get("kv_budgets"))] or [None]
+        for entry in mix:
+            if "kv_budget" in entry:
+                entry["kv_budget"] = request_budget(entry["kv_budget"])
+    except ConfigError as e:
+        raise WorkloadError(f"{path}: {e}") from None
+    return Workload(
         classes=[int(c) for c in _as_list(data.get("classes"))],
         prompts=[str(p) for p in _as_list(data.get("prompts"))],
         policies=_as_list(data.get("policies")) or [None],
-        kv_budgets=_as_list(data.get("kv_budgets")) or [None],
+        kv_budgets=kv_budgets,
         n=[int(k) for k in _as_list(data.get("n"))] or [1],
         common={k: data[k] for k in COMMON_FIELDS if k in data},
-        mix=[dict(e) for e in _as_list(data.get("mix"))],
+        mix=mix,
         seed_base=int(data.get("seed_base", 0)),
     )
-    return wl
 
 
 def parse_csv(text: str | None, cast=str) -> list:
@@ -145,5 +172,5 @@ def parse_csv(text: str | None, cast=str) -> list:
         part = part.strip()
         if not part:
             continue
-        out.append(None if part.lower() in ("default", "none", "null") else cast(part))
+        out.append(None if part.lower() in DEFAULT_WORDS else cast(part))
     return out

@@ -2,11 +2,12 @@
 
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
 
-from loadtest.workload import Workload, WorkloadError, load_workload_file, parse_csv
+from loadtest.workload import Workload, WorkloadError, load_workload_file, parse_csv, request_budget
 
 
 def test_lists_are_sampled_and_seeds_are_sequential():
@@ -64,6 +65,31 @@ def test_load_file(tmp_path):
     assert wl.classes == [3] and wl.prompts == ["x"] and wl.n == [2] and wl.common == {"temperature": 0.9}
     body = wl.payload(0, random.Random(0))
     assert body["seed"] == 7 and body["policy"] == "window"
+
+
+def test_a_files_budgets_read_as_the_flags_read_them(tmp_path):
+    """`--budgets 1/4,full,default,256` and a file's kv_budgets (and a mix entry's kv_budget) send the same values."""
+    p = tmp_path / "w.json"
+    p.write_text(json.dumps({"classes": [1], "kv_budgets": ["1/4", "full", "default", None, 256, 0.5],
+                             "mix": [{"class_label": 1, "kv_budget": "1/8"}, {"class_label": 2, "kv_budget": "full"}]}))
+    wl = load_workload_file(p)
+    assert wl.kv_budgets == [0.25, 1.0, None, None, 256, 0.5]
+    assert wl.kv_budgets[:3] == parse_csv("1/4,full,default", request_budget)
+    assert [e["kv_budget"] for e in wl.mix] == [0.125, 1.0]
+
+
+@pytest.mark.parametrize("budgets, mix_budget, message", [
+    (["1/0"], None, "1/0"), ([0], None, "must be positive"), ([1.5], None, "outside (0, 1]"),
+    ([True], None, "boolean"), ([None], "a quarter", "a quarter"),
+])
+def test_a_files_bad_budget_is_refused_before_the_run(tmp_path, budgets, mix_budget, message):
+    p = tmp_path / "w.json"
+    data = {"classes": [1], "kv_budgets": budgets}
+    if mix_budget is not None:
+        data["mix"] = [{"class_label": 1, "kv_budget": mix_budget}]
+    p.write_text(json.dumps(data))
+    with pytest.raises(WorkloadError, match=re.escape(message)):
+        load_workload_file(p)
 
 
 @pytest.mark.parametrize("data", [{"bogus": 1}, [1, 2]])
