@@ -62,8 +62,8 @@ RUN apt-get update \
 
 RUN groupadd --system --gid 10001 adsa \
  && useradd --system --uid 10001 --gid adsa --create-home --home-dir /home/adsa --shell /usr/sbin/nologin adsa \
- && mkdir -p /models \
- && chown adsa:adsa /models
+ && mkdir -p /models /cache \
+ && chown adsa:adsa /models /cache
 
 COPY --from=build /opt/venv /opt/venv
 

@@ -179,7 +179,30 @@ def test_server_variables_are_settings(base):
     env = base["services"]["adsa-serve"]["environment"]
     unknown = [k for k in env if k.removeprefix("ADSA_").lower() not in Settings.model_fields]
     assert not unknown, unknown
-    assert "ADSA_KV_CACHE_DTYPE" in env
+    # and every setting reaches the server from the shell or deploy/.env (one not listed would be dropped
+    # silently), but the bind address and port, which the image fixes and the ports mapping publishes
+    missing = [f"ADSA_{name.upper()}" for name in Settings.model_fields if f"ADSA_{name.upper()}" not in env]
+    assert missing == ["ADSA_HOST", "ADSA_PORT"], missing
+
+
+def test_the_compile_cache_volume_is_the_servers_to_write(base, repo):
+    """Docker gives a new named volume the owner of the image's folder at its mount point (root when the image
+    has none): the image must make /cache and give it to the user the server runs as."""
+    (cache,) = [v for v in base["services"]["adsa-serve"]["volumes"] if v["type"] == "volume"]
+    dockerfile = (repo / "Dockerfile").read_text()
+    user = re.search(r"^USER (\d+)", dockerfile, re.M).group(1)
+    runtime = dockerfile[dockerfile.index("AS runtime"):]
+    made = re.search(r"mkdir -p ([^\\&\n]+)", runtime).group(1).split()
+    owned = re.search(r"chown (\w+):\w+ ([^\\&\n]+)", runtime)
+    assert cache["target"] in made and cache["target"] in owned.group(2).split()
+    assert re.search(rf"--uid {user} .*\b{owned.group(1)}\b", runtime), "chown to the USER the image runs as"
+
+
+def test_the_image_extras_are_a_build_argument(base, repo):
+    """A text-to-image deployment builds the image with the caption encoder's libraries, without editing files."""
+    args = base["services"]["adsa-serve"]["build"]["args"]
+    assert re.fullmatch(r"\$\{ADSA_EXTRAS:-server\}", args["EXTRAS"])
+    assert "ARG EXTRAS=server" in (repo / "Dockerfile").read_text()
 
 
 def test_monitoring_services(base, repo):
