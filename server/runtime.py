@@ -66,8 +66,8 @@ class Runtime:
                      engine.warmup_s)
             self.metrics.warmup_seconds.set(engine.warmup_s)
             keys = len(self.settings.api_keys)  # said at every start: a typo in the keys must not open the API unseen
-            log.info(f"/v1 routes need one of {keys} API keys" if keys else "/v1 routes need no API key "
-                     "(ADSA_API_KEYS)")
+            need = {0: "no API key (ADSA_API_KEYS)", 1: "the API key"}.get(keys, f"one of {keys} API keys")
+            log.info("/v1 routes need %s", need)
             self.metrics.start_seconds.set(time.monotonic() - t0)
             # the one line a person starting the server waits for: /readyz says 200 from now on
             elapsed = time.monotonic() - self.created_at
