@@ -151,6 +151,16 @@ def _stage_table(stages: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _preview_table(stages: Sequence[dict[str, Any]]) -> list[str]:
+    """Time to the first partial_image, for streamed runs (nothing when no stage saw one)."""
+    rows = [s for s in stages if s.get("ttfp_p50_s") is not None]
+    if not rows:
+        return []
+    lines = ["## Time to first preview (streamed)", "", "| stage | p50 s | p99 s |", "|---|---|---|"]
+    lines += [f"| {s['label']} | {cell(s['ttfp_p50_s'])} | {cell(s.get('ttfp_p99_s'))} |" for s in rows]
+    return [*lines, ""]
+
+
 def _server_table(stages: Sequence[dict[str, Any]]) -> list[str]:
     rows = [s for s in stages if s.get("server")]
     if not rows:
@@ -231,6 +241,7 @@ def summary_markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
         "",
         *_stage_table(summary["stages"]),
         "",
+        *_preview_table(summary["stages"]),
         "## Per stage (server side, from /metrics deltas)",
         "",
         *_server_table(summary["stages"]),

@@ -153,7 +153,12 @@ def test_run_and_compare(tmp_path, fake_server, capsys):
         ("adsa", 64),
         ("dense", None),
     }
-    assert json.loads((b / "summary.json").read_text())["stages"][0]["ttfp_p50_s"] is not None
+    stage_b = json.loads((b / "summary.json").read_text())["stages"][0]
+    assert stage_b["ttfp_p50_s"] is not None
+    md_b = (b / "summary.md").read_text()  # the report a person reads has it too; a run without previews does not
+    previews = md_b.split("## Time to first preview (streamed)")[1]
+    assert f"| {stage_b['label']} | " in previews
+    assert "first preview" not in md
 
     assert main(["compare", str(a), str(b), "--out", str(cmp_dir), "--labels", "json,sse"]) == 0
     for name in (
