@@ -19,11 +19,12 @@ _static_files = StaticFiles(directory=STATIC_DIR)
 router = APIRouter(tags=["playground"])
 
 
-# HEAD too (`curl -I`), as the probes take it (routes/health.py): FileResponse and StaticFiles send headers only
+# HEAD too (`curl -I`), as the probes take it (routes/health.py): StaticFiles sends headers only, and answers a
+# browser's If-None-Match with 304, for the page as for its files
 @router.get("/", response_class=FileResponse, include_in_schema=False)
 @router.head("/", include_in_schema=False)
-async def playground() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html")
+async def playground(request: Request) -> Response:
+    return await _static_files.get_response("index.html", request.scope)
 
 
 @router.get("/static/{path:path}", include_in_schema=False)

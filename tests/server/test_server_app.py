@@ -611,6 +611,10 @@ async def test_playground_page_and_its_files_are_open():
             base = path.rsplit("/", 1)[0]
             pending += [f"{base}/{m.removeprefix('./')}" for m in re.findall(r"from '(\./[^']+)'", r.text)]
         assert "/static/vendor/eventsource-parser/parse.js" in seen
+        for path in ("/", "/static/playground.js"):  # a browser's revalidation: 304, no body
+            etag = (await c.get(path)).headers["etag"]
+            again = await c.get(path, headers={"If-None-Match": etag})
+            assert again.status_code == 304 and again.content == b"", path
         assert (await c.get("/static/imagenet_classes.json")).json()[207] == "golden retriever"
         assert_error(await c.get("/static/missing.js"), 404, "not_found")
         assert (await c.get("/static/..%2Froutes%2Fplayground.py")).status_code == 404  # nothing outside static/
@@ -619,6 +623,7 @@ async def test_playground_page_and_its_files_are_open():
         assert 'adsa_http_requests_total{route="/",status="200"}' in metrics
         assert set(re.findall(r'route="(/static[^"]*)",status="(\d+)"', metrics)) == {
             ("/static/{path:path}", "200"),
+            ("/static/{path:path}", "304"),
             ("/static/{path:path}", "404"),
         }
 
