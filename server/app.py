@@ -105,7 +105,10 @@ class ApiErrorCORSMiddleware(CORSMiddleware):
         if response.status_code != 400:
             return response
         refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # e.g. "origin, method"
-        message = f"CORS preflight refused: {refused} not allowed (ADSA_CORS_ORIGINS lists the allowed origins)"
+        hints = {"origin": "ADSA_CORS_ORIGINS lists the allowed origins",
+                 "method": f"the API takes {', '.join(sorted(set(self.allow_methods) - {'OPTIONS'}))}"}
+        why = "; ".join(hints[part] for part in refused.split(", ") if part in hints)
+        message = f"CORS preflight refused: {refused} not allowed" + (f" ({why})" if why else "")
         headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
         return ApiError(400, "cors_refused", message, headers).response()
 

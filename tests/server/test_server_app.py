@@ -572,7 +572,13 @@ async def test_cors_when_configured():
         )
         assert_error(refused, 400, "cors_refused")
         assert refused.json()["error"]["message"] == ("CORS preflight refused: origin, method not allowed "
-                                                      "(ADSA_CORS_ORIGINS lists the allowed origins)")
+                                                      "(ADSA_CORS_ORIGINS lists the allowed origins; the API takes "
+                                                      "GET, POST)")
+        refused = await c.options(  # an allowed origin: the hint is about the method alone
+            "/v1/generate", headers={"Origin": "https://ui.example", "Access-Control-Request-Method": "PUT"}
+        )
+        message = refused.json()["error"]["message"]
+        assert message == "CORS preflight refused: method not allowed (the API takes GET, POST)"
     # answers from before the router (a missing key, a body too large, not JSON) carry the headers too: a page
     # on that origin can read why
     async with fake_client(S(cors_origins="https://ui.example", api_keys=["k"], max_body_bytes=1024)) as (c, _):
