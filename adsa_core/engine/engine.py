@@ -95,8 +95,9 @@ class Engine:
             check_submission_size(len(reqs), self.scheduler.queue_capacity)  # before the 429: no wait would help
             if len(reqs) > self.scheduler.queue_room:  # refusals are outcomes too (adsa_requests_total)
                 self.stats_.count("rejected", len(reqs))
-                raise QueueFull(f"{self.scheduler.num_waiting} images are waiting and this request adds {len(reqs)} "
-                                f"(room for {self.scheduler.queue_room})")
+                waiting = self.scheduler.num_waiting
+                raise QueueFull(f"{waiting} {'image is' if waiting == 1 else 'images are'} waiting and this request "
+                                f"adds {len(reqs)} (room for {self.scheduler.queue_room})")
             encode_prompts(reqs, self.cfg, self.models.text_encoder)  # after the queue check: refusals cost nothing
             caches = [validate_request(r, self.cfg, self.default_cache, self.scheduler.fits_ever) for r in reqs]
         except InvalidRequest:

@@ -364,8 +364,15 @@ def test_full_queue_refuses_and_changes_nothing():
     assert eng.stats().requests_total_by_status == {"rejected": 1}
     eng.step()  # two run, two wait: the queue is full again
     assert len(eng.scheduler.running) == 2 and eng.scheduler.num_waiting == 2
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFull, match=r"^2 images are waiting and this request adds 1 \(room for 0\)$"):
         eng.submit(GenerationRequest(condition=4, seed=4, request_id="4"), lambda ev: None)
+    eng = make_engine(tiny_models(UNSEEN), max_queue=1, max_batch_size=1)
+    for i in range(2):
+        eng.submit(GenerationRequest(condition=i, seed=i, request_id=str(i)), lambda ev: None)
+    eng.step()
+    with pytest.raises(QueueFull, match=r"^1 image is waiting and this request adds 2 \(room for 0\)$"):
+        eng.submit_all([GenerationRequest(condition=i, seed=i, request_id=f"x{i}") for i in range(2)],
+                       [lambda ev: None] * 2)
 
 
 def test_a_submission_no_queue_could_ever_hold_is_invalid_not_full():
