@@ -19,6 +19,7 @@ const state = {
   classes: [], // [{id, name, emoji?}]
   classId: 0,
   busy: false,
+  run: null, // the AbortController of the run in progress: Cancel and Escape abort it
 };
 
 // ---------------------------------------------------------------- HTTP
@@ -32,13 +33,19 @@ class ApiError extends Error {
   }
 }
 
+// The HTTP status an error code stands for (docs/API.md, "Errors"), for an error event after a stream started,
+// which has none of its own
+const STATUS_OF_CODE = { deadline_exceeded: 504, engine_dead: 503, draining: 503, not_ready: 503 };
+
 // Every error of this server is {"error": {"message", "type", "param", "code"}} (docs/API.md, "Errors"); a flat
 // {"error": message} (a proxy's, an older server's) reads too. (Exported for the tests.)
 export function errorFromBody(status, body, retryAfter = null) {
   const e = body?.error;
-  const message = (e && typeof e === 'object' ? e.message : e) || `HTTP ${status}`;
-  const kind = (e && typeof e === 'object' ? e.type ?? e.code : body?.type) ?? null;
-  return new ApiError(status, String(message), kind, retryAfter);
+  const detailed = e && typeof e === 'object';
+  const message = (detailed ? e.message : e) || `HTTP ${status}`;
+  const kind = (detailed ? e.type ?? e.code : body?.type) ?? null;
+  const code = (detailed ? e.code : body?.code ?? body?.type) ?? null;
+  return new ApiError(status ?? STATUS_OF_CODE[code] ?? null, String(message), kind, retryAfter);
 }
 
 async function api(path, init = {}) {
@@ -49,6 +56,7 @@ async function api(path, init = {}) {
   try {
     res = await fetch(path, { ...init, headers });
   } catch (e) {
+    if (e.name === 'AbortError') throw e; // cancelled by the user, not a network failure
     throw new ApiError(0, `could not reach the server (${e.message})`);
   }
   if (!res.ok) {
@@ -58,18 +66,26 @@ async function api(path, init = {}) {
   return res;
 }
 
-// Yields {event, data} for each server-sent event of one POST /v1/generate with stream: true.
-async function* generateEvents(body) {
+// Yields {event, data} for each server-sent event of one POST /v1/generate with stream: true. Aborting `signal`
+// closes the connection, and the server cancels the images (docs/API.md).
+async function* generateEvents(body, signal) {
   const res = await api('/v1/generate', {
     method: 'POST',
     headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
     body: JSON.stringify({ ...body, stream: true }),
+    signal,
   });
   const reader = res.body.pipeThrough(new TextDecoderStream()).pipeThrough(new EventSourceParserStream()).getReader();
   for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    yield { event: value.event, data: JSON.parse(value.data) };
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (e) {
+      if (e.name === 'AbortError') throw e;
+      throw new ApiError(0, `the connection to the server broke during the stream (${e.message})`);
+    }
+    if (chunk.done) return;
+    yield { event: chunk.value.event, data: JSON.parse(chunk.value.data) };
   }
 }
 
@@ -130,6 +146,13 @@ function setupKeyForm() {
   });
 }
 
+// Escape closes the key form if it is open, else cancels the run in progress
+function onEscape(ev) {
+  if (ev.key !== 'Escape') return;
+  if (!$('key-form').hidden) $('key-form').hidden = true;
+  else state.run?.abort();
+}
+
 // ---------------------------------------------------------------- model and controls
 
 async function loadModel() {
@@ -144,22 +167,23 @@ async function loadModel() {
     return;
   }
   clearError();
+  const fresh = state.card?.id !== card.id; // false: the same model again (after a new API key): settings stay
   state.card = card;
   const kvDtype = card.kv_cache_dtype === 'fp8' ? 'fp8 KV' : 'KV in model dtype';
   $('model-line').textContent =
     `${card.id} · ${card.model_type === 't2i' ? 'text to image' : 'class to image'} · ` +
     `${card.image_size} px · ${card.seq_len ?? '?'} tokens per sequence · ${kvDtype}`;
-  await setupConditions(card);
-  setupSampling(card);
+  await setupConditions(card, fresh);
+  setupSampling(card, fresh);
   $('generate').disabled = false;
   updateOutputs();
 }
 
-async function setupConditions(card) {
+async function setupConditions(card, fresh) {
   const textModel = card.model_type === 't2i';
   $('class-field').hidden = textModel;
   $('prompt-field').hidden = !textModel;
-  if (textModel) return;
+  if (textModel || !fresh) return;
   if (card.classes) {
     state.classes = card.classes;
   } else if (card.num_classes === IMAGENET_CLASSES) {
@@ -185,7 +209,18 @@ function chooseClass(id) {
   chosen.replaceChildren();
   if (c.emoji) chosen.append(Object.assign(document.createElement('span'), { className: 'emoji', textContent: c.emoji }));
   chosen.append(Object.assign(document.createElement('span'), { textContent: classLabel(c) }));
-  for (const li of $('class-list').children) li.setAttribute('aria-selected', String(Number(li.dataset.id) === id));
+  for (const li of classOptions()) li.setAttribute('aria-selected', String(Number(li.dataset.id) === id));
+  setTabStop();
+}
+
+const classOptions = () => [...$('class-list').querySelectorAll('li[data-id]')];
+
+// The list is one tab stop (the chosen class, else the first listed); arrow keys move within it
+function setTabStop(target = null) {
+  const options = classOptions();
+  const stop = target ?? options.find((li) => li.getAttribute('aria-selected') === 'true') ?? options[0];
+  for (const li of options) li.tabIndex = li === stop ? 0 : -1;
+  return stop;
 }
 
 // as the server reads a prompt (adsa_core/classes.py): no emoji presentation selectors, full-width ASCII as ASCII
@@ -211,7 +246,7 @@ function renderClassList(query) {
     ...matches.slice(0, MAX_LISTED_CLASSES).map((c) => {
       const li = document.createElement('li');
       li.role = 'option';
-      li.tabIndex = 0;
+      li.tabIndex = -1;
       li.dataset.id = c.id;
       li.setAttribute('aria-selected', String(c.id === state.classId));
       li.textContent = `${c.emoji ? c.emoji + ' ' : ''}${classLabel(c)}`;
@@ -226,32 +261,52 @@ function renderClassList(query) {
   } else if (!matches.length) {
     list.append(Object.assign(document.createElement('li'), { className: 'more muted', textContent: 'no class matches' }));
   }
+  setTabStop();
 }
 
 function setupClassPicker() {
-  $('class-search').addEventListener('input', (ev) => renderClassList(ev.target.value));
+  const search = $('class-search');
+  search.addEventListener('input', (ev) => renderClassList(ev.target.value));
+  // Enter picks the first match (it would otherwise submit the form with the class chosen before);
+  // ArrowDown goes into the list
+  search.addEventListener('keydown', (ev) => {
+    const first = classOptions()[0];
+    if (ev.key === 'Enter') {
+      ev.preventDefault();
+      if (first) chooseClass(Number(first.dataset.id));
+    } else if (ev.key === 'ArrowDown' && first) {
+      ev.preventDefault();
+      setTabStop(first).focus();
+    }
+  });
   const pick = (ev) => {
     const li = ev.target.closest('li[data-id]');
     if (li) chooseClass(Number(li.dataset.id));
   };
   $('class-list').addEventListener('click', pick);
   $('class-list').addEventListener('keydown', (ev) => {
+    const options = classOptions();
+    const at = options.indexOf(ev.target);
+    const next = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: options.length - 1 }[ev.key];
     if (ev.key === 'Enter' || ev.key === ' ') {
       ev.preventDefault();
       pick(ev);
+    } else if (next !== undefined) {
+      ev.preventDefault();
+      if (ev.key === 'ArrowUp' && at === 0) search.focus();
+      else if (options[next]) setTabStop(options[next]).focus();
     }
   });
 }
 
-function setupSampling(card) {
-  const cfg = $('cfg');
-  cfg.value = card.sampling_defaults?.cfg_scale ?? 4.0;
+function setupSampling(card, fresh) {
   $('n').max = card.limits.max_images_per_request;
-
-  $('policy').replaceChildren(...card.policies.map((p) => new Option(p, p, false, p === card.default_policy)));
   const budget = $('budget');
   budget.max = card.seq_len ?? card.default_budget ?? 256;
   budget.min = card.min_budget ?? 1;  // below it the server refuses every sparse policy (422)
+  if (!fresh) return;
+  $('cfg').value = card.sampling_defaults?.cfg_scale ?? 4.0;
+  $('policy').replaceChildren(...card.policies.map((p) => new Option(p, p, false, p === card.default_policy)));
   budget.value = card.default_budget ?? budget.max;
 }
 
@@ -261,6 +316,8 @@ function budgetText(tokens) {
 }
 
 function updateOutputs() {
+  // image i has seed + i: the last one must stay an integer a JavaScript number holds exactly (2**53 - 1)
+  $('seed').max = Number.MAX_SAFE_INTEGER - Math.max(0, Number($('n').value) - 1);
   $('cfg-out').textContent = Number($('cfg').value) <= 1 ? 'off' : $('cfg').value;
   const dense = $('policy').value === 'dense';
   $('budget').disabled = dense;
@@ -352,10 +409,10 @@ class Pane {
 }
 
 // Streams one request into a pane; resolves to {stats, timing} from the final `done` event.
-async function runInto(pane, body) {
+async function runInto(pane, body, signal) {
   const start = performance.now();
   let firstPreviewMs = null;
-  for await (const { event, data } of generateEvents(body)) {
+  for await (const { event, data } of generateEvents(body, signal)) {
     if (event === 'progress') pane.progress(data.index, data.tokens_done / data.total);
     else if (event === 'partial_image') {
       firstPreviewMs ??= performance.now() - start;
@@ -380,50 +437,63 @@ function paneTitle(body) {
   return body.policy === 'dense' ? 'dense' : `${body.policy} · ${body.kv_budget} tokens`;
 }
 
+// Runs task(signal) with the controls locked and Cancel shown; Cancel (or Escape) aborts `signal`.
 async function busy(task) {
   if (state.busy || !state.card) return;
   state.busy = true;
+  state.run = new AbortController();
   $('generate').disabled = true;
+  $('cancel').hidden = false;
   updateOutputs();
   clearError();
   $('verdict').hidden = true;
   document.body.classList.add('running');
   try {
-    await task();
+    await task(state.run.signal);
   } catch (err) {
-    showError(err);
-    // a pane whose request was refused before it streamed anything only takes room from the message
-    for (const pane of $('panes').querySelectorAll('.pane')) if (!pane.querySelector('img[src]')) pane.remove();
+    if (err.name === 'AbortError') {
+      for (const fig of $('panes').querySelectorAll('figure')) {
+        if (!fig.querySelector('img.final')) fig.querySelector('figcaption').textContent = 'cancelled';
+      }
+      $('verdict').textContent = 'Cancelled: the server stopped the images that were not finished.';
+      $('verdict').hidden = false;
+    } else {
+      showError(err);
+      // a pane whose request was refused before it streamed anything only takes room from the message
+      for (const pane of $('panes').querySelectorAll('.pane')) if (!pane.querySelector('img[src]')) pane.remove();
+    }
   } finally {
     state.busy = false;
+    state.run = null;
     $('generate').disabled = false;
+    $('cancel').hidden = true;
     document.body.classList.remove('running');
     updateOutputs();
   }
 }
 
 function generate() {
-  return busy(async () => {
+  return busy(async (signal) => {
     const body = requestBody();
     const pane = new Pane(paneTitle(body), subtitleFor(body), body.n);
     $('panes').replaceChildren(pane.el);
     $('panes').classList.remove('compare');
-    await runInto(pane, body);
+    await runInto(pane, body, signal);
   });
 }
 
 // Same seed twice: dense, then the chosen policy and budget, one after the other so each time is its own.
 function compare() {
   if (!$('controls').reportValidity()) return undefined;  // as Generate's submit does
-  return busy(async () => {
+  return busy(async (signal) => {
     const sparseBody = requestBody();
     const denseBody = requestBody('dense');
     const dense = new Pane('dense', `full KV cache · ${subtitleFor(denseBody)}`, denseBody.n);
     const sparse = new Pane(paneTitle(sparseBody), subtitleFor(sparseBody), sparseBody.n);
     $('panes').replaceChildren(dense.el, sparse.el);
     $('panes').classList.add('compare');
-    const d = await runInto(dense, denseBody);
-    const s = await runInto(sparse, sparseBody);
+    const d = await runInto(dense, denseBody, signal);
+    const s = await runInto(sparse, sparseBody, signal);
     dense.memoryBar(1);
     sparse.memoryBar(s.stats.kv_bytes / d.stats.kv_bytes);
     const verdict = $('verdict');
@@ -486,13 +556,15 @@ function randomSeed() {
 setupKeyForm();
 setupClassPicker();
 $('generate').disabled = $('compare').disabled = true;
-for (const id of ['cfg', 'budget', 'policy']) $(id).addEventListener('input', updateOutputs);
+for (const id of ['cfg', 'budget', 'policy', 'n']) $(id).addEventListener('input', updateOutputs);
 $('seed-random').addEventListener('click', randomSeed);
 $('controls').addEventListener('submit', (ev) => {
   ev.preventDefault();
   generate();
 });
 $('compare').addEventListener('click', compare);
+$('cancel').addEventListener('click', () => state.run?.abort());
+document.addEventListener('keydown', onEscape);
 randomSeed();
 loadModel();
 refreshMetrics();

@@ -313,6 +313,94 @@ def test_errors_are_readable(page, demo_server, artifacts):
     assert page.is_visible("#key-form") and page.inner_text("#key-reason") == "The key was refused; enter another."
 
 
+def test_keyboard_picks_classes_and_a_new_key_keeps_the_settings(page, artifacts):
+    """Enter in the search picks its first match (and sends nothing); the list is one tab stop with arrow keys
+    inside; Escape closes the key form; a key typed again reloads the model card but keeps every setting."""
+    page.focus("#class-search")
+    page.keyboard.type("fox")
+    page.keyboard.press("Enter")
+    assert "fox face (#539)" in page.inner_text("#class-chosen")
+    assert page.locator(".pane").count() == 0  # no run started with the class chosen before
+    page.fill("#class-search", "face")
+    assert page.locator("#class-list li[tabindex='0']").count() == 1
+    page.focus("#class-search")
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowDown")
+    second = page.locator("#class-list li[data-id]").nth(1)
+    assert second.evaluate("li => li === document.activeElement")
+    page.keyboard.press("Enter")
+    assert second.inner_text().split(" ", 1)[1] in page.inner_text("#class-chosen")
+    assert second.get_attribute("tabindex") == "0" and page.locator("#class-list li[tabindex='0']").count() == 1
+    page.keyboard.press("Tab")  # out of the list in one step, to the seed (the chosen class is the list's stop)
+    assert page.evaluate("document.activeElement.id") == "seed"
+    page.screenshot(path=artifacts / "keyboard.png")
+    chosen = page.inner_text("#class-chosen")
+
+    page.select_option("#policy", "window")
+    set_range(page, "#budget", 40)
+    set_range(page, "#cfg", 6)
+    page.fill("#seed", "2147483647")  # a random seed's largest
+    page.click("#key-button")
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#key-form")
+    page.click("#key-button")
+    page.fill("#key-input", API_KEY)
+    with page.expect_response("**/v1/models"):
+        page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#generate:enabled")
+    settings = page.evaluate("""() => ['policy', 'budget', 'cfg', 'seed', 'class-search']
+        .map((id) => document.getElementById(id).value)""")
+    assert settings == ["window", "40", "6", "2147483647", "face"]
+    assert page.inner_text("#class-chosen") == chosen
+    assert page.locator("#class-list li[data-id]").nth(1).inner_text() == second.inner_text()  # still filtered
+    # the last image's seed (seed + n - 1) stays one a JavaScript number holds exactly
+    page.fill("#n", "4")
+    assert page.get_attribute("#seed", "max") == str(2**53 - 1 - 3)
+
+
+def test_a_run_can_be_cancelled_and_the_server_stops_its_images(page, demo_server):
+    choose_fox(page)
+    page.fill("#n", "4")
+    assert page.is_hidden("#cancel")
+    page.click("#generate")
+    page.wait_for_selector("#cancel:visible")
+    page.wait_for_function("() => [...document.querySelectorAll('progress')].some((p) => p.value > 0)",
+                           timeout=TIMEOUT_MS)
+    page.keyboard.press("Escape")  # as the Cancel button does
+    page.wait_for_selector("#verdict:not([hidden])")
+    assert page.inner_text("#verdict") == "Cancelled: the server stopped the images that were not finished."
+    assert page.is_hidden("#error") and page.is_hidden("#cancel") and page.is_enabled("#generate")
+    assert "cancelled" in page.locator("figcaption").all_inner_texts()
+    # the closed stream cancelled the images on the server: nothing runs or waits
+    deadline = time.monotonic() + 30
+    while sum(demo_server.metrics().get((name, ()), 0.0)
+              for name in ("adsa_num_requests_waiting", "adsa_num_requests_running")) > 0:
+        assert time.monotonic() < deadline, "the server kept the cancelled images"
+        time.sleep(0.05)
+
+
+def test_a_stream_that_breaks_is_a_network_error_not_the_pages(page):
+    """The server gone mid-stream (the connection cut after some events): the page says so in its network
+    sentence. The break is made in the page's fetch: a stream that errors after its first event."""
+    choose_fox(page)
+    page.evaluate("""() => {
+        const realFetch = window.fetch;
+        window.fetch = (url, init) => {
+            if (!String(url).endsWith('/v1/generate')) return realFetch(url, init);
+            const body = new ReadableStream({
+                start(c) { c.enqueue(new TextEncoder().encode(
+                    'event: progress\\ndata: {"index": 0, "tokens_done": 8, "total": 64}\\n\\n')); },
+                pull(c) { return new Promise(() => setTimeout(() => c.error(new TypeError('network error')), 50)); },
+            });
+            return Promise.resolve(new Response(body, {headers: {'Content-Type': 'text/event-stream'}}));
+        };
+    }""")
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error") == (
+        "Network error: the connection to the server broke during the stream (network error).")
+
+
 def test_error_bodies_of_both_shapes_read_the_same(page):
     """The API's {"error", "type"} and the OpenAI-style {"error": {"message", "type"}} read alike."""
     messages = page.evaluate("""async () => {
@@ -322,13 +410,20 @@ def test_error_bodies_of_both_shapes_read_the_same(page):
             m.describe(m.errorFromBody(429, {error: {message: 'queue is full', type: 'queue_full'}}, '3')),
             m.describe(m.errorFromBody(503, {error: {message: 'the server is shutting down', code: 'draining'}})),
             m.describe(m.errorFromBody(null, {error: 'deadline exceeded', type: 'deadline_exceeded', index: 0})),
+            // an error event after the stream started (no HTTP status): its code says which status it stands for
+            m.describe(m.errorFromBody(null, {error: {message: 'deadline exceeded', type: 'server_error',
+                                                      code: 'deadline_exceeded'}, index: 0})),
+            m.describe(m.errorFromBody(null, {error: {message: 'boom', type: 'server_error', code: 'internal_error'},
+                                              index: 1})),
         ];
     }""")
     assert messages == [
         "The server is busy (queue full): queue is full. Try again in 3 s.",
         "The server is busy (queue full): queue is full. Try again in 3 s.",
         "The server is not available right now: the server is shutting down.",
-        "The server stopped the request: deadline exceeded (deadline_exceeded).",
+        "The request ran past its deadline: deadline exceeded.",
+        "The request ran past its deadline: deadline exceeded.",
+        "The server stopped the request: boom (server_error).",
     ]
 
 
