@@ -117,7 +117,9 @@ def to_api_error(exc: BaseException, retry_after_s: float = 1.0) -> ApiError:
     if isinstance(exc, StarletteHTTPException) and exc.status_code == 400 and exc.__cause__ is not None:
         # FastAPI's 400 for a body json.loads raised on other than JSONDecodeError (nesting deeper than the
         # recursion limit, an integer of > 4300 digits, bytes that are not UTF-8): invalid JSON like the rest
-        return ApiError(422, "invalid_json", f"request body is not valid JSON: {exc.__cause__}")
+        cause = exc.__cause__
+        why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause).split(";")[0]  # ";": advice
+        return ApiError(422, "invalid_json", f"request body is not valid JSON: {why}")  # for Python's user, not ours
     if isinstance(exc, StarletteHTTPException):
         code = _HTTP_CODE.get(exc.status_code, "http_error")
         return ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
