@@ -103,8 +103,7 @@ class GenerationService:
                 404, "model_not_found", f"model {body.model!r} is not served here; this is {info.name!r}", param="model"
             )
         if body.response_format is not None and not info.has_decoder:  # asked for images: refuse before any work
-            raise ApiError(501, "no_decoder", "this server runs without a VQ decoder: POST /v1/generate without "
-                           "response_format returns token ids", param="response_format")
+            raise no_decoder("response_format")
         conditions = self._conditions(info, body)
         sampling = self._sampling(info, body)
         cache = self._cache(info, body)
@@ -324,8 +323,9 @@ class GenerationService:
         size = f"{info.image_size}x{info.image_size}"
         if body.size not in (None, "auto", size):
             raise invalid(f"size {body.size!r} is not served: this model makes {size} images (or give auto)", "size")
+        if not info.has_decoder:  # OpenAI's answer is images: refuse before any work
+            raise no_decoder(None)
         options = body.model_dump(include=set(GenerationOptions.model_fields), exclude_none=True)
-        options["response_format"] = "b64_json"  # OpenAI's only format: images, which need a decoder
         if info.model_type == "t2i":
             return GenerateRequest(**options, prompt=body.prompt)
         names = _class_names.get(engine)
@@ -415,6 +415,12 @@ def _param_of(field: str | None, body: GenerateRequest) -> str | None:
     if field == "n_images":
         return "class_labels" if body.class_labels is not None else "n"
     return {"seed": "seed", "sampling": "cfg_scale"}.get(field or "")
+
+
+def no_decoder(param: str | None) -> ApiError:
+    """Images asked for on a server without a VQ decoder (API.md: 501 no_decoder)."""
+    return ApiError(501, "no_decoder", "this server runs without a VQ decoder and makes no images: POST "
+                    "/v1/generate without response_format returns the token ids", param=param)
 
 
 def sse(event: str, data: dict[str, Any]) -> str:

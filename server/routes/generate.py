@@ -20,7 +20,7 @@ _RESPONSES = {
         "or text/event-stream (stream: true)",
         "content": {"image/png": {}, "text/event-stream": {}},
     },
-    **error_responses(401, 404, 413, 422, 429, 500, 503, 504),
+    **error_responses(401, 404, 413, 422, 429, 500, 501, 503, 504),
 }
 
 
