@@ -7,9 +7,9 @@ from settings onto `adsa_core` types. Engine defaults come from `EngineConfig` i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, get_origin
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adsa_core.config import MATMUL_DTYPE_HELP, CacheConfig, EngineConfig, parse_budget
@@ -149,11 +149,12 @@ class Settings(BaseSettings):
         get_policy(v)  # an unknown name fails here, at start-up, not after the server has begun to listen
         return v
 
-    @field_validator("device", "dtype", "matmul_dtype", "compile", "kv_cache_dtype", "log_level", "log_format",
-                     mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _lower(cls, v: object) -> object:
-        return v.lower() if isinstance(v, str) else v
+    def _lower(cls, v: object, info: ValidationInfo) -> object:
+        """A word setting (a Literal of lower-case words) in any case, as its flag takes it (server/__main__.py)."""
+        word = get_origin(cls.model_fields[info.field_name or ""].annotation) is Literal
+        return v.lower() if word and isinstance(v, str) else v
 
     def model_spec(self) -> ModelSpec:
         from adsa_core.loading import ModelSpec  # lazily: loading imports the torch model code
