@@ -154,7 +154,8 @@ def load_workload_file(path: str | Path) -> Workload:
     return Workload(
         classes=[int(c) for c in _as_list(data.get("classes"))],
         prompts=[str(p) for p in _as_list(data.get("prompts"))],
-        policies=_as_list(data.get("policies")) or [None],
+        policies=[None if isinstance(p, str) and p.strip().lower() in DEFAULT_WORDS else p
+                  for p in _as_list(data.get("policies"))] or [None],
         kv_budgets=kv_budgets,
         n=[int(k) for k in _as_list(data.get("n"))] or [1],
         common={k: data[k] for k in COMMON_FIELDS if k in data},

@@ -68,14 +68,17 @@ def test_load_file(tmp_path):
 
 
 def test_a_files_budgets_read_as_the_flags_read_them(tmp_path):
-    """`--budgets 1/4,full,default,256` and a file's kv_budgets (and a mix entry's kv_budget) send the same values."""
+    """`--budgets 1/4,full,default,256` and a file's kv_budgets (and a mix entry's kv_budget) send the same values;
+    so do `--policies` and a file's policies."""
     p = tmp_path / "w.json"
     p.write_text(json.dumps({"classes": [1], "kv_budgets": ["1/4", "full", "default", None, 256, 0.5],
+                             "policies": ["adsa", "default", "None"],
                              "mix": [{"class_label": 1, "kv_budget": "1/8"}, {"class_label": 2, "kv_budget": "full"}]}))
     wl = load_workload_file(p)
     assert wl.kv_budgets == [0.25, 1.0, None, None, 256, 0.5]
     assert wl.kv_budgets[:3] == parse_csv("1/4,full,default", request_budget)
     assert [e["kv_budget"] for e in wl.mix] == [0.125, 1.0]
+    assert wl.policies == parse_csv("adsa,default,None") == ["adsa", None, None]  # None: the server's default
 
 
 @pytest.mark.parametrize("budgets, mix_budget, message", [
