@@ -146,11 +146,12 @@ function setupKeyForm() {
   });
 }
 
-// Escape closes the key form if it is open, else cancels the run in progress
+// Escape closes the key form if it is open, else cancels the run in progress; not in a text field, where the
+// browser gives it a meaning of its own (a search field clears)
 function onEscape(ev) {
   if (ev.key !== 'Escape') return;
   if (!$('key-form').hidden) $('key-form').hidden = true;
-  else state.run?.abort();
+  else if (!ev.target.closest('input, textarea, select')) state.run?.abort();
 }
 
 // ---------------------------------------------------------------- model and controls
@@ -386,6 +387,7 @@ class Pane {
     } else {
       fig.querySelector('.frame').textContent = 'no VQ decoder on this server: token ids only';
     }
+    fig.classList.add('done');
     fig.querySelector('progress').value = 1;
     fig.querySelector('figcaption').textContent = `seed ${data.seed} · ${data.timings.run_s.toFixed(2)} s decoding`;
   }
@@ -453,7 +455,7 @@ async function busy(task) {
   } catch (err) {
     if (err.name === 'AbortError') {
       for (const fig of $('panes').querySelectorAll('figure')) {
-        if (!fig.querySelector('img.final')) fig.querySelector('figcaption').textContent = 'cancelled';
+        if (!fig.classList.contains('done')) fig.querySelector('figcaption').textContent = 'cancelled';
       }
       $('verdict').textContent = 'Cancelled: the server stopped the images that were not finished.';
       $('verdict').hidden = false;
@@ -466,6 +468,7 @@ async function busy(task) {
     state.busy = false;
     state.run = null;
     $('generate').disabled = false;
+    if (document.activeElement === $('cancel')) $('generate').focus(); // hiding the button would drop the focus
     $('cancel').hidden = true;
     document.body.classList.remove('running');
     updateOutputs();

@@ -359,6 +359,8 @@ def test_keyboard_picks_classes_and_a_new_key_keeps_the_settings(page, artifacts
 
 
 def test_a_run_can_be_cancelled_and_the_server_stops_its_images(page, demo_server):
+    cancelled = ("adsa_requests_total", (("status", "cancelled"),))
+    before = demo_server.metrics().get(cancelled, 0.0)
     choose_fox(page)
     page.fill("#n", "4")
     assert page.is_hidden("#cancel")
@@ -366,17 +368,29 @@ def test_a_run_can_be_cancelled_and_the_server_stops_its_images(page, demo_serve
     page.wait_for_selector("#cancel:visible")
     page.wait_for_function("() => [...document.querySelectorAll('progress')].some((p) => p.value > 0)",
                            timeout=TIMEOUT_MS)
-    page.keyboard.press("Escape")  # as the Cancel button does
+    page.focus("#class-search")
+    page.keyboard.press("Escape")  # in the search: clears it (the browser's), the run goes on
+    assert page.is_visible("#cancel") and page.is_hidden("#verdict")
+    page.focus("#cancel")
+    page.keyboard.press("Enter")
     page.wait_for_selector("#verdict:not([hidden])")
     assert page.inner_text("#verdict") == "Cancelled: the server stopped the images that were not finished."
     assert page.is_hidden("#error") and page.is_hidden("#cancel") and page.is_enabled("#generate")
+    assert page.evaluate("document.activeElement.id") == "generate"  # the keyboard's place is not lost
     assert "cancelled" in page.locator("figcaption").all_inner_texts()
-    # the closed stream cancelled the images on the server: nothing runs or waits
+    # the closed stream cancelled the images on the server: counted as cancelled, and nothing runs or waits
     deadline = time.monotonic() + 30
-    while sum(demo_server.metrics().get((name, ()), 0.0)
-              for name in ("adsa_num_requests_waiting", "adsa_num_requests_running")) > 0:
+    while (demo_server.metrics().get(cancelled, 0.0) == before
+           or sum(demo_server.metrics().get((name, ()), 0.0)
+                  for name in ("adsa_num_requests_waiting", "adsa_num_requests_running")) > 0):
         assert time.monotonic() < deadline, "the server kept the cancelled images"
         time.sleep(0.05)
+    # Escape elsewhere cancels, as the button does
+    page.click("#generate")
+    page.wait_for_selector("#cancel:visible")
+    page.focus("#generate")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#verdict:not([hidden])")
 
 
 def test_a_stream_that_breaks_is_a_network_error_not_the_pages(page):
