@@ -118,8 +118,9 @@ def to_api_error(exc: BaseException, retry_after_s: float = 1.0) -> ApiError:
         # FastAPI's 400 for a body json.loads raised on other than JSONDecodeError (nesting deeper than the
         # recursion limit, an integer of > 4300 digits, bytes that are not UTF-8): invalid JSON like the rest
         cause = exc.__cause__
-        why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause).split(";")[0]  # ";": advice
-        return ApiError(422, "invalid_json", f"request body is not valid JSON: {why}")  # for Python's user, not ours
+        # what follows a ';' is Python's advice to its own user (sys.set_int_max_str_digits), not to a client
+        why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause).split(";")[0]
+        return ApiError(422, "invalid_json", f"request body is not valid JSON: {why}")
     if isinstance(exc, StarletteHTTPException):
         code = _HTTP_CODE.get(exc.status_code, "http_error")
         return ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
