@@ -59,12 +59,16 @@ LOG=$OUT/log.txt
 T0=$(date +%s)
 stamp() { echo "== $1 at +$(( $(date +%s) - T0 )) s" | tee -a "$LOG"; }
 wants() { case " $SECTIONS " in *" $1 "*) return 0;; esac; return 1; }
-# adsa-bench rows of adsa 1/4 alone: the batch curve
-curve() {  # box_s kv_dtype batches out_name
-  timeout $(($1 * BOX)) python3 -m adsa_core.eval.bench --presets $MODEL --image-sizes $SIZE --batches= $CPU \
-      --sparse-batches $3 --no-reference --policies adsa --budgets 0.25 --waves 1 --compile \
-      --kv-cache-dtypes $2 --out /tmp/tp_$4 >> "$LOG" 2>&1 || echo "$4: rc=$?" >> "$LOG"
-  cp /tmp/tp_$4/bench.json "$OUT/$4.json" 2>> "$LOG"
+# adsa-bench rows of adsa 1/4 alone: the batch curve. BENCH: the bench to run (adsa-bench, or a wrapper that
+# takes its arguments); the arguments after the fourth go to it as they are
+curve() {  # box_s kv_dtype batches out_name [bench args...]
+  local box=$1 kv=$2 batches=$3 name=$4
+  shift 4
+  rm -rf /tmp/tp_$name  # a warm machine's earlier result must not pass for this one's
+  timeout $((box * BOX)) python3 ${BENCH:--m adsa_core.eval.bench} --presets $MODEL --image-sizes $SIZE --batches= \
+      $CPU --sparse-batches $batches --no-reference --policies adsa --budgets 0.25 --waves 1 --compile \
+      --kv-cache-dtypes $kv --out /tmp/tp_$name "$@" >> "$LOG" 2>&1 || echo "$name: rc=$?" >> "$LOG"
+  cp /tmp/tp_$name/bench.json "$OUT/$name.json" 2>> "$LOG"
 }
 
 { date -u; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
@@ -120,15 +124,9 @@ if wants h; then
   timeout $((150 * BOX)) python3 tools/public_sampler_bench.py --llamagen "$LLAMAGEN" --gpt-model $MODEL \
       --image-size $SIZE --batches $B_PUB_BEST $PUB_CPU --out "$OUT/public_best.jsonl" >> "$LOG" 2>&1 \
       || echo "h public: rc=$?" >> "$LOG"
-  for variant in main channel_stats; do
-    stamp "h: adsa 1/4 fp8 K/V, fp8 matmuls at $B_BEST, VQ GroupNorm: $variant"
-    bench="-m adsa_core.eval.bench"
-    [ $variant = channel_stats ] && bench=tools/bench_engine_channel_stats.py
-    timeout $((190 * BOX)) python3 $bench --presets $MODEL --image-sizes $SIZE --batches= $CPU \
-        --sparse-batches $B_BEST --no-reference --policies adsa --budgets 0.25 --waves 1 --compile \
-        --kv-cache-dtypes fp8 --matmul-dtypes fp8 --out /tmp/tp_best_$variant >> "$LOG" 2>&1 \
-        || echo "h $variant: rc=$?" >> "$LOG"
-    cp /tmp/tp_best_$variant/bench.json "$OUT/best_$variant.json" 2>> "$LOG"
-  done
+  stamp "h: adsa 1/4 fp8 K/V, fp8 matmuls at $B_BEST, main"
+  curve 190 fp8 $B_BEST best_main --matmul-dtypes fp8
+  stamp "h: the same, VQ GroupNorms from per-channel statistics"
+  BENCH=tools/bench_engine_channel_stats.py curve 190 fp8 $B_BEST best_channel_stats --matmul-dtypes fp8
 fi
 stamp "done"
