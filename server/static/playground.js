@@ -306,7 +306,12 @@ function setupSampling(card, fresh) {
   budget.max = card.seq_len ?? card.default_budget ?? 256;
   budget.min = card.min_budget ?? 1;  // below it the server refuses every sparse policy (422)
   if (!fresh) return;
-  $('cfg').value = card.sampling_defaults?.cfg_scale ?? 4.0;
+  // the model's recommended settings (its card), else LlamaGen's defaults, as the server's own
+  const defaults = { cfg_scale: 4.0, temperature: 1.0, top_k: 0, top_p: 1.0, ...card.sampling_defaults };
+  $('cfg').value = defaults.cfg_scale;
+  $('temperature').value = defaults.temperature;
+  $('top-k').value = defaults.top_k;
+  $('top-p').value = defaults.top_p;
   $('policy').replaceChildren(...card.policies.map((p) => new Option(p, p, false, p === card.default_policy)));
   budget.value = card.default_budget ?? budget.max;
 }
@@ -333,6 +338,9 @@ function requestBody(policy = $('policy').value) {
     seed: Number($('seed').value),
     n: Number($('n').value),
     cfg_scale: Number($('cfg').value),
+    temperature: Number($('temperature').value),
+    top_k: Number($('top-k').value),
+    top_p: Number($('top-p').value),
     policy,
   };
   if (state.card.model_type === 't2i') body.prompt = $('prompt').value; // an empty one gets the server's 422

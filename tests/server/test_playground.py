@@ -222,6 +222,31 @@ def test_generate_streams_rows_and_shows_kv_figures(page, demo_server):
     assert page.is_hidden("#key-form") and page.inner_text("#model-line").startswith("emoji-demo")
 
 
+def test_sampling_settings_start_at_the_models_and_reach_the_server(page, demo_server):
+    card = httpx.get(f"{demo_server.url}/v1/models", headers=AUTH).json()["data"][0]
+    shown = [float(page.input_value(f"#{name}")) for name in ("temperature", "top-k", "top-p")]
+    defaults = card["sampling_defaults"]  # the demo's: temperature 0.7, top-k 0, top-p 1.0
+    assert shown == [defaults["temperature"], defaults["top_k"], defaults["top_p"]]
+    choose_fox(page)
+    set_range(page, "#cfg", 1)
+    page.click("#sampling summary")
+    page.fill("#temperature", "0.9")
+    page.fill("#top-k", "50")
+    page.fill("#top-p", "0.95")
+    with page.expect_request("**/v1/generate") as request:
+        page.click("#generate")
+    sent = request.value.post_data_json
+    assert (sent["temperature"], sent["top_k"], sent["top_p"]) == (0.9, 50, 0.95)
+    page.wait_for_selector("img.final", timeout=TIMEOUT_MS)
+    # what the server made of them: the API's image for the same body, byte for byte
+    body = {k: v for k, v in sent.items() if k != "stream"}
+    assert page.get_attribute("img.final", "src") == f"data:image/png;base64,{api_image(demo_server, body)}"
+    page.fill("#top-p", "1.5")  # outside (0, 1]: the browser refuses it before anything is sent
+    page.click("#compare")
+    assert page.eval_on_selector("#top-p", "el => el.validity.rangeOverflow")
+    assert page.locator(".pane").count() == 1  # the run before stays; compare's two panes never came
+
+
 def test_compare_dense_with_sparse(page, demo_server, artifacts):
     choose_fox(page)
     assert page.inner_text("#compare") == "Compare line with dense"
