@@ -274,11 +274,16 @@ def test_compare_dense_with_sparse(page, demo_server, artifacts):
     page.screenshot(path=artifacts / "compare-phone.png", full_page=True)
 
 
+def images_in_engine(server: LiveServer) -> float:
+    """Images waiting or running on the server, from its /metrics."""
+    metrics = server.metrics()
+    return sum(metrics.get((name, ()), 0.0) for name in ("adsa_num_requests_waiting", "adsa_num_requests_running"))
+
+
 def wait_for_queue(server: LiveServer, images: int, timeout: float = 60.0) -> None:
     """Until `images` images are waiting or running on the server."""
     deadline = time.monotonic() + timeout
-    while sum(server.metrics().get((name, ()), 0.0)
-              for name in ("adsa_num_requests_waiting", "adsa_num_requests_running")) < images:
+    while images_in_engine(server) < images:
         assert time.monotonic() < deadline, f"{images} images never queued"
         time.sleep(0.02)
 
@@ -405,9 +410,7 @@ def test_a_run_can_be_cancelled_and_the_server_stops_its_images(page, demo_serve
     assert "cancelled" in page.locator("figcaption").all_inner_texts()
     # the closed stream cancelled the images on the server: counted as cancelled, and nothing runs or waits
     deadline = time.monotonic() + 30
-    while (demo_server.metrics().get(cancelled, 0.0) == before
-           or sum(demo_server.metrics().get((name, ()), 0.0)
-                  for name in ("adsa_num_requests_waiting", "adsa_num_requests_running")) > 0):
+    while demo_server.metrics().get(cancelled, 0.0) == before or images_in_engine(demo_server) > 0:
         assert time.monotonic() < deadline, "the server kept the cancelled images"
         time.sleep(0.05)
     # Escape elsewhere cancels, as the button does
